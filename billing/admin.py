@@ -1,0 +1,65 @@
+"""Operator views of the ledger. Everything is read-only: the ledger changes only through
+services (grants from the CLI, usage from the gateway), never by editing rows."""
+
+from typing import Any
+
+from django.contrib import admin
+from django.http import HttpRequest
+
+from billing.models import Account, LedgerTransaction, Posting, UsageRecord
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+class PostingInline(admin.TabularInline):
+    model = Posting
+    extra = 0
+    can_delete = False
+    readonly_fields = ("account", "amount_usd")
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(Account)
+class AccountAdmin(ReadOnlyAdmin):
+    list_display = ("__str__", "kind", "organization", "balance_usd", "created_at")
+    list_filter = ("kind",)
+    search_fields = ("organization__slug",)
+
+
+@admin.register(LedgerTransaction)
+class LedgerTransactionAdmin(ReadOnlyAdmin):
+    list_display = ("id", "kind", "memo", "created_at")
+    list_filter = ("kind",)
+    search_fields = ("memo",)
+    inlines = (PostingInline,)
+
+
+@admin.register(UsageRecord)
+class UsageRecordAdmin(ReadOnlyAdmin):
+    list_display = (
+        "request_id",
+        "organization",
+        "model",
+        "provider",
+        "status",
+        "input_tokens",
+        "output_tokens",
+        "cost_usd",
+        "usage_source",
+        "latency_ms",
+        "created_at",
+    )
+    list_filter = ("status", "usage_source", "provider")
+    search_fields = ("request_id", "organization__slug", "model")
+    date_hierarchy = "created_at"

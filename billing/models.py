@@ -1,0 +1,125 @@
+"""The ledger (accounts, transactions, postings) and the usage records it charges.
+
+Double-entry and append-only: every `LedgerTransaction` has postings that sum to zero, and an
+`Account.balance_usd` moves only inside the database transaction that writes its postings, so
+`balance_usd == sum(postings)` always holds (`manage.py reconcile` checks it). Rows are never
+edited or deleted (PROTECT everywhere; no update paths in services.py): a correction is a new
+transaction.
+
+Sign convention: a posting adds to its account's balance. A wallet's balance is the credit the
+organisation can spend; the system accounts mirror it with the opposite sign (a grant moves
+money from `grants` to the wallet, usage from the wallet to `revenue`).
+"""
+
+from __future__ import annotations
+
+from django.db import models
+from django.db.models import Q
+
+from billing.money import ZERO_USD, usd_field
+
+
+class Account(models.Model):
+    class Kind(models.TextChoices):
+        WALLET = "wallet", "Organisation wallet"
+        REVENUE = "revenue", "Usage revenue"
+        GRANTS = "grants", "Promotional and operator credit"
+        PAYMENTS = "payments", "Card payments clearing"
+
+    # Null for the system accounts (revenue, grants, payments), one of each kind.
+    organization = models.ForeignKey(
+        "portal.Organization", null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    balance_usd = usd_field(default=ZERO_USD)  # USD; equals the sum of this account's postings
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organization", "kind"],
+                condition=Q(organization__isnull=False),
+                name="one_account_of_a_kind_per_org",
+            ),
+            models.UniqueConstraint(
+                fields=["kind"],
+                condition=Q(organization__isnull=True),
+                name="one_system_account_of_a_kind",
+            ),
+            models.CheckConstraint(
+                condition=Q(kind="wallet", organization__isnull=False)
+                | (~Q(kind="wallet") & Q(organization__isnull=True)),
+                name="wallets_belong_to_orgs_system_accounts_do_not",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.organization} wallet" if self.organization_id else f"system {self.kind}"
+
+
+class LedgerTransaction(models.Model):
+    """One movement of money; its postings sum to zero."""
+
+    class Kind(models.TextChoices):
+        GRANT = "grant", "Credit granted"
+        USAGE = "usage", "API usage"
+
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    memo = models.CharField(max_length=300)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    def __str__(self) -> str:
+        return f"#{self.pk} {self.kind}: {self.memo}"
+
+
+class Posting(models.Model):
+    transaction = models.ForeignKey(
+        LedgerTransaction, on_delete=models.PROTECT, related_name="postings"
+    )
+    account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="postings")
+    amount_usd = usd_field()  # USD, signed: added to the account's balance
+
+    def __str__(self) -> str:
+        return f"{self.amount_usd} to {self.account}"
+
+
+class UsageRecord(models.Model):
+    """One API request as metered: one row per request id, written when it is settled.
+
+    Catalog names are copied in as text so that history survives catalog edits.
+    """
+
+    class Status(models.TextChoices):
+        OK = "ok"
+        UPSTREAM_ERROR = "upstream_error"
+
+    class UsageSource(models.TextChoices):
+        REPORTED = "reported", "Reported by the provider"
+        ESTIMATED = "estimated", "Estimated by the gateway"
+
+    request_id = models.CharField(max_length=64, unique=True)
+    organization = models.ForeignKey(
+        "portal.Organization", on_delete=models.PROTECT, related_name="+"
+    )
+    api_key = models.ForeignKey("portal.ApiKey", on_delete=models.PROTECT, related_name="+")
+    model = models.CharField(max_length=200)  # the name the client asked for
+    provider = models.CharField(max_length=100)  # the route's provider actually used
+    upstream_model = models.CharField(max_length=200)
+    status = models.CharField(max_length=20, choices=Status.choices)
+    http_status = models.PositiveSmallIntegerField()
+    input_tokens = models.PositiveIntegerField(default=0)
+    output_tokens = models.PositiveIntegerField(default=0)
+    cached_input_tokens = models.PositiveIntegerField(default=0)
+    usage_source = models.CharField(max_length=10, choices=UsageSource.choices)
+    cost_usd = usd_field(default=ZERO_USD)  # USD charged to the wallet for this request
+    latency_ms = models.PositiveIntegerField()  # from receiving the request to the last byte
+    ledger_transaction = models.OneToOneField(
+        LedgerTransaction, null=True, blank=True, on_delete=models.PROTECT, related_name="usage"
+    )
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["organization", "created_at"])]
+
+    def __str__(self) -> str:
+        return self.request_id

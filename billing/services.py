@@ -1,0 +1,146 @@
+"""Writes to the ledger and the usage records. The only module that creates postings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from decimal import Decimal
+
+from django.db import IntegrityError, transaction
+from django.db.models import F, Q
+
+from billing.models import Account, LedgerTransaction, Posting, UsageRecord
+from billing.money import ZERO_USD, Price, usage_cost_usd
+from portal.models import ApiKey, Organization
+
+# An API key's last_used_at is precise to this much.
+LAST_USED_RESOLUTION = timedelta(seconds=60)
+
+
+class BillingError(Exception):
+    """A billing request that cannot be carried out; the message says why."""
+
+
+def _system_account(kind: Account.Kind) -> Account:
+    account, _ = Account.objects.get_or_create(organization=None, kind=kind)
+    return account
+
+
+def wallet_get_or_create(*, organization_id: int) -> Account:
+    """The organisation's wallet, created empty on first use.
+
+    get_or_create survives a concurrent first use: the loser's insert fails on the unique
+    constraint inside a savepoint and it reads the winner's row.
+    """
+    account, _ = Account.objects.get_or_create(
+        organization_id=organization_id, kind=Account.Kind.WALLET
+    )
+    return account
+
+
+def _post(
+    *, kind: LedgerTransaction.Kind, memo: str, legs: list[tuple[Account, Decimal]]
+) -> LedgerTransaction:
+    """Write one balanced transaction and move the balances it touches.
+
+    Must run inside `transaction.atomic()`: postings and balances commit together or not at all.
+    """
+    if sum((amount for _, amount in legs), ZERO_USD) != ZERO_USD:
+        raise BillingError("postings of a transaction must sum to zero")
+    entry = LedgerTransaction.objects.create(kind=kind, memo=memo[:300])
+    Posting.objects.bulk_create(
+        Posting(transaction=entry, account=account, amount_usd=amount) for account, amount in legs
+    )
+    for account, amount in legs:
+        # F() makes the database add, so concurrent postings to one account never lose an update.
+        Account.objects.filter(pk=account.pk).update(balance_usd=F("balance_usd") + amount)
+    return entry
+
+
+def credit_grant(
+    *, organization: Organization, amount_usd: Decimal, reason: str
+) -> LedgerTransaction:
+    """Give an organisation credit from the grants account (operator credit, promotions)."""
+    if amount_usd <= ZERO_USD:
+        raise BillingError("a grant must be a positive amount")
+    if not reason.strip():
+        raise BillingError("a grant needs a reason")
+    with transaction.atomic():
+        wallet = wallet_get_or_create(organization_id=organization.pk)
+        return _post(
+            kind=LedgerTransaction.Kind.GRANT,
+            memo=reason.strip(),
+            legs=[(wallet, amount_usd), (_system_account(Account.Kind.GRANTS), -amount_usd)],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class MeteredRequest:
+    """What the gateway measured about one request, handed to `usage_settle`."""
+
+    request_id: str
+    api_key_id: int
+    organization_id: int
+    model: str
+    provider: str
+    upstream_model: str
+    status: UsageRecord.Status
+    http_status: int
+    input_tokens: int
+    output_tokens: int
+    cached_input_tokens: int
+    usage_source: UsageRecord.UsageSource
+    latency_ms: int
+    price: Price
+
+
+def usage_settle(*, metered: MeteredRequest) -> UsageRecord:
+    """Record a request's usage and charge its exact cost to the wallet, in one transaction.
+
+    Idempotent by request id: settling the same request again returns the first record and
+    charges nothing more (the unique constraint decides, not a check in Python).
+    """
+    cost_usd = usage_cost_usd(
+        price=metered.price,
+        input_tokens=metered.input_tokens,
+        output_tokens=metered.output_tokens,
+        cached_input_tokens=metered.cached_input_tokens,
+    )
+    try:
+        with transaction.atomic():
+            entry = None
+            if cost_usd > ZERO_USD:
+                wallet = wallet_get_or_create(organization_id=metered.organization_id)
+                entry = _post(
+                    kind=LedgerTransaction.Kind.USAGE,
+                    memo=f"{metered.model} request {metered.request_id}",
+                    legs=[(wallet, -cost_usd), (_system_account(Account.Kind.REVENUE), cost_usd)],
+                )
+            record = UsageRecord.objects.create(
+                request_id=metered.request_id,
+                organization_id=metered.organization_id,
+                api_key_id=metered.api_key_id,
+                model=metered.model,
+                provider=metered.provider,
+                upstream_model=metered.upstream_model,
+                status=metered.status,
+                http_status=metered.http_status,
+                input_tokens=metered.input_tokens,
+                output_tokens=metered.output_tokens,
+                cached_input_tokens=metered.cached_input_tokens,
+                usage_source=metered.usage_source,
+                cost_usd=cost_usd,
+                latency_ms=metered.latency_ms,
+                ledger_transaction=entry,
+            )
+            # Throttled so that a busy key is not row-locked by every request's transaction.
+            ApiKey.objects.filter(pk=metered.api_key_id).filter(
+                Q(last_used_at__isnull=True)
+                | Q(last_used_at__lt=record.created_at - LAST_USED_RESOLUTION)
+            ).update(last_used_at=record.created_at)
+    except IntegrityError:
+        existing = UsageRecord.objects.filter(request_id=metered.request_id).first()
+        if existing is None:
+            raise
+        return existing
+    return record

@@ -1,0 +1,29 @@
+from django.contrib import admin
+
+from gateway.models import Model, Provider, Route
+
+
+@admin.register(Provider)
+class ProviderAdmin(admin.ModelAdmin):
+    list_display = ("name", "kind", "base_url", "api_key_env", "is_active")
+    list_filter = ("kind", "is_active")
+    search_fields = ("name",)
+
+
+class RouteInline(admin.TabularInline):
+    model = Route
+    extra = 0
+
+
+@admin.register(Model)
+class ModelAdmin(admin.ModelAdmin):
+    list_display = (
+        "name",
+        "input_price_per_mtok_usd",
+        "output_price_per_mtok_usd",
+        "cached_input_price_per_mtok_usd",
+        "is_active",
+    )
+    list_filter = ("is_active",)
+    search_fields = ("name",)
+    inlines = (RouteInline,)

@@ -1,0 +1,72 @@
+"""Step 2 of the request path: read and check the client's request body."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
+from django.http import HttpRequest
+
+from gateway.errors import InvalidRequest, RequestTooLarge
+
+# Fields that would let a caller point the gateway at another server or credential. Refused at
+# any depth: the route, never the request, decides where a call goes.
+PROVIDER_ADDRESSING_FIELDS = frozenset(
+    {"base_url", "api_base", "api_key", "api_version", "azure_endpoint", "custom_llm_provider"}
+)
+
+
+def read_json_body(request: HttpRequest) -> dict[str, Any]:
+    """The body as a JSON object, within the size cap; raises a 4xx GatewayError otherwise."""
+    declared = request.headers.get("Content-Length")
+    if declared and declared.isdigit() and int(declared) > settings.GATEWAY_MAX_BODY_BYTES:
+        raise RequestTooLarge(_too_large_message())
+    try:
+        raw = request.body
+    except RequestDataTooBig:
+        raise RequestTooLarge(_too_large_message()) from None
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest("The request body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    _refuse_provider_addressing(body, path="")
+    return body
+
+
+def _too_large_message() -> str:
+    return f"The request body exceeds {settings.GATEWAY_MAX_BODY_BYTES} bytes."
+
+
+def _refuse_provider_addressing(value: Any, *, path: str) -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if key in PROVIDER_ADDRESSING_FIELDS:
+                raise InvalidRequest(
+                    f"'{where}' is not accepted: the gateway chooses the provider.", param=where
+                )
+            _refuse_provider_addressing(item, path=where)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _refuse_provider_addressing(item, path=f"{path}[{index}]")
+
+
+def chat_request(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Check a chat completion body; returns the model name and the body."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("'model' is required (a string).", param="model")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("'messages' must be a non-empty list.", param="messages")
+    if not all(isinstance(message, dict) and "role" in message for message in messages):
+        raise InvalidRequest("Each message must be an object with a 'role'.", param="messages")
+    if body.get("stream"):
+        raise InvalidRequest(
+            "Streaming is not supported yet; send 'stream': false.", param="stream"
+        )
+    return model, body

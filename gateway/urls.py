@@ -1,0 +1,8 @@
+from django.urls import path, re_path
+
+from gateway import views
+
+urlpatterns = [
+    path("chat/completions", views.chat_completions),
+    re_path(r"^(?P<path>.*)$", views.unknown_endpoint),
+]

@@ -1,0 +1,129 @@
+"""The `/v1/*` endpoints. Each reads top to bottom as DESIGN.md's request path."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+from asgiref.sync import sync_to_async
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
+
+from billing.models import UsageRecord
+from billing.money import ZERO_USD, format_usd
+from billing.selectors import wallet_balance_usd_async
+from billing.services import MeteredRequest, usage_settle
+from gateway.auth import Caller, authenticate, bearer_token
+from gateway.errors import (
+    GatewayError,
+    InsufficientCredit,
+    MethodNotAllowed,
+    ModelNotFound,
+    UnknownEndpoint,
+    UpstreamFailed,
+    error_response,
+)
+from gateway.providers import TokenUsage
+from gateway.requests import chat_request, read_json_body
+from gateway.routing import ChosenRoute, choose_route
+from gateway.selectors import ModelEntry, catalog_model
+
+logger = logging.getLogger(__name__)
+
+_settle = sync_to_async(usage_settle)
+_NO_USAGE = TokenUsage(input_tokens=0, output_tokens=0)
+
+
+def _new_request_id() -> str:
+    return f"req_{uuid.uuid4().hex}"
+
+
+@csrf_exempt
+async def chat_completions(request: HttpRequest) -> HttpResponse:
+    """POST /v1/chat/completions (non-streaming)."""
+    request_id = _new_request_id()
+    started = time.monotonic()
+    try:
+        if request.method != "POST":
+            raise MethodNotAllowed("Use POST for /v1/chat/completions.")
+        # 1. Key
+        caller = await authenticate(bearer_token(request.headers.get("Authorization", "")))
+        # 2. Request
+        model_name, body = chat_request(read_json_body(request))
+        model = await catalog_model(model_name)
+        if model is None:
+            raise ModelNotFound(f"The model '{model_name}' does not exist.", param="model")
+        # 4. Route
+        chosen = choose_route(model)
+        # 5. Credit (a balance check for now; reservations replace it with the money core)
+        if await wallet_balance_usd_async(organization_id=caller.organization_id) <= ZERO_USD:
+            raise InsufficientCredit(
+                "Your organisation has no credit left. Add credit to continue."
+            )
+        # 6. Forward
+        try:
+            reply = await chosen.adapter.chat_completion(
+                route=chosen.route, body=body, secret=chosen.secret
+            )
+        except UpstreamFailed:
+            await _record(request_id, caller, model, chosen, started, _NO_USAGE, failed=True)
+            raise
+        # 7. Settle
+        record = await _record(request_id, caller, model, chosen, started, reply.usage)
+    except GatewayError as error:
+        return error_response(error, request_id=request_id)
+    except Exception:
+        # Never a traceback to the caller; the log has it, under the request id.
+        logger.exception("request %s failed", request_id)
+        return error_response(
+            GatewayError("The gateway failed to handle this request."), request_id=request_id
+        )
+    reply.body["model"] = model.name
+    return JsonResponse(
+        reply.body,
+        headers={"x-request-id": request_id, "x-switchboard-cost-usd": format_usd(record.cost_usd)},
+    )
+
+
+async def _record(
+    request_id: str,
+    caller: Caller,
+    model: ModelEntry,
+    chosen: ChosenRoute,
+    started: float,
+    usage: TokenUsage,
+    *,
+    failed: bool = False,
+) -> UsageRecord:
+    return await _settle(
+        metered=MeteredRequest(
+            request_id=request_id,
+            api_key_id=caller.api_key_id,
+            organization_id=caller.organization_id,
+            model=model.name,
+            provider=chosen.route.provider,
+            upstream_model=chosen.route.upstream_model,
+            status=UsageRecord.Status.UPSTREAM_ERROR if failed else UsageRecord.Status.OK,
+            http_status=UpstreamFailed.status if failed else 200,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            cached_input_tokens=usage.cached_input_tokens,
+            usage_source=(
+                UsageRecord.UsageSource.REPORTED
+                if usage.reported
+                else UsageRecord.UsageSource.ESTIMATED
+            ),
+            latency_ms=int((time.monotonic() - started) * 1000),
+            price=model.price,
+        )
+    )
+
+
+@csrf_exempt
+async def unknown_endpoint(request: HttpRequest, path: str = "") -> HttpResponse:
+    """Any other `/v1/*` path: OpenAI's 404 shape rather than Django's HTML page."""
+    return error_response(
+        UnknownEndpoint(f"Unknown endpoint: {request.method} {request.path}"),
+        request_id=_new_request_id(),
+    )

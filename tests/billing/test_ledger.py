@@ -1,0 +1,123 @@
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+
+from billing.models import Account, LedgerTransaction, Posting, UsageRecord
+from billing.money import Price
+from billing.selectors import wallet_balance_usd
+from billing.services import BillingError, MeteredRequest, credit_grant, usage_settle
+from tests.factories import make_key, make_org
+
+pytestmark = pytest.mark.django_db
+
+PRICE = Price(input_per_mtok_usd=Decimal("0.50"), output_per_mtok_usd=Decimal("1.50"))
+
+
+def metered(api_key_id: int, organization_id: int, **overrides: object) -> MeteredRequest:
+    fields: dict[str, object] = {
+        "request_id": "req_1",
+        "api_key_id": api_key_id,
+        "organization_id": organization_id,
+        "model": "fake-small",
+        "provider": "fake",
+        "upstream_model": "fake-small-upstream",
+        "status": UsageRecord.Status.OK,
+        "http_status": 200,
+        "input_tokens": 1000,
+        "output_tokens": 2000,
+        "cached_input_tokens": 0,
+        "usage_source": UsageRecord.UsageSource.REPORTED,
+        "latency_ms": 12,
+        "price": PRICE,
+    }
+    fields.update(overrides)
+    return MeteredRequest(**fields)  # type: ignore[arg-type]
+
+
+def assert_ledger_balanced() -> None:
+    for transaction in LedgerTransaction.objects.all():
+        assert sum(p.amount_usd for p in transaction.postings.all()) == 0
+    for account in Account.objects.all():
+        assert account.balance_usd == sum(
+            (p.amount_usd for p in Posting.objects.filter(account=account)), Decimal(0)
+        )
+
+
+def test_a_grant_credits_the_wallet_from_the_grants_account():
+    organization = make_org(credit_usd=None)
+
+    credit_grant(organization=organization, amount_usd=Decimal("12.5"), reason="welcome")
+
+    assert wallet_balance_usd(organization_id=organization.pk) == Decimal("12.5")
+    assert Account.objects.get(kind=Account.Kind.GRANTS).balance_usd == Decimal("-12.5")
+    assert_ledger_balanced()
+
+
+@pytest.mark.parametrize(("amount", "reason"), [("0", "x"), ("-1", "x"), ("1", " ")])
+def test_a_grant_must_be_positive_and_explained(amount, reason):
+    with pytest.raises(BillingError):
+        credit_grant(
+            organization=make_org(credit_usd=None), amount_usd=Decimal(amount), reason=reason
+        )
+    assert not LedgerTransaction.objects.exists()
+
+
+def test_settling_charges_the_exact_cost_to_revenue():
+    organization = make_org(credit_usd="1")
+    api_key, _ = make_key(organization)
+
+    record = usage_settle(metered=metered(api_key.pk, organization.pk))
+
+    assert record.cost_usd == Decimal("0.0035")
+    assert wallet_balance_usd(organization_id=organization.pk) == Decimal("0.9965")
+    assert Account.objects.get(kind=Account.Kind.REVENUE).balance_usd == Decimal("0.0035")
+    assert record.ledger_transaction is not None
+    assert_ledger_balanced()
+
+
+def test_settling_the_same_request_twice_charges_once():
+    organization = make_org(credit_usd="1")
+    api_key, _ = make_key(organization)
+
+    first = usage_settle(metered=metered(api_key.pk, organization.pk))
+    second = usage_settle(metered=metered(api_key.pk, organization.pk, output_tokens=9999))
+
+    assert second.pk == first.pk
+    assert UsageRecord.objects.count() == 1
+    assert wallet_balance_usd(organization_id=organization.pk) == Decimal("0.9965")
+    assert_ledger_balanced()
+
+
+def test_a_free_request_is_recorded_without_a_ledger_transaction():
+    organization = make_org(credit_usd="1")
+    api_key, _ = make_key(organization)
+
+    record = usage_settle(
+        metered=metered(
+            api_key.pk,
+            organization.pk,
+            status=UsageRecord.Status.UPSTREAM_ERROR,
+            http_status=502,
+            input_tokens=0,
+            output_tokens=0,
+        )
+    )
+
+    assert record.cost_usd == 0
+    assert record.ledger_transaction is None
+    assert LedgerTransaction.objects.filter(kind=LedgerTransaction.Kind.USAGE).count() == 0
+
+
+def test_settling_marks_the_key_used():
+    organization = make_org(credit_usd="1")
+    api_key, _ = make_key(organization)
+    other_key, _ = make_key(make_org())
+
+    usage_settle(metered=metered(api_key.pk, organization.pk))
+
+    api_key.refresh_from_db()
+    other_key.refresh_from_db()
+    assert api_key.last_used_at is not None
+    assert other_key.last_used_at is None

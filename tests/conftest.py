@@ -1,0 +1,85 @@
+"""Fixtures shared by the whole suite: real servers and a catalog that routes to them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from gateway.auth import forget_cached_keys
+from gateway.selectors import forget_catalog
+from gateway.services import catalog_load
+from tests.fakes.provider import FakeProvider
+from tests.servers import ThreadedServer
+
+FAKE_PROVIDER_KEY_ENV = "SWITCHBOARD_TEST_FAKE_PROVIDER_KEY"
+FAKE_PROVIDER_SECRET = "fake-upstream-secret"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_gateway_caches() -> Iterator[None]:
+    """Each test starts with cold per-process caches (its database rows are new)."""
+    forget_cached_keys()
+    forget_catalog()
+    yield
+    forget_cached_keys()
+    forget_catalog()
+
+
+@pytest.fixture(scope="session")
+def _fake_provider_server() -> Iterator[FakeProvider]:
+    provider = FakeProvider()
+    provider.start()
+    yield provider
+    provider.stop()
+
+
+@pytest.fixture
+def fake_provider(
+    _fake_provider_server: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> FakeProvider:
+    """The fake OpenAI-style provider, with no recorded calls or scripted faults."""
+    _fake_provider_server.reset()
+    monkeypatch.setenv(FAKE_PROVIDER_KEY_ENV, FAKE_PROVIDER_SECRET)
+    return _fake_provider_server
+
+
+@pytest.fixture(scope="session")
+def gateway_server(django_db_setup: None) -> Iterator[ThreadedServer]:
+    """Switchboard's real ASGI application served by uvicorn on a free port."""
+    from portal.asgi import application
+
+    server = ThreadedServer(application).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def gateway_url(gateway_server: ThreadedServer, transactional_db: None) -> str:
+    """The gateway's OpenAI base URL. Uses transactional_db: the server's own database
+    connections must see what the test commits."""
+    return f"{gateway_server.url}/v1"
+
+
+@pytest.fixture
+def catalog(fake_provider: FakeProvider, transactional_db: None) -> dict[str, object]:
+    """A catalog whose model `fake-small` routes to the fake provider."""
+    data: dict[str, object] = {
+        "providers": [
+            {
+                "name": "fake",
+                "kind": "openai",
+                "base_url": fake_provider.base_url,
+                "api_key_env": FAKE_PROVIDER_KEY_ENV,
+            }
+        ],
+        "models": [
+            {
+                "name": "fake-small",
+                "routes": [{"provider": "fake", "upstream_model": "fake-small-upstream"}],
+                "price": {"input": "0.50", "output": "1.50"},
+            }
+        ],
+    }
+    catalog_load(data=data)
+    return data

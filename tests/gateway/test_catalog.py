@@ -1,0 +1,151 @@
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.core.management import call_command
+
+from gateway.models import Model, Provider, Route
+from gateway.services import CatalogError, catalog_load
+
+pytestmark = pytest.mark.django_db
+
+REPO = Path(__file__).resolve().parents[2]
+
+CATALOG: dict[str, Any] = {
+    "providers": [
+        {
+            "name": "local",
+            "kind": "openai",
+            "base_url": "http://127.0.0.1:9001/v1/",
+            "api_key_env": "LOCAL_KEY",
+        },
+        {"name": "backup", "kind": "openai", "base_url": "http://127.0.0.1:9002/v1"},
+    ],
+    "models": [
+        {
+            "name": "fake-small",
+            "routes": [
+                {"provider": "local", "upstream_model": "fake-small"},
+                {"provider": "backup", "upstream_model": "fake-small-b"},
+            ],
+            "price": {"input": "0.50", "output": "1.50"},
+        }
+    ],
+}
+
+
+def test_it_creates_providers_models_routes_and_exact_prices():
+    report = catalog_load(data=CATALOG)
+
+    assert report.created == ["provider local", "provider backup", "model fake-small"]
+    model = Model.objects.get(name="fake-small")
+    assert model.input_price_per_mtok_usd == Decimal("0.50")
+    assert model.output_price_per_mtok_usd == Decimal("1.50")
+    assert list(model.routes.values_list("provider__name", "upstream_model", "position")) == [
+        ("local", "fake-small", 0),
+        ("backup", "fake-small-b", 1),
+    ]
+    assert Provider.objects.get(name="local").base_url == "http://127.0.0.1:9001/v1"
+
+
+def test_loading_twice_changes_nothing():
+    catalog_load(data=CATALOG)
+    route_ids = list(Route.objects.values_list("pk", flat=True))
+
+    report = catalog_load(data=CATALOG)
+
+    assert report.created == report.updated == []
+    assert len(report.unchanged) == 3
+    assert list(Route.objects.values_list("pk", flat=True)) == route_ids
+
+
+def test_it_updates_in_place_and_keeps_what_the_file_no_longer_names():
+    catalog_load(data=CATALOG)
+    changed = copy.deepcopy(CATALOG)
+    changed["models"][0]["price"]["output"] = "2.00"
+    changed["models"][0]["routes"] = [{"provider": "backup", "upstream_model": "fake-small-b"}]
+    del changed["providers"][0]
+
+    report = catalog_load(data=changed)
+
+    assert report.updated == ["model fake-small"]
+    assert report.not_in_file == ["provider local"]
+    assert Provider.objects.filter(name="local").exists()
+    model = Model.objects.get(name="fake-small")
+    assert model.output_price_per_mtok_usd == Decimal("2.00")
+    assert list(model.routes.values_list("provider__name", flat=True)) == ["backup"]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda c: c["models"][0]["price"].update(input=0.5), "float"),
+        (lambda c: c["models"][0]["price"].update(input="-1"), "negative"),
+        (lambda c: c["models"][0]["price"].pop("output"), "price.output"),
+        (lambda c: c["models"][0]["routes"][0].update(provider="nope"), "'nope' is not in"),
+        (lambda c: c["models"][0].update(routes=[]), "at least one route"),
+        (lambda c: c["providers"][0].update(kind="azure"), "kind must be one of"),
+        (lambda c: c["providers"][0].update(base_url="ftp://x"), "base_url"),
+        (lambda c: c["models"].append(copy.deepcopy(c["models"][0])), "defined twice"),
+    ],
+)
+def test_an_invalid_catalog_names_the_entry_and_changes_nothing(mutate, message):
+    bad = copy.deepcopy(CATALOG)
+    mutate(bad)
+
+    with pytest.raises(CatalogError, match=message):
+        catalog_load(data=bad)
+
+    assert not Provider.objects.exists()
+    assert not Model.objects.exists()
+
+
+def run_manage(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "manage.py", *args], cwd=REPO, capture_output=True, text=True, check=False
+    )
+
+
+def test_the_example_catalog_loads(tmp_path):
+    # Through the real command and an embedded SQLite database, as `make run` does.
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}"}
+    for args in (["migrate", "--no-input"], ["load_catalog", "catalog.example.yaml"]):
+        result = subprocess.run(
+            [sys.executable, "manage.py", *args],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+    assert "created: model gpt-4o-mini" in result.stdout
+
+
+def test_unquoted_yaml_prices_are_read_exactly(tmp_path):
+    path = tmp_path / "catalog.yaml"
+    path.write_text(
+        "providers:\n  - {name: p, kind: demo}\n"
+        "models:\n  - name: m\n    routes: [{provider: p, upstream_model: m}]\n"
+        "    price: {input: 0.1, output: 0.3}\n"
+    )
+    call_command("load_catalog", str(path))
+
+    assert Model.objects.get(name="m").input_price_per_mtok_usd == Decimal("0.1")
+
+
+def test_a_bad_file_exits_non_zero_with_one_line(tmp_path):
+    path = tmp_path / "catalog.yaml"
+    path.write_text("providers: [")
+    result = run_manage("load_catalog", str(path))
+
+    assert result.returncode != 0
+    assert "not valid YAML" in result.stderr
+    assert "Traceback" not in result.stderr

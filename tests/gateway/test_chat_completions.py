@@ -1,0 +1,225 @@
+"""POST /v1/chat/completions end to end: the official openai SDK → Switchboard served by
+uvicorn → the fake provider over real HTTP, with the charge checked to the last unit."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import httpx
+import openai
+import pytest
+from openai.types.chat import ChatCompletionMessageParam
+
+from billing.models import Account, Posting, UsageRecord
+from billing.money import Price, usage_cost_usd
+from billing.selectors import wallet_balance_usd
+from portal.services import api_key_revoke
+from tests.conftest import FAKE_PROVIDER_SECRET
+from tests.factories import make_key, make_org
+from tests.fakes.provider import count_prompt_tokens, reply_for
+
+PRICE = Price(input_per_mtok_usd=Decimal("0.50"), output_per_mtok_usd=Decimal("1.50"))
+MESSAGES: list[ChatCompletionMessageParam] = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Say hello to the switchboard operator please"},
+]
+
+
+def sdk(gateway_url: str, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway_url, api_key=key, max_retries=0)
+
+
+def test_it_answers_and_charges_the_exact_price(gateway_url, catalog, fake_provider):
+    org = make_org(credit_usd="10")
+    _, key = make_key(org)
+
+    raw = sdk(gateway_url, key).chat.completions.with_raw_response.create(
+        model="fake-small", messages=MESSAGES
+    )
+    completion = raw.parse()
+
+    prompt_tokens = count_prompt_tokens(MESSAGES)
+    reply = reply_for(MESSAGES, None)
+    assert completion.choices[0].message.content == reply
+    assert completion.model == "fake-small"
+    assert completion.usage is not None
+    assert completion.usage.prompt_tokens == prompt_tokens
+    assert completion.usage.completion_tokens == len(reply.split())
+
+    expected_cost = usage_cost_usd(
+        price=PRICE, input_tokens=prompt_tokens, output_tokens=len(reply.split())
+    )
+    assert expected_cost > 0
+    assert wallet_balance_usd(organization_id=org.pk) == Decimal("10") - expected_cost
+    record = UsageRecord.objects.get()
+    assert record.request_id == raw.headers["x-request-id"]
+    assert Decimal(raw.headers["x-switchboard-cost-usd"]) == expected_cost
+    assert (record.input_tokens, record.output_tokens) == (prompt_tokens, len(reply.split()))
+    assert record.cost_usd == expected_cost
+    assert record.usage_source == UsageRecord.UsageSource.REPORTED
+    assert (record.provider, record.upstream_model) == ("fake", "fake-small-upstream")
+    assert record.status == UsageRecord.Status.OK
+    assert record.organization_id == org.pk
+
+
+def test_it_forwards_the_upstream_model_and_the_provider_secret(
+    gateway_url, catalog, fake_provider
+):
+    _, key = make_key(make_org())
+
+    sdk(gateway_url, key).chat.completions.create(model="fake-small", messages=MESSAGES, user="u1")
+
+    [call] = fake_provider.calls
+    assert call.path == "/v1/chat/completions"
+    assert call.json["model"] == "fake-small-upstream"
+    assert call.json["user"] == "u1"
+    assert call.headers["authorization"] == f"Bearer {FAKE_PROVIDER_SECRET}"
+    assert key not in str(call.headers)  # the client's key never reaches the provider
+
+
+def test_it_keeps_the_ledger_balanced(gateway_url, catalog, fake_provider):
+    _, key = make_key(make_org())
+
+    for _ in range(3):
+        sdk(gateway_url, key).chat.completions.create(model="fake-small", messages=MESSAGES)
+
+    for account in Account.objects.all():
+        postings = sum(p.amount_usd for p in Posting.objects.filter(account=account))
+        assert account.balance_usd == postings
+    assert sum(p.amount_usd for p in Posting.objects.all()) == 0
+
+
+def test_a_key_spends_only_its_own_organisations_wallet(gateway_url, catalog, fake_provider):
+    org_a, org_b = make_org(credit_usd="5"), make_org(credit_usd="7")
+    _, key_a = make_key(org_a)
+
+    sdk(gateway_url, key_a).chat.completions.create(model="fake-small", messages=MESSAGES)
+
+    assert wallet_balance_usd(organization_id=org_a.pk) < Decimal("5")
+    assert wallet_balance_usd(organization_id=org_b.pk) == Decimal("7")
+    assert UsageRecord.objects.get().organization_id == org_a.pk
+
+
+def test_a_revoked_key_gets_401(gateway_url, catalog, fake_provider):
+    api_key, key = make_key(make_org())
+    api_key_revoke(api_key=api_key)
+
+    with pytest.raises(openai.AuthenticationError) as caught:
+        sdk(gateway_url, key).chat.completions.create(model="fake-small", messages=MESSAGES)
+
+    assert caught.value.status_code == 401
+    assert caught.value.code == "invalid_api_key"
+    assert fake_provider.calls == []
+
+
+@pytest.mark.parametrize("key", ["", "sk-not-ours", "sb_" + "A" * 38])
+def test_a_bad_key_gets_401(gateway_url, catalog, fake_provider, key):
+    response = httpx.post(
+        f"{gateway_url}/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": "fake-small", "messages": MESSAGES},
+    )
+
+    assert response.status_code == 401
+    assert response.json()["error"]["type"] == "authentication_error"
+    assert fake_provider.calls == []
+
+
+def test_an_org_without_credit_gets_402_and_the_provider_is_not_called(
+    gateway_url, catalog, fake_provider
+):
+    org = make_org(credit_usd=None)
+    _, key = make_key(org)
+
+    with pytest.raises(openai.APIStatusError) as caught:
+        sdk(gateway_url, key).chat.completions.create(model="fake-small", messages=MESSAGES)
+
+    assert caught.value.status_code == 402
+    assert caught.value.code == "insufficient_credit"
+    assert fake_provider.calls == []
+    assert not UsageRecord.objects.exists()
+
+
+def test_an_unknown_model_gets_404(gateway_url, catalog, fake_provider):
+    _, key = make_key(make_org())
+
+    with pytest.raises(openai.NotFoundError) as caught:
+        sdk(gateway_url, key).chat.completions.create(model="no-such-model", messages=MESSAGES)
+
+    assert caught.value.code == "model_not_found"
+    assert fake_provider.calls == []
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "JSON object"),
+        (b'{"messages": [{"role": "user", "content": "hi"}]}', "'model' is required"),
+        (b'{"model": "fake-small", "messages": []}', "'messages'"),
+        (b'{"model": "fake-small", "messages": ["hi"]}', "'role'"),
+        (
+            b'{"model": "fake-small", "messages": [{"role": "user", "content": "hi"}],'
+            b' "extra": {"api_base": "http://evil.example"}}',
+            "extra.api_base",
+        ),
+    ],
+)
+def test_a_bad_body_gets_400_in_openai_shape(gateway_url, catalog, fake_provider, body, fragment):
+    _, key = make_key(make_org())
+
+    response = httpx.post(
+        f"{gateway_url}/chat/completions",
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        content=body,
+    )
+
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert fragment in error["message"]
+    assert error["type"] == "invalid_request_error"
+    assert response.headers["x-request-id"].startswith("req_")
+    assert fake_provider.calls == []
+
+
+@pytest.mark.parametrize("upstream_status", [500, 503, 401, 403])
+def test_an_upstream_failure_gets_502_and_is_recorded_uncharged(
+    gateway_url, catalog, fake_provider, upstream_status
+):
+    org = make_org(credit_usd="10")
+    _, key = make_key(org)
+    fake_provider.fail_next(
+        upstream_status, body={"error": {"message": "secret upstream detail", "type": "x"}}
+    )
+
+    with pytest.raises(openai.APIStatusError) as caught:
+        sdk(gateway_url, key).chat.completions.create(model="fake-small", messages=MESSAGES)
+
+    assert caught.value.status_code == 502
+    assert caught.value.code == "upstream_failed"
+    assert "secret upstream detail" not in caught.value.response.text
+    assert fake_provider.base_url not in caught.value.response.text
+    assert wallet_balance_usd(organization_id=org.pk) == Decimal("10")
+    record = UsageRecord.objects.get()
+    assert record.status == UsageRecord.Status.UPSTREAM_ERROR
+    assert record.cost_usd == 0
+
+
+def test_an_unreachable_upstream_gets_502(gateway_url, catalog, fake_provider, monkeypatch):
+    from gateway.models import Provider
+
+    Provider.objects.filter(name="fake").update(base_url="http://127.0.0.1:9/v1")
+    _, key = make_key(make_org())
+
+    with pytest.raises(openai.APIStatusError) as caught:
+        sdk(gateway_url, key).chat.completions.create(model="fake-small", messages=MESSAGES)
+
+    assert caught.value.status_code == 502
+    assert "127.0.0.1:9" not in caught.value.response.text
+
+
+def test_an_unknown_endpoint_answers_404_in_openai_shape(gateway_url):
+    response = httpx.get(f"{gateway_url}/no/such/thing")
+
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "unknown_endpoint"

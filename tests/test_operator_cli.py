@@ -1,0 +1,89 @@
+"""The operator CLI, run as real processes against the test database."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+import openai
+import pytest
+from asgiref.sync import async_to_sync
+from django.conf import settings
+from openai.types.chat import ChatCompletionMessageParam
+
+from billing.money import usage_cost_usd
+from gateway.selectors import catalog_model
+from tests.fakes.provider import count_prompt_tokens, reply_for
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def manage(*args: str) -> subprocess.CompletedProcess[str]:
+    database = settings.DATABASES["default"]
+    url = f"postgres://{database['USER']}@{database['HOST']}:{database['PORT']}/{database['NAME']}"
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=REPO,
+        env={**os.environ, "DATABASE_URL": url},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def ok(*args: str) -> str:
+    result = manage(*args)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_the_round_trip_leaves_the_exact_remainder(gateway_url, catalog, fake_provider):
+    slug = ok("create_org", "Acme Research", "--owner", "ops@acme.test")
+    assert slug == "acme-research"
+    ok("grant_credits", slug, "20.00", "--reason", "welcome credit")
+    key = ok("create_api_key", slug, "--name", "ci")
+    assert "\n" not in key
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": "what is the balance"}
+    ]
+
+    openai.OpenAI(base_url=gateway_url, api_key=key, max_retries=0).chat.completions.create(
+        model="fake-small", messages=messages
+    )
+
+    model = async_to_sync(catalog_model)("fake-small")
+    assert model is not None
+    cost = usage_cost_usd(
+        price=model.price,
+        input_tokens=count_prompt_tokens(messages),
+        output_tokens=len(reply_for(messages, None).split()),
+    )
+    assert Decimal(ok("show_balance", slug)) == Decimal("20.00") - cost
+    assert ok("show_balance", slug) == f"{Decimal('20.00') - cost:.10f}"
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["create_org", "", "--owner", "a@b.test"], "needs a name"),
+        (["create_org", "X", "--owner", "not-an-email"], "not an e-mail address"),
+        (["grant_credits", "no-such-org", "5", "--reason", "x"], "no organisation"),
+        (["grant_credits", "{slug}", "five", "--reason", "x"], "not a decimal"),
+        (["grant_credits", "{slug}", "0.1234567890123", "--reason", "x"], "decimal places"),
+        (["grant_credits", "{slug}", "-5", "--reason", "x"], "positive"),
+        (["create_api_key", "no-such-org", "--name", "x"], "no organisation"),
+        (["show_balance", "no-such-org"], "no organisation"),
+    ],
+)
+def test_bad_input_exits_non_zero_with_one_line(args, message):
+    slug = ok("create_org", "Existing", "--owner", "o@e.test")
+    result = manage(*[arg.format(slug=slug) for arg in args])
+
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert result.stdout == ""
