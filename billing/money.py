@@ -44,10 +44,10 @@ def parse_usd(value: str | int | Decimal) -> Decimal:
         raise MoneyError(f"not a decimal amount: {value!r}") from None
     if not amount.is_finite():
         raise MoneyError(f"not a finite amount: {value!r}")
-    if amount != amount.quantize(USD_QUANTUM, rounding=ROUND_HALF_UP):
-        raise MoneyError(f"at most {USD_PLACES} decimal places: {value!r}")
     if abs(amount) >= Decimal(10) ** (USD_MAX_DIGITS - USD_PLACES):
         raise MoneyError(f"amount too large: {value!r}")
+    if amount != amount.quantize(USD_QUANTUM, rounding=ROUND_HALF_UP):
+        raise MoneyError(f"at most {USD_PLACES} decimal places: {value!r}")
     return amount
 
 
