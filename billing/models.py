@@ -32,6 +32,10 @@ class Account(models.Model):
     )
     kind = models.CharField(max_length=16, choices=Kind.choices)
     balance_usd = usd_field(default=ZERO_USD)  # USD; equals the sum of this account's postings
+    # USD held by open reservations (wallets only). Requests are admitted only while
+    # balance_usd - reserved_usd covers their worst case, so concurrent requests cannot
+    # together spend more than the balance.
+    reserved_usd = usd_field(default=ZERO_USD)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -57,11 +61,45 @@ class Account(models.Model):
         return f"{self.organization} wallet" if self.organization_id else f"system {self.kind}"
 
 
+class Reservation(models.Model):
+    """A request's worst-case cost, held on its wallet while the request runs.
+
+    Created `held` in the same transaction that raises the wallet's `reserved_usd`; leaves
+    `held` exactly once, by a conditional UPDATE, to `settled` (with the request's usage) or
+    `voided` (failed before any token, or swept after its process died), releasing the hold.
+    """
+
+    class State(models.TextChoices):
+        HELD = "held"
+        SETTLED = "settled"
+        VOIDED = "voided"
+
+    request_id = models.CharField(max_length=64, unique=True)
+    # The hold is on this organisation's wallet.
+    organization = models.ForeignKey(
+        "portal.Organization", on_delete=models.PROTECT, related_name="+"
+    )
+    api_key = models.ForeignKey("portal.ApiKey", on_delete=models.PROTECT, related_name="+")
+    amount_usd = usd_field()  # USD held on the wallet while `held`
+    state = models.CharField(max_length=8, choices=State.choices, default=State.HELD)
+    created_at = models.DateTimeField(auto_now_add=True)
+    resolved_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["created_at"], condition=Q(state="held"), name="held_reservations")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.request_id} ({self.state})"
+
+
 class LedgerTransaction(models.Model):
     """One movement of money; its postings sum to zero."""
 
     class Kind(models.TextChoices):
         GRANT = "grant", "Credit granted"
+        CLAWBACK = "clawback", "Credit taken back"
         USAGE = "usage", "API usage"
 
     kind = models.CharField(max_length=16, choices=Kind.choices)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from decimal import Decimal
 
-from billing.models import Account
+from django.db.models import Count, F, Q, Sum
+from django.db.models.functions import Coalesce
+from django.utils import timezone
+
+from billing.models import Account, LedgerTransaction, Reservation, UsageRecord
 from billing.money import ZERO_USD
 
 
@@ -25,3 +30,71 @@ async def wallet_balance_usd_async(*, organization_id: int) -> Decimal:
         .afirst()
     )
     return ZERO_USD if balance is None else balance
+
+
+def ledger_violations(*, held_longer_than: timedelta) -> list[str]:
+    """Every broken money invariant, one sentence each (empty when the books are clean).
+
+    - each ledger transaction has postings, and they sum to zero;
+    - each account's balance equals the sum of its postings;
+    - each wallet's reserved amount equals its held reservations, and is not negative;
+    - no reservation has been held longer than the sweeper's bound;
+    - each usage record's cost is exactly what its transaction took from the wallet.
+    """
+    violations: list[str] = []
+    unbalanced = (
+        LedgerTransaction.objects.annotate(
+            total=Coalesce(Sum("postings__amount_usd"), ZERO_USD), legs=Count("postings")
+        )
+        .filter(~Q(total=ZERO_USD) | Q(legs__lt=2))
+        .values_list("pk", "total", "legs")
+    )
+    violations += [
+        f"transaction #{pk}: its {legs} postings sum to {total}, not 0"
+        for pk, total, legs in unbalanced
+    ]
+    drifted = (
+        Account.objects.annotate(posted=Coalesce(Sum("postings__amount_usd"), ZERO_USD))
+        .exclude(balance_usd=F("posted"))
+        .values_list("pk", "kind", "balance_usd", "posted")
+    )
+    violations += [
+        f"account #{pk} ({kind}): balance {balance} but its postings sum to {posted}"
+        for pk, kind, balance, posted in drifted
+    ]
+    held_by_org = dict(
+        Reservation.objects.filter(state=Reservation.State.HELD)
+        .values("organization_id")
+        .annotate(total=Sum("amount_usd"))
+        .values_list("organization_id", "total")
+    )
+    for pk, organization_id, reserved in Account.objects.filter(
+        kind=Account.Kind.WALLET
+    ).values_list("pk", "organization_id", "reserved_usd"):
+        held = held_by_org.get(organization_id, ZERO_USD)
+        if reserved != held or reserved < ZERO_USD:
+            violations.append(
+                f"wallet #{pk}: reserved {reserved} but its held reservations total {held}"
+            )
+    cutoff = timezone.now() - held_longer_than
+    violations += [
+        f"reservation {request_id}: held since {created_at:%Y-%m-%d %H:%M:%S}, past the "
+        "sweeper's bound"
+        for request_id, created_at in Reservation.objects.filter(
+            state=Reservation.State.HELD, created_at__lt=cutoff
+        ).values_list("request_id", "created_at")
+    ]
+    charged = UsageRecord.objects.annotate(
+        taken=Coalesce(
+            Sum(
+                "ledger_transaction__postings__amount_usd",
+                filter=Q(ledger_transaction__postings__account__kind=Account.Kind.WALLET),
+            ),
+            ZERO_USD,
+        )
+    ).exclude(taken=-F("cost_usd"))
+    violations += [
+        f"usage {request_id}: cost {cost} but the wallet was charged {-taken}"
+        for request_id, cost, taken in charged.values_list("request_id", "cost_usd", "taken")
+    ]
+    return violations

@@ -8,8 +8,9 @@ from decimal import Decimal
 
 from django.db import IntegrityError, transaction
 from django.db.models import F, Q
+from django.utils import timezone
 
-from billing.models import Account, LedgerTransaction, Posting, UsageRecord
+from billing.models import Account, LedgerTransaction, Posting, Reservation, UsageRecord
 from billing.money import ZERO_USD, Price, usage_cost_usd
 from portal.models import ApiKey, Organization
 
@@ -19,6 +20,10 @@ LAST_USED_RESOLUTION = timedelta(seconds=60)
 
 class BillingError(Exception):
     """A billing request that cannot be carried out; the message says why."""
+
+
+class InsufficientCredit(BillingError):
+    """The wallet's available credit does not cover the request's worst-case cost."""
 
 
 def _system_account(kind: Account.Kind) -> Account:
@@ -74,6 +79,112 @@ def credit_grant(
         )
 
 
+def credit_clawback(
+    *, organization: Organization, amount_usd: Decimal, reason: str
+) -> LedgerTransaction:
+    """Take credit back from a wallet into the grants account (an operator's correction).
+
+    Unlike a request, a clawback is not limited by the available credit: the wallet may go
+    negative, and then no request is admitted until it is topped up again.
+    """
+    if amount_usd <= ZERO_USD:
+        raise BillingError("a clawback must be a positive amount")
+    if not reason.strip():
+        raise BillingError("a clawback needs a reason")
+    with transaction.atomic():
+        wallet = wallet_get_or_create(organization_id=organization.pk)
+        return _post(
+            kind=LedgerTransaction.Kind.CLAWBACK,
+            memo=reason.strip(),
+            legs=[(wallet, -amount_usd), (_system_account(Account.Kind.GRANTS), amount_usd)],
+        )
+
+
+def credit_reserve(
+    *, request_id: str, organization_id: int, api_key_id: int, amount_usd: Decimal
+) -> Reservation:
+    """Hold `amount_usd` of the organisation's wallet for a request, or raise InsufficientCredit.
+
+    The hold is one conditional UPDATE (`available >= amount`): the database serialises
+    concurrent holds on the wallet row and re-checks the condition against the committed
+    balance, so no mix of processes and requests can hold more than the wallet has.
+    """
+    if amount_usd < ZERO_USD:
+        raise BillingError("a reservation cannot be negative")
+    with transaction.atomic():
+        held = (
+            Account.objects.filter(organization_id=organization_id, kind=Account.Kind.WALLET)
+            .alias(available=F("balance_usd") - F("reserved_usd"))
+            .filter(available__gte=amount_usd)
+            .update(reserved_usd=F("reserved_usd") + amount_usd)
+        )
+        if held != 1:
+            raise InsufficientCredit("the wallet's available credit does not cover this request")
+        return Reservation.objects.create(
+            request_id=request_id,
+            organization_id=organization_id,
+            api_key_id=api_key_id,
+            amount_usd=amount_usd,
+        )
+
+
+def _release(*, request_id: str, state: Reservation.State) -> bool:
+    """Move a held reservation to `state` and give its hold back to the wallet, exactly once.
+
+    Returns False when it was not held (already settled or voided, or never made). Must run
+    inside `transaction.atomic()`.
+    """
+    held = (
+        Reservation.objects.filter(request_id=request_id, state=Reservation.State.HELD)
+        .values_list("organization_id", "amount_usd")
+        .first()
+    )
+    if held is None:
+        return False
+    organization_id, amount_usd = held
+    # The conditional UPDATE is the claim: of two concurrent resolvers, the second waits on
+    # the row lock, re-checks `state = held` against the committed row and changes nothing.
+    claimed = Reservation.objects.filter(
+        request_id=request_id, state=Reservation.State.HELD
+    ).update(state=state, resolved_at=timezone.now())
+    if claimed != 1:
+        return False
+    Account.objects.filter(organization_id=organization_id, kind=Account.Kind.WALLET).update(
+        reserved_usd=F("reserved_usd") - amount_usd
+    )
+    return True
+
+
+def reservation_void(*, request_id: str) -> bool:
+    """Release a request's hold without charging (it failed before producing anything).
+
+    Returns False when there was nothing held to release.
+    """
+    with transaction.atomic():
+        return _release(request_id=request_id, state=Reservation.State.VOIDED)
+
+
+def reservations_sweep(*, older_than: timedelta) -> int:
+    """Resolve reservations left `held` longer than `older_than` by a process that died.
+
+    Each is settled if its usage record exists (the charge is already in the ledger), voided
+    otherwise; exactly once, even with several sweepers. Returns how many were resolved.
+    """
+    cutoff = timezone.now() - older_than
+    stale = list(
+        Reservation.objects.filter(state=Reservation.State.HELD, created_at__lt=cutoff)
+        .order_by("created_at")
+        .values_list("request_id", flat=True)[:1000]
+    )
+    resolved = 0
+    for request_id in stale:
+        with transaction.atomic():
+            recorded = UsageRecord.objects.filter(request_id=request_id).exists()
+            state = Reservation.State.SETTLED if recorded else Reservation.State.VOIDED
+            resolved += _release(request_id=request_id, state=state)
+    return resolved
+
+
 @dataclass(frozen=True, slots=True)
 class MeteredRequest:
     """What the gateway measured about one request, handed to `usage_settle`."""
@@ -95,10 +206,12 @@ class MeteredRequest:
 
 
 def usage_settle(*, metered: MeteredRequest) -> UsageRecord:
-    """Record a request's usage and charge its exact cost to the wallet, in one transaction.
+    """Record a request's usage, charge its exact cost and release its reservation, in one
+    transaction.
 
     Idempotent by request id: settling the same request again returns the first record and
-    charges nothing more (the unique constraint decides, not a check in Python).
+    charges nothing more (the unique constraint decides, not a check in Python). A request
+    whose reservation was already swept is still charged: the usage happened.
     """
     cost_usd = usage_cost_usd(
         price=metered.price,
@@ -116,6 +229,14 @@ def usage_settle(*, metered: MeteredRequest) -> UsageRecord:
                     memo=f"{metered.model} request {metered.request_id}",
                     legs=[(wallet, -cost_usd), (_system_account(Account.Kind.REVENUE), cost_usd)],
                 )
+            _release(
+                request_id=metered.request_id,
+                state=(
+                    Reservation.State.SETTLED
+                    if metered.status == UsageRecord.Status.OK
+                    else Reservation.State.VOIDED
+                ),
+            )
             record = UsageRecord.objects.create(
                 request_id=metered.request_id,
                 organization_id=metered.organization_id,

@@ -32,7 +32,7 @@ class InvalidApiKey(GatewayError):
     code = "invalid_api_key"
 
 
-class InsufficientCredit(GatewayError):
+class PaymentRequired(GatewayError):
     status = 402
     type = "insufficient_quota"
     code = "insufficient_credit"

@@ -29,6 +29,7 @@ class RouteEntry:
 class ModelEntry:
     name: str
     price: Price
+    max_output_tokens: int
     routes: tuple[RouteEntry, ...]
 
 
@@ -55,6 +56,7 @@ def _load_catalog() -> dict[str, ModelEntry]:
                 output_per_mtok_usd=model.output_price_per_mtok_usd,
                 cached_input_per_mtok_usd=model.cached_input_price_per_mtok_usd,
             ),
+            max_output_tokens=model.max_output_tokens,
             routes=tuple(routes.get(model.pk, ())),
         )
         for model in Model.objects.filter(is_active=True)

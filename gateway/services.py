@@ -54,6 +54,13 @@ def _price(entry: dict[str, Any], key: str, where: str, *, required: bool) -> De
     return amount
 
 
+def _positive_int(entry: dict[str, Any], key: str, where: str, default: int) -> int:
+    value = entry.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise CatalogError(f"{where}.{key} must be a positive whole number")
+    return value
+
+
 def _provider_fields(entry: dict[str, Any], where: str) -> dict[str, Any]:
     kind = _require(entry, "kind", where)
     if kind not in Provider.Kind.values:
@@ -128,6 +135,7 @@ def catalog_load(*, data: Any) -> CatalogLoadReport:
                 "cached_input_price_per_mtok_usd": _price(
                     price, "cached_input", f"{where}.price", required=False
                 ),
+                "max_output_tokens": _positive_int(entry, "max_output_tokens", where, 4096),
                 "is_active": bool(entry.get("active", True)),
             }
             routes = _routes(entry, where, providers)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -11,19 +12,25 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from billing.models import UsageRecord
-from billing.money import ZERO_USD, format_usd
-from billing.selectors import wallet_balance_usd_async
-from billing.services import MeteredRequest, usage_settle
+from billing.money import format_usd, usage_cost_usd
+from billing.services import (
+    InsufficientCredit,
+    MeteredRequest,
+    credit_reserve,
+    reservation_void,
+    usage_settle,
+)
 from gateway.auth import Caller, authenticate, bearer_token
 from gateway.errors import (
     GatewayError,
-    InsufficientCredit,
     MethodNotAllowed,
     ModelNotFound,
+    PaymentRequired,
     UnknownEndpoint,
     UpstreamFailed,
     error_response,
 )
+from gateway.metering import cap_max_tokens, worst_case
 from gateway.providers import TokenUsage
 from gateway.requests import chat_request, read_json_body
 from gateway.routing import ChosenRoute, choose_route
@@ -31,6 +38,8 @@ from gateway.selectors import ModelEntry, catalog_model
 
 logger = logging.getLogger(__name__)
 
+_reserve = sync_to_async(credit_reserve)
+_void = sync_to_async(reservation_void)
 _settle = sync_to_async(usage_settle)
 _NO_USAGE = TokenUsage(input_tokens=0, output_tokens=0)
 
@@ -54,13 +63,27 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
         model = await catalog_model(model_name)
         if model is None:
             raise ModelNotFound(f"The model '{model_name}' does not exist.", param="model")
+        body, output_limit = cap_max_tokens(body, model)
         # 4. Route
         chosen = choose_route(model)
-        # 5. Credit (a balance check for now; reservations replace it with the money core)
-        if await wallet_balance_usd_async(organization_id=caller.organization_id) <= ZERO_USD:
-            raise InsufficientCredit(
-                "Your organisation has no credit left. Add credit to continue."
+        # 5. Reserve the worst case, or 402
+        bound = worst_case(body=body, body_bytes=len(request.body), output_limit=output_limit)
+        try:
+            await _reserve(
+                request_id=request_id,
+                organization_id=caller.organization_id,
+                api_key_id=caller.api_key_id,
+                amount_usd=usage_cost_usd(
+                    price=model.price,
+                    input_tokens=bound.input_tokens,
+                    output_tokens=bound.output_tokens,
+                ),
             )
+        except InsufficientCredit:
+            raise PaymentRequired(
+                "Your organisation's credit does not cover this request. Add credit, or lower "
+                "max_tokens."
+            ) from None
         # 6. Forward
         try:
             reply = await chosen.adapter.chat_completion(
@@ -68,6 +91,10 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
             )
         except UpstreamFailed:
             await _record(request_id, caller, model, chosen, started, _NO_USAGE, failed=True)
+            raise
+        except BaseException:
+            # Cancelled (the client went away) or a bug: release the hold, nothing was used.
+            await asyncio.shield(_void(request_id=request_id))
             raise
         # 7. Settle
         record = await _record(request_id, caller, model, chosen, started, reply.usage)
@@ -96,6 +123,7 @@ async def _record(
     *,
     failed: bool = False,
 ) -> UsageRecord:
+    """Settle the request: usage record, charge and release of the hold, in one transaction."""
     return await _settle(
         metered=MeteredRequest(
             request_id=request_id,

@@ -172,6 +172,16 @@ CELERY_BROKER_TRANSPORT_OPTIONS = (
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
+CELERY_BEAT_SCHEDULE = {
+    "sweep-stale-reservations": {"task": "billing.sweep_stale_reservations", "schedule": 60.0},
+}
+
+# A reservation still held after this many seconds belongs to a dead process and is swept.
+# It must exceed the longest request; a request that outlives it is still charged in full
+# when it settles (only its hold was released early).
+BILLING_RESERVATION_SWEEP_AFTER_SECONDS = env_int(
+    "BILLING_RESERVATION_SWEEP_AFTER_SECONDS", 900, minimum=60
+)
 
 # Stripe (used by billing's top-ups; STRIPE_API_BASE points the SDK at a fake in tests).
 STRIPE_SECRET_KEY = env_str("STRIPE_SECRET_KEY", "")

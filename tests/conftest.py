@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
 
 import pytest
 
+from billing.selectors import ledger_violations
 from gateway.auth import forget_cached_keys
 from gateway.selectors import forget_catalog
 from gateway.services import catalog_load
@@ -24,6 +26,27 @@ def _fresh_gateway_caches() -> Iterator[None]:
     yield
     forget_cached_keys()
     forget_catalog()
+
+
+@pytest.fixture(autouse=True)
+def _ledger_stays_balanced(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test that touches the database ends with `reconcile` clean.
+
+    The check depends on the test's database fixture, so it runs before that fixture rolls
+    back or flushes. Tests that corrupt the ledger on purpose opt out with
+    @pytest.mark.ledger_may_break.
+    """
+    marker = request.node.get_closest_marker("django_db")
+    transactional = "transactional_db" in request.fixturenames or bool(
+        marker and (marker.kwargs.get("transaction") or (marker.args and marker.args[0]))
+    )
+    uses_db = transactional or marker is not None or "db" in request.fixturenames
+    if not uses_db or request.node.get_closest_marker("ledger_may_break"):
+        yield
+        return
+    request.getfixturevalue("transactional_db" if transactional else "db")
+    yield
+    assert ledger_violations(held_longer_than=timedelta(hours=1)) == []
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,67 @@
+"""Steps 2 and 5 of the request path: cap what a request may generate and bound its cost.
+
+The reservation must cover the worst case, or concurrent requests could together spend more
+than the wallet holds. Both bounds below are upper bounds, not guesses:
+- prompt: no tokenizer emits more tokens than the UTF-8 bytes it reads, and the body's bytes
+  include every message's text plus its JSON framing (which covers per-message overhead);
+  images are not text, so each image part adds IMAGE_TOKEN_ALLOWANCE;
+- completion: the request's max_tokens, capped at the model's max_output_tokens, and that cap
+  is what the upstream is sent, so it cannot generate more.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.errors import InvalidRequest
+from gateway.selectors import ModelEntry
+
+# Tokens reserved per image part (a high-detail 2048px image is about 1,100 tokens on
+# OpenAI's vision models; providers that bill images higher need a larger allowance).
+IMAGE_TOKEN_ALLOWANCE = 2_000
+
+
+@dataclass(frozen=True, slots=True)
+class WorstCase:
+    input_tokens: int
+    output_tokens: int
+
+
+def _count_image_parts(messages: Any) -> int:
+    count = 0
+    for message in messages if isinstance(messages, list) else []:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            count += sum(
+                1
+                for part in content
+                if isinstance(part, dict)
+                and part.get("type") in {"image_url", "image", "input_image"}
+            )
+    return count
+
+
+def cap_max_tokens(body: dict[str, Any], model: ModelEntry) -> tuple[dict[str, Any], int]:
+    """The body to forward with its completion limit capped, and that limit.
+
+    Keeps whichever field the client used (`max_completion_tokens` or `max_tokens`); when it
+    sent neither, sets `max_tokens` to the model's cap so the upstream stops there.
+    """
+    field = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    requested = body.get(field)
+    if requested is None:
+        limit = model.max_output_tokens
+    elif isinstance(requested, int) and not isinstance(requested, bool) and requested >= 1:
+        limit = min(requested, model.max_output_tokens)
+    else:
+        raise InvalidRequest(f"'{field}' must be a positive integer.", param=field)
+    return {**body, field: limit}, limit
+
+
+def worst_case(*, body: dict[str, Any], body_bytes: int, output_limit: int) -> WorstCase:
+    """The most tokens this request can be billed for."""
+    images = _count_image_parts(body.get("messages"))
+    return WorstCase(
+        input_tokens=body_bytes + images * IMAGE_TOKEN_ALLOWANCE, output_tokens=output_limit
+    )
