@@ -12,7 +12,7 @@ from gateway.auth import forget_cached_keys
 from gateway.selectors import forget_catalog
 from gateway.services import catalog_load
 from tests.fakes.provider import FakeProvider
-from tests.servers import ThreadedServer
+from tests.servers import GatewayProcesses, ThreadedServer
 
 FAKE_PROVIDER_KEY_ENV = "SWITCHBOARD_TEST_FAKE_PROVIDER_KEY"
 FAKE_PROVIDER_SECRET = "fake-upstream-secret"
@@ -106,3 +106,13 @@ def catalog(fake_provider: FakeProvider, transactional_db: None) -> dict[str, ob
     }
     catalog_load(data=data)
     return data
+
+
+@pytest.fixture
+def gateway_processes(
+    fake_provider: FakeProvider, transactional_db: None
+) -> Iterator[GatewayProcesses]:
+    """Four gateway processes sharing the test database and Redis (two cores: enough to race)."""
+    processes = GatewayProcesses(4).start()
+    yield processes
+    processes.stop()

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import uvicorn
+
+from tests.services import free_port, is_listening
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 class ThreadedServer:
@@ -43,3 +52,74 @@ class ThreadedServer:
         self._server.should_exit = True
         self._thread.join(timeout)
         self._sock.close()
+
+
+def test_database_url() -> str:
+    """DATABASE_URL for the test database pytest-django created (for child processes)."""
+    from django.conf import settings
+
+    database = settings.DATABASES["default"]
+    password = f":{database['PASSWORD']}" if database.get("PASSWORD") else ""
+    return (
+        f"postgres://{database['USER']}{password}@{database['HOST']}:{database['PORT']}"
+        f"/{database['NAME']}"
+    )
+
+
+class GatewayProcesses:
+    """N separate Switchboard gateway processes (uvicorn), sharing the test database and Redis,
+    as production runs them behind a load balancer."""
+
+    def __init__(self, count: int, *, env: dict[str, str] | None = None) -> None:
+        self.ports = [free_port() for _ in range(count)]
+        self._env = {**os.environ, "DATABASE_URL": test_database_url(), **(env or {})}
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"http://127.0.0.1:{port}/v1" for port in self.ports]
+
+    def start(self, *, timeout: float = 30.0) -> GatewayProcesses:
+        for port in self.ports:
+            self.processes.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "uvicorn",
+                        "portal.asgi:application",
+                        "--port",
+                        str(port),
+                        "--log-level",
+                        "warning",
+                        "--no-access-log",
+                        "--lifespan",
+                        "off",
+                    ],
+                    cwd=REPO,
+                    env=self._env,
+                )
+            )
+        deadline = time.monotonic() + timeout
+        for port, process in zip(self.ports, self.processes, strict=True):
+            while not is_listening(port):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"gateway process on port {port} did not start")
+                time.sleep(0.05)
+        return self
+
+    def kill(self, index: int) -> None:
+        """kill -9 one process, as a crash would."""
+        self.processes[index].send_signal(signal.SIGKILL)
+        self.processes[index].wait(timeout=10)
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()

@@ -11,23 +11,21 @@ from pathlib import Path
 import openai
 import pytest
 from asgiref.sync import async_to_sync
-from django.conf import settings
 from openai.types.chat import ChatCompletionMessageParam
 
 from billing.money import usage_cost_usd
 from gateway.selectors import catalog_model
 from tests.fakes.provider import count_prompt_tokens, reply_for
+from tests.servers import test_database_url
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def manage(*args: str) -> subprocess.CompletedProcess[str]:
-    database = settings.DATABASES["default"]
-    url = f"postgres://{database['USER']}@{database['HOST']}:{database['PORT']}/{database['NAME']}"
     return subprocess.run(
         [sys.executable, "manage.py", *args],
         cwd=REPO,
-        env={**os.environ, "DATABASE_URL": url},
+        env={**os.environ, "DATABASE_URL": test_database_url()},
         capture_output=True,
         text=True,
         check=False,

@@ -81,6 +81,10 @@ class FakeProvider:
 
     def __init__(self, *, chunk_interval: float = 0.0) -> None:
         self.chunk_interval = chunk_interval
+        # Every response waits this long before its first byte (on top of scripted delays).
+        self.latency = 0.0
+        # When set, every response reports these (prompt, completion) tokens as its usage.
+        self.reported_usage: tuple[int, int] | None = None
         self.calls: list[RecordedCall] = []
         self._faults: deque[_Fault] = deque()
         self._lock = threading.Lock()
@@ -106,10 +110,12 @@ class FakeProvider:
         return f"{self._server.url}/v1"
 
     def reset(self) -> None:
-        """Forget recorded calls and pending faults."""
+        """Forget recorded calls, pending faults and settings changed by a test."""
         with self._lock:
             self.calls.clear()
             self._faults.clear()
+            self.latency = 0.0
+            self.reported_usage = None
 
     # --- scripting --------------------------------------------------------------------------
 
@@ -166,8 +172,8 @@ class FakeProvider:
             self.calls.append(RecordedCall(scope["method"], scope["path"], headers, body))
             fault = self._faults.popleft() if self._faults else _Fault()
 
-        if fault.delay_seconds:
-            await asyncio.sleep(fault.delay_seconds)
+        if fault.delay_seconds or self.latency:
+            await asyncio.sleep(fault.delay_seconds + self.latency)
         if fault.status is not None:
             error = fault.body or _error_body(f"Scripted failure {fault.status}.", "server_error")
             await _send_json(send, fault.status, error, fault.headers)
@@ -185,7 +191,7 @@ class FakeProvider:
             if body.get("stream"):
                 await self._stream_chat(send, body, fault)
             else:
-                await _send_json(send, 200, _chat_completion(body))
+                await _send_json(send, 200, _chat_completion(body, self.reported_usage))
         elif route == ("POST", "/v1/embeddings") and isinstance(body, dict):
             await _send_json(send, 200, _embeddings(body))
         elif route == ("GET", "/v1/models"):
@@ -267,7 +273,9 @@ def _usage(messages: Any, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def _chat_completion(body: dict[str, Any]) -> dict[str, Any]:
+def _chat_completion(
+    body: dict[str, Any], reported_usage: tuple[int, int] | None = None
+) -> dict[str, Any]:
     messages = body.get("messages") or []
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
     reply = reply_for(messages, max_tokens)
@@ -287,7 +295,15 @@ def _chat_completion(body: dict[str, Any]) -> dict[str, Any]:
                 "logprobs": None,
             }
         ],
-        "usage": _usage(messages, words),
+        "usage": (
+            _usage(messages, words)
+            if reported_usage is None
+            else {
+                "prompt_tokens": reported_usage[0],
+                "completion_tokens": reported_usage[1],
+                "total_tokens": sum(reported_usage),
+            }
+        ),
         "system_fingerprint": None,
     }
 

@@ -1,0 +1,64 @@
+"""No overdraft under concurrency: many requests, several gateway processes, one wallet."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from decimal import Decimal
+
+import httpx
+
+from billing.models import Account, Reservation
+from billing.money import USD_QUANTUM, Price, usage_cost_usd
+from tests.factories import make_key, make_org
+
+PRICE = Price(input_per_mtok_usd=Decimal("0.50"), output_per_mtok_usd=Decimal("1.50"))
+REQUESTS = 200
+ADMITTED = 37
+MAX_TOKENS = 100
+
+
+async def _send_all(urls: list[str], key: str, body: bytes) -> list[int]:
+    limits = httpx.Limits(max_connections=REQUESTS)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+
+        async def one(n: int) -> int:
+            response = await client.post(
+                f"{urls[n % len(urls)]}/chat/completions",
+                content=body,
+                headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+            )
+            return response.status_code
+
+        return await asyncio.gather(*(one(n) for n in range(REQUESTS)))
+
+
+def test_a_wallet_that_fits_k_worst_cases_admits_exactly_k(
+    gateway_processes, catalog, fake_provider
+):
+    body = json.dumps(
+        {
+            "model": "fake-small",
+            "messages": [{"role": "user", "content": "count the money twice"}],
+            "max_tokens": MAX_TOKENS,
+        }
+    ).encode()
+    worst = usage_cost_usd(price=PRICE, input_tokens=len(body), output_tokens=MAX_TOKENS)
+    # Each admitted request really costs its worst case, so no hold is ever freed for another:
+    # the outcome cannot depend on timing. One unit short of K + 1 worst cases.
+    fake_provider.reported_usage = (len(body), MAX_TOKENS)
+    fake_provider.latency = 0.05
+    org = make_org(credit_usd=str(worst * (ADMITTED + 1) - USD_QUANTUM))
+    _, key = make_key(org)
+    bystander = make_org(credit_usd="3")
+
+    statuses = asyncio.run(_send_all(gateway_processes.urls, key, body))
+
+    assert statuses.count(200) == ADMITTED, statuses
+    assert statuses.count(402) == REQUESTS - ADMITTED
+    wallet = Account.objects.get(organization=org, kind=Account.Kind.WALLET)
+    assert wallet.balance_usd == worst - USD_QUANTUM
+    assert wallet.reserved_usd == 0
+    assert Reservation.objects.filter(state=Reservation.State.SETTLED).count() == ADMITTED
+    assert len(fake_provider.calls) == ADMITTED
+    assert Account.objects.get(organization=bystander).balance_usd == Decimal(3)
