@@ -28,7 +28,15 @@ class ThreadedServer:
         self._sock.bind(("127.0.0.1", 0))
         self.port: int = self._sock.getsockname()[1]
         config = uvicorn.Config(
-            app, log_level="warning", lifespan="off", access_log=False, interface="asgi3"
+            app,
+            interface="asgi3",
+            http="h11",
+            lifespan="off",
+            # Leave the process's logging to pytest and Django; uvicorn would dictConfig it.
+            log_config=None,
+            access_log=False,
+            # A test that stops a server mid-stream should not wait for the stream.
+            timeout_graceful_shutdown=1,
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
@@ -54,7 +62,7 @@ class ThreadedServer:
         self._sock.close()
 
 
-def test_database_url() -> str:
+def child_database_url() -> str:
     """DATABASE_URL for the test database pytest-django created (for child processes)."""
     from django.conf import settings
 
@@ -72,7 +80,7 @@ class GatewayProcesses:
 
     def __init__(self, count: int, *, env: dict[str, str] | None = None) -> None:
         self.ports = [free_port() for _ in range(count)]
-        self._env = {**os.environ, "DATABASE_URL": test_database_url(), **(env or {})}
+        self._env = {**os.environ, "DATABASE_URL": child_database_url(), **(env or {})}
         self.processes: list[subprocess.Popen[bytes]] = []
 
     @property

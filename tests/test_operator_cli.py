@@ -16,7 +16,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from billing.money import usage_cost_usd
 from gateway.selectors import catalog_model
 from tests.fakes.provider import count_prompt_tokens, reply_for
-from tests.servers import test_database_url
+from tests.servers import child_database_url
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,7 @@ def manage(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "manage.py", *args],
         cwd=REPO,
-        env={**os.environ, "DATABASE_URL": test_database_url()},
+        env={**os.environ, "DATABASE_URL": child_database_url()},
         capture_output=True,
         text=True,
         check=False,

@@ -1,65 +1,124 @@
-"""A fake LLM provider that speaks OpenAI's wire format over real HTTP, for the gateway's tests.
+"""A fake upstream LLM provider that speaks OpenAI's wire format over real HTTP, for tests.
 
-It answers deterministically (so tests can compute the exact usage and charge), records every
-call, and plays scripted faults: an error status (with headers such as Retry-After), latency
-before the first byte, a stream cut midway, a stream without its usage chunk.
+The gateway under test talks to it exactly as it talks to a real provider: through a socket, with
+real HTTP/1.1, JSON bodies and server-sent events. Answers are deterministic so a test can compute
+the exact usage (and so the exact charge) with `count_prompt_tokens` and `reply_for`. Every
+request is recorded, and a test can script what the next requests get: an error status (with
+headers such as Retry-After), latency before the first byte, a stream cut midway, or a stream
+without its usage chunk.
+
+It is a raw ASGI application served by uvicorn in a daemon thread (tests/servers.py), on
+purpose: no web framework sits between the test and the bytes on the wire.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import logging
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from tests.servers import ThreadedServer
+
+__all__ = [
+    "EMBEDDING_DIMENSIONS",
+    "MODELS",
+    "FakeProvider",
+    "RecordedCall",
+    "count_prompt_tokens",
+    "embedding_for",
+    "finish_reason_for",
+    "reply_for",
+]
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
+#: Length of every vector `/v1/embeddings` returns.
+EMBEDDING_DIMENSIONS: Final = 8
+#: The model ids `GET /v1/models` lists (any model name is accepted by the other endpoints).
+MODELS: Final = ("fake-small", "fake-large", "fake-embedding")
+#: Tokens the fake charges per message on top of its words, like OpenAI's per-message overhead.
+TOKENS_PER_MESSAGE: Final = 3
+
+_REPLY_PREFIX: Final = "Hello from the fake provider. You said:"
+_ECHOED_WORDS: Final = 5
+
+
+# --- deterministic "model" ------------------------------------------------------------------
+
 
 def _text_of(content: Any) -> str:
+    """The text of a message's content: a string, or a list of parts of which only text counts."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
         return " ".join(
             str(part.get("text", ""))
             for part in content
-            if isinstance(part, dict) and part.get("type") == "text"
+            if isinstance(part, Mapping) and part.get("type") == "text"
         )
     return ""
 
 
-def count_prompt_tokens(messages: Any) -> int:
-    """The fake's prompt token count: words of every message's text, plus 3 per message."""
-    return sum(len(_text_of(message.get("content")).split()) + 3 for message in messages)
+def count_prompt_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
+    """The fake's prompt tokens: whitespace-separated words of every message's text, plus 3 per
+    message."""
+    return sum(len(_text_of(m.get("content")).split()) + TOKENS_PER_MESSAGE for m in messages)
 
 
-def reply_for(messages: Any, max_tokens: int | None) -> str:
-    """The fake's deterministic reply, one token per word, cut to max_tokens words."""
+def _full_reply_words(messages: Sequence[Mapping[str, Any]]) -> list[str]:
     last_user = next(
         (_text_of(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), ""
     )
-    words = ["Hello", "from", "the", "fake", "provider.", "You", "said:", *last_user.split()[:5]]
-    return " ".join(words[:max_tokens] if max_tokens is not None else words)
+    return [*_REPLY_PREFIX.split(), *last_user.split()[:_ECHOED_WORDS]]
+
+
+def reply_for(messages: Sequence[Mapping[str, Any]], max_tokens: int | None = None) -> str:
+    """The fake's reply: a fixed sentence echoing the first 5 words of the last user message, cut
+    to `max_tokens` words when given. One word is one completion token."""
+    words = _full_reply_words(messages)
+    return " ".join(words if max_tokens is None else words[:max_tokens])
+
+
+def finish_reason_for(messages: Sequence[Mapping[str, Any]], max_tokens: int | None = None) -> str:
+    """`"length"` when `max_tokens` cut the reply short, else `"stop"`."""
+    cut = max_tokens is not None and len(_full_reply_words(messages)) > max_tokens
+    return "length" if cut else "stop"
+
+
+def embedding_for(text: str) -> list[float]:
+    """The fake's embedding of `text`: 8 floats in [-1, 1], derived from its SHA-256."""
+    digest = hashlib.sha256(text.encode()).digest()
+    return [round(byte / 127.5 - 1.0, 6) for byte in digest[:EMBEDDING_DIMENSIONS]]
+
+
+# --- what tests see and script --------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class RecordedCall:
+    """One request the fake received: header names are lower-case; `json` is the parsed body,
+    or None when there was no body or it was not valid JSON."""
+
     method: str
     path: str
     headers: dict[str, str]
     json: Any
 
 
-@dataclass
-class _Fault:
+@dataclass(frozen=True)
+class _Behaviour:
+    """What one request gets; the default is a normal answer."""
+
     status: int | None = None
     body: dict[str, Any] | None = None
     headers: dict[str, str] = field(default_factory=dict)
@@ -68,56 +127,131 @@ class _Fault:
     omit_usage: bool = False
 
 
-def _error_body(message: str, error_type: str, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": error_type, "param": None, "code": code}}
+_NORMAL: Final = _Behaviour()
+
+
+class _StreamCut(Exception):
+    """Raised inside the app to make uvicorn drop the connection mid-response.
+
+    ASGI has no "abort" message; an exception after the response started is the one way to get
+    uvicorn to close the transport without the terminating chunk, which is what a crashed
+    upstream looks like to a client.
+    """
+
+
+class _HideStreamCuts(logging.Filter):
+    """Drops uvicorn's "Exception in ASGI application" record for scripted cuts only, so a
+    scripted fault does not look like a crash in the test output."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, _StreamCut)
+
+
+_uvicorn_error_logger = logging.getLogger("uvicorn.error")
+if not any(isinstance(f, _HideStreamCuts) for f in _uvicorn_error_logger.filters):
+    _uvicorn_error_logger.addFilter(_HideStreamCuts())
+
+
+class _RequestError(Exception):
+    """A request the fake rejects the way OpenAI would (400 invalid_request_error)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+def _error_body(
+    message: str, error_type: str, *, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """OpenAI's error envelope."""
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def _scripted_error_body(status: int) -> dict[str, Any]:
+    # Types and codes as OpenAI uses them, so client code that branches on them is exercised.
+    if status == 429:
+        return _error_body(
+            "Rate limit reached (scripted by the fake provider).",
+            "requests",
+            code="rate_limit_exceeded",
+        )
+    if status == 401:
+        return _error_body(
+            "Incorrect API key provided.", "invalid_request_error", code="invalid_api_key"
+        )
+    if status >= 500:
+        return _error_body(
+            f"The server had an error while processing your request (scripted {status}).",
+            "server_error",
+        )
+    return _error_body(f"Scripted failure {status}.", "invalid_request_error")
 
 
 class FakeProvider:
-    """An OpenAI-compatible upstream on 127.0.0.1 at a free port, served from a thread.
+    """An OpenAI-compatible upstream on 127.0.0.1 at a free port, served by uvicorn in a thread.
 
-    `base_url` is what a catalog route points at. Scripted faults queue up and are consumed,
-    one per request, in order.
+    Use `start()`/`stop()` or a `with` block; point clients at `base_url`. Every request is
+    appended to `calls`. Scripted behaviours (`fail_next`, `delay_next`, `cut_stream_after`,
+    `omit_usage_next`) queue up and are consumed one per request, in order, whatever the
+    request is; requests that find the queue empty get a normal answer.
+
+    Two settings apply to every request until `reset()`: `latency` (seconds before the first
+    byte, added to any scripted delay) and `reported_usage` (a (prompt, completion) pair to report
+    instead of the computed usage, for tests that need specific token counts).
+    `chunk_interval` is the pause between stream chunks.
     """
 
     def __init__(self, *, chunk_interval: float = 0.0) -> None:
+        """Create a stopped provider; `chunk_interval` seconds separate streamed chunks."""
         self.chunk_interval = chunk_interval
-        # Every response waits this long before its first byte (on top of scripted delays).
         self.latency = 0.0
-        # When set, every response reports these (prompt, completion) tokens as its usage.
         self.reported_usage: tuple[int, int] | None = None
         self.calls: list[RecordedCall] = []
-        self._faults: deque[_Fault] = deque()
+        # The app runs on the server thread's event loop while tests script from the main
+        # thread: the queue and the call list are only touched under this lock.
         self._lock = threading.Lock()
-        self._server = ThreadedServer(self._app)
+        self._script: deque[_Behaviour] = deque()
+        self._server: ThreadedServer | None = None
 
-    # --- life cycle -------------------------------------------------------------------------
+    # --- life cycle ---------------------------------------------------------------------------
 
     def start(self) -> FakeProvider:
-        self._server.start()
+        """Serve on a free port in a daemon thread; returns once connections are accepted."""
+        if self._server is not None:
+            raise RuntimeError("the fake provider is already running")
+        self._server = ThreadedServer(self._app).start()
         return self
 
     def stop(self) -> None:
-        self._server.stop()
+        """Shut the server down and wait for its thread; a no-op when not running."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.stop()
 
     def __enter__(self) -> FakeProvider:
         return self.start()
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
     @property
     def base_url(self) -> str:
+        """`http://127.0.0.1:<port>/v1`, the value for an OpenAI client's `base_url`."""
+        if self._server is None:
+            raise RuntimeError("the fake provider is not running; call start() first")
         return f"{self._server.url}/v1"
 
     def reset(self) -> None:
-        """Forget recorded calls, pending faults and settings changed by a test."""
+        """Forget recorded calls and pending scripted behaviours; restore latency and usage."""
         with self._lock:
             self.calls.clear()
-            self._faults.clear()
+            self._script.clear()
             self.latency = 0.0
             self.reported_usage = None
 
-    # --- scripting --------------------------------------------------------------------------
+    # --- scripting ------------------------------------------------------------------------
 
     def fail_next(
         self,
@@ -127,92 +261,124 @@ class FakeProvider:
         headers: dict[str, str] | None = None,
         times: int = 1,
     ) -> None:
-        """The next `times` requests answer `status` (OpenAI error shape unless `body`)."""
+        """The next `times` requests get `status` with `body` (OpenAI's error shape when None)
+        and the extra `headers`, e.g. `fail_next(429, headers={"Retry-After": "1"})`."""
+        behaviour = _Behaviour(status=status, body=body, headers=dict(headers or {}))
         with self._lock:
-            for _ in range(times):
-                self._faults.append(_Fault(status=status, body=body, headers=headers or {}))
+            self._script.extend([behaviour] * times)
 
     def delay_next(self, seconds: float) -> None:
-        """The next request waits `seconds` before its first byte."""
+        """The next request waits `seconds` before the first byte of its response."""
         with self._lock:
-            self._faults.append(_Fault(delay_seconds=seconds))
+            self._script.append(_Behaviour(delay_seconds=seconds))
 
     def cut_stream_after(self, chunks: int) -> None:
-        """The next stream drops the connection after `chunks` content chunks."""
+        """The next request, if it streams, loses its connection right after `chunks` content
+        chunks: no finish chunk, no usage chunk, no `[DONE]`."""
         with self._lock:
-            self._faults.append(_Fault(cut_after_chunks=chunks))
+            self._script.append(_Behaviour(cut_after_chunks=chunks))
 
     def omit_usage_next(self) -> None:
-        """The next stream ends without a usage chunk, even when include_usage was asked."""
+        """The next request, if it streams, ends without the usage chunk even when
+        `stream_options.include_usage` asked for it (the stream is otherwise complete)."""
         with self._lock:
-            self._faults.append(_Fault(omit_usage=True))
+            self._script.append(_Behaviour(omit_usage=True))
 
-    # --- the ASGI application ---------------------------------------------------------------
+    # --- the ASGI application -------------------------------------------------------------
 
     async def _app(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        raw = b""
+        raw = bytearray()
         while True:
             message = await receive()
+            if message["type"] == "http.disconnect":
+                return
             raw += message.get("body", b"")
             if not message.get("more_body"):
                 break
+        method: str = scope["method"]
+        path: str = scope["path"]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        try:
-            body = json.loads(raw) if raw else None
-        except ValueError:
-            body = None
-            if scope["method"] == "POST":
-                await _send_json(
-                    send, 400, _error_body("Invalid JSON body.", "invalid_request_error")
-                )
-                return
+        invalid_json = False
+        body: Any = None
+        if raw:
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                invalid_json = True
         with self._lock:
-            self.calls.append(RecordedCall(scope["method"], scope["path"], headers, body))
-            fault = self._faults.popleft() if self._faults else _Fault()
+            self.calls.append(RecordedCall(method, path, headers, body))
+            behaviour = self._script.popleft() if self._script else _NORMAL
 
-        if fault.delay_seconds or self.latency:
-            await asyncio.sleep(fault.delay_seconds + self.latency)
-        if fault.status is not None:
-            error = fault.body or _error_body(f"Scripted failure {fault.status}.", "server_error")
-            await _send_json(send, fault.status, error, fault.headers)
+        delay = behaviour.delay_seconds + self.latency
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if behaviour.status is not None:
+            error = (
+                behaviour.body
+                if behaviour.body is not None
+                else (_scripted_error_body(behaviour.status))
+            )
+            await _send_json(send, behaviour.status, error, behaviour.headers)
             return
-        if not headers.get("authorization", "").removeprefix("Bearer ").strip():
+        # The same order as OpenAI: authentication, then routing, then the body.
+        if not _has_bearer_token(headers.get("authorization", "")):
             await _send_json(
                 send,
                 401,
-                _error_body("Missing API key.", "invalid_request_error", "invalid_api_key"),
+                _error_body(
+                    "You didn't provide an API key. Provide it in the Authorization header "
+                    "(Authorization: Bearer YOUR_KEY).",
+                    "invalid_request_error",
+                ),
             )
             return
-
-        route = (scope["method"], scope["path"])
-        if route == ("POST", "/v1/chat/completions") and isinstance(body, dict):
-            if body.get("stream"):
-                await self._stream_chat(send, body, fault)
-            else:
-                await _send_json(send, 200, _chat_completion(body, self.reported_usage))
-        elif route == ("POST", "/v1/embeddings") and isinstance(body, dict):
-            await _send_json(send, 200, _embeddings(body))
-        elif route == ("GET", "/v1/models"):
-            models = [{"id": "fake-small", "object": "model", "created": 0, "owned_by": "fake"}]
-            await _send_json(send, 200, {"object": "list", "data": models})
-        else:
+        route = (method, path)
+        if route not in _ROUTES:
             await _send_json(
-                send, 404, _error_body(f"Unknown path {scope['path']}", "invalid_request_error")
+                send, 404, _error_body(f"Invalid URL ({method} {path})", "invalid_request_error")
+            )
+            return
+        if invalid_json:
+            await _send_json(
+                send,
+                400,
+                _error_body(
+                    "We could not parse the JSON body of your request.", "invalid_request_error"
+                ),
+            )
+            return
+        try:
+            if route == ("GET", "/v1/models"):
+                await _send_json(send, 200, _models())
+            elif route == ("POST", "/v1/embeddings"):
+                await _send_json(send, 200, _embeddings(_json_object(body)))
+            else:
+                request = _chat_request(_json_object(body))
+                if request.stream:
+                    await self._stream_chat(send, request, behaviour)
+                else:
+                    await _send_json(send, 200, _chat_completion(request, self.reported_usage))
+        except _RequestError as error:
+            await _send_json(
+                send,
+                400,
+                _error_body(error.message, "invalid_request_error", param=error.param),
             )
 
-    async def _stream_chat(self, send: Send, body: dict[str, Any], fault: _Fault) -> None:
-        messages = body.get("messages") or []
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
-        words = reply_for(messages, max_tokens).split()
-        base = {
+    async def _stream_chat(self, send: Send, request: _ChatRequest, behaviour: _Behaviour) -> None:
+        words = reply_for(request.messages, request.max_tokens).split()
+        base: dict[str, Any] = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion.chunk",
             "created": int(time.time()),
-            "model": body.get("model"),
+            "model": request.model,
             "system_fingerprint": None,
         }
+        if request.include_usage:
+            # OpenAI: with include_usage every chunk carries `usage`, null except the last.
+            base["usage"] = None
         await send(
             {
                 "type": "http.response.start",
@@ -220,12 +386,19 @@ class FakeProvider:
                 "headers": [
                     (b"content-type", b"text/event-stream"),
                     (b"cache-control", b"no-cache"),
+                    (b"x-request-id", f"req_{uuid.uuid4().hex}".encode()),
                 ],
             }
         )
+        first = True
 
-        async def event(payload: Any) -> None:
-            data = payload if isinstance(payload, str) else json.dumps(payload)
+        async def event(data: str) -> None:
+            # One ASGI send per event: uvicorn writes each to the socket at once, so the client
+            # sees chunks as they are produced rather than all at the end.
+            nonlocal first
+            if not first and self.chunk_interval > 0:
+                await asyncio.sleep(self.chunk_interval)
+            first = False
             await send(
                 {
                     "type": "http.response.body",
@@ -233,109 +406,166 @@ class FakeProvider:
                     "more_body": True,
                 }
             )
-            if self.chunk_interval:
-                await asyncio.sleep(self.chunk_interval)
 
+        def chunk(delta: dict[str, Any], finish_reason: str | None) -> str:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            return json.dumps({**base, "choices": [choice]})
+
+        cut = behaviour.cut_after_chunks
+        if not words:
+            # Nothing to say (max_tokens=0): still announce the role, as OpenAI does.
+            await event(chunk({"role": "assistant", "content": ""}, None))
         for index, word in enumerate(words):
-            if fault.cut_after_chunks is not None and index >= fault.cut_after_chunks:
-                # Abruptly end the response mid-stream: uvicorn closes the connection.
-                raise ConnectionAbortedError("scripted stream cut")
+            if cut is not None and index >= cut:
+                raise _StreamCut
             delta: dict[str, Any] = {"content": word if index == 0 else f" {word}"}
             if index == 0:
-                delta["role"] = "assistant"
-            await event(
-                {
-                    **base,
-                    "choices": [
-                        {"index": 0, "delta": delta, "finish_reason": None, "logprobs": None}
-                    ],
-                }
-            )
-        finish = "length" if max_tokens is not None and len(words) >= max_tokens else "stop"
-        await event(
-            {
-                **base,
-                "choices": [{"index": 0, "delta": {}, "finish_reason": finish, "logprobs": None}],
-            }
-        )
-        if (body.get("stream_options") or {}).get("include_usage") and not fault.omit_usage:
-            await event({**base, "choices": [], "usage": _usage(messages, len(words))})
+                delta = {"role": "assistant", **delta}
+            await event(chunk(delta, None))
+        if cut is not None:
+            raise _StreamCut
+        await event(chunk({}, finish_reason_for(request.messages, request.max_tokens)))
+        if request.include_usage and not behaviour.omit_usage:
+            usage = _usage(request.messages, len(words), self.reported_usage)
+            await event(json.dumps({**base, "choices": [], "usage": usage}))
         await event("[DONE]")
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-def _usage(messages: Any, completion_tokens: int) -> dict[str, int]:
-    prompt_tokens = count_prompt_tokens(messages)
+_ROUTES: Final = frozenset(
+    {("POST", "/v1/chat/completions"), ("POST", "/v1/embeddings"), ("GET", "/v1/models")}
+)
+
+
+def _has_bearer_token(authorization: str) -> bool:
+    scheme, _, token = authorization.strip().partition(" ")
+    return scheme.lower() == "bearer" and bool(token.strip())
+
+
+def _json_object(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise _RequestError("The request body must be a JSON object.")
+    return body
+
+
+@dataclass(frozen=True)
+class _ChatRequest:
+    model: str
+    messages: list[dict[str, Any]]
+    max_tokens: int | None
+    stream: bool
+    include_usage: bool
+
+
+def _chat_request(body: dict[str, Any]) -> _ChatRequest:
+    """Validate what the fake relies on, with OpenAI's messages and `param` names."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _RequestError("you must provide a model parameter", "model")
+    messages = body.get("messages")
+    if (
+        not isinstance(messages, list)
+        or not messages
+        or not all(isinstance(m, dict) for m in messages)
+    ):
+        raise _RequestError("'messages' must be a non-empty array of objects.", "messages")
+    max_tokens: int | None = None
+    # max_completion_tokens is the newer name; it wins when both are present.
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = body.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise _RequestError(f"'{name}' must be a non-negative integer.", name)
+        max_tokens = value
+        break
+    stream_options = body.get("stream_options")
+    include_usage = isinstance(stream_options, dict) and bool(stream_options.get("include_usage"))
+    return _ChatRequest(model, messages, max_tokens, bool(body.get("stream")), include_usage)
+
+
+def _usage(
+    messages: Sequence[Mapping[str, Any]],
+    completion_tokens: int,
+    reported: tuple[int, int] | None = None,
+) -> dict[str, int]:
+    prompt, completion = reported or (count_prompt_tokens(messages), completion_tokens)
     return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
     }
 
 
 def _chat_completion(
-    body: dict[str, Any], reported_usage: tuple[int, int] | None = None
+    request: _ChatRequest, reported_usage: tuple[int, int] | None
 ) -> dict[str, Any]:
-    messages = body.get("messages") or []
-    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
-    reply = reply_for(messages, max_tokens)
-    words = len(reply.split())
+    reply = reply_for(request.messages, request.max_tokens)
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion",
         "created": int(time.time()),
-        "model": body.get("model"),
+        "model": request.model,
         "choices": [
             {
                 "index": 0,
                 "message": {"role": "assistant", "content": reply, "refusal": None},
-                "finish_reason": "length"
-                if max_tokens is not None and words >= max_tokens
-                else "stop",
+                "finish_reason": finish_reason_for(request.messages, request.max_tokens),
                 "logprobs": None,
             }
         ],
-        "usage": (
-            _usage(messages, words)
-            if reported_usage is None
-            else {
-                "prompt_tokens": reported_usage[0],
-                "completion_tokens": reported_usage[1],
-                "total_tokens": sum(reported_usage),
-            }
-        ),
+        "usage": _usage(request.messages, len(reply.split()), reported_usage),
         "system_fingerprint": None,
     }
 
 
 def _embeddings(body: dict[str, Any]) -> dict[str, Any]:
-    inputs = body.get("input")
-    texts = [inputs] if isinstance(inputs, str) else list(inputs or [])
-    data = [
-        {
-            "object": "embedding",
-            "index": i,
-            "embedding": [((len(str(text)) + k) % 7) / 7 for k in range(8)],
-        }
-        for i, text in enumerate(texts)
-    ]
-    tokens = sum(len(str(text).split()) for text in texts)
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _RequestError("you must provide a model parameter", "model")
+    given = body.get("input")
+    texts = [given] if isinstance(given, str) else given
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise _RequestError("'input' must be a string or a non-empty array of strings.", "input")
+    tokens = sum(len(text.split()) for text in texts)
     return {
         "object": "list",
-        "data": data,
-        "model": body.get("model"),
+        "data": [
+            {"object": "embedding", "index": index, "embedding": embedding_for(text)}
+            for index, text in enumerate(texts)
+        ],
+        "model": model,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }
 
 
+def _models() -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": [
+            {"id": model, "object": "model", "created": 1_700_000_000, "owned_by": "fake-provider"}
+            for model in MODELS
+        ],
+    }
+
+
 async def _send_json(
-    send: Send, status: int, payload: Any, headers: dict[str, str] | None = None
+    send: Send, status: int, payload: Any, headers: Mapping[str, str] | None = None
 ) -> None:
     raw = json.dumps(payload).encode()
-    header_list = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(raw)).encode()),
-    ]
-    header_list += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": header_list})
-    await send({"type": "http.response.body", "body": raw})
+    extra = {name.lower(): value for name, value in (headers or {}).items()}
+    # Scripted headers may override the defaults (e.g. a non-JSON content-type).
+    merged = {
+        "content-type": "application/json",
+        "x-request-id": f"req_{uuid.uuid4().hex}",
+        **extra,
+        "content-length": str(len(raw)),
+    }
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(name.encode(), value.encode()) for name, value in merged.items()],
+        }
+    )
+    await send({"type": "http.response.body", "body": raw, "more_body": False})
