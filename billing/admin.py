@@ -6,7 +6,15 @@ from typing import Any
 from django.contrib import admin
 from django.http import HttpRequest
 
-from billing.models import Account, LedgerTransaction, Posting, UsageRecord
+from billing.models import (
+    Account,
+    KeySpend,
+    LedgerTransaction,
+    Posting,
+    Reservation,
+    SpendCap,
+    UsageRecord,
+)
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -63,3 +71,25 @@ class UsageRecordAdmin(ReadOnlyAdmin):
     list_filter = ("status", "usage_source", "provider")
     search_fields = ("request_id", "organization__slug", "model")
     date_hierarchy = "created_at"
+
+
+@admin.register(Reservation)
+class ReservationAdmin(ReadOnlyAdmin):
+    list_display = ("request_id", "organization", "api_key", "amount_usd", "state", "created_at")
+    list_filter = ("state",)
+    search_fields = ("request_id", "organization__slug")
+
+
+@admin.register(SpendCap)
+class SpendCapAdmin(admin.ModelAdmin):
+    """Operators set a key's spend cap here; the gateway picks it up within seconds."""
+
+    list_display = ("api_key", "amount_usd", "window")
+    list_filter = ("window",)
+    search_fields = ("api_key__prefix", "api_key__name", "api_key__organization__slug")
+    raw_id_fields = ("api_key",)
+
+
+@admin.register(KeySpend)
+class KeySpendAdmin(ReadOnlyAdmin):
+    list_display = ("api_key", "window_start", "spent_usd", "reserved_usd")

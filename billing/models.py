@@ -81,6 +81,8 @@ class Reservation(models.Model):
     )
     api_key = models.ForeignKey("portal.ApiKey", on_delete=models.PROTECT, related_name="+")
     amount_usd = usd_field()  # USD held on the wallet while `held`
+    # Set when the key has a spend cap: the KeySpend window that holds the amount too.
+    spend_window_start = models.DateTimeField(null=True, blank=True)
     state = models.CharField(max_length=8, choices=State.choices, default=State.HELD)
     created_at = models.DateTimeField(auto_now_add=True)
     resolved_at = models.DateTimeField(null=True, blank=True)
@@ -92,6 +94,43 @@ class Reservation(models.Model):
 
     def __str__(self) -> str:
         return f"{self.request_id} ({self.state})"
+
+
+class SpendCap(models.Model):
+    """The most one API key may spend per window, enforced exactly like the wallet: a request is
+    admitted only if the window's spend plus its holds plus its worst case fits the cap."""
+
+    class Window(models.TextChoices):
+        DAY = "day", "per day (UTC)"
+        WEEK = "week", "per week (from Monday, UTC)"
+        MONTH = "month", "per calendar month (UTC)"
+        TOTAL = "total", "in total (never resets)"
+
+    api_key = models.OneToOneField(
+        "portal.ApiKey", on_delete=models.CASCADE, related_name="spend_cap"
+    )
+    amount_usd = usd_field()  # USD per window
+    window = models.CharField(max_length=8, choices=Window.choices, default=Window.MONTH)
+
+    def __str__(self) -> str:
+        return f"{self.amount_usd} USD {self.get_window_display()}"
+
+
+class KeySpend(models.Model):
+    """What a capped key has spent, and holds, in one window of its cap."""
+
+    api_key = models.ForeignKey("portal.ApiKey", on_delete=models.PROTECT, related_name="+")
+    window_start = models.DateTimeField()
+    spent_usd = usd_field(default=ZERO_USD)  # USD charged in this window
+    reserved_usd = usd_field(default=ZERO_USD)  # USD held by this key's open reservations
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["api_key", "window_start"], name="one_spend_per_window")
+        ]
+
+    def __str__(self) -> str:
+        return f"key #{self.api_key_id} from {self.window_start:%Y-%m-%d}: {self.spent_usd} USD"
 
 
 class LedgerTransaction(models.Model):

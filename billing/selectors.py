@@ -9,7 +9,7 @@ from django.db.models import Count, F, Q, Sum
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from billing.models import Account, LedgerTransaction, Reservation, UsageRecord
+from billing.models import Account, KeySpend, LedgerTransaction, Reservation, UsageRecord
 from billing.money import ZERO_USD
 
 
@@ -38,6 +38,7 @@ def ledger_violations(*, held_longer_than: timedelta) -> list[str]:
     - each ledger transaction has postings, and they sum to zero;
     - each account's balance equals the sum of its postings;
     - each wallet's reserved amount equals its held reservations, and is not negative;
+    - each key's spend window holds exactly its held reservations;
     - no reservation has been held longer than the sweeper's bound;
     - each usage record's cost is exactly what its transaction took from the wallet.
     """
@@ -75,6 +76,24 @@ def ledger_violations(*, held_longer_than: timedelta) -> list[str]:
         if reserved != held or reserved < ZERO_USD:
             violations.append(
                 f"wallet #{pk}: reserved {reserved} but its held reservations total {held}"
+            )
+    held_by_window = {
+        (api_key_id, window_start): total
+        for api_key_id, window_start, total in Reservation.objects.filter(
+            state=Reservation.State.HELD, spend_window_start__isnull=False
+        )
+        .values("api_key_id", "spend_window_start")
+        .annotate(total=Sum("amount_usd"))
+        .values_list("api_key_id", "spend_window_start", "total")
+    }
+    for api_key_id, window_start, reserved in KeySpend.objects.values_list(
+        "api_key_id", "window_start", "reserved_usd"
+    ):
+        held = held_by_window.get((api_key_id, window_start), ZERO_USD)
+        if reserved != held:
+            violations.append(
+                f"key #{api_key_id} spend window {window_start:%Y-%m-%d}: reserved {reserved} "
+                f"but its held reservations total {held}"
             )
     cutoff = timezone.now() - held_longer_than
     violations += [

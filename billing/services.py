@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from django.db import IntegrityError, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from billing.models import Account, LedgerTransaction, Posting, Reservation, UsageRecord
+from billing.models import (
+    Account,
+    KeySpend,
+    LedgerTransaction,
+    Posting,
+    Reservation,
+    SpendCap,
+    UsageRecord,
+)
 from billing.money import ZERO_USD, Price, usage_cost_usd
 from portal.models import ApiKey, Organization
 
@@ -24,6 +32,41 @@ class BillingError(Exception):
 
 class InsufficientCredit(BillingError):
     """The wallet's available credit does not cover the request's worst-case cost."""
+
+
+class SpendCapExceeded(BillingError):
+    """The key's spend in this window, plus the request's worst case, would pass its cap."""
+
+    def __init__(self, message: str, *, resets_at: datetime | None) -> None:
+        super().__init__(message)
+        self.resets_at = resets_at
+
+
+@dataclass(frozen=True, slots=True)
+class CapTerms:
+    """An API key's spend cap, as the gateway caches it with the key."""
+
+    amount_usd: Decimal
+    window: SpendCap.Window
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def spend_window_bounds(window: SpendCap.Window, now: datetime) -> tuple[datetime, datetime | None]:
+    """The UTC start of the cap window containing `now`, and when it ends (None: never)."""
+    now = now.astimezone(UTC)
+    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    if window == SpendCap.Window.DAY:
+        return day, day + timedelta(days=1)
+    if window == SpendCap.Window.WEEK:
+        start = day - timedelta(days=day.weekday())
+        return start, start + timedelta(weeks=1)
+    if window == SpendCap.Window.MONTH:
+        start = day.replace(day=1)
+        following = (start + timedelta(days=32)).replace(day=1)
+        return start, following
+    return _EPOCH, None
 
 
 def _system_account(kind: Account.Kind) -> Account:
@@ -101,17 +144,38 @@ def credit_clawback(
 
 
 def credit_reserve(
-    *, request_id: str, organization_id: int, api_key_id: int, amount_usd: Decimal
+    *,
+    request_id: str,
+    organization_id: int,
+    api_key_id: int,
+    amount_usd: Decimal,
+    spend_cap: CapTerms | None = None,
+    now: datetime | None = None,
 ) -> Reservation:
-    """Hold `amount_usd` of the organisation's wallet for a request, or raise InsufficientCredit.
+    """Hold `amount_usd` of the organisation's wallet (and of the key's spend cap, if it has
+    one) for a request; raises InsufficientCredit or SpendCapExceeded when it does not fit.
 
-    The hold is one conditional UPDATE (`available >= amount`): the database serialises
-    concurrent holds on the wallet row and re-checks the condition against the committed
-    balance, so no mix of processes and requests can hold more than the wallet has.
+    Each hold is one conditional UPDATE (`available >= amount`): the database serialises
+    concurrent holds on the row and re-checks the condition against the committed values, so
+    no mix of processes and requests can hold more than the wallet (or the cap) allows.
     """
     if amount_usd < ZERO_USD:
         raise BillingError("a reservation cannot be negative")
+    window_start = None
     with transaction.atomic():
+        if spend_cap is not None:
+            window_start, resets_at = spend_window_bounds(spend_cap.window, now or timezone.now())
+            KeySpend.objects.get_or_create(api_key_id=api_key_id, window_start=window_start)
+            fits = (
+                KeySpend.objects.filter(api_key_id=api_key_id, window_start=window_start)
+                .alias(used=F("spent_usd") + F("reserved_usd"))
+                .filter(used__lte=spend_cap.amount_usd - amount_usd)
+                .update(reserved_usd=F("reserved_usd") + amount_usd)
+            )
+            if fits != 1:
+                raise SpendCapExceeded(
+                    "this key's spend cap does not cover this request", resets_at=resets_at
+                )
         held = (
             Account.objects.filter(organization_id=organization_id, kind=Account.Kind.WALLET)
             .alias(available=F("balance_usd") - F("reserved_usd"))
@@ -125,23 +189,25 @@ def credit_reserve(
             organization_id=organization_id,
             api_key_id=api_key_id,
             amount_usd=amount_usd,
+            spend_window_start=window_start,
         )
 
 
-def _release(*, request_id: str, state: Reservation.State) -> bool:
-    """Move a held reservation to `state` and give its hold back to the wallet, exactly once.
+def _release(*, request_id: str, state: Reservation.State, spent_usd: Decimal = ZERO_USD) -> bool:
+    """Move a held reservation to `state` and give its hold back to the wallet (and to the
+    key's spend window, which is charged `spent_usd`), exactly once.
 
     Returns False when it was not held (already settled or voided, or never made). Must run
     inside `transaction.atomic()`.
     """
     held = (
         Reservation.objects.filter(request_id=request_id, state=Reservation.State.HELD)
-        .values_list("organization_id", "amount_usd")
+        .values_list("organization_id", "amount_usd", "api_key_id", "spend_window_start")
         .first()
     )
     if held is None:
         return False
-    organization_id, amount_usd = held
+    organization_id, amount_usd, api_key_id, window_start = held
     # The conditional UPDATE is the claim: of two concurrent resolvers, the second waits on
     # the row lock, re-checks `state = held` against the committed row and changes nothing.
     claimed = Reservation.objects.filter(
@@ -149,6 +215,10 @@ def _release(*, request_id: str, state: Reservation.State) -> bool:
     ).update(state=state, resolved_at=timezone.now())
     if claimed != 1:
         return False
+    if window_start is not None:
+        KeySpend.objects.filter(api_key_id=api_key_id, window_start=window_start).update(
+            reserved_usd=F("reserved_usd") - amount_usd, spent_usd=F("spent_usd") + spent_usd
+        )
     Account.objects.filter(organization_id=organization_id, kind=Account.Kind.WALLET).update(
         reserved_usd=F("reserved_usd") - amount_usd
     )
@@ -221,6 +291,17 @@ def usage_settle(*, metered: MeteredRequest) -> UsageRecord:
     )
     try:
         with transaction.atomic():
+            # Rows are locked in the order credit_reserve locks them (spend window, then
+            # wallet), so a settle and a reserve on the same key never deadlock.
+            _release(
+                request_id=metered.request_id,
+                state=(
+                    Reservation.State.SETTLED
+                    if metered.status == UsageRecord.Status.OK
+                    else Reservation.State.VOIDED
+                ),
+                spent_usd=cost_usd,
+            )
             entry = None
             if cost_usd > ZERO_USD:
                 wallet = wallet_get_or_create(organization_id=metered.organization_id)
@@ -229,14 +310,6 @@ def usage_settle(*, metered: MeteredRequest) -> UsageRecord:
                     memo=f"{metered.model} request {metered.request_id}",
                     legs=[(wallet, -cost_usd), (_system_account(Account.Kind.REVENUE), cost_usd)],
                 )
-            _release(
-                request_id=metered.request_id,
-                state=(
-                    Reservation.State.SETTLED
-                    if metered.status == UsageRecord.Status.OK
-                    else Reservation.State.VOIDED
-                ),
-            )
             record = UsageRecord.objects.create(
                 request_id=metered.request_id,
                 organization_id=metered.organization_id,

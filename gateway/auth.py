@@ -10,18 +10,50 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from datetime import datetime
 
 from django.conf import settings
+from django.utils import timezone
 
+from billing.models import SpendCap
+from billing.services import CapTerms
 from gateway.errors import InvalidApiKey
+from gateway.limits import NO_LIMITS, RateLimits
 from portal import api_keys
-from portal.selectors import api_key_find
+from portal.models import ApiKey
 
 
 @dataclass(frozen=True, slots=True)
 class Caller:
     api_key_id: int
     organization_id: int
+    limits: RateLimits = NO_LIMITS
+    allowed_models: frozenset[str] = frozenset()  # empty: every model
+    expires_at: datetime | None = None
+    spend_cap: CapTerms | None = None
+
+    def may_use(self, model: str) -> bool:
+        return not self.allowed_models or model in self.allowed_models
+
+
+def _caller_from(key: ApiKey) -> Caller:
+    cap: SpendCap | None = getattr(key, "spend_cap", None)
+    return Caller(
+        api_key_id=key.pk,
+        organization_id=key.organization_id,
+        limits=RateLimits(
+            requests_per_minute=key.requests_per_minute,
+            tokens_per_minute=key.tokens_per_minute,
+            max_concurrent_requests=key.max_concurrent_requests,
+        ),
+        allowed_models=frozenset(str(name) for name in key.allowed_models or ()),
+        expires_at=key.expires_at,
+        spend_cap=(
+            CapTerms(amount_usd=cap.amount_usd, window=SpendCap.Window(cap.window))
+            if cap is not None
+            else None
+        ),
+    )
 
 
 # hash -> (expires at, caller or None for unknown/revoked keys)
@@ -46,17 +78,15 @@ async def authenticate(raw_key: str) -> Caller:
     if cached is not None and cached[0] > now:
         caller = cached[1]
     else:
-        key = await api_key_find(hashed_key=hashed)
-        caller = (
-            Caller(api_key_id=key.pk, organization_id=key.organization_id)
-            if key is not None and not key.is_revoked
-            else None
-        )
+        key = await ApiKey.objects.select_related("spend_cap").filter(hashed_key=hashed).afirst()
+        caller = _caller_from(key) if key is not None and not key.is_revoked else None
         if len(_cache) >= _CACHE_MAX_ENTRIES:
             _cache.clear()
         _cache[hashed] = (now + settings.GATEWAY_KEY_CACHE_SECONDS, caller)
     if caller is None:
         raise InvalidApiKey("Invalid API key, or the key has been revoked.")
+    if caller.expires_at is not None and caller.expires_at <= timezone.now():
+        raise InvalidApiKey("This API key has expired.")
     return caller
 
 

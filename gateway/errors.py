@@ -19,6 +19,10 @@ class GatewayError(Exception):
         self.message = message
         self.param = param
 
+    @property
+    def headers(self) -> dict[str, str]:
+        return {}
+
 
 class InvalidRequest(GatewayError):
     status = 400
@@ -36,6 +40,38 @@ class PaymentRequired(GatewayError):
     status = 402
     type = "insufficient_quota"
     code = "insufficient_credit"
+
+
+class SpendCapReached(GatewayError):
+    status = 402
+    type = "insufficient_quota"
+    code = "spend_cap_reached"
+
+
+class ModelNotAllowed(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "model_not_allowed"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after_seconds: int) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = max(1, retry_after_seconds)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_seconds)}
+
+
+class ServiceUnavailable(GatewayError):
+    status = 503
+    type = "api_error"
+    code = "service_unavailable"
 
 
 class ModelNotFound(GatewayError):
@@ -80,5 +116,5 @@ def error_response(error: GatewayError, *, request_id: str) -> JsonResponse:
             }
         },
         status=error.status,
-        headers={"x-request-id": request_id},
+        headers={"x-request-id": request_id, **error.headers},
     )

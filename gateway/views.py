@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 import uuid
+from decimal import Decimal
 
 from asgiref.sync import sync_to_async
 from django.http import HttpRequest, HttpResponse, JsonResponse
@@ -16,6 +17,7 @@ from billing.money import format_usd, usage_cost_usd
 from billing.services import (
     InsufficientCredit,
     MeteredRequest,
+    SpendCapExceeded,
     credit_reserve,
     reservation_void,
     usage_settle,
@@ -24,12 +26,15 @@ from gateway.auth import Caller, authenticate, bearer_token
 from gateway.errors import (
     GatewayError,
     MethodNotAllowed,
+    ModelNotAllowed,
     ModelNotFound,
     PaymentRequired,
+    SpendCapReached,
     UnknownEndpoint,
     UpstreamFailed,
     error_response,
 )
+from gateway.limits import limits_admit, limits_release
 from gateway.metering import cap_max_tokens, worst_case
 from gateway.providers import TokenUsage
 from gateway.requests import chat_request, read_json_body
@@ -52,38 +57,49 @@ def _new_request_id() -> str:
 async def chat_completions(request: HttpRequest) -> HttpResponse:
     """POST /v1/chat/completions (non-streaming)."""
     request_id = _new_request_id()
-    started = time.monotonic()
     try:
-        if request.method != "POST":
-            raise MethodNotAllowed("Use POST for /v1/chat/completions.")
-        # 1. Key
-        caller = await authenticate(bearer_token(request.headers.get("Authorization", "")))
-        # 2. Request
-        model_name, body = chat_request(read_json_body(request))
-        model = await catalog_model(model_name)
-        if model is None:
-            raise ModelNotFound(f"The model '{model_name}' does not exist.", param="model")
-        body, output_limit = cap_max_tokens(body, model)
+        return await _chat_completions(request, request_id)
+    except GatewayError as error:
+        return error_response(error, request_id=request_id)
+    except Exception:
+        # Never a traceback to the caller; the log has it, under the request id.
+        logger.exception("request %s failed", request_id)
+        return error_response(
+            GatewayError("The gateway failed to handle this request."), request_id=request_id
+        )
+
+
+async def _chat_completions(request: HttpRequest, request_id: str) -> HttpResponse:
+    started = time.monotonic()
+    if request.method != "POST":
+        raise MethodNotAllowed("Use POST for /v1/chat/completions.")
+    # 1. Key
+    caller = await authenticate(bearer_token(request.headers.get("Authorization", "")))
+    # 2. Request
+    model_name, body = chat_request(read_json_body(request))
+    model = await catalog_model(model_name)
+    if model is None:
+        raise ModelNotFound(f"The model '{model_name}' does not exist.", param="model")
+    if not caller.may_use(model.name):
+        raise ModelNotAllowed(f"This key may not use the model '{model.name}'.", param="model")
+    body, output_limit = cap_max_tokens(body, model)
+    # 3. Limits (released whatever happens next)
+    await limits_admit(api_key_id=caller.api_key_id, request_id=request_id, limits=caller.limits)
+    tokens_used = 0
+    try:
         # 4. Route
         chosen = choose_route(model)
         # 5. Reserve the worst case, or 402
         bound = worst_case(body=body, body_bytes=len(request.body), output_limit=output_limit)
-        try:
-            await _reserve(
-                request_id=request_id,
-                organization_id=caller.organization_id,
-                api_key_id=caller.api_key_id,
-                amount_usd=usage_cost_usd(
-                    price=model.price,
-                    input_tokens=bound.input_tokens,
-                    output_tokens=bound.output_tokens,
-                ),
-            )
-        except InsufficientCredit:
-            raise PaymentRequired(
-                "Your organisation's credit does not cover this request. Add credit, or lower "
-                "max_tokens."
-            ) from None
+        await _reserve_or_refuse(
+            request_id,
+            caller,
+            usage_cost_usd(
+                price=model.price,
+                input_tokens=bound.input_tokens,
+                output_tokens=bound.output_tokens,
+            ),
+        )
         # 6. Forward
         try:
             reply = await chosen.adapter.chat_completion(
@@ -98,19 +114,40 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
             raise
         # 7. Settle
         record = await _record(request_id, caller, model, chosen, started, reply.usage)
-    except GatewayError as error:
-        return error_response(error, request_id=request_id)
-    except Exception:
-        # Never a traceback to the caller; the log has it, under the request id.
-        logger.exception("request %s failed", request_id)
-        return error_response(
-            GatewayError("The gateway failed to handle this request."), request_id=request_id
+        tokens_used = reply.usage.input_tokens + reply.usage.output_tokens
+    finally:
+        await limits_release(
+            api_key_id=caller.api_key_id,
+            request_id=request_id,
+            limits=caller.limits,
+            tokens=tokens_used,
         )
     reply.body["model"] = model.name
     return JsonResponse(
         reply.body,
         headers={"x-request-id": request_id, "x-switchboard-cost-usd": format_usd(record.cost_usd)},
     )
+
+
+async def _reserve_or_refuse(request_id: str, caller: Caller, amount_usd: Decimal) -> None:
+    try:
+        await _reserve(
+            request_id=request_id,
+            organization_id=caller.organization_id,
+            api_key_id=caller.api_key_id,
+            amount_usd=amount_usd,
+            spend_cap=caller.spend_cap,
+        )
+    except InsufficientCredit:
+        raise PaymentRequired(
+            "Your organisation's credit does not cover this request. Add credit, or lower "
+            "max_tokens."
+        ) from None
+    except SpendCapExceeded as exc:
+        resets = f" It resets at {exc.resets_at:%Y-%m-%d %H:%M} UTC." if exc.resets_at else ""
+        raise SpendCapReached(
+            f"This key's spend cap does not cover this request.{resets}"
+        ) from None
 
 
 async def _record(

@@ -43,6 +43,22 @@ class ApiKeyAdmin(admin.ModelAdmin):
     list_filter = ("revoked_at",)
     search_fields = ("prefix", "name", "organization__slug")
     readonly_fields = ("prefix", "hashed_key", "created_by", "created_at", "last_used_at")
+    fieldsets = (
+        (None, {"fields": ("organization", "name", "prefix", "hashed_key", "created_by")}),
+        ("Use", {"fields": ("created_at", "last_used_at", "revoked_at")}),
+        (
+            "Limits (empty: none; the spend cap is under Billing › Spend caps)",
+            {
+                "fields": (
+                    "expires_at",
+                    "allowed_models",
+                    "requests_per_minute",
+                    "tokens_per_minute",
+                    "max_concurrent_requests",
+                )
+            },
+        ),
+    )
 
     actions = ("revoke_keys",)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from portal.models import ApiKey, Organization
+from portal.models import Organization
 
 
 class OrganizationNotFound(Exception):
@@ -14,8 +14,3 @@ def organization_get(*, slug: str) -> Organization:
         return Organization.objects.get(slug=slug)
     except Organization.DoesNotExist:
         raise OrganizationNotFound(f"no organisation with slug {slug!r}") from None
-
-
-async def api_key_find(*, hashed_key: str) -> ApiKey | None:
-    """The key with this hash (revoked or not), or None. One indexed query."""
-    return await ApiKey.objects.filter(hashed_key=hashed_key).afirst()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 
 import pytest
@@ -109,10 +109,22 @@ def catalog(fake_provider: FakeProvider, transactional_db: None) -> dict[str, ob
 
 
 @pytest.fixture
-def gateway_processes(
+def start_gateways(
     fake_provider: FakeProvider, transactional_db: None
-) -> Iterator[GatewayProcesses]:
-    """Four gateway processes sharing the test database and Redis (two cores: enough to race)."""
-    processes = GatewayProcesses(4).start()
-    yield processes
-    processes.stop()
+) -> Iterator[Callable[[int], GatewayProcesses]]:
+    """Start N gateway processes sharing the test database and Redis; stopped after the test."""
+    started: list[GatewayProcesses] = []
+
+    def start(count: int) -> GatewayProcesses:
+        started.append(GatewayProcesses(count).start())
+        return started[-1]
+
+    yield start
+    for processes in started:
+        processes.stop()
+
+
+@pytest.fixture
+def gateway_processes(start_gateways: Callable[[int], GatewayProcesses]) -> GatewayProcesses:
+    """Four gateway processes (on two cores: enough to race)."""
+    return start_gateways(4)

@@ -1,0 +1,144 @@
+"""Per-key limits: allowed models, expiry, requests and tokens per minute and concurrency,
+held across gateway processes through Redis (and in-process in the embedded mode)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import timedelta
+from decimal import Decimal
+
+import httpx
+import openai
+import pytest
+from django.utils import timezone
+
+from billing.models import Reservation, SpendCap
+from portal.models import ApiKey
+from tests.factories import make_key, make_org
+
+BODY = json.dumps(
+    {"model": "fake-small", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
+).encode()
+
+
+def limited_key(**limits: object) -> str:
+    api_key, secret = make_key(make_org())
+    ApiKey.objects.filter(pk=api_key.pk).update(**limits)
+    return secret
+
+
+async def _burst(urls: list[str], key: str, count: int) -> list[httpx.Response]:
+    async with httpx.AsyncClient(timeout=30) as client:
+        return await asyncio.gather(
+            *(
+                client.post(
+                    f"{urls[n % len(urls)]}/chat/completions",
+                    content=BODY,
+                    headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+                )
+                for n in range(count)
+            )
+        )
+
+
+def test_a_key_may_only_use_its_allowed_models(gateway_url, catalog, fake_provider):
+    key = limited_key(allowed_models=["some-other-model"])
+
+    with pytest.raises(openai.PermissionDeniedError) as caught:
+        openai.OpenAI(base_url=gateway_url, api_key=key, max_retries=0).chat.completions.create(
+            model="fake-small", messages=[{"role": "user", "content": "hi"}]
+        )
+
+    assert caught.value.code == "model_not_allowed"
+    assert fake_provider.calls == []
+
+
+def test_an_expired_key_gets_401(gateway_url, catalog, fake_provider):
+    key = limited_key(expires_at=timezone.now() - timedelta(seconds=1))
+
+    with pytest.raises(openai.AuthenticationError) as caught:
+        openai.OpenAI(base_url=gateway_url, api_key=key, max_retries=0).chat.completions.create(
+            model="fake-small", messages=[{"role": "user", "content": "hi"}]
+        )
+
+    assert "expired" in caught.value.message
+
+
+def test_requests_per_minute_hold_across_two_processes(start_gateways, catalog, fake_provider):
+    gateways = start_gateways(2)
+    key = limited_key(requests_per_minute=5)
+    bystander = limited_key(requests_per_minute=5)
+
+    responses = asyncio.run(_burst(gateways.urls, key, 12))
+
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [200] * 5 + [429] * 7
+    refused = next(r for r in responses if r.status_code == 429)
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    # Refused requests never reserved credit.
+    assert Reservation.objects.count() == 5
+    # Another key's budget is its own.
+    assert [r.status_code for r in asyncio.run(_burst(gateways.urls, bystander, 2))] == [200, 200]
+
+
+def test_concurrent_requests_hold_across_two_processes(start_gateways, catalog, fake_provider):
+    gateways = start_gateways(2)
+    fake_provider.latency = 1.0  # every admitted request stays in flight during the burst
+    key = limited_key(max_concurrent_requests=2)
+
+    statuses = sorted(r.status_code for r in asyncio.run(_burst(gateways.urls, key, 6)))
+
+    assert statuses == [200, 200, 429, 429, 429, 429]
+    # The slots are free again once the requests ended.
+    fake_provider.latency = 0.0
+    assert [r.status_code for r in asyncio.run(_burst(gateways.urls, key, 2))] == [200, 200]
+
+
+def test_tokens_per_minute_refuse_once_the_window_is_used(gateway_url, catalog, fake_provider):
+    key = limited_key(tokens_per_minute=10)
+    fake_provider.reported_usage = (8, 5)  # 13 tokens: more than the whole minute's budget
+
+    first, second = (asyncio.run(_burst([gateway_url], key, 1))[0] for _ in range(2))
+
+    assert first.status_code == 200
+    assert second.status_code == 429
+    assert "tokens per minute" in second.json()["error"]["message"]
+
+
+def test_the_embedded_mode_limits_in_process(gateway_url, catalog, fake_provider, settings):
+    settings.REDIS_URL = ""
+    key = limited_key(requests_per_minute=2)
+
+    statuses = [asyncio.run(_burst([gateway_url], key, 1))[0].status_code for _ in range(3)]
+
+    assert statuses == [200, 200, 429]
+
+
+def test_an_unreachable_redis_refuses_limited_keys_with_503(
+    gateway_url, catalog, fake_provider, settings
+):
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"
+    limited = limited_key(requests_per_minute=100)
+    unlimited = limited_key()
+
+    [refused] = asyncio.run(_burst([gateway_url], limited, 1))
+    [served] = asyncio.run(_burst([gateway_url], unlimited, 1))
+
+    assert refused.status_code == 503
+    assert refused.json()["error"]["code"] == "service_unavailable"
+    assert served.status_code == 200
+    assert len(fake_provider.calls) == 1
+
+
+def test_a_spend_cap_too_small_for_the_worst_case_gets_402(gateway_url, catalog, fake_provider):
+    api_key, secret = make_key(make_org(credit_usd="10"))
+    SpendCap.objects.create(api_key=api_key, amount_usd=Decimal("0.000001"), window="day")
+
+    [response] = asyncio.run(_burst([gateway_url], secret, 1))
+
+    assert response.status_code == 402
+    assert response.json()["error"]["code"] == "spend_cap_reached"
+    assert "resets at" in response.json()["error"]["message"]
+    assert fake_provider.calls == []
