@@ -1,9 +1,26 @@
-"""The ASGI entry point: `uvicorn portal.asgi:application` serves the dashboard and `/v1/*`."""
+"""The ASGI entry point: `uvicorn portal.asgi:application` serves the dashboard and `/v1/*`.
+
+`/v1/*` goes to the gateway's middleware-free handler (gateway/asgi.py explains why);
+everything else to Django's full stack. This module is the project's composition root, so it
+names the gateway's handler by import path rather than importing up a layer.
+"""
 
 import os
+from typing import Any
 
+import django
 from django.core.asgi import get_asgi_application
+from django.utils.module_loading import import_string
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
 
-application = get_asgi_application()
+django.setup(set_prefix=False)
+_site = get_asgi_application()
+_gateway = import_string("gateway.asgi.GatewayASGIHandler")()
+
+
+async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        await _gateway(scope, receive, send)
+    else:
+        await _site(scope, receive, send)
