@@ -6,12 +6,16 @@ the usage it measured; translation to and from the provider's own wire format ha
 
 from __future__ import annotations
 
+from gateway.providers.anthropic import AnthropicAdapter
 from gateway.providers.base import ProviderAdapter, TokenUsage, UpstreamReply
 from gateway.providers.demo import DemoAdapter
+from gateway.providers.gemini import GeminiAdapter
 from gateway.providers.openai import OpenAIAdapter
 
 _ADAPTERS: dict[str, ProviderAdapter] = {
     "openai": OpenAIAdapter(),
+    "anthropic": AnthropicAdapter(),
+    "gemini": GeminiAdapter(),
     "demo": DemoAdapter(),
 }
 

@@ -3,20 +3,12 @@
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any
 
-import httpx
-
-from gateway.errors import InvalidRequest, UpstreamFailed
-from gateway.outbound import client
+from gateway.errors import UpstreamFailed
 from gateway.providers.base import TokenUsage, UpstreamReply, estimate_tokens
+from gateway.providers.http import post_json
 from gateway.selectors import RouteEntry
-
-logger = logging.getLogger(__name__)
-
-# Upstream statuses that mean the request itself was refused; everything else is our failure.
-_CLIENT_ERRORS = frozenset({400, 404, 413, 422})
 
 
 def _usage_from(body: dict[str, Any], request: dict[str, Any]) -> TokenUsage:
@@ -40,14 +32,6 @@ def _usage_from(body: dict[str, Any], request: dict[str, Any]) -> TokenUsage:
     )
 
 
-def _upstream_error_message(response: httpx.Response) -> str:
-    try:
-        message = response.json()["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        return f"The provider refused the request (HTTP {response.status_code})."
-    return f"The provider refused the request: {str(message)[:500]}"
-
-
 class OpenAIAdapter:
     async def chat_completion(
         self, *, route: RouteEntry, body: dict[str, Any], secret: str
@@ -55,22 +39,9 @@ class OpenAIAdapter:
         """POST the body to `{base_url}/chat/completions` with the route's upstream model."""
         request = {**body, "model": route.upstream_model}
         headers = {"Authorization": f"Bearer {secret}"} if secret else {}
-        try:
-            response = await client().post(
-                f"{route.base_url}/chat/completions", json=request, headers=headers
-            )
-        except httpx.HTTPError as exc:
-            logger.warning("provider %s unreachable: %s", route.provider, type(exc).__name__)
-            raise UpstreamFailed("The provider could not be reached.") from None
-        if response.status_code in _CLIENT_ERRORS:
-            raise InvalidRequest(_upstream_error_message(response))
-        if response.status_code != 200:
-            logger.warning("provider %s answered HTTP %s", route.provider, response.status_code)
-            raise UpstreamFailed(f"The provider failed (HTTP {response.status_code}).")
-        try:
-            reply = response.json()
-        except ValueError:
-            raise UpstreamFailed("The provider's answer was not valid JSON.") from None
+        reply = await post_json(
+            route=route, url=f"{route.base_url}/chat/completions", payload=request, headers=headers
+        )
         if not isinstance(reply, dict) or not isinstance(reply.get("choices"), list):
             raise UpstreamFailed("The provider's answer was not a chat completion.")
         return UpstreamReply(body=reply, usage=_usage_from(reply, request))

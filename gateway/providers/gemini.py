@@ -1,0 +1,495 @@
+"""Google's Gemini API (`POST {base_url}/models/{model}:generateContent`) behind the OpenAI chat
+interface.
+
+The translation is two pure functions, `request_to_gemini` and `response_to_openai`, so it can
+be read and tested without a network; `GeminiAdapter` only sends what the first builds and
+hands the answer to the second. Field names follow the v1beta REST reference
+(GenerateContentRequest, GenerationConfig, FunctionDeclaration, GenerateContentResponse).
+
+Two things have no place in OpenAI's format and are carried through it:
+- Gemini answers a tool call with the function's *name*, while OpenAI answers with the call's
+  id, so the name is looked up from the earlier assistant message that made the call;
+- Gemini 3 signs each step's function calls (`thoughtSignature`) and refuses the next request
+  (400) unless the signature comes back with the call. The gateway keeps no state, so the
+  signature travels inside the tool call id, which OpenAI clients return verbatim.
+
+What does not translate: penalties, seed, logit_bias, logprobs and `parallel_tool_calls` are
+dropped; `n` > 1 is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import mimetypes
+import time
+import uuid
+from typing import Any, Final
+from urllib.parse import quote
+
+import httpx
+
+from gateway.errors import InvalidRequest, UpstreamFailed
+from gateway.providers.base import TokenUsage, UpstreamReply, estimate_tokens
+from gateway.providers.http import post_json
+from gateway.selectors import RouteEntry
+
+# Separates the tool call id from the thought signature it carries; no base64 alphabet has it.
+SIGNATURE_SEPARATOR: Final = "~"
+
+# Finish reasons meaning the answer was withheld or cut by a filter (OpenAI: content_filter).
+_FILTERED: Final = frozenset(
+    {
+        "SAFETY",
+        "RECITATION",
+        "LANGUAGE",
+        "BLOCKLIST",
+        "PROHIBITED_CONTENT",
+        "SPII",
+        "IMAGE_SAFETY",
+        "IMAGE_PROHIBITED_CONTENT",
+        "IMAGE_RECITATION",
+        "MODEL_ARMOR",
+    }
+)
+
+# `ErrorInfo.reason` values with which Google answers a bad API key, with HTTP 400.
+_CREDENTIAL_REASONS: Final = frozenset({"API_KEY_INVALID", "API_KEY_EXPIRED"})
+
+
+# --- request: OpenAI chat → Gemini generateContent ------------------------------------------
+
+
+def request_to_gemini(body: dict[str, Any]) -> dict[str, Any]:
+    """The generateContent request body for an OpenAI chat completion request.
+
+    The model is not in the body: it is part of the URL. System (and developer) messages become
+    `systemInstruction`; assistant turns are role `model`; tool results become `functionResponse`
+    parts of a user turn, named after the call they answer; consecutive turns of one role are
+    merged, which is how Gemini wants parallel function responses. Raises InvalidRequest for
+    what cannot be translated.
+    """
+    system: list[dict[str, Any]] = []
+    contents: list[dict[str, Any]] = []
+    function_names: dict[str, str] = {}  # tool call id → the function it called
+    messages = body.get("messages")
+    for index, message in enumerate(messages if isinstance(messages, list) else []):
+        where = f"messages[{index}]"
+        role = message.get("role") if isinstance(message, dict) else None
+        if role in ("system", "developer"):
+            text = _text_of(message.get("content"), where=where)
+            if text:
+                system.append({"text": text})
+        elif role == "user":
+            _append_turn(contents, "user", _user_parts(message.get("content"), where=where))
+        elif role == "assistant":
+            parts = _assistant_parts(message, where=where, function_names=function_names)
+            _append_turn(contents, "model", parts)
+        elif role == "tool":
+            part = _function_response_part(message, where=where, function_names=function_names)
+            _append_turn(contents, "user", [part])
+        else:
+            raise InvalidRequest(
+                f"Messages with role '{role}' are not supported by this model.",
+                param=f"{where}.role",
+            )
+
+    if body.get("n") not in (None, 1):
+        raise InvalidRequest("This model answers one choice per request; set 'n' to 1.", param="n")
+    request: dict[str, Any] = {"contents": contents}
+    if system:
+        request["systemInstruction"] = {"parts": system}
+    request["generationConfig"] = _generation_config(body)
+    declarations = _function_declarations(body.get("tools"))
+    if declarations:
+        request["tools"] = [{"functionDeclarations": declarations}]
+        calling = _function_calling_config(body.get("tool_choice"))
+        if calling is not None:
+            request["toolConfig"] = {"functionCallingConfig": calling}
+    return request
+
+
+def _append_turn(contents: list[dict[str, Any]], role: str, parts: list[dict[str, Any]]) -> None:
+    if not parts:
+        return  # Gemini refuses a turn without parts; an empty message says nothing anyway
+    if contents and contents[-1]["role"] == role:
+        contents[-1]["parts"].extend(parts)
+    else:
+        contents.append({"role": role, "parts": parts})
+
+
+def _text_of(content: Any, *, where: str) -> str:
+    """The text of a message whose content may only be text (system, tool)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for number, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text":
+                raise InvalidRequest(
+                    "Only text parts are accepted here.", param=f"{where}.content[{number}]"
+                )
+            texts.append(str(part.get("text", "")))
+        return "".join(texts)
+    raise InvalidRequest("'content' must be a string or a list of parts.", param=where)
+
+
+def _text_part(text: str) -> list[dict[str, Any]]:
+    return [{"text": text}] if text else []
+
+
+def _user_parts(content: Any, *, where: str) -> list[dict[str, Any]]:
+    if isinstance(content, str):
+        return _text_part(content)
+    if not isinstance(content, list):
+        raise InvalidRequest("'content' must be a string or a list of parts.", param=where)
+    parts: list[dict[str, Any]] = []
+    for number, part in enumerate(content):
+        part_where = f"{where}.content[{number}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            parts.extend(_text_part(str(part.get("text", ""))))
+        elif kind == "image_url":
+            parts.append(_image_part(part.get("image_url"), where=part_where))
+        elif kind == "input_audio":
+            parts.append(_audio_part(part.get("input_audio"), where=part_where))
+        else:
+            raise InvalidRequest(
+                f"Content parts of type '{kind}' are not supported by this model.",
+                param=part_where,
+            )
+    return parts
+
+
+def _image_part(image_url: Any, *, where: str) -> dict[str, Any]:
+    url = image_url.get("url") if isinstance(image_url, dict) else image_url
+    if not isinstance(url, str):
+        raise InvalidRequest("'image_url.url' is required.", param=where)
+    if url.startswith(("http://", "https://")):
+        file_data = {"fileUri": url}
+        guessed, _ = mimetypes.guess_type(url.split("?", 1)[0])
+        if guessed:
+            file_data["mimeType"] = guessed  # optional for Gemini; sent when the URL tells it
+        return {"fileData": file_data}
+    header, comma, data = url.partition(",")
+    if not (url.startswith("data:") and header.endswith(";base64") and comma and data):
+        raise InvalidRequest(
+            "An image must be an http(s) URL or a base64 data URL.", param=f"{where}.image_url"
+        )
+    mime_type = header.removeprefix("data:").removesuffix(";base64")
+    return {"inlineData": {"mimeType": mime_type, "data": data}}
+
+
+def _audio_part(audio: Any, *, where: str) -> dict[str, Any]:
+    if not isinstance(audio, dict) or not audio.get("data") or not audio.get("format"):
+        raise InvalidRequest("'input_audio' needs 'data' and 'format'.", param=where)
+    return {"inlineData": {"mimeType": f"audio/{audio['format']}", "data": audio["data"]}}
+
+
+def _assistant_parts(
+    message: dict[str, Any], *, where: str, function_names: dict[str, str]
+) -> list[dict[str, Any]]:
+    content = message.get("content")
+    parts: list[dict[str, Any]] = []
+    if isinstance(content, list):
+        # An assistant's parts are text or refusal; a refusal is what the model said.
+        for part in content:
+            if isinstance(part, dict):
+                parts.extend(_text_part(str(part.get("text") or part.get("refusal") or "")))
+    else:
+        parts.extend(_text_part(_text_of(content, where=where)))
+    tool_calls = message.get("tool_calls")
+    for number, call in enumerate(tool_calls if isinstance(tool_calls, list) else []):
+        call_where = f"{where}.tool_calls[{number}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not call.get("id") or not function.get("name"):
+            raise InvalidRequest(
+                "A tool call needs an 'id' and a 'function' with a 'name'.", param=call_where
+            )
+        call_id = str(call["id"])
+        # A later call with the same id (some clients reuse them across turns) answers to the
+        # later tool messages, which is the order the messages come in.
+        function_names[call_id] = function["name"]
+        function_call: dict[str, Any] = {
+            "functionCall": {
+                "name": function["name"],
+                "args": _arguments(function.get("arguments"), where=call_where),
+            }
+        }
+        own_id, separator, signature = call_id.partition(SIGNATURE_SEPARATOR)
+        if own_id.startswith("call_") and separator and signature:
+            function_call["thoughtSignature"] = signature
+        parts.append(function_call)
+    return parts
+
+
+def _arguments(arguments: Any, *, where: str) -> dict[str, Any]:
+    """A tool call's JSON-encoded arguments as the object Gemini wants."""
+    if arguments is None or arguments == "":
+        return {}
+    try:
+        value = json.loads(arguments) if isinstance(arguments, str) else arguments
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise InvalidRequest(
+            "A tool call's 'arguments' must be a JSON object.", param=f"{where}.function.arguments"
+        )
+    return value
+
+
+def _function_response_part(
+    message: dict[str, Any], *, where: str, function_names: dict[str, str]
+) -> dict[str, Any]:
+    call_id = message.get("tool_call_id")
+    name = function_names.get(call_id) if isinstance(call_id, str) else None
+    if name is None:
+        raise InvalidRequest(
+            "'tool_call_id' does not match a tool call of an earlier assistant message.",
+            param=f"{where}.tool_call_id",
+        )
+    text = _text_of(message.get("content"), where=where)
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    # Gemini wants an object: a JSON object result is passed as it is; anything else goes under
+    # "output", the key the API reads as the function's output.
+    response = value if isinstance(value, dict) else {"output": text}
+    return {"functionResponse": {"name": name, "response": response}}
+
+
+def _generation_config(body: dict[str, Any]) -> dict[str, Any]:
+    config: dict[str, Any] = {"maxOutputTokens": _max_tokens(body)}
+    for openai_name, gemini_name in (("temperature", "temperature"), ("top_p", "topP")):
+        if body.get(openai_name) is not None:
+            config[gemini_name] = body[openai_name]
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        config["stopSequences"] = [stop]
+    elif isinstance(stop, list) and stop:
+        config["stopSequences"] = [str(sequence) for sequence in stop]
+    response_format = body.get("response_format")
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "json_object":
+        config["responseMimeType"] = "application/json"
+    elif kind == "json_schema":
+        spec = response_format.get("json_schema") if isinstance(response_format, dict) else None
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise InvalidRequest(
+                "'response_format.json_schema.schema' is required.", param="response_format"
+            )
+        config["responseMimeType"] = "application/json"
+        # responseJsonSchema takes JSON Schema as OpenAI clients write it; responseSchema takes
+        # Google's OpenAPI subset, which refuses e.g. the additionalProperties strict mode sets.
+        config["responseJsonSchema"] = schema
+    return config
+
+
+def _max_tokens(body: dict[str, Any]) -> int:
+    # The gateway has capped whichever field the client used; the newer name wins when both are
+    # present because that is the one the cap was applied to.
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = body.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidRequest(f"'{name}' must be a positive integer.", param=name)
+        return value
+    raise InvalidRequest("'max_tokens' is required by this model.", param="max_tokens")
+
+
+def _function_declarations(tools: Any) -> list[dict[str, Any]]:
+    declarations: list[dict[str, Any]] = []
+    for number, tool in enumerate(tools if isinstance(tools, list) else []):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or tool.get("type") != "function":
+            raise InvalidRequest(
+                "Only tools of type 'function' are supported by this model.",
+                param=f"tools[{number}]",
+            )
+        name = function.get("name")
+        if not isinstance(name, str) or not name:
+            raise InvalidRequest("A function needs a 'name'.", param=f"tools[{number}]")
+        declaration: dict[str, Any] = {"name": name}
+        if function.get("description"):
+            declaration["description"] = function["description"]
+        if function.get("parameters"):
+            # JSON Schema as the client wrote it (see responseJsonSchema above).
+            declaration["parametersJsonSchema"] = function["parameters"]
+        declarations.append(declaration)
+    return declarations
+
+
+def _function_calling_config(choice: Any) -> dict[str, Any] | None:
+    if choice is None:
+        return None
+    if choice == "auto":
+        return {"mode": "AUTO"}
+    if choice == "none":
+        return {"mode": "NONE"}
+    if choice == "required":
+        return {"mode": "ANY"}
+    if (
+        isinstance(choice, dict)
+        and choice.get("type") == "function"
+        and isinstance(choice.get("function"), dict)
+        and choice["function"].get("name")
+    ):
+        return {"mode": "ANY", "allowedFunctionNames": [choice["function"]["name"]]}
+    raise InvalidRequest(
+        "'tool_choice' must be 'auto', 'none', 'required' or a function.", param="tool_choice"
+    )
+
+
+# --- response: Gemini GenerateContentResponse → OpenAI chat.completion ----------------------
+
+
+def response_to_openai(reply: Any, *, request: dict[str, Any], created: int) -> UpstreamReply:
+    """The OpenAI chat.completion for a GenerateContentResponse, and the usage to bill.
+
+    The first candidate's text parts are joined into `content` (thought summaries left out);
+    its `functionCall` parts become `tool_calls` with fresh `call_…` ids, each carrying the
+    part's thought signature if it had one. A prompt the API blocked (no candidates, a
+    `promptFeedback.blockReason`) is an empty answer with finish_reason content_filter.
+    Raises UpstreamFailed when the answer is not a GenerateContentResponse.
+    """
+    if not isinstance(reply, dict):
+        raise UpstreamFailed("The provider's answer was not a chat completion.")
+    candidates = reply.get("candidates")
+    texts: list[str] = []
+    tool_calls: list[dict[str, Any]] = []
+    if isinstance(candidates, list) and candidates and isinstance(candidates[0], dict):
+        candidate = candidates[0]
+        content = candidate.get("content")
+        parts = content.get("parts") if isinstance(content, dict) else None
+        for part in parts if isinstance(parts, list) else []:
+            if not isinstance(part, dict) or part.get("thought"):
+                continue
+            if isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif isinstance(part.get("functionCall"), dict):
+                tool_calls.append(_tool_call(part))
+        finish_reason = _finish_reason(candidate.get("finishReason"), bool(tool_calls))
+    else:
+        feedback = reply.get("promptFeedback")
+        if not (isinstance(feedback, dict) and feedback.get("blockReason")):
+            raise UpstreamFailed("The provider's answer was not a chat completion.")
+        finish_reason = "content_filter"
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": "".join(texts) if texts else None,
+        "refusal": None,
+    }
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    usage, reasoning_tokens = _usage(
+        reply.get("usageMetadata"), request=request, completion="".join(texts)
+    )
+    upstream_id = reply.get("responseId")
+    body = {
+        "id": f"chatcmpl-{upstream_id}" if upstream_id else f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": created,
+        "model": reply.get("modelVersion"),
+        "choices": [
+            {"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}
+        ],
+        "usage": {
+            "prompt_tokens": usage.input_tokens,
+            "completion_tokens": usage.output_tokens,
+            "total_tokens": usage.input_tokens + usage.output_tokens,
+            "prompt_tokens_details": {"cached_tokens": usage.cached_input_tokens},
+            "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
+        },
+    }
+    return UpstreamReply(body=body, usage=usage)
+
+
+def _tool_call(part: dict[str, Any]) -> dict[str, Any]:
+    call = part["functionCall"]
+    # Unique rather than numbered per answer: clients key tool state by id across turns.
+    call_id = f"call_{uuid.uuid4().hex[:24]}"
+    signature = part.get("thoughtSignature")
+    if isinstance(signature, str) and signature:
+        call_id = f"{call_id}{SIGNATURE_SEPARATOR}{signature}"
+    return {
+        "id": call_id,
+        "type": "function",
+        "function": {
+            "name": str(call.get("name")),
+            "arguments": json.dumps(call.get("args") or {}, ensure_ascii=False),
+        },
+    }
+
+
+def _finish_reason(reason: Any, called_tools: bool) -> str:
+    if reason == "MAX_TOKENS":
+        return "length"
+    if reason in _FILTERED:
+        return "content_filter"
+    # Gemini ends a turn of function calls with STOP; OpenAI says tool_calls.
+    return "tool_calls" if called_tools else "stop"
+
+
+def _usage(metadata: Any, *, request: dict[str, Any], completion: str) -> tuple[TokenUsage, int]:
+    """The usage to bill, and the reasoning ("thoughts") tokens among the output tokens."""
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("promptTokenCount"), int):
+        # Gemini reports usage with every answer; should it not, the answer is still charged.
+        estimated = TokenUsage(
+            input_tokens=estimate_tokens(json.dumps(request.get("contents", []))),
+            output_tokens=estimate_tokens(completion),
+            reported=False,
+        )
+        return estimated, 0
+    thoughts = int(metadata.get("thoughtsTokenCount") or 0)
+    # promptTokenCount already includes the cached tokens; the prompt built by tool use (e.g.
+    # search results) and the thinking are counted apart, and billed as input and output.
+    usage = TokenUsage(
+        input_tokens=metadata["promptTokenCount"]
+        + int(metadata.get("toolUsePromptTokenCount") or 0),
+        output_tokens=int(metadata.get("candidatesTokenCount") or 0) + thoughts,
+        cached_input_tokens=int(metadata.get("cachedContentTokenCount") or 0),
+    )
+    return usage, thoughts
+
+
+def _credential_rejected(response: httpx.Response) -> bool:
+    """Whether a 400 is Google refusing our API key (our failure, not the caller's)."""
+    try:
+        details = response.json()["error"]["details"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    return isinstance(details, list) and any(
+        isinstance(detail, dict) and detail.get("reason") in _CREDENTIAL_REASONS
+        for detail in details
+    )
+
+
+def _model_path(upstream_model: str) -> str:
+    # The catalog may name the model bare ("gemini-2.5-flash") or as a resource name
+    # ("models/…", "tunedModels/…"); each segment is escaped so a name cannot change the path.
+    name = upstream_model if "/" in upstream_model else f"models/{upstream_model}"
+    return "/".join(quote(segment, safe="") for segment in name.split("/"))
+
+
+class GeminiAdapter:
+    async def chat_completion(
+        self, *, route: RouteEntry, body: dict[str, Any], secret: str
+    ) -> UpstreamReply:
+        """POST the translated request to `{base_url}/models/{model}:generateContent` and
+        translate the answer back. The key goes in a header, never in the URL."""
+        request = request_to_gemini(body)
+        headers = {"content-type": "application/json"}
+        if secret:
+            headers["x-goog-api-key"] = secret
+        reply = await post_json(
+            route=route,
+            url=f"{route.base_url}/{_model_path(route.upstream_model)}:generateContent",
+            payload=request,
+            headers=headers,
+            credential_rejected=_credential_rejected,
+        )
+        return response_to_openai(reply, request=request, created=int(time.time()))

@@ -1,0 +1,71 @@
+"""The one way an adapter calls its provider: POST JSON, and turn every failure into a gateway
+error the caller may see.
+
+What the caller learns is decided here, once for every provider: a request the provider refused
+as invalid comes back as a 400 with the provider's own explanation (the caller can fix it);
+anything else (unreachable, 5xx, a rejected credential, an unreadable answer) is our failure and
+comes back as a 502 that names only the HTTP status. Neither the provider's URL nor its secret
+ever reaches a message or a log line: the log names the provider by its catalog name.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import httpx
+
+from gateway.errors import InvalidRequest, UpstreamFailed
+from gateway.outbound import client
+from gateway.selectors import RouteEntry
+
+logger = logging.getLogger(__name__)
+
+# Upstream statuses that mean the request itself was refused; everything else is our failure.
+CLIENT_ERRORS = frozenset({400, 404, 413, 422})
+
+
+def refusal_message(response: httpx.Response) -> str:
+    """The provider's explanation of why it refused a request, for the caller.
+
+    OpenAI, Anthropic and Gemini all put it at `error.message` in their error bodies.
+    """
+    try:
+        message = response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return f"The provider refused the request (HTTP {response.status_code})."
+    return f"The provider refused the request: {str(message)[:500]}"
+
+
+async def post_json(
+    *,
+    route: RouteEntry,
+    url: str,
+    payload: dict[str, Any],
+    headers: Mapping[str, str],
+    credential_rejected: Callable[[httpx.Response], bool] | None = None,
+) -> Any:
+    """POST `payload` to `url` and return the parsed JSON of a 200 answer.
+
+    Raises InvalidRequest when the provider refused the request as invalid (400, 404, 413,
+    422), and UpstreamFailed otherwise: unreachable, any other status, or an answer that is not
+    JSON. `credential_rejected` picks out the refusals that are really about our credential
+    (a provider that answers a bad key with 400): those are our failure, not the caller's.
+    """
+    try:
+        response = await client().post(url, json=payload, headers=dict(headers))
+    except httpx.HTTPError as exc:
+        logger.warning("provider %s unreachable: %s", route.provider, type(exc).__name__)
+        raise UpstreamFailed("The provider could not be reached.") from None
+    if response.status_code in CLIENT_ERRORS and not (
+        credential_rejected is not None and credential_rejected(response)
+    ):
+        raise InvalidRequest(refusal_message(response))
+    if response.status_code != 200:
+        logger.warning("provider %s answered HTTP %s", route.provider, response.status_code)
+        raise UpstreamFailed(f"The provider failed (HTTP {response.status_code}).")
+    try:
+        return response.json()
+    except ValueError:
+        raise UpstreamFailed("The provider's answer was not valid JSON.") from None
