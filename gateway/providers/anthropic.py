@@ -20,6 +20,17 @@ from typing import Any, Final
 from gateway.errors import InvalidRequest, UpstreamFailed
 from gateway.providers.base import TokenUsage, UpstreamReply, estimate_tokens
 from gateway.providers.http import post_json
+from gateway.providers.openai_request import (
+    append_turn,
+    assistant_content,
+    content_parts,
+    function_tools,
+    image_url_of,
+    required_max_tokens,
+    split_data_url,
+    text_of,
+    unsupported_part,
+)
 from gateway.selectors import RouteEntry
 
 # The API version the translation is written against; Anthropic keeps a version's shapes fixed.
@@ -59,22 +70,26 @@ def request_to_anthropic(body: dict[str, Any], *, model: str) -> dict[str, Any]:
         where = f"messages[{index}]"
         role = message.get("role") if isinstance(message, dict) else None
         if role in ("system", "developer"):
-            text = _text_of(message.get("content"), where=where)
+            text = text_of(message.get("content"), where=where)
             if text:
                 system.append(text)
         elif role == "user":
-            _append_turn(turns, "user", _user_blocks(message.get("content"), where=where))
+            append_turn(turns, "user", "content", _user_blocks(message.get("content"), where=where))
         elif role == "assistant":
-            _append_turn(turns, "assistant", _assistant_blocks(message, where=where))
+            append_turn(turns, "assistant", "content", _assistant_blocks(message, where=where))
         elif role == "tool":
-            _append_turn(turns, "user", [_tool_result_block(message, where=where)])
+            append_turn(turns, "user", "content", [_tool_result_block(message, where=where)])
         else:
             raise InvalidRequest(
                 f"Messages with role '{role}' are not supported by this model.",
                 param=f"{where}.role",
             )
 
-    request: dict[str, Any] = {"model": model, "max_tokens": _max_tokens(body), "messages": turns}
+    request: dict[str, Any] = {
+        "model": model,
+        "max_tokens": required_max_tokens(body),
+        "messages": turns,
+    }
     if system:
         request["system"] = "\n\n".join(system)
     _refuse_several_choices(body)
@@ -101,71 +116,28 @@ def request_to_anthropic(body: dict[str, Any], *, model: str) -> dict[str, Any]:
     return request
 
 
-def _append_turn(turns: list[dict[str, Any]], role: str, blocks: list[dict[str, Any]]) -> None:
-    if not blocks:
-        return  # Anthropic refuses empty turns; an empty message says nothing anyway
-    if turns and turns[-1]["role"] == role:
-        turns[-1]["content"].extend(blocks)
-    else:
-        turns.append({"role": role, "content": blocks})
-
-
-def _text_of(content: Any, *, where: str) -> str:
-    """The text of a message whose content may only be text (system, tool)."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for number, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text":
-                raise InvalidRequest(
-                    "Only text parts are accepted here.", param=f"{where}.content[{number}]"
-                )
-            texts.append(str(part.get("text", "")))
-        return "".join(texts)
-    raise InvalidRequest("'content' must be a string or a list of parts.", param=where)
-
-
 def _text_block(text: str) -> list[dict[str, Any]]:
     # Anthropic refuses empty text blocks.
     return [{"type": "text", "text": text}] if text else []
 
 
 def _user_blocks(content: Any, *, where: str) -> list[dict[str, Any]]:
-    if isinstance(content, str):
-        return _text_block(content)
-    if not isinstance(content, list):
-        raise InvalidRequest("'content' must be a string or a list of parts.", param=where)
     blocks: list[dict[str, Any]] = []
-    for number, part in enumerate(content):
-        part_where = f"{where}.content[{number}]"
-        kind = part.get("type") if isinstance(part, dict) else None
+    for kind, part, part_where in content_parts(content, where=where):
         if kind == "text":
             blocks.extend(_text_block(str(part.get("text", ""))))
         elif kind == "image_url":
             blocks.append(_image_block(part.get("image_url"), where=part_where))
         else:
-            raise InvalidRequest(
-                f"Content parts of type '{kind}' are not supported by this model.",
-                param=part_where,
-            )
+            raise unsupported_part(kind, where=part_where)
     return blocks
 
 
 def _image_block(image_url: Any, *, where: str) -> dict[str, Any]:
-    url = image_url.get("url") if isinstance(image_url, dict) else image_url
-    if not isinstance(url, str):
-        raise InvalidRequest("'image_url.url' is required.", param=where)
+    url = image_url_of(image_url, where=where)
     if url.startswith(("http://", "https://")):
         return {"type": "image", "source": {"type": "url", "url": url}}
-    header, comma, data = url.partition(",")
-    media_type = header.removeprefix("data:").removesuffix(";base64")
-    if not (url.startswith("data:") and header.endswith(";base64") and comma and data):
-        raise InvalidRequest(
-            "An image must be an http(s) URL or a base64 data URL.", param=f"{where}.image_url"
-        )
+    media_type, data = split_data_url(url, where=where)
     if media_type not in _IMAGE_MEDIA_TYPES:
         raise InvalidRequest(
             f"Images of type '{media_type}' are not supported by this model; use JPEG, PNG, "
@@ -175,48 +147,28 @@ def _image_block(image_url: Any, *, where: str) -> dict[str, Any]:
     return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
 
 
+def _tools(tools: Any) -> list[dict[str, Any]]:
+    result: list[dict[str, Any]] = []
+    for tool in function_tools(tools):
+        definition: dict[str, Any] = {
+            "name": tool.name,
+            # Anthropic requires a schema; OpenAI lets a function without parameters omit it.
+            "input_schema": tool.parameters or {"type": "object", "properties": {}},
+        }
+        if tool.description:
+            definition["description"] = tool.description
+        if tool.strict:
+            definition["strict"] = True
+        result.append(definition)
+    return result
+
+
 def _assistant_blocks(message: dict[str, Any], *, where: str) -> list[dict[str, Any]]:
-    content = message.get("content")
-    blocks: list[dict[str, Any]] = []
-    if isinstance(content, list):
-        # An assistant's parts are text or refusal; a refusal is what the model said.
-        for part in content:
-            if isinstance(part, dict):
-                blocks.extend(_text_block(str(part.get("text") or part.get("refusal") or "")))
-    else:
-        blocks.extend(_text_block(_text_of(content, where=where)))
-    tool_calls = message.get("tool_calls")
-    for number, call in enumerate(tool_calls if isinstance(tool_calls, list) else []):
-        call_where = f"{where}.tool_calls[{number}]"
-        function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(function, dict) or not call.get("id") or not function.get("name"):
-            raise InvalidRequest(
-                "A tool call needs an 'id' and a 'function' with a 'name'.", param=call_where
-            )
-        blocks.append(
-            {
-                "type": "tool_use",
-                "id": call["id"],
-                "name": function["name"],
-                "input": _arguments(function.get("arguments"), where=call_where),
-            }
-        )
-    return blocks
-
-
-def _arguments(arguments: Any, *, where: str) -> dict[str, Any]:
-    """A tool call's JSON-encoded arguments as the object Anthropic wants."""
-    if arguments is None or arguments == "":
-        return {}
-    try:
-        value = json.loads(arguments) if isinstance(arguments, str) else arguments
-    except ValueError:
-        value = None
-    if not isinstance(value, dict):
-        raise InvalidRequest(
-            "A tool call's 'arguments' must be a JSON object.", param=f"{where}.function.arguments"
-        )
-    return value
+    text, calls = assistant_content(message, where=where)
+    return _text_block(text) + [
+        {"type": "tool_use", "id": call.id, "name": call.name, "input": call.arguments}
+        for call in calls
+    ]
 
 
 def _tool_result_block(message: dict[str, Any], *, where: str) -> dict[str, Any]:
@@ -226,51 +178,13 @@ def _tool_result_block(message: dict[str, Any], *, where: str) -> dict[str, Any]
     return {
         "type": "tool_result",
         "tool_use_id": call_id,
-        "content": _text_of(message.get("content"), where=where),
+        "content": text_of(message.get("content"), where=where),
     }
-
-
-def _max_tokens(body: dict[str, Any]) -> int:
-    # The gateway has capped whichever field the client used; the newer name wins when both are
-    # present because that is the one the cap was applied to.
-    for name in ("max_completion_tokens", "max_tokens"):
-        value = body.get(name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InvalidRequest(f"'{name}' must be a positive integer.", param=name)
-        return value
-    raise InvalidRequest("'max_tokens' is required by this model.", param="max_tokens")
 
 
 def _refuse_several_choices(body: dict[str, Any]) -> None:
     if body.get("n") not in (None, 1):
         raise InvalidRequest("This model answers one choice per request; set 'n' to 1.", param="n")
-
-
-def _tools(tools: Any) -> list[dict[str, Any]]:
-    result: list[dict[str, Any]] = []
-    for number, tool in enumerate(tools if isinstance(tools, list) else []):
-        function = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(function, dict) or tool.get("type") != "function":
-            raise InvalidRequest(
-                "Only tools of type 'function' are supported by this model.",
-                param=f"tools[{number}]",
-            )
-        name = function.get("name")
-        if not isinstance(name, str) or not name:
-            raise InvalidRequest("A function needs a 'name'.", param=f"tools[{number}]")
-        definition: dict[str, Any] = {
-            "name": name,
-            # Anthropic requires a schema; OpenAI lets a function without parameters omit it.
-            "input_schema": function.get("parameters") or {"type": "object", "properties": {}},
-        }
-        if function.get("description"):
-            definition["description"] = function["description"]
-        if function.get("strict") is True:
-            definition["strict"] = True
-        result.append(definition)
-    return result
 
 
 def _tool_choice(choice: Any, parallel_tool_calls: Any) -> dict[str, Any] | None:

@@ -31,6 +31,17 @@ import httpx
 from gateway.errors import InvalidRequest, UpstreamFailed
 from gateway.providers.base import TokenUsage, UpstreamReply, estimate_tokens
 from gateway.providers.http import post_json
+from gateway.providers.openai_request import (
+    append_turn,
+    assistant_content,
+    content_parts,
+    function_tools,
+    image_url_of,
+    required_max_tokens,
+    split_data_url,
+    text_of,
+    unsupported_part,
+)
 from gateway.selectors import RouteEntry
 
 # Separates the tool call id from the thought signature it carries; no base64 alphabet has it.
@@ -76,17 +87,17 @@ def request_to_gemini(body: dict[str, Any]) -> dict[str, Any]:
         where = f"messages[{index}]"
         role = message.get("role") if isinstance(message, dict) else None
         if role in ("system", "developer"):
-            text = _text_of(message.get("content"), where=where)
+            text = text_of(message.get("content"), where=where)
             if text:
                 system.append({"text": text})
         elif role == "user":
-            _append_turn(contents, "user", _user_parts(message.get("content"), where=where))
+            append_turn(contents, "user", "parts", _user_parts(message.get("content"), where=where))
         elif role == "assistant":
             parts = _assistant_parts(message, where=where, function_names=function_names)
-            _append_turn(contents, "model", parts)
+            append_turn(contents, "model", "parts", parts)
         elif role == "tool":
             part = _function_response_part(message, where=where, function_names=function_names)
-            _append_turn(contents, "user", [part])
+            append_turn(contents, "user", "parts", [part])
         else:
             raise InvalidRequest(
                 f"Messages with role '{role}' are not supported by this model.",
@@ -108,46 +119,13 @@ def request_to_gemini(body: dict[str, Any]) -> dict[str, Any]:
     return request
 
 
-def _append_turn(contents: list[dict[str, Any]], role: str, parts: list[dict[str, Any]]) -> None:
-    if not parts:
-        return  # Gemini refuses a turn without parts; an empty message says nothing anyway
-    if contents and contents[-1]["role"] == role:
-        contents[-1]["parts"].extend(parts)
-    else:
-        contents.append({"role": role, "parts": parts})
-
-
-def _text_of(content: Any, *, where: str) -> str:
-    """The text of a message whose content may only be text (system, tool)."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for number, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text":
-                raise InvalidRequest(
-                    "Only text parts are accepted here.", param=f"{where}.content[{number}]"
-                )
-            texts.append(str(part.get("text", "")))
-        return "".join(texts)
-    raise InvalidRequest("'content' must be a string or a list of parts.", param=where)
-
-
 def _text_part(text: str) -> list[dict[str, Any]]:
     return [{"text": text}] if text else []
 
 
 def _user_parts(content: Any, *, where: str) -> list[dict[str, Any]]:
-    if isinstance(content, str):
-        return _text_part(content)
-    if not isinstance(content, list):
-        raise InvalidRequest("'content' must be a string or a list of parts.", param=where)
     parts: list[dict[str, Any]] = []
-    for number, part in enumerate(content):
-        part_where = f"{where}.content[{number}]"
-        kind = part.get("type") if isinstance(part, dict) else None
+    for kind, part, part_where in content_parts(content, where=where):
         if kind == "text":
             parts.extend(_text_part(str(part.get("text", ""))))
         elif kind == "image_url":
@@ -155,29 +133,19 @@ def _user_parts(content: Any, *, where: str) -> list[dict[str, Any]]:
         elif kind == "input_audio":
             parts.append(_audio_part(part.get("input_audio"), where=part_where))
         else:
-            raise InvalidRequest(
-                f"Content parts of type '{kind}' are not supported by this model.",
-                param=part_where,
-            )
+            raise unsupported_part(kind, where=part_where)
     return parts
 
 
 def _image_part(image_url: Any, *, where: str) -> dict[str, Any]:
-    url = image_url.get("url") if isinstance(image_url, dict) else image_url
-    if not isinstance(url, str):
-        raise InvalidRequest("'image_url.url' is required.", param=where)
+    url = image_url_of(image_url, where=where)
     if url.startswith(("http://", "https://")):
         file_data = {"fileUri": url}
         guessed, _ = mimetypes.guess_type(url.split("?", 1)[0])
         if guessed:
             file_data["mimeType"] = guessed  # optional for Gemini; sent when the URL tells it
         return {"fileData": file_data}
-    header, comma, data = url.partition(",")
-    if not (url.startswith("data:") and header.endswith(";base64") and comma and data):
-        raise InvalidRequest(
-            "An image must be an http(s) URL or a base64 data URL.", param=f"{where}.image_url"
-        )
-    mime_type = header.removeprefix("data:").removesuffix(";base64")
+    mime_type, data = split_data_url(url, where=where)
     return {"inlineData": {"mimeType": mime_type, "data": data}}
 
 
@@ -190,53 +158,20 @@ def _audio_part(audio: Any, *, where: str) -> dict[str, Any]:
 def _assistant_parts(
     message: dict[str, Any], *, where: str, function_names: dict[str, str]
 ) -> list[dict[str, Any]]:
-    content = message.get("content")
-    parts: list[dict[str, Any]] = []
-    if isinstance(content, list):
-        # An assistant's parts are text or refusal; a refusal is what the model said.
-        for part in content:
-            if isinstance(part, dict):
-                parts.extend(_text_part(str(part.get("text") or part.get("refusal") or "")))
-    else:
-        parts.extend(_text_part(_text_of(content, where=where)))
-    tool_calls = message.get("tool_calls")
-    for number, call in enumerate(tool_calls if isinstance(tool_calls, list) else []):
-        call_where = f"{where}.tool_calls[{number}]"
-        function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(function, dict) or not call.get("id") or not function.get("name"):
-            raise InvalidRequest(
-                "A tool call needs an 'id' and a 'function' with a 'name'.", param=call_where
-            )
-        call_id = str(call["id"])
+    text, calls = assistant_content(message, where=where)
+    parts = _text_part(text)
+    for call in calls:
         # A later call with the same id (some clients reuse them across turns) answers to the
         # later tool messages, which is the order the messages come in.
-        function_names[call_id] = function["name"]
+        function_names[call.id] = call.name
         function_call: dict[str, Any] = {
-            "functionCall": {
-                "name": function["name"],
-                "args": _arguments(function.get("arguments"), where=call_where),
-            }
+            "functionCall": {"name": call.name, "args": call.arguments}
         }
-        own_id, separator, signature = call_id.partition(SIGNATURE_SEPARATOR)
+        own_id, separator, signature = call.id.partition(SIGNATURE_SEPARATOR)
         if own_id.startswith("call_") and separator and signature:
             function_call["thoughtSignature"] = signature
         parts.append(function_call)
     return parts
-
-
-def _arguments(arguments: Any, *, where: str) -> dict[str, Any]:
-    """A tool call's JSON-encoded arguments as the object Gemini wants."""
-    if arguments is None or arguments == "":
-        return {}
-    try:
-        value = json.loads(arguments) if isinstance(arguments, str) else arguments
-    except ValueError:
-        value = None
-    if not isinstance(value, dict):
-        raise InvalidRequest(
-            "A tool call's 'arguments' must be a JSON object.", param=f"{where}.function.arguments"
-        )
-    return value
 
 
 def _function_response_part(
@@ -249,7 +184,7 @@ def _function_response_part(
             "'tool_call_id' does not match a tool call of an earlier assistant message.",
             param=f"{where}.tool_call_id",
         )
-    text = _text_of(message.get("content"), where=where)
+    text = text_of(message.get("content"), where=where)
     try:
         value = json.loads(text)
     except ValueError:
@@ -261,7 +196,7 @@ def _function_response_part(
 
 
 def _generation_config(body: dict[str, Any]) -> dict[str, Any]:
-    config: dict[str, Any] = {"maxOutputTokens": _max_tokens(body)}
+    config: dict[str, Any] = {"maxOutputTokens": required_max_tokens(body)}
     for openai_name, gemini_name in (("temperature", "temperature"), ("top_p", "topP")):
         if body.get(openai_name) is not None:
             config[gemini_name] = body[openai_name]
@@ -288,37 +223,15 @@ def _generation_config(body: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def _max_tokens(body: dict[str, Any]) -> int:
-    # The gateway has capped whichever field the client used; the newer name wins when both are
-    # present because that is the one the cap was applied to.
-    for name in ("max_completion_tokens", "max_tokens"):
-        value = body.get(name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InvalidRequest(f"'{name}' must be a positive integer.", param=name)
-        return value
-    raise InvalidRequest("'max_tokens' is required by this model.", param="max_tokens")
-
-
 def _function_declarations(tools: Any) -> list[dict[str, Any]]:
     declarations: list[dict[str, Any]] = []
-    for number, tool in enumerate(tools if isinstance(tools, list) else []):
-        function = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(function, dict) or tool.get("type") != "function":
-            raise InvalidRequest(
-                "Only tools of type 'function' are supported by this model.",
-                param=f"tools[{number}]",
-            )
-        name = function.get("name")
-        if not isinstance(name, str) or not name:
-            raise InvalidRequest("A function needs a 'name'.", param=f"tools[{number}]")
-        declaration: dict[str, Any] = {"name": name}
-        if function.get("description"):
-            declaration["description"] = function["description"]
-        if function.get("parameters"):
+    for tool in function_tools(tools):
+        declaration: dict[str, Any] = {"name": tool.name}
+        if tool.description:
+            declaration["description"] = tool.description
+        if tool.parameters:
             # JSON Schema as the client wrote it (see responseJsonSchema above).
-            declaration["parametersJsonSchema"] = function["parameters"]
+            declaration["parametersJsonSchema"] = tool.parameters
         declarations.append(declaration)
     return declarations
 

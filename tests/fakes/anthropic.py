@@ -23,18 +23,15 @@ import json
 import threading
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from tests.fakes.base import FakeUpstream, Receive, Scope, Send, read_body, send_json
 from tests.fakes.provider import RecordedCall
-from tests.servers import ThreadedServer
 
 __all__ = ["REPLY_PREFIX", "TOOL_REPLY_PREFIX", "FakeAnthropic", "count_input_tokens"]
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 REPLY_PREFIX: Final = "Hello from the fake Anthropic provider. You said:"
 TOOL_REPLY_PREFIX: Final = "The tool answered:"
@@ -284,7 +281,7 @@ def _error_body(status: int, message: str) -> dict[str, Any]:
     }
 
 
-class FakeAnthropic:
+class FakeAnthropic(FakeUpstream):
     """An Anthropic-compatible upstream on 127.0.0.1 at a free port, served in a thread.
 
     Point clients at `base_url` (`http://127.0.0.1:<port>/v1`). With `api_key` set, only that
@@ -305,33 +302,6 @@ class FakeAnthropic:
         # The app runs on the server thread's loop while tests script from the main thread.
         self._lock = threading.Lock()
         self._failures: deque[_Failure] = deque()
-        self._server: ThreadedServer | None = None
-
-    def start(self) -> FakeAnthropic:
-        """Serve on a free port in a daemon thread; returns once connections are accepted."""
-        if self._server is not None:
-            raise RuntimeError("the fake is already running")
-        self._server = ThreadedServer(self._app).start()
-        return self
-
-    def stop(self) -> None:
-        """Shut the server down; a no-op when not running."""
-        server, self._server = self._server, None
-        if server is not None:
-            server.stop()
-
-    def __enter__(self) -> FakeAnthropic:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    @property
-    def base_url(self) -> str:
-        """`http://127.0.0.1:<port>/v1`, the value for an Anthropic client's base URL."""
-        if self._server is None:
-            raise RuntimeError("the fake is not running; call start() first")
-        return f"{self._server.url}/v1"
 
     def reset(self) -> None:
         """Forget calls, replies, pending failures and cache settings."""
@@ -358,14 +328,9 @@ class FakeAnthropic:
     async def _app(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        raw = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            raw += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        raw = await read_body(receive)
+        if raw is None:
+            return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         try:
             body: Any = json.loads(raw) if raw else None
@@ -452,18 +417,6 @@ def _scripted_error(status: int) -> dict[str, Any]:
 async def _send_json(
     send: Send, status: int, payload: Any, headers: Mapping[str, str] | None = None
 ) -> None:
-    raw = json.dumps(payload).encode()
-    merged = {
-        "content-type": "application/json",
-        "request-id": f"req_{uuid.uuid4().hex}",
-        **{name.lower(): value for name, value in (headers or {}).items()},
-        "content-length": str(len(raw)),
-    }
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(name.encode(), value.encode()) for name, value in merged.items()],
-        }
+    await send_json(
+        send, status, payload, headers, default_headers={"request-id": f"req_{uuid.uuid4().hex}"}
     )
-    await send({"type": "http.response.body", "body": raw, "more_body": False})

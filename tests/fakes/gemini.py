@@ -27,19 +27,16 @@ import secrets
 import threading
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import parse_qs
 
+from tests.fakes.base import FakeUpstream, Receive, Scope, Send, read_body, send_json
 from tests.fakes.provider import RecordedCall
-from tests.servers import ThreadedServer
 
 __all__ = ["REPLY_PREFIX", "TOOL_REPLY_PREFIX", "FakeGemini", "count_prompt_tokens"]
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 REPLY_PREFIX: Final = "Hello from the fake Gemini provider. You said:"
 TOOL_REPLY_PREFIX: Final = "The tool answered:"
@@ -303,7 +300,7 @@ def _error_body(status: int, message: str, details: list[Any] | None = None) -> 
     return {"error": error}
 
 
-class FakeGemini:
+class FakeGemini(FakeUpstream):
     """A Gemini-compatible upstream on 127.0.0.1 at a free port, served in a thread.
 
     Point clients at `base_url` (`http://127.0.0.1:<port>/v1beta`). With `api_key` set, only
@@ -311,6 +308,8 @@ class FakeGemini:
     request. Until `reset()`, `cached_content_tokens` of each prompt are reported as served
     from the cache and `thoughts_tokens` are reported as spent thinking.
     """
+
+    api_root = "/v1beta"
 
     def __init__(self, *, api_key: str | None = None) -> None:
         """Create a stopped fake that accepts `api_key`, or any key when None."""
@@ -323,33 +322,6 @@ class FakeGemini:
         self._lock = threading.Lock()
         self._failures: deque[_Failure] = deque()
         self._issued_signatures: set[str] = set()
-        self._server: ThreadedServer | None = None
-
-    def start(self) -> FakeGemini:
-        """Serve on a free port in a daemon thread; returns once connections are accepted."""
-        if self._server is not None:
-            raise RuntimeError("the fake is already running")
-        self._server = ThreadedServer(self._app).start()
-        return self
-
-    def stop(self) -> None:
-        """Shut the server down; a no-op when not running."""
-        server, self._server = self._server, None
-        if server is not None:
-            server.stop()
-
-    def __enter__(self) -> FakeGemini:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    @property
-    def base_url(self) -> str:
-        """`http://127.0.0.1:<port>/v1beta`, the API root a Gemini client is pointed at."""
-        if self._server is None:
-            raise RuntimeError("the fake is not running; call start() first")
-        return f"{self._server.url}/v1beta"
 
     def reset(self) -> None:
         """Forget calls, replies, pending failures and usage settings."""
@@ -376,14 +348,9 @@ class FakeGemini:
     async def _app(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        raw = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            raw += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        raw = await read_body(receive)
+        if raw is None:
+            return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         try:
             body: Any = json.loads(raw) if raw else None
@@ -488,17 +455,10 @@ def _scripted_message(status: int) -> str:
 async def _send_json(
     send: Send, status: int, payload: Any, headers: Mapping[str, str] | None = None
 ) -> None:
-    raw = json.dumps(payload).encode()
-    merged = {
-        "content-type": "application/json; charset=UTF-8",
-        **{name.lower(): value for name, value in (headers or {}).items()},
-        "content-length": str(len(raw)),
-    }
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(name.encode(), value.encode()) for name, value in merged.items()],
-        }
+    await send_json(
+        send,
+        status,
+        payload,
+        headers,
+        default_headers={"content-type": "application/json; charset=UTF-8"},
     )
-    await send({"type": "http.response.body", "body": raw, "more_body": False})

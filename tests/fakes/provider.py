@@ -21,11 +21,11 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from tests.servers import ThreadedServer
+from tests.fakes.base import FakeUpstream, Receive, Scope, Send, read_body, send_json
 
 __all__ = [
     "EMBEDDING_DIMENSIONS",
@@ -38,9 +38,6 @@ __all__ = [
     "reply_for",
 ]
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 #: Length of every vector `/v1/embeddings` returns.
 EMBEDDING_DIMENSIONS: Final = 8
@@ -189,7 +186,7 @@ def _scripted_error_body(status: int) -> dict[str, Any]:
     return _error_body(f"Scripted failure {status}.", "invalid_request_error")
 
 
-class FakeProvider:
+class FakeProvider(FakeUpstream):
     """An OpenAI-compatible upstream on 127.0.0.1 at a free port, served by uvicorn in a thread.
 
     Use `start()`/`stop()` or a `with` block; point clients at `base_url`. Every request is
@@ -213,35 +210,8 @@ class FakeProvider:
         # thread: the queue and the call list are only touched under this lock.
         self._lock = threading.Lock()
         self._script: deque[_Behaviour] = deque()
-        self._server: ThreadedServer | None = None
 
     # --- life cycle ---------------------------------------------------------------------------
-
-    def start(self) -> FakeProvider:
-        """Serve on a free port in a daemon thread; returns once connections are accepted."""
-        if self._server is not None:
-            raise RuntimeError("the fake provider is already running")
-        self._server = ThreadedServer(self._app).start()
-        return self
-
-    def stop(self) -> None:
-        """Shut the server down and wait for its thread; a no-op when not running."""
-        server, self._server = self._server, None
-        if server is not None:
-            server.stop()
-
-    def __enter__(self) -> FakeProvider:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    @property
-    def base_url(self) -> str:
-        """`http://127.0.0.1:<port>/v1`, the value for an OpenAI client's `base_url`."""
-        if self._server is None:
-            raise RuntimeError("the fake provider is not running; call start() first")
-        return f"{self._server.url}/v1"
 
     def reset(self) -> None:
         """Forget recorded calls and pending scripted behaviours; restore latency and usage."""
@@ -289,14 +259,9 @@ class FakeProvider:
     async def _app(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        raw = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            raw += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        raw = await read_body(receive)
+        if raw is None:
+            return
         method: str = scope["method"]
         path: str = scope["path"]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
@@ -552,20 +517,6 @@ def _models() -> dict[str, Any]:
 async def _send_json(
     send: Send, status: int, payload: Any, headers: Mapping[str, str] | None = None
 ) -> None:
-    raw = json.dumps(payload).encode()
-    extra = {name.lower(): value for name, value in (headers or {}).items()}
-    # Scripted headers may override the defaults (e.g. a non-JSON content-type).
-    merged = {
-        "content-type": "application/json",
-        "x-request-id": f"req_{uuid.uuid4().hex}",
-        **extra,
-        "content-length": str(len(raw)),
-    }
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(name.encode(), value.encode()) for name, value in merged.items()],
-        }
+    await send_json(
+        send, status, payload, headers, default_headers={"x-request-id": f"req_{uuid.uuid4().hex}"}
     )
-    await send({"type": "http.response.body", "body": raw, "more_body": False})

@@ -29,6 +29,7 @@ from tests.fakes.anthropic import (
     FakeAnthropic,
     count_input_tokens,
 )
+from tests.gateway.metering import assert_charged_exactly, sdk
 
 KEY_ENV = "SWITCHBOARD_TEST_ANTHROPIC_KEY"
 SECRET = "fake-anthropic-secret"
@@ -97,10 +98,6 @@ def anthropic_catalog(fake_anthropic: FakeAnthropic, transactional_db: None) -> 
     )
 
 
-def sdk(gateway_url: str, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway_url, api_key=key, max_retries=0)
-
-
 def reported(reply: dict[str, Any]) -> tuple[int, int, int]:
     """(prompt tokens in all, output tokens, cached tokens) as the fake reported them."""
     usage = reply["usage"]
@@ -159,19 +156,15 @@ def test_it_answers_and_charges_the_exact_price(gateway_url, anthropic_catalog, 
         prompt_tokens,
         output_tokens,
     )
-    expected_cost = usage_cost_usd(
-        price=PRICE, input_tokens=prompt_tokens, output_tokens=output_tokens
+    assert_charged_exactly(
+        raw,
+        org,
+        price=PRICE,
+        input_tokens=prompt_tokens,
+        output_tokens=output_tokens,
+        provider="anthropic-fake",
+        upstream_model=UPSTREAM_MODEL,
     )
-    assert expected_cost > 0
-    assert Decimal(raw.headers["x-switchboard-cost-usd"]) == expected_cost
-    assert wallet_balance_usd(organization_id=org.pk) == Decimal("10") - expected_cost
-    record = UsageRecord.objects.get()
-    assert record.request_id == raw.headers["x-request-id"]
-    assert (record.input_tokens, record.output_tokens) == (prompt_tokens, output_tokens)
-    assert record.cost_usd == expected_cost
-    assert record.usage_source == UsageRecord.UsageSource.REPORTED
-    assert (record.provider, record.upstream_model) == ("anthropic-fake", UPSTREAM_MODEL)
-    assert record.status == UsageRecord.Status.OK
 
 
 def test_it_sends_a_messages_api_request_with_the_provider_key(

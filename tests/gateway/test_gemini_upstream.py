@@ -23,6 +23,7 @@ from billing.selectors import wallet_balance_usd
 from gateway.services import catalog_load
 from tests.factories import make_key, make_org
 from tests.fakes.gemini import REPLY_PREFIX, TOOL_REPLY_PREFIX, FakeGemini, count_prompt_tokens
+from tests.gateway.metering import assert_charged_exactly, sdk
 
 KEY_ENV = "SWITCHBOARD_TEST_GEMINI_KEY"
 SECRET = "fake-gemini-secret"
@@ -90,10 +91,6 @@ def gemini_catalog(fake_gemini: FakeGemini, transactional_db: None) -> None:
     )
 
 
-def sdk(gateway_url: str, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway_url, api_key=key, max_retries=0)
-
-
 def reported(reply: dict[str, Any]) -> tuple[int, int]:
     """(prompt tokens, output tokens) as the fake reported them; thinking is output."""
     usage = reply["usageMetadata"]
@@ -123,19 +120,15 @@ def test_it_answers_and_charges_the_exact_price(gateway_url, gemini_catalog, fak
         prompt_tokens,
         output_tokens,
     )
-    expected_cost = usage_cost_usd(
-        price=PRICE, input_tokens=prompt_tokens, output_tokens=output_tokens
+    assert_charged_exactly(
+        raw,
+        org,
+        price=PRICE,
+        input_tokens=prompt_tokens,
+        output_tokens=output_tokens,
+        provider="gemini-fake",
+        upstream_model=UPSTREAM_MODEL,
     )
-    assert expected_cost > 0
-    assert Decimal(raw.headers["x-switchboard-cost-usd"]) == expected_cost
-    assert wallet_balance_usd(organization_id=org.pk) == Decimal("10") - expected_cost
-    record = UsageRecord.objects.get()
-    assert record.request_id == raw.headers["x-request-id"]
-    assert (record.input_tokens, record.output_tokens) == (prompt_tokens, output_tokens)
-    assert record.cost_usd == expected_cost
-    assert record.usage_source == UsageRecord.UsageSource.REPORTED
-    assert (record.provider, record.upstream_model) == ("gemini-fake", UPSTREAM_MODEL)
-    assert record.status == UsageRecord.Status.OK
 
 
 def test_it_sends_a_generate_content_request_with_the_key_in_a_header(
