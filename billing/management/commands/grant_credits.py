@@ -19,9 +19,8 @@ class Command(BaseCommand):
     def handle(self, *args: Any, org_slug: str, amount: str, reason: str, **options: Any) -> None:
         try:
             organization = organization_get(slug=org_slug)
-            entry = credit_grant(
-                organization=organization, amount_usd=parse_usd(amount), reason=reason
-            )
+            amount_usd = parse_usd(amount)
+            entry = credit_grant(organization=organization, amount_usd=amount_usd, reason=reason)
         except (OrganizationNotFound, MoneyError, BillingError) as exc:
             raise CommandError(str(exc)) from None
-        self.stderr.write(f"granted {format_usd(parse_usd(amount))} USD (transaction #{entry.pk})")
+        self.stderr.write(f"granted {format_usd(amount_usd)} USD (transaction #{entry.pk})")
