@@ -65,8 +65,9 @@ class Reservation(models.Model):
     """A request's worst-case cost, held on its wallet while the request runs.
 
     Created `held` in the same transaction that raises the wallet's `reserved_usd`; leaves
-    `held` exactly once, by a conditional UPDATE, to `settled` (with the request's usage) or
-    `voided` (failed before any token, or swept after its process died), releasing the hold.
+    `held` exactly once, by a conditional UPDATE, to `settled` (with the request's usage, or
+    swept after its process died mid-stream, charged from its checkpoint) or `voided` (failed
+    before any token, or swept after its process died with no checkpoint), releasing the hold.
     """
 
     class State(models.TextChoices):
@@ -86,6 +87,16 @@ class Reservation(models.Model):
     state = models.CharField(max_length=8, choices=State.choices, default=State.HELD)
     created_at = models.DateTimeField(auto_now_add=True)
     resolved_at = models.DateTimeField(null=True, blank=True)
+    # A stream's usage so far, written at most once a second while it runs
+    # (`reservation_checkpoint`), so that the sweeper can charge it if the process dies before
+    # settling. Null when never checkpointed; the catalog names are what the usage record needs.
+    checkpoint_model = models.CharField(max_length=200, blank=True, default="")
+    checkpoint_provider = models.CharField(max_length=100, blank=True, default="")
+    checkpoint_upstream_model = models.CharField(max_length=200, blank=True, default="")
+    checkpoint_input_tokens = models.PositiveIntegerField(null=True, blank=True)
+    checkpoint_output_tokens = models.PositiveIntegerField(null=True, blank=True)
+    checkpoint_cost_usd = usd_field(null=True, blank=True)  # USD, the checkpoint's tokens priced
+    checkpointed_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         indexes = [
@@ -168,6 +179,9 @@ class UsageRecord(models.Model):
 
     class Status(models.TextChoices):
         OK = "ok"
+        # A stream that did not finish (the upstream broke off, the client went away, or the
+        # gateway process died): charged for what was generated up to that point.
+        INTERRUPTED = "interrupted"
         UPSTREAM_ERROR = "upstream_error"
 
     class UsageSource(models.TextChoices):

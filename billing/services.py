@@ -234,11 +234,45 @@ def reservation_void(*, request_id: str) -> bool:
         return _release(request_id=request_id, state=Reservation.State.VOIDED)
 
 
+def reservation_checkpoint(
+    *,
+    request_id: str,
+    model: str,
+    provider: str,
+    upstream_model: str,
+    input_tokens: int,
+    output_tokens: int,
+    price: Price,
+) -> bool:
+    """Write a running stream's usage so far onto its held reservation (one UPDATE).
+
+    If the process dies before the stream settles, `reservations_sweep` charges this instead
+    of voiding the hold, so a crash loses at most the tokens since the last checkpoint.
+    Returns False when the reservation is no longer held (nothing to protect any more).
+    """
+    cost_usd = usage_cost_usd(price=price, input_tokens=input_tokens, output_tokens=output_tokens)
+    return (
+        Reservation.objects.filter(request_id=request_id, state=Reservation.State.HELD).update(
+            checkpoint_model=model,
+            checkpoint_provider=provider,
+            checkpoint_upstream_model=upstream_model,
+            checkpoint_input_tokens=input_tokens,
+            checkpoint_output_tokens=output_tokens,
+            checkpoint_cost_usd=cost_usd,
+            checkpointed_at=timezone.now(),
+        )
+        == 1
+    )
+
+
 def reservations_sweep(*, older_than: timedelta) -> int:
     """Resolve reservations left `held` longer than `older_than` by a process that died.
 
-    Each is settled if its usage record exists (the charge is already in the ledger), voided
-    otherwise; exactly once, even with several sweepers. Returns how many were resolved.
+    Each is settled if its usage record exists (the charge is already in the ledger); settled
+    and charged from its checkpoint if it has one (a stream cut short by the crash: usage
+    record `interrupted`, `estimated`, charged at most the amount held); voided otherwise.
+    Exactly once, even with several sweepers or a late settle of the same request. Returns
+    how many were resolved.
     """
     cutoff = timezone.now() - older_than
     stale = list(
@@ -250,9 +284,61 @@ def reservations_sweep(*, older_than: timedelta) -> int:
     for request_id in stale:
         with transaction.atomic():
             recorded = UsageRecord.objects.filter(request_id=request_id).exists()
-            state = Reservation.State.SETTLED if recorded else Reservation.State.VOIDED
-            resolved += _release(request_id=request_id, state=state)
+            reservation = Reservation.objects.filter(
+                request_id=request_id, state=Reservation.State.HELD
+            ).first()
+            if reservation is None:
+                continue
+            if recorded:
+                resolved += _release(request_id=request_id, state=Reservation.State.SETTLED)
+            elif reservation.checkpoint_cost_usd is None:
+                resolved += _release(request_id=request_id, state=Reservation.State.VOIDED)
+            else:
+                resolved += _settle_from_checkpoint(
+                    reservation, checkpoint_cost_usd=reservation.checkpoint_cost_usd
+                )
     return resolved
+
+
+def _settle_from_checkpoint(reservation: Reservation, *, checkpoint_cost_usd: Decimal) -> bool:
+    """Charge a dead stream's last checkpoint and record it; False if another resolver won.
+
+    Must run inside `transaction.atomic()`. The claim (`_release`) comes first: a live settle
+    of the same request then finds nothing held, and its usage record collides with this one
+    on the unique request id, so the usage is charged once whichever commits first.
+    """
+    # The checkpoint prices an estimate; the hold is what the request was allowed to cost.
+    cost_usd = min(checkpoint_cost_usd, reservation.amount_usd)
+    if not _release(
+        request_id=reservation.request_id, state=Reservation.State.SETTLED, spent_usd=cost_usd
+    ):
+        return False
+    entry = None
+    if cost_usd > ZERO_USD:
+        wallet = wallet_get_or_create(organization_id=reservation.organization_id)
+        entry = _post(
+            kind=LedgerTransaction.Kind.USAGE,
+            memo=f"{reservation.checkpoint_model} request {reservation.request_id} (interrupted)",
+            legs=[(wallet, -cost_usd), (_system_account(Account.Kind.REVENUE), cost_usd)],
+        )
+    checkpointed_at = reservation.checkpointed_at or reservation.created_at
+    UsageRecord.objects.create(
+        request_id=reservation.request_id,
+        organization_id=reservation.organization_id,
+        api_key_id=reservation.api_key_id,
+        model=reservation.checkpoint_model,
+        provider=reservation.checkpoint_provider,
+        upstream_model=reservation.checkpoint_upstream_model,
+        status=UsageRecord.Status.INTERRUPTED,
+        http_status=200,  # the stream had started: its client was answered 200
+        input_tokens=reservation.checkpoint_input_tokens or 0,
+        output_tokens=reservation.checkpoint_output_tokens or 0,
+        usage_source=UsageRecord.UsageSource.ESTIMATED,
+        cost_usd=cost_usd,
+        latency_ms=int((checkpointed_at - reservation.created_at).total_seconds() * 1000),
+        ledger_transaction=entry,
+    )
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,9 +382,9 @@ def usage_settle(*, metered: MeteredRequest) -> UsageRecord:
             _release(
                 request_id=metered.request_id,
                 state=(
-                    Reservation.State.SETTLED
-                    if metered.status == UsageRecord.Status.OK
-                    else Reservation.State.VOIDED
+                    Reservation.State.VOIDED
+                    if metered.status == UsageRecord.Status.UPSTREAM_ERROR
+                    else Reservation.State.SETTLED
                 ),
                 spent_usd=cost_usd,
             )

@@ -6,6 +6,8 @@ are written for the API caller: they never carry upstream secrets, URLs or trace
 
 from __future__ import annotations
 
+import json
+
 from django.http import JsonResponse
 
 
@@ -104,17 +106,36 @@ class UpstreamFailed(GatewayError):
     code = "upstream_failed"
 
 
+class UpstreamStreamBroken(UpstreamFailed):
+    """The upstream stream broke after its first byte had gone to the client: too late for a
+    status code, so the client gets `stream_error_event` as the stream's last event."""
+
+    code = "upstream_stream_failed"
+
+
+def _error_body(error: GatewayError) -> dict[str, object]:
+    return {
+        "error": {
+            "message": error.message,
+            "type": error.type,
+            "param": error.param,
+            "code": error.code,
+        }
+    }
+
+
 def error_response(error: GatewayError, *, request_id: str) -> JsonResponse:
     """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
     return JsonResponse(
-        {
-            "error": {
-                "message": error.message,
-                "type": error.type,
-                "param": error.param,
-                "code": error.code,
-            }
-        },
+        _error_body(error),
         status=error.status,
         headers={"x-request-id": request_id, **error.headers},
     )
+
+
+def stream_error_event(error: GatewayError) -> bytes:
+    """The same error shape as one server-sent event, to end a stream that already started.
+
+    OpenAI's SDKs raise an APIError when a stream carries a `data:` object with `error`.
+    """
+    return f"data: {json.dumps(_error_body(error))}\n\n".encode()

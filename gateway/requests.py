@@ -65,8 +65,9 @@ def chat_request(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         raise InvalidRequest("'messages' must be a non-empty list.", param="messages")
     if not all(isinstance(message, dict) and "role" in message for message in messages):
         raise InvalidRequest("Each message must be an object with a 'role'.", param="messages")
-    if body.get("stream"):
-        raise InvalidRequest(
-            "Streaming is not supported yet; send 'stream': false.", param="stream"
-        )
+    if "stream" in body and not isinstance(body["stream"], bool | None):
+        raise InvalidRequest("'stream' must be true or false.", param="stream")
+    stream_options = body.get("stream_options")
+    if stream_options is not None and not isinstance(stream_options, dict):
+        raise InvalidRequest("'stream_options' must be an object.", param="stream_options")
     return model, body

@@ -6,10 +6,14 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Awaitable
+from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any, TypeVar
 
 from asgiref.sync import sync_to_async
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http.response import HttpResponseBase
 from django.views.decorators.csrf import csrf_exempt
 
 from billing.models import UsageRecord
@@ -19,12 +23,14 @@ from billing.services import (
     MeteredRequest,
     SpendCapExceeded,
     credit_reserve,
+    reservation_checkpoint,
     reservation_void,
     usage_settle,
 )
 from gateway.auth import Caller, authenticate, bearer_token
 from gateway.errors import (
     GatewayError,
+    InvalidRequest,
     MethodNotAllowed,
     ModelNotAllowed,
     ModelNotFound,
@@ -37,16 +43,20 @@ from gateway.errors import (
 from gateway.limits import limits_admit, limits_release
 from gateway.metering import cap_max_tokens, worst_case
 from gateway.providers import TokenUsage
+from gateway.providers.base import StreamingAdapter, UpstreamStream
 from gateway.requests import chat_request, read_json_body
 from gateway.routing import ChosenRoute, choose_route
 from gateway.selectors import ModelEntry, catalog_model
+from gateway.streaming import client_wants_usage, prompt_estimate, relay_chat_stream
 
 logger = logging.getLogger(__name__)
 
 _reserve = sync_to_async(credit_reserve)
 _void = sync_to_async(reservation_void)
+_checkpoint = sync_to_async(reservation_checkpoint)
 _settle = sync_to_async(usage_settle)
 _NO_USAGE = TokenUsage(input_tokens=0, output_tokens=0)
+_T = TypeVar("_T")
 
 
 def _new_request_id() -> str:
@@ -54,8 +64,9 @@ def _new_request_id() -> str:
 
 
 @csrf_exempt
-async def chat_completions(request: HttpRequest) -> HttpResponse:
-    """POST /v1/chat/completions (non-streaming)."""
+async def chat_completions(request: HttpRequest) -> HttpResponseBase:
+    """POST /v1/chat/completions, answered whole or, with `"stream": true`, as server-sent
+    events."""
     request_id = _new_request_id()
     try:
         return await _chat_completions(request, request_id)
@@ -69,7 +80,7 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
         )
 
 
-async def _chat_completions(request: HttpRequest, request_id: str) -> HttpResponse:
+async def _chat_completions(request: HttpRequest, request_id: str) -> HttpResponseBase:
     started = time.monotonic()
     if request.method != "POST":
         raise MethodNotAllowed("Use POST for /v1/chat/completions.")
@@ -83,12 +94,19 @@ async def _chat_completions(request: HttpRequest, request_id: str) -> HttpRespon
     if not caller.may_use(model.name):
         raise ModelNotAllowed(f"This key may not use the model '{model.name}'.", param="model")
     body, output_limit = cap_max_tokens(body, model)
-    # 3. Limits (released whatever happens next)
+    streaming = body.get("stream") is True
+    # 3. Limits (released whatever happens next; by the stream's end when it streams)
     await limits_admit(api_key_id=caller.api_key_id, request_id=request_id, limits=caller.limits)
     tokens_used = 0
+    released_by_stream = False
     try:
         # 4. Route
         chosen = choose_route(model)
+        if streaming and not isinstance(chosen.adapter, StreamingAdapter):
+            raise InvalidRequest(
+                "Streaming is not supported for this model yet; send 'stream': false.",
+                param="stream",
+            )
         # 5. Reserve the worst case, or 402
         bound = worst_case(body=body, body_bytes=len(request.body), output_limit=output_limit)
         await _reserve_or_refuse(
@@ -100,32 +118,110 @@ async def _chat_completions(request: HttpRequest, request_id: str) -> HttpRespon
                 output_tokens=bound.output_tokens,
             ),
         )
-        # 6. Forward
-        try:
-            reply = await chosen.adapter.chat_completion(
-                route=chosen.route, body=body, secret=chosen.secret
+        metering = _Metering(request_id, caller, model, chosen, started)
+        # 6. Forward; a stream relays and then settles (7.) when it ends, in gateway/streaming.py
+        if streaming and isinstance(chosen.adapter, StreamingAdapter):
+            upstream = await _forwarded(
+                metering,
+                chosen.adapter.chat_completion_stream(
+                    route=chosen.route, body=body, secret=chosen.secret
+                ),
             )
-        except UpstreamFailed:
-            await _record(request_id, caller, model, chosen, started, _NO_USAGE, failed=True)
-            raise
-        except BaseException:
-            # Cancelled (the client went away) or a bug: release the hold, nothing was used.
-            await asyncio.shield(_void(request_id=request_id))
-            raise
+            response = _streamed(metering, upstream, body)
+            released_by_stream = True
+            return response
+        reply = await _forwarded(
+            metering,
+            chosen.adapter.chat_completion(route=chosen.route, body=body, secret=chosen.secret),
+        )
         # 7. Settle
-        record = await _record(request_id, caller, model, chosen, started, reply.usage)
+        record = await _record(metering, reply.usage)
         tokens_used = reply.usage.input_tokens + reply.usage.output_tokens
     finally:
-        await limits_release(
-            api_key_id=caller.api_key_id,
-            request_id=request_id,
-            limits=caller.limits,
-            tokens=tokens_used,
-        )
+        if not released_by_stream:
+            await limits_release(
+                api_key_id=caller.api_key_id,
+                request_id=request_id,
+                limits=caller.limits,
+                tokens=tokens_used,
+            )
     reply.body["model"] = model.name
     return JsonResponse(
         reply.body,
         headers={"x-request-id": request_id, "x-switchboard-cost-usd": format_usd(record.cost_usd)},
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Metering:
+    """What settling a request needs to know about it, once it is routed and reserved."""
+
+    request_id: str
+    caller: Caller
+    model: ModelEntry
+    chosen: ChosenRoute
+    started: float  # time.monotonic() when the request arrived
+
+
+async def _forwarded(metering: _Metering, call: Awaitable[_T]) -> _T:
+    """Await the upstream call up to its first byte; a failure there is recorded uncharged
+    (the provider failed) or releases the hold (refused, cancelled: nothing was used)."""
+    try:
+        return await call
+    except UpstreamFailed:
+        await _record(metering, _NO_USAGE, status=UsageRecord.Status.UPSTREAM_ERROR)
+        raise
+    except BaseException:
+        # Cancelled (the client went away) or a bug: release the hold, nothing was used.
+        await asyncio.shield(_void(request_id=metering.request_id))
+        raise
+
+
+def _streamed(
+    metering: _Metering, upstream: UpstreamStream, body: dict[str, Any]
+) -> StreamingHttpResponse:
+    """The streamed answer: relayed as it arrives, checkpointed, settled when it ends."""
+    route = metering.chosen.route
+    caller = metering.caller
+
+    async def checkpoint(usage: TokenUsage) -> None:
+        await _checkpoint(
+            request_id=metering.request_id,
+            model=metering.model.name,
+            provider=route.provider,
+            upstream_model=route.upstream_model,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            price=metering.model.price,
+        )
+
+    async def finish(usage: TokenUsage, completed: bool) -> None:
+        try:
+            await _record(
+                metering,
+                usage,
+                status=UsageRecord.Status.OK if completed else UsageRecord.Status.INTERRUPTED,
+            )
+        finally:
+            await limits_release(
+                api_key_id=caller.api_key_id,
+                request_id=metering.request_id,
+                limits=caller.limits,
+                tokens=usage.input_tokens + usage.output_tokens,
+            )
+
+    events = relay_chat_stream(
+        upstream=upstream,
+        model_name=metering.model.name,
+        prompt_tokens=prompt_estimate(body),
+        pass_usage=client_wants_usage(body),
+        checkpoint=checkpoint,
+        finish=finish,
+    )
+    return StreamingHttpResponse(
+        events,
+        content_type="text/event-stream",
+        headers={"x-request-id": metering.request_id, "cache-control": "no-cache"},
     )
 
 
@@ -151,25 +247,22 @@ async def _reserve_or_refuse(request_id: str, caller: Caller, amount_usd: Decima
 
 
 async def _record(
-    request_id: str,
-    caller: Caller,
-    model: ModelEntry,
-    chosen: ChosenRoute,
-    started: float,
+    metering: _Metering,
     usage: TokenUsage,
     *,
-    failed: bool = False,
+    status: UsageRecord.Status = UsageRecord.Status.OK,
 ) -> UsageRecord:
     """Settle the request: usage record, charge and release of the hold, in one transaction."""
+    failed = status == UsageRecord.Status.UPSTREAM_ERROR
     return await _settle(
         metered=MeteredRequest(
-            request_id=request_id,
-            api_key_id=caller.api_key_id,
-            organization_id=caller.organization_id,
-            model=model.name,
-            provider=chosen.route.provider,
-            upstream_model=chosen.route.upstream_model,
-            status=UsageRecord.Status.UPSTREAM_ERROR if failed else UsageRecord.Status.OK,
+            request_id=metering.request_id,
+            api_key_id=metering.caller.api_key_id,
+            organization_id=metering.caller.organization_id,
+            model=metering.model.name,
+            provider=metering.chosen.route.provider,
+            upstream_model=metering.chosen.route.upstream_model,
+            status=status,
             http_status=UpstreamFailed.status if failed else 200,
             input_tokens=usage.input_tokens,
             output_tokens=usage.output_tokens,
@@ -179,8 +272,8 @@ async def _record(
                 if usage.reported
                 else UsageRecord.UsageSource.ESTIMATED
             ),
-            latency_ms=int((time.monotonic() - started) * 1000),
-            price=model.price,
+            latency_ms=int((time.monotonic() - metering.started) * 1000),
+            price=metering.model.price,
         )
     )
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from gateway.selectors import RouteEntry
 
@@ -23,6 +24,19 @@ class UpstreamReply:
     usage: TokenUsage
 
 
+@dataclass(frozen=True, slots=True)
+class UpstreamStream:
+    """An upstream stream that answered 200: its chunks are still to be read.
+
+    `chunks` yields OpenAI `chat.completion.chunk` objects in order and ends after the
+    provider's end of stream; it raises UpstreamStreamBroken when the stream breaks midway.
+    `close` must be awaited once, however the stream ends: it frees the upstream connection.
+    """
+
+    chunks: AsyncIterator[dict[str, Any]]
+    close: Callable[[], Awaitable[None]]
+
+
 class ProviderAdapter(Protocol):
     async def chat_completion(
         self, *, route: RouteEntry, body: dict[str, Any], secret: str
@@ -33,6 +47,33 @@ class ProviderAdapter(Protocol):
         InvalidRequest (the provider refused the request itself as invalid).
         """
         ...
+
+
+@runtime_checkable
+class StreamingAdapter(Protocol):
+    """An adapter that can also stream; the view asks with isinstance() before streaming."""
+
+    async def chat_completion_stream(
+        self, *, route: RouteEntry, body: dict[str, Any], secret: str
+    ) -> UpstreamStream:
+        """Open a streamed chat request to the route's provider, up to its first byte.
+
+        The body asks for a stream and for the usage chunk. Raises, before anything reaches
+        the client, what `chat_completion` raises; failures after that come from the chunks.
+        """
+        ...
+
+
+def reported_usage(usage: Any) -> TokenUsage | None:
+    """The usage an OpenAI-shaped `usage` object reports, or None when it reports none."""
+    if not isinstance(usage, dict) or not isinstance(usage.get("prompt_tokens"), int):
+        return None
+    details = usage.get("prompt_tokens_details") or {}
+    return TokenUsage(
+        input_tokens=usage["prompt_tokens"],
+        output_tokens=int(usage.get("completion_tokens") or 0),
+        cached_input_tokens=int(details.get("cached_tokens") or 0),
+    )
 
 
 def estimate_tokens(text: str) -> int:

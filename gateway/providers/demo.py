@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
-from gateway.providers.base import TokenUsage, UpstreamReply
+from gateway.providers.base import TokenUsage, UpstreamReply, UpstreamStream
 from gateway.selectors import RouteEntry
 
 
@@ -56,3 +57,27 @@ class DemoAdapter:
         return UpstreamReply(
             body=reply, usage=TokenUsage(input_tokens=input_tokens, output_tokens=output_tokens)
         )
+
+    async def chat_completion_stream(
+        self, *, route: RouteEntry, body: dict[str, Any], secret: str
+    ) -> UpstreamStream:
+        """The same answer as `chat_completion`, one word a chunk, then the usage chunk."""
+        reply = await self.chat_completion(route=route, body=body, secret=secret)
+        return UpstreamStream(chunks=_chunks_of(reply), close=_nothing_to_close)
+
+
+async def _chunks_of(reply: UpstreamReply) -> AsyncIterator[dict[str, Any]]:
+    base = {key: reply.body[key] for key in ("id", "created", "model")}
+    base["object"] = "chat.completion.chunk"
+    words = str(reply.body["choices"][0]["message"]["content"]).split()
+    for index, word in enumerate(words):
+        delta: dict[str, Any] = {"content": word if index == 0 else f" {word}"}
+        if index == 0:
+            delta["role"] = "assistant"
+        yield {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+    yield {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+    yield {**base, "choices": [], "usage": reply.body["usage"]}
+
+
+async def _nothing_to_close() -> None:
+    return None

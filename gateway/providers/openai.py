@@ -3,23 +3,31 @@
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
-from gateway.errors import UpstreamFailed
-from gateway.providers.base import TokenUsage, UpstreamReply, estimate_tokens
-from gateway.providers.http import post_json
+import httpx
+
+from gateway.errors import InvalidRequest, UpstreamFailed, UpstreamStreamBroken
+from gateway.outbound import client
+from gateway.providers.base import (
+    TokenUsage,
+    UpstreamReply,
+    UpstreamStream,
+    estimate_tokens,
+    reported_usage,
+)
+from gateway.providers.http import CLIENT_ERRORS, post_json, refusal_message
 from gateway.selectors import RouteEntry
+
+logger = logging.getLogger(__name__)
 
 
 def _usage_from(body: dict[str, Any], request: dict[str, Any]) -> TokenUsage:
-    usage = body.get("usage")
-    if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
-        details = usage.get("prompt_tokens_details") or {}
-        return TokenUsage(
-            input_tokens=usage["prompt_tokens"],
-            output_tokens=int(usage.get("completion_tokens") or 0),
-            cached_input_tokens=int(details.get("cached_tokens") or 0),
-        )
+    usage = reported_usage(body.get("usage"))
+    if usage is not None:
+        return usage
     prompt = json.dumps(request.get("messages", []))
     completion = "".join(
         str((choice.get("message") or {}).get("content") or "")
@@ -32,16 +40,92 @@ def _usage_from(body: dict[str, Any], request: dict[str, Any]) -> TokenUsage:
     )
 
 
+def _headers(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"} if secret else {}
+
+
+async def _sse_chunks(route: RouteEntry, response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    """The JSON objects of a chat completion's server-sent events, up to `[DONE]`."""
+    try:
+        async for line in response.aiter_lines():
+            if not line.startswith("data:"):
+                continue  # blank separators, comments (": keep-alive"), `event:` lines
+            data = line[len("data:") :].strip()
+            if data == "[DONE]":
+                return
+            try:
+                chunk = json.loads(data)
+            except ValueError:
+                raise UpstreamStreamBroken("The provider's stream was not readable.") from None
+            if not isinstance(chunk, dict) or "error" in chunk:
+                # An error reported inside the stream: its text is the provider's, not ours
+                # to pass on (it may name internals), so the client gets our own message.
+                logger.warning("provider %s reported an error mid-stream", route.provider)
+                raise UpstreamStreamBroken("The provider failed in the middle of the stream.")
+            yield chunk
+    except httpx.HTTPError as exc:
+        logger.warning("provider %s stream broke: %s", route.provider, type(exc).__name__)
+        raise UpstreamStreamBroken("The provider's stream broke off.") from None
+
+
 class OpenAIAdapter:
     async def chat_completion(
         self, *, route: RouteEntry, body: dict[str, Any], secret: str
     ) -> UpstreamReply:
         """POST the body to `{base_url}/chat/completions` with the route's upstream model."""
         request = {**body, "model": route.upstream_model}
-        headers = {"Authorization": f"Bearer {secret}"} if secret else {}
         reply = await post_json(
-            route=route, url=f"{route.base_url}/chat/completions", payload=request, headers=headers
+            route=route,
+            url=f"{route.base_url}/chat/completions",
+            payload=request,
+            headers=_headers(secret),
         )
         if not isinstance(reply, dict) or not isinstance(reply.get("choices"), list):
             raise UpstreamFailed("The provider's answer was not a chat completion.")
         return UpstreamReply(body=reply, usage=_usage_from(reply, request))
+
+    async def chat_completion_stream(
+        self, *, route: RouteEntry, body: dict[str, Any], secret: str
+    ) -> UpstreamStream:
+        """POST the body with `stream: true` and open its event stream.
+
+        Always asks for the usage chunk (`stream_options.include_usage`), whatever the client
+        asked: it is what the request is charged from. Errors before the stream starts are
+        decided as for `chat_completion` (gateway/providers/http.py explains which is which).
+        """
+        stream_options = body.get("stream_options")
+        request = {
+            **body,
+            "model": route.upstream_model,
+            "stream": True,
+            "stream_options": {
+                **(stream_options if isinstance(stream_options, dict) else {}),
+                "include_usage": True,
+            },
+        }
+        outbound = client()
+        try:
+            response = await outbound.send(
+                outbound.build_request(
+                    "POST",
+                    f"{route.base_url}/chat/completions",
+                    json=request,
+                    headers=_headers(secret),
+                ),
+                stream=True,
+            )
+        except httpx.HTTPError as exc:
+            logger.warning("provider %s unreachable: %s", route.provider, type(exc).__name__)
+            raise UpstreamFailed("The provider could not be reached.") from None
+        if response.status_code != 200:
+            try:
+                await response.aread()  # the refusal's explanation, for a 4xx
+            except httpx.HTTPError:
+                raise UpstreamFailed("The provider could not be reached.") from None
+            finally:
+                await response.aclose()
+            if response.status_code in CLIENT_ERRORS:
+                raise InvalidRequest(refusal_message(response))
+            logger.warning("provider %s answered HTTP %s", route.provider, response.status_code)
+            raise UpstreamFailed(f"The provider failed (HTTP {response.status_code}).")
+        return UpstreamStream(chunks=_sse_chunks(route, response), close=response.aclose)

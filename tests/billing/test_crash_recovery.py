@@ -1,17 +1,30 @@
-"""kill -9 of a gateway process with requests in flight: the sweeper resolves what it left,
-the survivors' requests are charged exactly once, and reconcile is clean."""
+"""kill -9 of a gateway process with requests in flight: the sweeper resolves what it left
+(voiding holds, or charging a stream's last usage checkpoint), the survivors' requests are
+charged exactly once, and reconcile is clean."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from datetime import timedelta
+from decimal import Decimal
 
 import httpx
+import pytest
 from django.db import connection
+from django.utils import timezone
 
 from billing.models import Account, Reservation, UsageRecord
+from billing.money import usage_cost_usd
+from billing.selectors import ledger_violations, wallet_balance_usd
+from billing.services import (
+    credit_reserve,
+    reservation_checkpoint,
+    reservations_sweep,
+    usage_settle,
+)
 from billing.tasks import sweep_stale_reservations
+from tests.billing.test_ledger import PRICE, metered
 from tests.factories import make_key, make_org
 from tests.gateway.test_limits import BODY
 
@@ -78,3 +91,157 @@ def test_a_killed_process_leaves_nothing_held_after_the_sweep(
     records = UsageRecord.objects.all()
     assert len(records) == 2
     assert wallet.balance_usd == 10 - sum(record.cost_usd for record in records)
+
+
+STREAM_BODY = {
+    "model": "fake-small",
+    "messages": [{"role": "user", "content": "Tell the operator a long story please"}],
+    "stream": True,
+}
+
+
+async def _stream_all(urls: list[str], key: str) -> list[str]:
+    """Stream one request to each URL, reading every event; how each stream ended."""
+    async with httpx.AsyncClient(timeout=30) as client:
+
+        async def one(url: str) -> str:
+            try:
+                async with client.stream(
+                    "POST",
+                    f"{url}/chat/completions",
+                    json=STREAM_BODY,
+                    headers={"Authorization": f"Bearer {key}"},
+                ) as response:
+                    lines = [line async for line in response.aiter_lines() if line]
+            except httpx.TransportError:
+                return "connection lost"
+            return "done" if lines[-1] == "data: [DONE]" else "unfinished"
+
+        return await asyncio.gather(*(one(url) for url in urls))
+
+
+def _wait_for_checkpoints(count: int, *, timeout: float = 20.0) -> None:
+    """Poll from a worker thread until `count` held streams have checkpointed their usage."""
+    deadline = time.monotonic() + timeout
+    try:
+        while (
+            Reservation.objects.filter(
+                state=Reservation.State.HELD, checkpoint_cost_usd__isnull=False
+            ).count()
+            < count
+        ):
+            assert time.monotonic() < deadline, "streams never checkpointed their usage"
+            time.sleep(0.05)
+    finally:
+        connection.close()
+
+
+def test_streams_killed_midway_are_charged_once_from_their_checkpoints(
+    start_gateways, catalog, fake_provider, monkeypatch
+):
+    gateways = start_gateways(2)
+    doomed, survivor = gateways.urls
+    # 12 chunks half a second apart: each stream runs ~6 s and checkpoints about once a second.
+    monkeypatch.setattr(fake_provider, "chunk_interval", 0.5)
+    org = make_org(credit_usd="10")
+    _, key = make_key(org)
+
+    async def scenario() -> list[str]:
+        streams = asyncio.ensure_future(_stream_all([doomed] * 3 + [survivor], key))
+        await asyncio.to_thread(_wait_for_checkpoints, 4)
+        gateways.kill(0)
+        return await streams
+
+    outcomes = asyncio.run(scenario())
+
+    assert outcomes == ["connection lost"] * 3 + ["done"]
+    [finished] = UsageRecord.objects.all()
+    assert (finished.status, finished.usage_source) == ("ok", "reported")
+    killed = list(Reservation.objects.filter(state=Reservation.State.HELD))
+    assert len(killed) == 3
+    assert all(r.checkpoint_output_tokens and r.checkpoint_model == "fake-small" for r in killed)
+    Reservation.objects.filter(state=Reservation.State.HELD).update(
+        created_at=Reservation.objects.earliest("created_at").created_at - timedelta(hours=1)
+    )
+
+    assert sweep_stale_reservations.apply().get() == 3
+    assert sweep_stale_reservations.apply().get() == 0
+
+    for reservation in killed:
+        record = UsageRecord.objects.get(request_id=reservation.request_id)
+        assert record.status == UsageRecord.Status.INTERRUPTED
+        assert record.usage_source == UsageRecord.UsageSource.ESTIMATED
+        assert record.output_tokens == reservation.checkpoint_output_tokens
+        assert record.cost_usd == reservation.checkpoint_cost_usd > 0
+        assert record.ledger_transaction is not None
+        assert Reservation.objects.get(pk=reservation.pk).state == Reservation.State.SETTLED
+    wallet = Account.objects.get(organization=org, kind=Account.Kind.WALLET)
+    assert wallet.reserved_usd == 0
+    records = UsageRecord.objects.all()
+    assert len(records) == 4
+    assert wallet.balance_usd == 10 - sum(record.cost_usd for record in records)
+    assert ledger_violations(held_longer_than=timedelta(seconds=0)) == []
+
+
+def _checkpointed(org, key, request_id: str, *, hold_usd: str, output_tokens: int) -> None:
+    credit_reserve(
+        request_id=request_id,
+        organization_id=org.pk,
+        api_key_id=key.pk,
+        amount_usd=Decimal(hold_usd),
+    )
+    assert reservation_checkpoint(
+        request_id=request_id,
+        model="fake-small",
+        provider="fake",
+        upstream_model="fake-small-upstream",
+        input_tokens=1000,
+        output_tokens=output_tokens,
+        price=PRICE,
+    )
+    Reservation.objects.filter(request_id=request_id).update(
+        created_at=timezone.now() - timedelta(hours=1)
+    )
+
+
+@pytest.mark.django_db
+def test_a_checkpoint_is_charged_once_even_if_the_stream_settles_late():
+    org, other_org = make_org(credit_usd="10"), make_org(credit_usd="10")
+    key, _ = make_key(org)
+    _checkpointed(org, key, "req_ckpt", hold_usd="1", output_tokens=2000)
+    checkpoint_cost = usage_cost_usd(price=PRICE, input_tokens=1000, output_tokens=2000)
+
+    assert reservations_sweep(older_than=timedelta(minutes=15)) == 1
+    late = usage_settle(
+        metered=metered(key.pk, org.pk, request_id="req_ckpt", output_tokens=2500)
+    )  # the "dead" process was only slow: its settle arrives after the sweep
+
+    record = UsageRecord.objects.get(request_id="req_ckpt")
+    assert late.pk == record.pk
+    assert (record.status, record.cost_usd) == (UsageRecord.Status.INTERRUPTED, checkpoint_cost)
+    assert wallet_balance_usd(organization_id=org.pk) == Decimal("10") - checkpoint_cost
+    assert wallet_balance_usd(organization_id=other_org.pk) == Decimal("10")
+    assert (
+        reservation_checkpoint(
+            request_id="req_ckpt",
+            model="fake-small",
+            provider="fake",
+            upstream_model="fake-small-upstream",
+            input_tokens=1,
+            output_tokens=1,
+            price=PRICE,
+        )
+        is False
+    )  # settled: nothing left to checkpoint
+
+
+@pytest.mark.django_db
+def test_a_checkpoint_is_charged_at_most_the_amount_held():
+    org = make_org(credit_usd="10")
+    key, _ = make_key(org)
+    _checkpointed(org, key, "req_big", hold_usd="0.001", output_tokens=2_000_000)
+
+    assert reservations_sweep(older_than=timedelta(minutes=15)) == 1
+
+    assert UsageRecord.objects.get().cost_usd == Decimal("0.001")
+    assert wallet_balance_usd(organization_id=org.pk) == Decimal("9.999")

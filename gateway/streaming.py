@@ -1,0 +1,169 @@
+"""Steps 6 and 7 of the request path for `"stream": true`: relay the upstream's chunks to the
+client as they arrive, checkpoint the usage while they flow, and settle when the stream ends.
+
+The stream ends in one of four ways, and each is settled exactly once (`finish`):
+- normally: the upstream's `[DONE]`, passed on;
+- the upstream broke off midway: the client gets one last event in OpenAI's error shape
+  (`stream_error_event`) and the stream closes cleanly;
+- the client went away: Django cancels this iterator; the upstream request is closed;
+- the process died: nothing runs here, and the sweeper charges the last checkpoint.
+Usage is what the provider reported in its usage chunk when that arrived, otherwise an
+estimate from the request and the text relayed so far.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.errors import GatewayError, UpstreamStreamBroken, stream_error_event
+from gateway.providers.base import TokenUsage, UpstreamStream, estimate_tokens, reported_usage
+
+logger = logging.getLogger(__name__)
+
+# How often a running stream writes its usage so far to the database (one UPDATE), bounding
+# what a crashed process can lose.
+CHECKPOINT_INTERVAL_SECONDS = 1.0
+
+_DONE = b"data: [DONE]\n\n"
+
+
+def prompt_estimate(body: dict[str, Any]) -> int:
+    """The prompt tokens charged when the provider reports none: the same estimate as a
+    non-streamed answer without usage (gateway/providers/openai.py)."""
+    return estimate_tokens(json.dumps(body.get("messages", [])))
+
+
+def client_wants_usage(body: dict[str, Any]) -> bool:
+    """Whether the client asked for the usage chunk (`stream_options.include_usage`)."""
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+@dataclass(slots=True)
+class _Tally:
+    """What has been relayed so far, to estimate the usage if the provider reports none."""
+
+    prompt_tokens: int
+    pieces: list[str] = field(default_factory=list)
+    reported: TokenUsage | None = None
+
+    def count(self, chunk: dict[str, Any]) -> None:
+        relayed = ""
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            if not isinstance(delta, dict):
+                continue
+            relayed += str(delta.get("content") or "") + str(delta.get("refusal") or "")
+            for call in delta.get("tool_calls") or []:
+                function = call.get("function") if isinstance(call, dict) else None
+                if isinstance(function, dict):
+                    relayed += str(function.get("name") or "")
+                    relayed += str(function.get("arguments") or "")
+        if relayed:
+            self.pieces.append(relayed)
+
+    def usage(self) -> TokenUsage:
+        if self.reported is not None:
+            return self.reported
+        # A provider sends at least one token a chunk, so the chunk count bounds the estimate
+        # from below when the text is made of short tokens.
+        return TokenUsage(
+            input_tokens=self.prompt_tokens,
+            output_tokens=max(estimate_tokens("".join(self.pieces)), len(self.pieces)),
+            reported=False,
+        )
+
+
+def _is_usage_chunk(chunk: dict[str, Any]) -> bool:
+    return chunk.get("choices") == [] and isinstance(chunk.get("usage"), dict)
+
+
+async def relay_chat_stream(
+    *,
+    upstream: UpstreamStream,
+    model_name: str,
+    prompt_tokens: int,
+    pass_usage: bool,
+    checkpoint: Callable[[TokenUsage], Awaitable[object]],
+    finish: Callable[[TokenUsage, bool], Awaitable[object]],
+) -> AsyncIterator[bytes]:
+    """The client's server-sent events, one per upstream chunk, as each arrives.
+
+    Each chunk's `model` becomes the catalog name the client asked for. The usage chunk is
+    passed on only when `pass_usage` (the client asked for it); it is always read. While the
+    stream runs, `checkpoint(usage so far)` runs at most once per CHECKPOINT_INTERVAL_SECONDS.
+    However the stream ends, the upstream is closed and then `finish(usage, completed)` runs
+    once, shielded from the cancellation that a client disconnect delivers.
+    """
+    tally = _Tally(prompt_tokens=prompt_tokens)
+    next_checkpoint = time.monotonic() + CHECKPOINT_INTERVAL_SECONDS
+    ending: asyncio.Future[None] | None = None
+    try:
+        try:
+            async for chunk in upstream.chunks:
+                if _is_usage_chunk(chunk):
+                    tally.reported = reported_usage(chunk["usage"])
+                    if not pass_usage:
+                        continue
+                else:
+                    tally.count(chunk)
+                    if not pass_usage and chunk.get("usage", 0) is None:
+                        del chunk["usage"]  # the null `usage` that include_usage adds
+                chunk["model"] = model_name
+                yield f"data: {json.dumps(chunk)}\n\n".encode()
+                if time.monotonic() >= next_checkpoint:
+                    await _checkpoint_quietly(checkpoint, tally.usage())
+                    next_checkpoint = time.monotonic() + CHECKPOINT_INTERVAL_SECONDS
+        except UpstreamStreamBroken as error:
+            completed, last_event = False, stream_error_event(error)
+        except Exception:
+            logger.exception("relaying a stream failed")
+            failure = GatewayError("The gateway failed to relay this stream.")
+            completed, last_event = False, stream_error_event(failure)
+        else:
+            completed, last_event = True, _DONE
+        # Settled before the last event goes out, so that a client that has read the whole
+        # stream finds its usage recorded and its wallet charged.
+        ending = asyncio.ensure_future(_end(upstream, finish, tally.usage(), completed))
+        await asyncio.shield(ending)
+        yield last_event
+    finally:
+        if ending is None:
+            # The client went away (Django cancels this iterator, or closes it at a `yield`).
+            ending = asyncio.ensure_future(_end(upstream, finish, tally.usage(), False))
+        # Shielded: a second cancellation (the server shutting down) must not stop the
+        # settlement halfway; the task runs to its end whatever happens to this iterator.
+        await asyncio.shield(ending)
+
+
+async def _checkpoint_quietly(
+    checkpoint: Callable[[TokenUsage], Awaitable[object]], usage: TokenUsage
+) -> None:
+    # A checkpoint only protects against a crash; failing one must not fail the stream.
+    try:
+        await checkpoint(usage)
+    except Exception:
+        logger.exception("a stream checkpoint failed")
+
+
+async def _end(
+    upstream: UpstreamStream,
+    finish: Callable[[TokenUsage, bool], Awaitable[object]],
+    usage: TokenUsage,
+    completed: bool,
+) -> None:
+    try:
+        await upstream.close()
+    except Exception:
+        logger.exception("closing an upstream stream failed")
+    try:
+        await finish(usage, completed)
+    except Exception:
+        # The hold stays; the sweeper resolves it (from the checkpoint, if there was one).
+        logger.exception("settling a stream failed")
