@@ -39,8 +39,19 @@ def organization_create(*, name: str, owner_email: str) -> Organization:
         if owner is None:
             # No password yet: the owner sets one through password reset / sign-up.
             owner = User.objects.create_user(email=email, password=None)
-        organization = Organization.objects.create(name=name, slug=_unique_slug(name))
-        Membership.objects.create(organization=organization, user=owner, role=Membership.Role.OWNER)
+        return _organization_create_owned(name=name, owner=owner)
+
+
+def organization_create_personal(*, user: User) -> Organization:
+    """Create the organisation a user gets on sign-up, named after their e-mail address."""
+    local_part = user.email.split("@", 1)[0]
+    with transaction.atomic():
+        return _organization_create_owned(name=f"{local_part} (personal)", owner=user)
+
+
+def _organization_create_owned(*, name: str, owner: User) -> Organization:
+    organization = Organization.objects.create(name=name, slug=_unique_slug(name))
+    Membership.objects.create(organization=organization, user=owner, role=Membership.Role.OWNER)
     return organization
 
 

@@ -5,6 +5,12 @@ from portal import views
 
 urlpatterns = [
     path("", views.home, name="home"),
+    path("accounts/", include("allauth.urls")),
+    path("dashboard/", include("billing.urls")),
+    path("dashboard/keys/create", views.api_key_create_view, name="api_key_create"),
+    path(
+        "dashboard/keys/<int:api_key_id>/revoke", views.api_key_revoke_view, name="api_key_revoke"
+    ),
     path("admin/", admin.site.urls),
     path("v1/", include("gateway.urls")),
 ]
