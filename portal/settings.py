@@ -119,9 +119,10 @@ try:
     DATABASES = {
         "default": dj_database_url.parse(
             DATABASE_URL,
-            # Seconds a connection is kept for reuse; opening one per request costs far more
-            # than the request's own queries.
-            conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 60),
+            # Seconds a connection is kept for reuse. 0 (close after each request) by default:
+            # Django's ASGI handler runs each request's database work in a thread of its own,
+            # so kept connections would belong to threads that are gone.
+            conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 0),
             conn_health_checks=True,
         )
     }

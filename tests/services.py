@@ -160,9 +160,6 @@ def start_redis(workdir: Path) -> tuple[str, Callable[[], None]]:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
-    # Servers that tests run in threads keep no connection open between requests, so the
-    # test database can be dropped at the end (their threads' connections cannot be closed).
-    os.environ.setdefault("DATABASE_CONN_MAX_AGE", "0")
     need_postgres = not os.environ.get("DATABASE_URL")
     need_redis = not os.environ.get("REDIS_URL")
     if not (need_postgres or need_redis):
