@@ -39,6 +39,8 @@ class Model(models.Model):
     # The most completion tokens one request may ask for; also the worst case reserved when the
     # client sends no max_tokens.
     max_output_tokens = models.PositiveIntegerField(default=4096)
+    # Tokens of prompt and completion together the model accepts; shown to clients.
+    context_length = models.PositiveIntegerField(null=True, blank=True)
     is_active = models.BooleanField(default=True)
 
     def __str__(self) -> str:

@@ -30,6 +30,7 @@ class ModelEntry:
     name: str
     price: Price
     max_output_tokens: int
+    context_length: int | None
     routes: tuple[RouteEntry, ...]
 
 
@@ -57,20 +58,30 @@ def _load_catalog() -> dict[str, ModelEntry]:
                 cached_input_per_mtok_usd=model.cached_input_price_per_mtok_usd,
             ),
             max_output_tokens=model.max_output_tokens,
+            context_length=model.context_length,
             routes=tuple(routes.get(model.pk, ())),
         )
         for model in Model.objects.filter(is_active=True)
     }
 
 
-async def catalog_model(name: str) -> ModelEntry | None:
-    """The active model with this name and its active routes in order, or None."""
+async def _catalog() -> dict[str, ModelEntry]:
     global _snapshot
     expires_at, models = _snapshot
     if expires_at <= time.monotonic():
         models = await sync_to_async(_load_catalog)()
         _snapshot = (time.monotonic() + settings.GATEWAY_CATALOG_CACHE_SECONDS, models)
-    return models.get(name)
+    return models
+
+
+async def catalog_model(name: str) -> ModelEntry | None:
+    """The active model with this name and its active routes in order, or None."""
+    return (await _catalog()).get(name)
+
+
+async def catalog_models() -> list[ModelEntry]:
+    """Every active model, by name."""
+    return sorted((await _catalog()).values(), key=lambda model: model.name)
 
 
 def forget_catalog() -> None:

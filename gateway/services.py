@@ -136,6 +136,11 @@ def catalog_load(*, data: Any) -> CatalogLoadReport:
                     price, "cached_input", f"{where}.price", required=False
                 ),
                 "max_output_tokens": _positive_int(entry, "max_output_tokens", where, 4096),
+                "context_length": (
+                    _positive_int(entry, "context_length", where, 1)
+                    if entry.get("context_length") is not None
+                    else None
+                ),
                 "is_active": bool(entry.get("active", True)),
             }
             routes = _routes(entry, where, providers)

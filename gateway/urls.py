@@ -4,5 +4,7 @@ from gateway import views
 
 urlpatterns = [
     path("chat/completions", views.chat_completions),
+    path("models", views.models),
+    path("models/<path:model_id>", views.model),
     re_path(r"^(?P<path>.*)$", views.unknown_endpoint),
 ]

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, TypeVar
@@ -46,7 +47,7 @@ from gateway.providers import TokenUsage
 from gateway.providers.base import StreamingAdapter, UpstreamStream
 from gateway.requests import chat_request, read_json_body
 from gateway.routing import ChosenRoute, choose_route
-from gateway.selectors import ModelEntry, catalog_model
+from gateway.selectors import ModelEntry, catalog_model, catalog_models
 from gateway.streaming import client_wants_usage, prompt_estimate, relay_chat_stream
 
 logger = logging.getLogger(__name__)
@@ -63,21 +64,75 @@ def _new_request_id() -> str:
     return f"req_{uuid.uuid4().hex}"
 
 
-@csrf_exempt
-async def chat_completions(request: HttpRequest) -> HttpResponseBase:
+_View = Callable[..., Coroutine[Any, Any, HttpResponseBase]]
+
+
+def _openai_endpoint(handler: _View) -> _View:
+    """Give the handler a request id and answer every failure in OpenAI's error shape."""
+
+    @csrf_exempt
+    @functools.wraps(handler)
+    async def endpoint(request: HttpRequest, **kwargs: Any) -> HttpResponseBase:
+        request_id = _new_request_id()
+        try:
+            return await handler(request, request_id, **kwargs)
+        except GatewayError as error:
+            return error_response(error, request_id=request_id)
+        except Exception:
+            # Never a traceback to the caller; the log has it, under the request id.
+            logger.exception("request %s failed", request_id)
+            return error_response(
+                GatewayError("The gateway failed to handle this request."), request_id=request_id
+            )
+
+    return endpoint
+
+
+@_openai_endpoint
+async def models(request: HttpRequest, request_id: str) -> HttpResponseBase:
+    """GET /v1/models: the models the calling key may use, with their prices."""
+    if request.method != "GET":
+        raise MethodNotAllowed("Use GET for /v1/models.")
+    caller = await authenticate(bearer_token(request.headers.get("Authorization", "")))
+    data = [_model_object(model) for model in await catalog_models() if caller.may_use(model.name)]
+    return JsonResponse({"object": "list", "data": data}, headers={"x-request-id": request_id})
+
+
+@_openai_endpoint
+async def model(request: HttpRequest, request_id: str, model_id: str) -> HttpResponseBase:
+    """GET /v1/models/{id}: one model, if the calling key may use it (404 otherwise)."""
+    if request.method != "GET":
+        raise MethodNotAllowed("Use GET for /v1/models/{id}.")
+    caller = await authenticate(bearer_token(request.headers.get("Authorization", "")))
+    entry = await catalog_model(model_id)
+    if entry is None or not caller.may_use(entry.name):
+        raise ModelNotFound(f"The model '{model_id}' does not exist.", param="model")
+    return JsonResponse(_model_object(entry), headers={"x-request-id": request_id})
+
+
+def _model_object(entry: ModelEntry) -> dict[str, Any]:
+    """OpenAI's model object, plus what a caller of a paid gateway needs to know."""
+    return {
+        "id": entry.name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "switchboard",
+        # Decimal strings: prices are exact, and JSON numbers would turn them into floats.
+        "pricing": {
+            "input_per_mtok_usd": format_usd(entry.price.input_per_mtok_usd),
+            "output_per_mtok_usd": format_usd(entry.price.output_per_mtok_usd),
+            "cached_input_per_mtok_usd": format_usd(entry.price.cached_input_per_mtok_usd),
+        },
+        "context_length": entry.context_length,
+        "max_output_tokens": entry.max_output_tokens,
+    }
+
+
+@_openai_endpoint
+async def chat_completions(request: HttpRequest, request_id: str) -> HttpResponseBase:
     """POST /v1/chat/completions, answered whole or, with `"stream": true`, as server-sent
     events."""
-    request_id = _new_request_id()
-    try:
-        return await _chat_completions(request, request_id)
-    except GatewayError as error:
-        return error_response(error, request_id=request_id)
-    except Exception:
-        # Never a traceback to the caller; the log has it, under the request id.
-        logger.exception("request %s failed", request_id)
-        return error_response(
-            GatewayError("The gateway failed to handle this request."), request_id=request_id
-        )
+    return await _chat_completions(request, request_id)
 
 
 async def _chat_completions(request: HttpRequest, request_id: str) -> HttpResponseBase:
