@@ -196,6 +196,7 @@ class UsageRecord(models.Model):
     model = models.CharField(max_length=200)  # the name the client asked for
     provider = models.CharField(max_length=100)  # the route's provider actually used
     upstream_model = models.CharField(max_length=200)
+    attempts = models.PositiveSmallIntegerField(default=1)  # routes tried, this one included
     status = models.CharField(max_length=20, choices=Status.choices)
     http_status = models.PositiveSmallIntegerField()
     input_tokens = models.PositiveIntegerField(default=0)

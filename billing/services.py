@@ -359,6 +359,7 @@ class MeteredRequest:
     usage_source: UsageRecord.UsageSource
     latency_ms: int
     price: Price
+    attempts: int = 1  # routes tried, the one that answered included
 
 
 def usage_settle(*, metered: MeteredRequest) -> UsageRecord:
@@ -403,6 +404,7 @@ def usage_settle(*, metered: MeteredRequest) -> UsageRecord:
                 model=metered.model,
                 provider=metered.provider,
                 upstream_model=metered.upstream_model,
+                attempts=metered.attempts,
                 status=metered.status,
                 http_status=metered.http_status,
                 input_tokens=metered.input_tokens,

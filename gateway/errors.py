@@ -101,9 +101,16 @@ class RequestTooLarge(GatewayError):
 
 
 class UpstreamFailed(GatewayError):
+    """The provider failed before answering. `retryable` failures (unreachable, timed out,
+    5xx, 429) let the gateway try the model's next route; others end the request."""
+
     status = 502
     type = "upstream_error"
     code = "upstream_failed"
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class UpstreamStreamBroken(UpstreamFailed):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
@@ -10,9 +11,10 @@ import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 from django.views.decorators.csrf import csrf_exempt
@@ -31,7 +33,6 @@ from billing.services import (
 from gateway.auth import Caller, authenticate, bearer_token
 from gateway.errors import (
     GatewayError,
-    InvalidRequest,
     MethodNotAllowed,
     ModelNotAllowed,
     ModelNotFound,
@@ -46,7 +47,7 @@ from gateway.metering import cap_max_tokens, worst_case
 from gateway.providers import TokenUsage
 from gateway.providers.base import StreamingAdapter, UpstreamStream
 from gateway.requests import chat_request, read_json_body
-from gateway.routing import ChosenRoute, choose_route
+from gateway.routing import ChosenRoute, serveable_routes
 from gateway.selectors import ModelEntry, catalog_model, catalog_models
 from gateway.streaming import client_wants_usage, prompt_estimate, relay_chat_stream
 
@@ -156,12 +157,7 @@ async def _chat_completions(request: HttpRequest, request_id: str) -> HttpRespon
     released_by_stream = False
     try:
         # 4. Route
-        chosen = choose_route(model)
-        if streaming and not isinstance(chosen.adapter, StreamingAdapter):
-            raise InvalidRequest(
-                "Streaming is not supported for this model yet; send 'stream': false.",
-                param="stream",
-            )
+        routes = serveable_routes(model, streaming=streaming)
         # 5. Reserve the worst case, or 402
         bound = worst_case(body=body, body_bytes=len(request.body), output_limit=output_limit)
         await _reserve_or_refuse(
@@ -173,21 +169,25 @@ async def _chat_completions(request: HttpRequest, request_id: str) -> HttpRespon
                 output_tokens=bound.output_tokens,
             ),
         )
-        metering = _Metering(request_id, caller, model, chosen, started)
-        # 6. Forward; a stream relays and then settles (7.) when it ends, in gateway/streaming.py
-        if streaming and isinstance(chosen.adapter, StreamingAdapter):
-            upstream = await _forwarded(
-                metering,
-                chosen.adapter.chat_completion_stream(
+        # 6. Forward, failing over to the next route before the first byte; a stream relays
+        # and then settles (7.) when it ends, in gateway/streaming.py
+        if streaming:
+            upstream, metering = await _forwarded(
+                _Metering(request_id, caller, model, routes[0], started),
+                routes,
+                lambda chosen: cast(StreamingAdapter, chosen.adapter).chat_completion_stream(
                     route=chosen.route, body=body, secret=chosen.secret
                 ),
             )
             response = _streamed(metering, upstream, body)
             released_by_stream = True
             return response
-        reply = await _forwarded(
-            metering,
-            chosen.adapter.chat_completion(route=chosen.route, body=body, secret=chosen.secret),
+        reply, metering = await _forwarded(
+            _Metering(request_id, caller, model, routes[0], started),
+            routes,
+            lambda chosen: chosen.adapter.chat_completion(
+                route=chosen.route, body=body, secret=chosen.secret
+            ),
         )
         # 7. Settle
         record = await _record(metering, reply.usage)
@@ -216,20 +216,40 @@ class _Metering:
     model: ModelEntry
     chosen: ChosenRoute
     started: float  # time.monotonic() when the request arrived
+    attempts: int = 1  # routes tried so far, `chosen` included
 
 
-async def _forwarded(metering: _Metering, call: Awaitable[_T]) -> _T:
-    """Await the upstream call up to its first byte; a failure there is recorded uncharged
-    (the provider failed) or releases the hold (refused, cancelled: nothing was used)."""
-    try:
-        return await call
-    except UpstreamFailed:
-        await _record(metering, _NO_USAGE, status=UsageRecord.Status.UPSTREAM_ERROR)
-        raise
-    except BaseException:
-        # Cancelled (the client went away) or a bug: release the hold, nothing was used.
-        await asyncio.shield(_void(request_id=metering.request_id))
-        raise
+async def _forwarded(
+    metering: _Metering,
+    routes: list[ChosenRoute],
+    call: Callable[[ChosenRoute], Awaitable[_T]],
+) -> tuple[_T, _Metering]:
+    """Call the routes in order up to the first byte of an answer, at most GATEWAY_MAX_ATTEMPTS.
+
+    A retryable failure (unreachable, 5xx, 429) moves on to the next route; the last failure
+    is recorded uncharged. A refusal or a cancellation releases the hold: nothing was used.
+    Returns the answer and the metering of the route that gave it.
+    """
+    tried = routes[: settings.GATEWAY_MAX_ATTEMPTS]
+    for attempt, chosen in enumerate(tried, start=1):
+        metering = dataclasses.replace(metering, chosen=chosen, attempts=attempt)
+        try:
+            return await call(chosen), metering
+        except UpstreamFailed as failure:
+            if failure.retryable and attempt < len(tried):
+                logger.info(
+                    "request %s: provider %s failed, trying the next route",
+                    metering.request_id,
+                    chosen.route.provider,
+                )
+                continue
+            await _record(metering, _NO_USAGE, status=UsageRecord.Status.UPSTREAM_ERROR)
+            raise
+        except BaseException:
+            # Cancelled (the client went away) or a bug: release the hold, nothing was used.
+            await asyncio.shield(_void(request_id=metering.request_id))
+            raise
+    raise AssertionError("serveable_routes never returns an empty list")
 
 
 def _streamed(
@@ -328,6 +348,7 @@ async def _record(
                 else UsageRecord.UsageSource.ESTIMATED
             ),
             latency_ms=int((time.monotonic() - metering.started) * 1000),
+            attempts=metering.attempts,
             price=metering.model.price,
         )
     )

@@ -251,6 +251,8 @@ GATEWAY_CATALOG_CACHE_SECONDS = env_int("GATEWAY_CATALOG_CACHE_SECONDS", 5)
 GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 8 * 1024 * 1024, minimum=1024)
 # Django refuses larger bodies before any view runs; keep it in step with the gateway's cap.
 DATA_UPLOAD_MAX_MEMORY_SIZE = GATEWAY_MAX_BODY_BYTES
+# How many of a model's routes one request may try (failing over on connect errors, 5xx, 429).
+GATEWAY_MAX_ATTEMPTS = env_int("GATEWAY_MAX_ATTEMPTS", 3, minimum=1)
 # Upstream timeouts, in seconds.
 GATEWAY_CONNECT_TIMEOUT_SECONDS = env_int("GATEWAY_CONNECT_TIMEOUT_SECONDS", 10, minimum=1)
 GATEWAY_READ_TIMEOUT_SECONDS = env_int("GATEWAY_READ_TIMEOUT_SECONDS", 600, minimum=1)

@@ -38,6 +38,14 @@ def refusal_message(response: httpx.Response) -> str:
     return f"The provider refused the request: {str(message)[:500]}"
 
 
+def status_failure(route: RouteEntry, status: int) -> UpstreamFailed:
+    """The failure for a provider's non-200, non-refusal answer; 5xx and 429 may fail over."""
+    logger.warning("provider %s answered HTTP %s", route.provider, status)
+    return UpstreamFailed(
+        f"The provider failed (HTTP {status}).", retryable=status >= 500 or status == 429
+    )
+
+
 async def post_json(
     *,
     route: RouteEntry,
@@ -57,14 +65,13 @@ async def post_json(
         response = await client().post(url, json=payload, headers=dict(headers))
     except httpx.HTTPError as exc:
         logger.warning("provider %s unreachable: %s", route.provider, type(exc).__name__)
-        raise UpstreamFailed("The provider could not be reached.") from None
+        raise UpstreamFailed("The provider could not be reached.", retryable=True) from None
     if response.status_code in CLIENT_ERRORS and not (
         credential_rejected is not None and credential_rejected(response)
     ):
         raise InvalidRequest(refusal_message(response))
     if response.status_code != 200:
-        logger.warning("provider %s answered HTTP %s", route.provider, response.status_code)
-        raise UpstreamFailed(f"The provider failed (HTTP {response.status_code}).")
+        raise status_failure(route, response.status_code)
     try:
         return response.json()
     except ValueError:

@@ -18,7 +18,7 @@ from gateway.providers.base import (
     estimate_tokens,
     reported_usage,
 )
-from gateway.providers.http import CLIENT_ERRORS, post_json, refusal_message
+from gateway.providers.http import CLIENT_ERRORS, post_json, refusal_message, status_failure
 from gateway.selectors import RouteEntry
 
 logger = logging.getLogger(__name__)
@@ -116,16 +116,15 @@ class OpenAIAdapter:
             )
         except httpx.HTTPError as exc:
             logger.warning("provider %s unreachable: %s", route.provider, type(exc).__name__)
-            raise UpstreamFailed("The provider could not be reached.") from None
+            raise UpstreamFailed("The provider could not be reached.", retryable=True) from None
         if response.status_code != 200:
             try:
                 await response.aread()  # the refusal's explanation, for a 4xx
             except httpx.HTTPError:
-                raise UpstreamFailed("The provider could not be reached.") from None
+                raise UpstreamFailed("The provider could not be reached.", retryable=True) from None
             finally:
                 await response.aclose()
             if response.status_code in CLIENT_ERRORS:
                 raise InvalidRequest(refusal_message(response))
-            logger.warning("provider %s answered HTTP %s", route.provider, response.status_code)
-            raise UpstreamFailed(f"The provider failed (HTTP {response.status_code}).")
+            raise status_failure(route, response.status_code)
         return UpstreamStream(chunks=_sse_chunks(route, response), close=response.aclose)
