@@ -128,6 +128,17 @@ try:
     }
 except ValueError as exc:
     raise ImproperlyConfigured(f"DATABASE_URL is not a valid database URL: {exc}") from None
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and env_bool(
+    "DATABASE_POOL", True
+):
+    # Django's ASGI handler runs each request's database work in a new thread, so without a
+    # pool every request opens a connection (measured: the reservation took 12 ms, 3.6 ms with
+    # the pool). Django requires CONN_MAX_AGE = 0 with a pool.
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": 2,
+        "max_size": env_int("DATABASE_POOL_MAX_SIZE", 20, minimum=1),
+    }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Concurrent gateway requests write usage while others read: WAL and a busy timeout
     # keep SQLite from answering "database is locked" in the embedded mode.
