@@ -202,6 +202,7 @@ class UsageRecord(models.Model):
     input_tokens = models.PositiveIntegerField(default=0)
     output_tokens = models.PositiveIntegerField(default=0)
     cached_input_tokens = models.PositiveIntegerField(default=0)
+    cache_write_input_tokens = models.PositiveIntegerField(default=0)
     usage_source = models.CharField(max_length=10, choices=UsageSource.choices)
     cost_usd = usd_field(default=ZERO_USD)  # USD charged to the wallet for this request
     latency_ms = models.PositiveIntegerField()  # from receiving the request to the last byte

@@ -58,23 +58,38 @@ class Price:
     input_per_mtok_usd: Decimal
     output_per_mtok_usd: Decimal
     cached_input_per_mtok_usd: Decimal = ZERO_USD
+    # Writing a prompt into the provider's cache (Anthropic bills it above the input price);
+    # None: billed at the input price.
+    cache_write_input_per_mtok_usd: Decimal | None = None
 
 
 def usage_cost_usd(
-    *, price: Price, input_tokens: int, output_tokens: int, cached_input_tokens: int = 0
+    *,
+    price: Price,
+    input_tokens: int,
+    output_tokens: int,
+    cached_input_tokens: int = 0,
+    cache_write_input_tokens: int = 0,
 ) -> Decimal:
     """The exact charge for a request, rounded once, half-up, to the project's scale.
 
-    `input_tokens` counts every prompt token; the `cached_input_tokens` among them are billed
-    at the cached price instead of the input price.
+    `input_tokens` counts every prompt token; the `cached_input_tokens` (read from the cache)
+    and `cache_write_input_tokens` (written to it) among them are billed at their own prices
+    instead of the input price.
     """
-    if min(input_tokens, output_tokens, cached_input_tokens) < 0:
+    if min(input_tokens, output_tokens, cached_input_tokens, cache_write_input_tokens) < 0:
         raise MoneyError("token counts cannot be negative")
-    if cached_input_tokens > input_tokens:
-        raise MoneyError("cached input tokens cannot exceed input tokens")
+    if cached_input_tokens + cache_write_input_tokens > input_tokens:
+        raise MoneyError("cached and cache-write tokens cannot exceed input tokens")
+    cache_write_price = (
+        price.input_per_mtok_usd
+        if price.cache_write_input_per_mtok_usd is None
+        else price.cache_write_input_per_mtok_usd
+    )
     unscaled = (
-        (input_tokens - cached_input_tokens) * price.input_per_mtok_usd
+        (input_tokens - cached_input_tokens - cache_write_input_tokens) * price.input_per_mtok_usd
         + cached_input_tokens * price.cached_input_per_mtok_usd
+        + cache_write_input_tokens * cache_write_price
         + output_tokens * price.output_per_mtok_usd
     )
     return (unscaled / TOKENS_PER_PRICE_UNIT).quantize(USD_QUANTUM, rounding=ROUND_HALF_UP)

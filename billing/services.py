@@ -360,6 +360,7 @@ class MeteredRequest:
     latency_ms: int
     price: Price
     attempts: int = 1  # routes tried, the one that answered included
+    cache_write_input_tokens: int = 0
 
 
 def usage_settle(*, metered: MeteredRequest) -> UsageRecord:
@@ -375,6 +376,7 @@ def usage_settle(*, metered: MeteredRequest) -> UsageRecord:
         input_tokens=metered.input_tokens,
         output_tokens=metered.output_tokens,
         cached_input_tokens=metered.cached_input_tokens,
+        cache_write_input_tokens=metered.cache_write_input_tokens,
     )
     try:
         with transaction.atomic():
@@ -410,6 +412,7 @@ def usage_settle(*, metered: MeteredRequest) -> UsageRecord:
                 input_tokens=metered.input_tokens,
                 output_tokens=metered.output_tokens,
                 cached_input_tokens=metered.cached_input_tokens,
+                cache_write_input_tokens=metered.cache_write_input_tokens,
                 usage_source=metered.usage_source,
                 cost_usd=cost_usd,
                 latency_ms=metered.latency_ms,

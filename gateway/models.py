@@ -36,6 +36,8 @@ class Model(models.Model):
     input_price_per_mtok_usd = usd_field()  # USD per 1M prompt tokens
     output_price_per_mtok_usd = usd_field()  # USD per 1M completion tokens
     cached_input_price_per_mtok_usd = usd_field(default=ZERO_USD)  # USD per 1M cached tokens
+    # USD per 1M tokens written to the provider's prompt cache; empty: the input price.
+    cache_write_price_per_mtok_usd = usd_field(null=True, blank=True)
     # The most completion tokens one request may ask for; also the worst case reserved when the
     # client sends no max_tokens.
     max_output_tokens = models.PositiveIntegerField(default=4096)

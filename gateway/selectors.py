@@ -56,6 +56,7 @@ def _load_catalog() -> dict[str, ModelEntry]:
                 input_per_mtok_usd=model.input_price_per_mtok_usd,
                 output_per_mtok_usd=model.output_price_per_mtok_usd,
                 cached_input_per_mtok_usd=model.cached_input_price_per_mtok_usd,
+                cache_write_input_per_mtok_usd=model.cache_write_price_per_mtok_usd,
             ),
             max_output_tokens=model.max_output_tokens,
             context_length=model.context_length,

@@ -135,6 +135,11 @@ def catalog_load(*, data: Any) -> CatalogLoadReport:
                 "cached_input_price_per_mtok_usd": _price(
                     price, "cached_input", f"{where}.price", required=False
                 ),
+                "cache_write_price_per_mtok_usd": (
+                    _price(price, "cache_write", f"{where}.price", required=True)
+                    if price.get("cache_write") is not None
+                    else None
+                ),
                 "max_output_tokens": _positive_int(entry, "max_output_tokens", where, 4096),
                 "context_length": (
                     _positive_int(entry, "context_length", where, 1)

@@ -123,6 +123,11 @@ def _model_object(entry: ModelEntry) -> dict[str, Any]:
             "input_per_mtok_usd": format_usd(entry.price.input_per_mtok_usd),
             "output_per_mtok_usd": format_usd(entry.price.output_per_mtok_usd),
             "cached_input_per_mtok_usd": format_usd(entry.price.cached_input_per_mtok_usd),
+            "cache_write_per_mtok_usd": format_usd(
+                entry.price.cache_write_input_per_mtok_usd
+                if entry.price.cache_write_input_per_mtok_usd is not None
+                else entry.price.input_per_mtok_usd
+            ),
         },
         "context_length": entry.context_length,
         "max_output_tokens": entry.max_output_tokens,
@@ -342,6 +347,7 @@ async def _record(
             input_tokens=usage.input_tokens,
             output_tokens=usage.output_tokens,
             cached_input_tokens=usage.cached_input_tokens,
+            cache_write_input_tokens=usage.cache_write_input_tokens,
             usage_source=(
                 UsageRecord.UsageSource.REPORTED
                 if usage.reported

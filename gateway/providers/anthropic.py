@@ -306,6 +306,7 @@ def _usage(usage: Any, *, request: dict[str, Any], completion: str) -> TokenUsag
         input_tokens=usage["input_tokens"] + cache_read + cache_write,
         output_tokens=int(usage.get("output_tokens") or 0),
         cached_input_tokens=cache_read,
+        cache_write_input_tokens=cache_write,
     )
 
 

@@ -13,7 +13,8 @@ from gateway.selectors import RouteEntry
 class TokenUsage:
     input_tokens: int
     output_tokens: int
-    cached_input_tokens: int = 0
+    cached_input_tokens: int = 0  # of input_tokens, read from the provider's prompt cache
+    cache_write_input_tokens: int = 0  # of input_tokens, written to the provider's prompt cache
     # True when the provider reported the figures; False when the gateway estimated them.
     reported: bool = True
 

@@ -23,6 +23,27 @@ def test_cached_input_tokens_are_billed_at_the_cached_price():
     assert cost == Decimal("0.00192")  # 600 × 3 + 400 × 0.30, per 1M
 
 
+def test_cache_writes_are_billed_at_the_cache_write_price_or_else_the_input_price():
+    price = Price(
+        input_per_mtok_usd=Decimal("3"),
+        output_per_mtok_usd=Decimal("15"),
+        cached_input_per_mtok_usd=Decimal("0.30"),
+        cache_write_input_per_mtok_usd=Decimal("3.75"),
+    )
+    cost = usage_cost_usd(
+        price=price,
+        input_tokens=1000,
+        output_tokens=0,
+        cached_input_tokens=400,
+        cache_write_input_tokens=500,
+    )
+    assert cost == Decimal("0.002295")  # (100 × 3 + 400 × 0.30 + 500 × 3.75) / 1M
+    without = Price(input_per_mtok_usd=Decimal("3"), output_per_mtok_usd=Decimal("15"))
+    assert usage_cost_usd(
+        price=without, input_tokens=1000, output_tokens=0, cache_write_input_tokens=500
+    ) == Decimal("0.003")
+
+
 def test_the_cost_is_rounded_once_half_up_at_ten_places():
     price = Price(input_per_mtok_usd=Decimal("0.00005"), output_per_mtok_usd=Decimal(0))
     # 1 token × 0.00005 / 1M = 5e-11: exactly half a unit of the scale, rounds up.
@@ -54,7 +75,7 @@ def test_format_usd_prints_the_full_scale():
     assert format_usd(Decimal("9.99")) == "9.9900000000"
 
 
-@pytest.mark.parametrize("tokens", [(-1, 0, 0), (0, -1, 0), (10, 0, 11)])
+@pytest.mark.parametrize("tokens", [(-1, 0, 0), (0, -1, 0), (10, 0, 11), (10, 0, 6, 5)])
 def test_impossible_token_counts_are_refused(tokens):
     with pytest.raises(MoneyError):
         usage_cost_usd(
@@ -62,4 +83,5 @@ def test_impossible_token_counts_are_refused(tokens):
             input_tokens=tokens[0],
             output_tokens=tokens[1],
             cached_input_tokens=tokens[2],
+            cache_write_input_tokens=tokens[3] if len(tokens) > 3 else 0,
         )

@@ -39,6 +39,7 @@ PRICE = Price(
     input_per_mtok_usd=Decimal("3.00"),
     output_per_mtok_usd=Decimal("15.00"),
     cached_input_per_mtok_usd=Decimal("0.30"),
+    cache_write_input_per_mtok_usd=Decimal("3.75"),
 )
 MESSAGES: list[ChatCompletionMessageParam] = [
     {"role": "system", "content": "You are terse."},
@@ -91,7 +92,12 @@ def anthropic_catalog(fake_anthropic: FakeAnthropic, transactional_db: None) -> 
                 {
                     "name": MODEL,
                     "routes": [{"provider": "anthropic-fake", "upstream_model": UPSTREAM_MODEL}],
-                    "price": {"input": "3.00", "output": "15.00", "cached_input": "0.30"},
+                    "price": {
+                        "input": "3.00",
+                        "output": "15.00",
+                        "cached_input": "0.30",
+                        "cache_write": "3.75",
+                    },
                 }
             ],
         }
@@ -303,7 +309,7 @@ def test_a_tool_call_round_trip(gateway_url, anthropic_catalog, fake_anthropic):
     assert wallet_balance_usd(organization_id=org.pk) == Decimal("10") - total
 
 
-def test_prompt_cache_tokens_are_counted_and_reads_billed_at_the_cached_price(
+def test_prompt_cache_reads_and_writes_are_billed_at_their_own_prices(
     gateway_url, anthropic_catalog, fake_anthropic
 ):
     org = make_org(credit_usd="10")
@@ -327,21 +333,22 @@ def test_prompt_cache_tokens_are_counted_and_reads_billed_at_the_cached_price(
     assert completion.usage.prompt_tokens_details is not None
     assert completion.usage.prompt_tokens_details.cached_tokens == 6
     record = UsageRecord.objects.get()
-    assert (record.input_tokens, record.cached_input_tokens, record.output_tokens) == (
-        prompt_tokens,
-        6,
-        output_tokens,
-    )
+    assert (
+        record.input_tokens,
+        record.cached_input_tokens,
+        record.cache_write_input_tokens,
+        record.output_tokens,
+    ) == (prompt_tokens, 6, 4, output_tokens)
     expected_cost = usage_cost_usd(
         price=PRICE,
         input_tokens=prompt_tokens,
         output_tokens=output_tokens,
         cached_input_tokens=6,
+        cache_write_input_tokens=4,
     )
     assert record.cost_usd == expected_cost
-    assert expected_cost < usage_cost_usd(
-        price=PRICE, input_tokens=prompt_tokens, output_tokens=output_tokens
-    )
+    # 3 × 3.00 + 6 × 0.30 + 4 × 3.75 per 1M for the prompt.
+    assert expected_cost == (Decimal("25.80") + output_tokens * Decimal(15)) / 1_000_000
     assert wallet_balance_usd(organization_id=org.pk) == Decimal("10") - expected_cost
 
 

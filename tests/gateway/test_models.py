@@ -39,6 +39,7 @@ def test_it_lists_every_model_with_its_prices(gateway_url, two_models):
         "input_per_mtok_usd": "3.0000000000",
         "output_per_mtok_usd": "15.0000000000",
         "cached_input_per_mtok_usd": "0.3000000000",
+        "cache_write_per_mtok_usd": "3.0000000000",
     }
     assert (large["max_output_tokens"], large["context_length"]) == (8000, None)
     assert listed.data[1].model_dump()["context_length"] == 8192
