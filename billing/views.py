@@ -15,6 +15,10 @@ from portal.selectors import api_keys_manageable, membership_manages_all_keys, m
 @login_required
 def dashboard(request: HttpRequest) -> HttpResponse:
     """The current organisation: its balance and the API keys this member manages."""
+    memberships = memberships_of_user(user=request_user(request))
+    if not memberships.exists() and not request.GET.get("org"):
+        # An operator made with createsuperuser, or a member removed from every organisation.
+        return render(request, "billing/no_organization.html")
     membership = current_membership(request)
     organization = membership.organization
     return render(
@@ -23,7 +27,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         {
             "membership": membership,
             "organization": organization,
-            "memberships": memberships_of_user(user=request_user(request)),
+            "memberships": memberships,
             "balance_usd": format_usd(wallet_balance_usd(organization_id=organization.pk)),
             "api_keys": api_keys_manageable(membership=membership),
             "manages_all_keys": membership_manages_all_keys(membership=membership),

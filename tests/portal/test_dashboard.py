@@ -223,3 +223,14 @@ def test_the_home_page_links_to_sign_up_log_in_and_the_dashboard(client, team):
     logged_in = _client(team.alice).get("/").content.decode()
     assert 'href="/dashboard/"' in logged_in
     assert "Log out" in logged_in
+
+
+def test_a_user_without_an_organisation_is_told_so(client, team):
+    operator = User.objects.create_user(email="ops@example.com", password="x" * 12)
+    client.force_login(operator)
+
+    response = client.get("/dashboard/")
+
+    assert response.status_code == 200
+    assert "No organisation yet" in response.content.decode()
+    assert client.get("/dashboard/?org=someone-else").status_code == 404
