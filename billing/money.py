@@ -62,6 +62,13 @@ class Price:
     # None: billed at the input price.
     cache_write_input_per_mtok_usd: Decimal | None = None
 
+    @property
+    def cache_write_per_mtok_usd(self) -> Decimal:
+        """What a cache-write token costs: its own price, or else the input price."""
+        if self.cache_write_input_per_mtok_usd is None:
+            return self.input_per_mtok_usd
+        return self.cache_write_input_per_mtok_usd
+
 
 def usage_cost_usd(
     *,
@@ -81,15 +88,10 @@ def usage_cost_usd(
         raise MoneyError("token counts cannot be negative")
     if cached_input_tokens + cache_write_input_tokens > input_tokens:
         raise MoneyError("cached and cache-write tokens cannot exceed input tokens")
-    cache_write_price = (
-        price.input_per_mtok_usd
-        if price.cache_write_input_per_mtok_usd is None
-        else price.cache_write_input_per_mtok_usd
-    )
     unscaled = (
         (input_tokens - cached_input_tokens - cache_write_input_tokens) * price.input_per_mtok_usd
         + cached_input_tokens * price.cached_input_per_mtok_usd
-        + cache_write_input_tokens * cache_write_price
+        + cache_write_input_tokens * price.cache_write_per_mtok_usd
         + output_tokens * price.output_per_mtok_usd
     )
     return (unscaled / TOKENS_PER_PRICE_UNIT).quantize(USD_QUANTUM, rounding=ROUND_HALF_UP)

@@ -105,6 +105,23 @@ def _post(
     return entry
 
 
+def _charge_usage(
+    *, organization_id: int, cost_usd: Decimal, memo: str
+) -> LedgerTransaction | None:
+    """Move a request's cost from the wallet to revenue; None when it cost nothing.
+
+    Must run inside `transaction.atomic()`.
+    """
+    if cost_usd <= ZERO_USD:
+        return None
+    wallet = wallet_get_or_create(organization_id=organization_id)
+    return _post(
+        kind=LedgerTransaction.Kind.USAGE,
+        memo=memo,
+        legs=[(wallet, -cost_usd), (_system_account(Account.Kind.REVENUE), cost_usd)],
+    )
+
+
 def credit_grant(
     *, organization: Organization, amount_usd: Decimal, reason: str
 ) -> LedgerTransaction:
@@ -113,13 +130,12 @@ def credit_grant(
         raise BillingError("a grant must be a positive amount")
     if not reason.strip():
         raise BillingError("a grant needs a reason")
-    with transaction.atomic():
-        wallet = wallet_get_or_create(organization_id=organization.pk)
-        return _post(
-            kind=LedgerTransaction.Kind.GRANT,
-            memo=reason.strip(),
-            legs=[(wallet, amount_usd), (_system_account(Account.Kind.GRANTS), -amount_usd)],
-        )
+    return _grants_transfer(
+        organization=organization,
+        to_wallet_usd=amount_usd,
+        memo=reason.strip(),
+        kind=LedgerTransaction.Kind.GRANT,
+    )
 
 
 def credit_clawback(
@@ -134,12 +150,28 @@ def credit_clawback(
         raise BillingError("a clawback must be a positive amount")
     if not reason.strip():
         raise BillingError("a clawback needs a reason")
+    return _grants_transfer(
+        organization=organization,
+        to_wallet_usd=-amount_usd,
+        memo=reason.strip(),
+        kind=LedgerTransaction.Kind.CLAWBACK,
+    )
+
+
+def _grants_transfer(
+    *,
+    organization: Organization,
+    to_wallet_usd: Decimal,
+    memo: str,
+    kind: LedgerTransaction.Kind,
+) -> LedgerTransaction:
+    """Move money between the grants account and a wallet (negative: back to grants)."""
     with transaction.atomic():
         wallet = wallet_get_or_create(organization_id=organization.pk)
         return _post(
-            kind=LedgerTransaction.Kind.CLAWBACK,
-            memo=reason.strip(),
-            legs=[(wallet, -amount_usd), (_system_account(Account.Kind.GRANTS), amount_usd)],
+            kind=kind,
+            memo=memo,
+            legs=[(wallet, to_wallet_usd), (_system_account(Account.Kind.GRANTS), -to_wallet_usd)],
         )
 
 
@@ -313,14 +345,11 @@ def _settle_from_checkpoint(reservation: Reservation, *, checkpoint_cost_usd: De
         request_id=reservation.request_id, state=Reservation.State.SETTLED, spent_usd=cost_usd
     ):
         return False
-    entry = None
-    if cost_usd > ZERO_USD:
-        wallet = wallet_get_or_create(organization_id=reservation.organization_id)
-        entry = _post(
-            kind=LedgerTransaction.Kind.USAGE,
-            memo=f"{reservation.checkpoint_model} request {reservation.request_id} (interrupted)",
-            legs=[(wallet, -cost_usd), (_system_account(Account.Kind.REVENUE), cost_usd)],
-        )
+    entry = _charge_usage(
+        organization_id=reservation.organization_id,
+        cost_usd=cost_usd,
+        memo=f"{reservation.checkpoint_model} request {reservation.request_id} (interrupted)",
+    )
     checkpointed_at = reservation.checkpointed_at or reservation.created_at
     UsageRecord.objects.create(
         request_id=reservation.request_id,
@@ -391,14 +420,11 @@ def usage_settle(*, metered: MeteredRequest) -> UsageRecord:
                 ),
                 spent_usd=cost_usd,
             )
-            entry = None
-            if cost_usd > ZERO_USD:
-                wallet = wallet_get_or_create(organization_id=metered.organization_id)
-                entry = _post(
-                    kind=LedgerTransaction.Kind.USAGE,
-                    memo=f"{metered.model} request {metered.request_id}",
-                    legs=[(wallet, -cost_usd), (_system_account(Account.Kind.REVENUE), cost_usd)],
-                )
+            entry = _charge_usage(
+                organization_id=metered.organization_id,
+                cost_usd=cost_usd,
+                memo=f"{metered.model} request {metered.request_id}",
+            )
             record = UsageRecord.objects.create(
                 request_id=metered.request_id,
                 organization_id=metered.organization_id,

@@ -29,7 +29,8 @@ from gateway.errors import RateLimited, ServiceUnavailable
 
 WINDOW_SECONDS = 60
 
-# KEYS[1] the bucket hash; ARGV: now (whole seconds), limit, amount to add if admitted.
+# KEYS[1] the bucket hash; ARGV: now (whole seconds), limit (-1: none, only count), amount
+# to add if admitted.
 # Returns {admitted (0/1), seconds until the oldest counted bucket leaves the window}.
 _WINDOW_SCRIPT = """
 local now = tonumber(ARGV[1])
@@ -46,7 +47,7 @@ for i = 1, #buckets, 2 do
     if second < oldest then oldest = second end
   end
 end
-if used >= limit then
+if limit >= 0 and used >= limit then
   return {0, oldest + 60 - now}
 end
 if amount > 0 then
@@ -93,11 +94,11 @@ class _LocalState:
         self.windows: dict[str, dict[int, int]] = {}
         self.in_flight: dict[str, dict[str, float]] = {}
 
-    def window(self, key: str, now: int, limit: int, amount: int) -> tuple[bool, int]:
+    def window(self, key: str, now: int, limit: int | None, amount: int) -> tuple[bool, int]:
         buckets = self.windows.setdefault(key, {})
         for second in [s for s in buckets if s <= now - WINDOW_SECONDS]:
             del buckets[second]
-        if sum(buckets.values()) >= limit:
+        if limit is not None and sum(buckets.values()) >= limit:
             return False, min(buckets) + WINDOW_SECONDS - now
         if amount:
             buckets[now] = buckets.get(now, 0) + amount
@@ -138,13 +139,35 @@ def _prefix(api_key_id: int) -> str:
     return f"sb:limits:{api_key_id}"
 
 
-async def _window(key: str, limit: int, amount: int) -> tuple[bool, int]:
+async def _window(key: str, limit: int | None, amount: int) -> tuple[bool, int]:
+    """Admit (adding `amount`) while the last minute holds less than `limit` (None: always);
+    returns whether admitted and, if not, the seconds until it could be."""
     now = int(time.time())
     client = _redis()
     if client is None:
         return _local.window(key, now, limit, amount)
-    admitted, retry_after = await client.eval(_WINDOW_SCRIPT, 1, key, now, limit, amount)
+    admitted, retry_after = await client.eval(
+        _WINDOW_SCRIPT, 1, key, now, -1 if limit is None else limit, amount
+    )
     return bool(admitted), int(retry_after)
+
+
+async def _enter(key: str, limit: int, request_id: str) -> bool:
+    """Add the request to the in-flight set unless it already holds `limit` requests."""
+    lifetime = settings.BILLING_RESERVATION_SWEEP_AFTER_SECONDS
+    now = time.time()
+    client = _redis()
+    if client is None:
+        return _local.enter(key, now, limit, request_id, lifetime)
+    return bool(await client.eval(_CONCURRENCY_SCRIPT, 1, key, now, limit, request_id, lifetime))
+
+
+async def _leave(key: str, request_id: str) -> None:
+    client = _redis()
+    if client is None:
+        _local.in_flight.get(key, {}).pop(request_id, None)
+    else:
+        await client.zrem(key, request_id)
 
 
 async def limits_admit(*, api_key_id: int, request_id: str, limits: RateLimits) -> None:
@@ -171,32 +194,14 @@ async def limits_admit(*, api_key_id: int, request_id: str, limits: RateLimits) 
                     "reached.",
                     retry_after_seconds=retry_after,
                 )
-        if limits.max_concurrent_requests is not None:
-            lifetime = settings.BILLING_RESERVATION_SWEEP_AFTER_SECONDS
-            client = _redis()
-            key, now = f"{prefix}:inflight", time.time()
-            if client is None:
-                entered = _local.enter(
-                    key, now, limits.max_concurrent_requests, request_id, lifetime
-                )
-            else:
-                entered = bool(
-                    await client.eval(
-                        _CONCURRENCY_SCRIPT,
-                        1,
-                        key,
-                        now,
-                        limits.max_concurrent_requests,
-                        request_id,
-                        lifetime,
-                    )
-                )
-            if not entered:
-                raise RateLimited(
-                    f"This key's limit of {limits.max_concurrent_requests} concurrent requests "
-                    "is reached.",
-                    retry_after_seconds=1,
-                )
+        concurrency = limits.max_concurrent_requests
+        if concurrency is not None and not await _enter(
+            f"{prefix}:inflight", concurrency, request_id
+        ):
+            raise RateLimited(
+                f"This key's limit of {concurrency} concurrent requests is reached.",
+                retry_after_seconds=1,
+            )
     except RedisError:
         raise ServiceUnavailable(
             "The rate limiter is unavailable; this key's limits cannot be checked."
@@ -210,16 +215,11 @@ async def limits_release(
     if not limits.any:
         return
     prefix = _prefix(api_key_id)
-    client = _redis()
     try:
         if limits.max_concurrent_requests is not None:
-            if client is None:
-                _local.in_flight.get(f"{prefix}:inflight", {}).pop(request_id, None)
-            else:
-                await client.zrem(f"{prefix}:inflight", request_id)
+            await _leave(f"{prefix}:inflight", request_id)
         if limits.tokens_per_minute is not None and tokens > 0:
-            # Limit 2^62: counting only, never refused.
-            await _window(f"{prefix}:tpm", 2**62, tokens)
+            await _window(f"{prefix}:tpm", None, tokens)  # counted, never refused
     except RedisError:
         # Not fatal: the slot expires with the sweep bound and TPM under-counts one request.
         pass

@@ -33,12 +33,6 @@ CHECKPOINT_INTERVAL_SECONDS = 1.0
 _DONE = b"data: [DONE]\n\n"
 
 
-def prompt_estimate(body: dict[str, Any]) -> int:
-    """The prompt tokens charged when the provider reports none: the same estimate as a
-    non-streamed answer without usage (gateway/providers/openai.py)."""
-    return estimate_tokens(json.dumps(body.get("messages", [])))
-
-
 def client_wants_usage(body: dict[str, Any]) -> bool:
     """Whether the client asked for the usage chunk (`stream_options.include_usage`)."""
     options = body.get("stream_options")

@@ -45,11 +45,11 @@ from gateway.errors import (
 from gateway.limits import limits_admit, limits_release
 from gateway.metering import cap_max_tokens, worst_case
 from gateway.providers import TokenUsage
-from gateway.providers.base import StreamingAdapter, UpstreamStream
+from gateway.providers.base import StreamingAdapter, UpstreamStream, estimate_prompt_tokens
 from gateway.requests import chat_request, read_json_body
 from gateway.routing import ChosenRoute, serveable_routes
 from gateway.selectors import ModelEntry, catalog_model, catalog_models
-from gateway.streaming import client_wants_usage, prompt_estimate, relay_chat_stream
+from gateway.streaming import client_wants_usage, relay_chat_stream
 
 logger = logging.getLogger(__name__)
 
@@ -68,43 +68,51 @@ def _new_request_id() -> str:
 _View = Callable[..., Coroutine[Any, Any, HttpResponseBase]]
 
 
-def _openai_endpoint(handler: _View) -> _View:
-    """Give the handler a request id and answer every failure in OpenAI's error shape."""
+def _openai_endpoint(method: str | None) -> Callable[[_View], _View]:
+    """Give the handler a request id, refuse HTTP methods other than `method` (None: any),
+    and answer every failure in OpenAI's error shape."""
 
-    @csrf_exempt
-    @functools.wraps(handler)
-    async def endpoint(request: HttpRequest, **kwargs: Any) -> HttpResponseBase:
-        request_id = _new_request_id()
-        try:
-            return await handler(request, request_id, **kwargs)
-        except GatewayError as error:
-            return error_response(error, request_id=request_id)
-        except Exception:
-            # Never a traceback to the caller; the log has it, under the request id.
-            logger.exception("request %s failed", request_id)
-            return error_response(
-                GatewayError("The gateway failed to handle this request."), request_id=request_id
-            )
+    def decorate(handler: _View) -> _View:
+        @csrf_exempt
+        @functools.wraps(handler)
+        async def endpoint(request: HttpRequest, **kwargs: Any) -> HttpResponseBase:
+            request_id = _new_request_id()
+            try:
+                if method is not None and request.method != method:
+                    raise MethodNotAllowed(f"Use {method} for {request.path}.")
+                return await handler(request, request_id, **kwargs)
+            except GatewayError as error:
+                return error_response(error, request_id=request_id)
+            except Exception:
+                # Never a traceback to the caller; the log has it, under the request id.
+                logger.exception("request %s failed", request_id)
+                return error_response(
+                    GatewayError("The gateway failed to handle this request."),
+                    request_id=request_id,
+                )
 
-    return endpoint
+        return endpoint
+
+    return decorate
 
 
-@_openai_endpoint
+async def _caller(request: HttpRequest) -> Caller:
+    """Step 1 of every endpoint: the key in the Authorization header."""
+    return await authenticate(bearer_token(request.headers.get("Authorization", "")))
+
+
+@_openai_endpoint("GET")
 async def models(request: HttpRequest, request_id: str) -> HttpResponseBase:
     """GET /v1/models: the models the calling key may use, with their prices."""
-    if request.method != "GET":
-        raise MethodNotAllowed("Use GET for /v1/models.")
-    caller = await authenticate(bearer_token(request.headers.get("Authorization", "")))
+    caller = await _caller(request)
     data = [_model_object(model) for model in await catalog_models() if caller.may_use(model.name)]
     return JsonResponse({"object": "list", "data": data}, headers={"x-request-id": request_id})
 
 
-@_openai_endpoint
+@_openai_endpoint("GET")
 async def model(request: HttpRequest, request_id: str, model_id: str) -> HttpResponseBase:
     """GET /v1/models/{id}: one model, if the calling key may use it (404 otherwise)."""
-    if request.method != "GET":
-        raise MethodNotAllowed("Use GET for /v1/models/{id}.")
-    caller = await authenticate(bearer_token(request.headers.get("Authorization", "")))
+    caller = await _caller(request)
     entry = await catalog_model(model_id)
     if entry is None or not caller.may_use(entry.name):
         raise ModelNotFound(f"The model '{model_id}' does not exist.", param="model")
@@ -123,30 +131,20 @@ def _model_object(entry: ModelEntry) -> dict[str, Any]:
             "input_per_mtok_usd": format_usd(entry.price.input_per_mtok_usd),
             "output_per_mtok_usd": format_usd(entry.price.output_per_mtok_usd),
             "cached_input_per_mtok_usd": format_usd(entry.price.cached_input_per_mtok_usd),
-            "cache_write_per_mtok_usd": format_usd(
-                entry.price.cache_write_input_per_mtok_usd
-                if entry.price.cache_write_input_per_mtok_usd is not None
-                else entry.price.input_per_mtok_usd
-            ),
+            "cache_write_per_mtok_usd": format_usd(entry.price.cache_write_per_mtok_usd),
         },
         "context_length": entry.context_length,
         "max_output_tokens": entry.max_output_tokens,
     }
 
 
-@_openai_endpoint
+@_openai_endpoint("POST")
 async def chat_completions(request: HttpRequest, request_id: str) -> HttpResponseBase:
     """POST /v1/chat/completions, answered whole or, with `"stream": true`, as server-sent
     events."""
-    return await _chat_completions(request, request_id)
-
-
-async def _chat_completions(request: HttpRequest, request_id: str) -> HttpResponseBase:
     started = time.monotonic()
-    if request.method != "POST":
-        raise MethodNotAllowed("Use POST for /v1/chat/completions.")
     # 1. Key
-    caller = await authenticate(bearer_token(request.headers.get("Authorization", "")))
+    caller = await _caller(request)
     # 2. Request
     model_name, body = chat_request(read_json_body(request))
     model = await catalog_model(model_name)
@@ -176,9 +174,10 @@ async def _chat_completions(request: HttpRequest, request_id: str) -> HttpRespon
         )
         # 6. Forward, failing over to the next route before the first byte; a stream relays
         # and then settles (7.) when it ends, in gateway/streaming.py
+        metering = _Metering(request_id, caller, model, routes[0], started)
         if streaming:
             upstream, metering = await _forwarded(
-                _Metering(request_id, caller, model, routes[0], started),
+                metering,
                 routes,
                 lambda chosen: cast(StreamingAdapter, chosen.adapter).chat_completion_stream(
                     route=chosen.route, body=body, secret=chosen.secret
@@ -188,7 +187,7 @@ async def _chat_completions(request: HttpRequest, request_id: str) -> HttpRespon
             released_by_stream = True
             return response
         reply, metering = await _forwarded(
-            _Metering(request_id, caller, model, routes[0], started),
+            metering,
             routes,
             lambda chosen: chosen.adapter.chat_completion(
                 route=chosen.route, body=body, secret=chosen.secret
@@ -293,7 +292,8 @@ def _streamed(
     events = relay_chat_stream(
         upstream=upstream,
         model_name=metering.model.name,
-        prompt_tokens=prompt_estimate(body),
+        # The same estimate as a whole answer without usage (providers/base.py).
+        prompt_tokens=estimate_prompt_tokens(body.get("messages", [])),
         pass_usage=client_wants_usage(body),
         checkpoint=checkpoint,
         finish=finish,
@@ -360,10 +360,7 @@ async def _record(
     )
 
 
-@csrf_exempt
-async def unknown_endpoint(request: HttpRequest, path: str = "") -> HttpResponse:
+@_openai_endpoint(None)
+async def unknown_endpoint(request: HttpRequest, request_id: str, path: str = "") -> HttpResponse:
     """Any other `/v1/*` path: OpenAI's 404 shape rather than Django's HTML page."""
-    return error_response(
-        UnknownEndpoint(f"Unknown endpoint: {request.method} {request.path}"),
-        request_id=_new_request_id(),
-    )
+    raise UnknownEndpoint(f"Unknown endpoint: {request.method} {request.path}")

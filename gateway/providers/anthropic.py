@@ -18,7 +18,7 @@ import uuid
 from typing import Any, Final
 
 from gateway.errors import InvalidRequest, UpstreamFailed
-from gateway.providers.base import TokenUsage, UpstreamReply, estimate_tokens
+from gateway.providers.base import TokenUsage, UpstreamReply, estimated_usage
 from gateway.providers.http import post_json
 from gateway.providers.openai_request import (
     append_turn,
@@ -294,11 +294,7 @@ def response_to_openai(message: Any, *, request: dict[str, Any], created: int) -
 def _usage(usage: Any, *, request: dict[str, Any], completion: str) -> TokenUsage:
     if not isinstance(usage, dict) or not isinstance(usage.get("input_tokens"), int):
         # Anthropic always reports usage; should it not, the answer is still charged.
-        return TokenUsage(
-            input_tokens=estimate_tokens(json.dumps(request.get("messages", []))),
-            output_tokens=estimate_tokens(completion),
-            reported=False,
-        )
+        return estimated_usage(prompt=request.get("messages", []), completion=completion)
     # The cache fields are absent or null when no cache was involved.
     cache_read = int(usage.get("cache_read_input_tokens") or 0)
     cache_write = int(usage.get("cache_creation_input_tokens") or 0)

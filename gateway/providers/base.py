@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -80,3 +81,17 @@ def reported_usage(usage: Any) -> TokenUsage | None:
 def estimate_tokens(text: str) -> int:
     """A rough token count (about four characters a token) for when a provider reports none."""
     return (len(text) + 3) // 4
+
+
+def estimate_prompt_tokens(prompt: Any) -> int:
+    """The prompt tokens charged when a provider reports none: the prompt as JSON, estimated."""
+    return estimate_tokens(json.dumps(prompt))
+
+
+def estimated_usage(*, prompt: Any, completion: str) -> TokenUsage:
+    """The usage charged when a provider reports none, labelled as estimated."""
+    return TokenUsage(
+        input_tokens=estimate_prompt_tokens(prompt),
+        output_tokens=estimate_tokens(completion),
+        reported=False,
+    )

@@ -29,7 +29,7 @@ from urllib.parse import quote
 import httpx
 
 from gateway.errors import InvalidRequest, UpstreamFailed
-from gateway.providers.base import TokenUsage, UpstreamReply, estimate_tokens
+from gateway.providers.base import TokenUsage, UpstreamReply, estimated_usage
 from gateway.providers.http import post_json
 from gateway.providers.openai_request import (
     append_turn,
@@ -351,11 +351,7 @@ def _usage(metadata: Any, *, request: dict[str, Any], completion: str) -> tuple[
     """The usage to bill, and the reasoning ("thoughts") tokens among the output tokens."""
     if not isinstance(metadata, dict) or not isinstance(metadata.get("promptTokenCount"), int):
         # Gemini reports usage with every answer; should it not, the answer is still charged.
-        estimated = TokenUsage(
-            input_tokens=estimate_tokens(json.dumps(request.get("contents", []))),
-            output_tokens=estimate_tokens(completion),
-            reported=False,
-        )
+        estimated = estimated_usage(prompt=request.get("contents", []), completion=completion)
         return estimated, 0
     thoughts = int(metadata.get("thoughtsTokenCount") or 0)
     # promptTokenCount already includes the cached tokens; the prompt built by tool use (e.g.

@@ -15,7 +15,7 @@ from gateway.providers.base import (
     TokenUsage,
     UpstreamReply,
     UpstreamStream,
-    estimate_tokens,
+    estimated_usage,
     reported_usage,
 )
 from gateway.providers.http import CLIENT_ERRORS, post_json, refusal_message, status_failure
@@ -28,16 +28,11 @@ def _usage_from(body: dict[str, Any], request: dict[str, Any]) -> TokenUsage:
     usage = reported_usage(body.get("usage"))
     if usage is not None:
         return usage
-    prompt = json.dumps(request.get("messages", []))
     completion = "".join(
         str((choice.get("message") or {}).get("content") or "")
         for choice in body.get("choices", [])
     )
-    return TokenUsage(
-        input_tokens=estimate_tokens(prompt),
-        output_tokens=estimate_tokens(completion),
-        reported=False,
-    )
+    return estimated_usage(prompt=request.get("messages", []), completion=completion)
 
 
 def _headers(secret: str) -> dict[str, str]:
