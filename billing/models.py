@@ -206,6 +206,9 @@ class UsageRecord(models.Model):
     usage_source = models.CharField(max_length=10, choices=UsageSource.choices)
     cost_usd = usd_field(default=ZERO_USD)  # USD charged to the wallet for this request
     latency_ms = models.PositiveIntegerField()  # from receiving the request to the last byte
+    # Milliseconds from receiving the request to the first token relayed (a stream's first
+    # chunk; a whole answer's arrival); empty when no answer came.
+    time_to_first_token_ms = models.PositiveIntegerField(null=True, blank=True)
     ledger_transaction = models.OneToOneField(
         LedgerTransaction, null=True, blank=True, on_delete=models.PROTECT, related_name="usage"
     )

@@ -390,6 +390,7 @@ class MeteredRequest:
     price: Price
     attempts: int = 1  # routes tried, the one that answered included
     cache_write_input_tokens: int = 0
+    time_to_first_token_ms: int | None = None  # None: no answer came (an upstream error)
 
 
 def usage_settle(*, metered: MeteredRequest) -> UsageRecord:
@@ -442,6 +443,7 @@ def usage_settle(*, metered: MeteredRequest) -> UsageRecord:
                 usage_source=metered.usage_source,
                 cost_usd=cost_usd,
                 latency_ms=metered.latency_ms,
+                time_to_first_token_ms=metered.time_to_first_token_ms,
                 ledger_transaction=entry,
             )
             # Throttled so that a busy key is not row-locked by every request's transaction.

@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from gateway.models import Model, Provider, Route
+from gateway.models import Model, ModelAlias, Provider, Route
 
 
 @admin.register(Provider)
@@ -13,6 +13,20 @@ class ProviderAdmin(admin.ModelAdmin):
 class RouteInline(admin.TabularInline):
     model = Route
     extra = 0
+    fields = (
+        "position",
+        "provider",
+        "upstream_model",
+        "weight",
+        "connect_timeout_seconds",
+        "first_byte_timeout_seconds",
+        "idle_timeout_seconds",
+    )
+
+
+class ModelAliasInline(admin.TabularInline):
+    model = ModelAlias
+    extra = 0
 
 
 @admin.register(Model)
@@ -22,8 +36,9 @@ class ModelAdmin(admin.ModelAdmin):
         "input_price_per_mtok_usd",
         "output_price_per_mtok_usd",
         "cached_input_price_per_mtok_usd",
+        "routing",
         "is_active",
     )
-    list_filter = ("is_active",)
-    search_fields = ("name",)
-    inlines = (RouteInline,)
+    list_filter = ("is_active", "routing")
+    search_fields = ("name", "aliases__name")
+    inlines = (RouteInline, ModelAliasInline)

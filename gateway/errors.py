@@ -108,9 +108,13 @@ class UpstreamFailed(GatewayError):
     type = "upstream_error"
     code = "upstream_failed"
 
-    def __init__(self, message: str, *, retryable: bool = False) -> None:
+    def __init__(
+        self, message: str, *, retryable: bool = False, retry_after_seconds: float | None = None
+    ) -> None:
         super().__init__(message)
         self.retryable = retryable
+        # The provider's Retry-After (429, 503): the same route may be retried after it.
+        self.retry_after_seconds = retry_after_seconds
 
 
 class UpstreamStreamBroken(UpstreamFailed):

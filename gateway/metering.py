@@ -42,16 +42,19 @@ def _count_image_parts(messages: Any) -> int:
     return count
 
 
-def cap_max_tokens(body: dict[str, Any], model: ModelEntry) -> tuple[dict[str, Any], int]:
+def cap_max_tokens(
+    body: dict[str, Any], model: ModelEntry, *, default: int | None = None
+) -> tuple[dict[str, Any], int]:
     """The body to forward with its completion limit capped, and that limit.
 
     Keeps whichever field the client used (`max_completion_tokens` or `max_tokens`); when it
-    sent neither, sets `max_tokens` to the model's cap so the upstream stops there.
+    sent neither, sets `max_tokens` to `default` (the API's own default, such as the legacy
+    completions' 16) or else the model's cap, so the upstream stops there.
     """
     field = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     requested = body.get(field)
     if requested is None:
-        limit = model.max_output_tokens
+        limit = min(default or model.max_output_tokens, model.max_output_tokens)
     elif isinstance(requested, int) and not isinstance(requested, bool) and requested >= 1:
         limit = min(requested, model.max_output_tokens)
     else:
@@ -59,9 +62,17 @@ def cap_max_tokens(body: dict[str, Any], model: ModelEntry) -> tuple[dict[str, A
     return {**body, field: limit}, limit
 
 
+def _choices(body: dict[str, Any]) -> int:
+    """How many completions the request generates: `n`, or a legacy `best_of` above it."""
+    counts = [body.get(name) for name in ("n", "best_of")]
+    return max([1, *(count for count in counts if isinstance(count, int))])
+
+
 def worst_case(*, body: dict[str, Any], body_bytes: int, output_limit: int) -> WorstCase:
-    """The most tokens this request can be billed for."""
+    """The most tokens this request can be billed for: every choice (`n`) may use the whole
+    completion limit."""
     images = _count_image_parts(body.get("messages"))
     return WorstCase(
-        input_tokens=body_bytes + images * IMAGE_TOKEN_ALLOWANCE, output_tokens=output_limit
+        input_tokens=body_bytes + images * IMAGE_TOKEN_ALLOWANCE,
+        output_tokens=output_limit * _choices(body),
     )

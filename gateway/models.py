@@ -32,6 +32,10 @@ class Provider(models.Model):
 class Model(models.Model):
     """A model as clients name it, with its prices (USD per 1M tokens)."""
 
+    class Routing(models.TextChoices):
+        ORDERED = "ordered", "In order (failover)"
+        WEIGHTED = "weighted", "By weight (load balancing), then in order"
+
     name = models.CharField(max_length=200, unique=True)
     input_price_per_mtok_usd = usd_field()  # USD per 1M prompt tokens
     output_price_per_mtok_usd = usd_field()  # USD per 1M completion tokens
@@ -43,6 +47,13 @@ class Model(models.Model):
     max_output_tokens = models.PositiveIntegerField(default=4096)
     # Tokens of prompt and completion together the model accepts; shown to clients.
     context_length = models.PositiveIntegerField(null=True, blank=True)
+    routing = models.CharField(
+        max_length=10,
+        choices=Routing.choices,
+        default=Routing.ORDERED,
+        help_text="Ordered: the first route serves, the others are fallbacks. Weighted: the "
+        "first route is drawn by weight among the serveable ones, the rest follow in order.",
+    )
     is_active = models.BooleanField(default=True)
 
     def __str__(self) -> str:
@@ -56,6 +67,14 @@ class Route(models.Model):
     provider = models.ForeignKey(Provider, on_delete=models.PROTECT, related_name="routes")
     upstream_model = models.CharField(max_length=200)
     position = models.PositiveSmallIntegerField(default=0, help_text="Tried in ascending order.")
+    # Share of first attempts under weighted routing (0: only ever a fallback).
+    weight = models.PositiveIntegerField(default=1)
+    # Upstream timeouts in seconds; empty: the GATEWAY_*_TIMEOUT_SECONDS defaults.
+    connect_timeout_seconds = models.FloatField(null=True, blank=True)
+    # Until the provider's answer starts (the whole answer, when not streamed); then fails over.
+    first_byte_timeout_seconds = models.FloatField(null=True, blank=True)
+    # Longest silence between two chunks of a stream; then the stream ends as interrupted.
+    idle_timeout_seconds = models.FloatField(null=True, blank=True)
 
     class Meta:
         ordering = ["model", "position"]
@@ -65,3 +84,19 @@ class Route(models.Model):
 
     def __str__(self) -> str:
         return f"{self.model} → {self.provider}/{self.upstream_model}"
+
+
+class ModelAlias(models.Model):
+    """Another name clients may use for a model (e.g. `gpt-4o` for `gpt-4o-2024-08-06`).
+
+    Requests, keys' allowed models and usage records all use the model's own name.
+    """
+
+    name = models.CharField(max_length=200, unique=True)
+    model = models.ForeignKey(Model, on_delete=models.CASCADE, related_name="aliases")
+
+    class Meta:
+        verbose_name_plural = "model aliases"
+
+    def __str__(self) -> str:
+        return f"{self.name} → {self.model}"

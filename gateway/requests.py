@@ -57,17 +57,90 @@ def _refuse_provider_addressing(value: Any, *, path: str) -> None:
 
 def chat_request(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """Check a chat completion body; returns the model name and the body."""
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("'model' is required (a string).", param="model")
+    model = _model_of(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("'messages' must be a non-empty list.", param="messages")
     if not all(isinstance(message, dict) and "role" in message for message in messages):
         raise InvalidRequest("Each message must be an object with a 'role'.", param="messages")
+    _check_stream_fields(body)
+    _check_positive_ints(body, "n")
+    return model, body
+
+
+def _is_token_array(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(token, int) and not isinstance(token, bool) for token in value)
+    )
+
+
+def _is_prompt(value: Any) -> bool:
+    """A string, a token array, or a non-empty list of either (OpenAI's `prompt`/`input`)."""
+    if isinstance(value, str) or _is_token_array(value):
+        return True
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(item, str) or _is_token_array(item) for item in value)
+    )
+
+
+def _model_of(body: dict[str, Any]) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("'model' is required (a string).", param="model")
+    return model
+
+
+def _check_stream_fields(body: dict[str, Any]) -> None:
     if "stream" in body and not isinstance(body["stream"], bool | None):
         raise InvalidRequest("'stream' must be true or false.", param="stream")
     stream_options = body.get("stream_options")
     if stream_options is not None and not isinstance(stream_options, dict):
         raise InvalidRequest("'stream_options' must be an object.", param="stream_options")
+
+
+def _check_positive_ints(body: dict[str, Any], *names: str) -> None:
+    for name in names:
+        value = body.get(name)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise InvalidRequest(f"'{name}' must be a positive integer.", param=name)
+
+
+def completion_request(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Check a legacy completion body (`/v1/completions`); returns the model name and the body."""
+    model = _model_of(body)
+    if not _is_prompt(body.get("prompt")):
+        raise InvalidRequest(
+            "'prompt' must be a string, an array of tokens, or a non-empty array of either.",
+            param="prompt",
+        )
+    _check_stream_fields(body)
+    _check_positive_ints(body, "n", "best_of")
+    return model, body
+
+
+EMBEDDING_ENCODINGS = frozenset({"float", "base64"})
+
+
+def embedding_request(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Check an embeddings body (`/v1/embeddings`); returns the model name and the body."""
+    model = _model_of(body)
+    if not _is_prompt(body.get("input")):
+        raise InvalidRequest(
+            "'input' must be a string, an array of tokens, or a non-empty array of either.",
+            param="input",
+        )
+    encoding = body.get("encoding_format")
+    if encoding is not None and encoding not in EMBEDDING_ENCODINGS:
+        raise InvalidRequest(
+            "'encoding_format' must be 'float' or 'base64'.", param="encoding_format"
+        )
+    _check_positive_ints(body, "dimensions")
+    if body.get("stream"):
+        raise InvalidRequest("Embeddings are not streamed.", param="stream")
     return model, body

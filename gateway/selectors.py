@@ -13,7 +13,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from billing.money import Price
-from gateway.models import Model, Route
+from gateway.models import Model, ModelAlias, Route
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +23,11 @@ class RouteEntry:
     base_url: str
     api_key_env: str
     upstream_model: str
+    weight: int = 1  # share of first attempts when the model routes by weight
+    # Seconds; the route's own or the GATEWAY_*_TIMEOUT_SECONDS defaults.
+    connect_timeout_seconds: float = 10.0
+    first_byte_timeout_seconds: float = 600.0
+    idle_timeout_seconds: float = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +37,8 @@ class ModelEntry:
     max_output_tokens: int
     context_length: int | None
     routes: tuple[RouteEntry, ...]
+    routing: str = Model.Routing.ORDERED
+    aliases: tuple[str, ...] = ()
 
 
 _snapshot: tuple[float, dict[str, ModelEntry]] = (0.0, {})
@@ -47,9 +54,22 @@ def _load_catalog() -> dict[str, ModelEntry]:
                 base_url=route.provider.base_url,
                 api_key_env=route.provider.api_key_env,
                 upstream_model=route.upstream_model,
+                weight=route.weight,
+                connect_timeout_seconds=_or_default(
+                    route.connect_timeout_seconds, settings.GATEWAY_CONNECT_TIMEOUT_SECONDS
+                ),
+                first_byte_timeout_seconds=_or_default(
+                    route.first_byte_timeout_seconds, settings.GATEWAY_READ_TIMEOUT_SECONDS
+                ),
+                idle_timeout_seconds=_or_default(
+                    route.idle_timeout_seconds, settings.GATEWAY_IDLE_TIMEOUT_SECONDS
+                ),
             )
         )
-    return {
+    aliases: dict[int, list[str]] = {}
+    for alias_name, model_id in ModelAlias.objects.order_by("name").values_list("name", "model_id"):
+        aliases.setdefault(model_id, []).append(alias_name)
+    models = {
         model.name: ModelEntry(
             name=model.name,
             price=Price(
@@ -61,9 +81,20 @@ def _load_catalog() -> dict[str, ModelEntry]:
             max_output_tokens=model.max_output_tokens,
             context_length=model.context_length,
             routes=tuple(routes.get(model.pk, ())),
+            routing=model.routing,
+            aliases=tuple(aliases.get(model.pk, ())),
         )
         for model in Model.objects.filter(is_active=True)
     }
+    # An alias is one more key to the same entry; a model's own name wins over an alias.
+    for entry in list(models.values()):
+        for alias_name in entry.aliases:
+            models.setdefault(alias_name, entry)
+    return models
+
+
+def _or_default(seconds: float | None, default: float) -> float:
+    return float(default) if seconds is None else seconds
 
 
 async def _catalog() -> dict[str, ModelEntry]:
@@ -76,13 +107,14 @@ async def _catalog() -> dict[str, ModelEntry]:
 
 
 async def catalog_model(name: str) -> ModelEntry | None:
-    """The active model with this name and its active routes in order, or None."""
+    """The active model with this name or alias and its active routes in order, or None."""
     return (await _catalog()).get(name)
 
 
 async def catalog_models() -> list[ModelEntry]:
-    """Every active model, by name."""
-    return sorted((await _catalog()).values(), key=lambda model: model.name)
+    """Every active model, by name (once, whatever its aliases)."""
+    models = {entry.name: entry for entry in (await _catalog()).values()}
+    return [models[name] for name in sorted(models)]
 
 
 def forget_catalog() -> None:

@@ -9,7 +9,7 @@ from typing import Any
 from django.db import transaction
 
 from billing.money import ZERO_USD, MoneyError, parse_usd
-from gateway.models import Model, Provider, Route
+from gateway.models import Model, ModelAlias, Provider, Route
 
 
 class CatalogError(ValueError):
@@ -118,6 +118,8 @@ def catalog_load(*, data: Any) -> CatalogLoadReport:
             _record(report, f"provider {name}", created, changed)
 
         model_names: set[str] = set()
+        aliases_seen: dict[str, str] = {}  # alias -> the model of the file that claims it
+        pending_aliases: list[ModelAlias] = []
         for i, entry in enumerate(_list_of_mappings(data, "models")):
             where = f"models[{i}]"
             name = _require(entry, "name", where)
@@ -146,19 +148,33 @@ def catalog_load(*, data: Any) -> CatalogLoadReport:
                     if entry.get("context_length") is not None
                     else None
                 ),
+                "routing": _routing(entry, where),
                 "is_active": bool(entry.get("active", True)),
             }
             routes = _routes(entry, where, providers)
+            aliases = _aliases(entry, where)
+            for alias in aliases:
+                if alias in aliases_seen:
+                    raise CatalogError(f"{where}.aliases: {alias!r} is used twice")
+                aliases_seen[alias] = name
             model, created, changed = _upsert(Model, name, fields)
-            current = list(model.routes.values_list("provider_id", "upstream_model"))
-            if current != [(provider.pk, upstream) for provider, upstream in routes]:
+            current = list(model.routes.values_list(*_ROUTE_FIELDS))
+            if current != [route.values() for route in routes]:
                 model.routes.all().delete()
                 Route.objects.bulk_create(
-                    Route(model=model, provider=provider, upstream_model=upstream, position=n)
-                    for n, (provider, upstream) in enumerate(routes)
+                    Route(model=model, position=n, **route.fields())
+                    for n, route in enumerate(routes)
                 )
                 changed = True
+            if list(model.aliases.order_by("name").values_list("name", flat=True)) != aliases:
+                model.aliases.all().delete()
+                pending_aliases.extend(ModelAlias(name=alias, model=model) for alias in aliases)
+                changed = True
             _record(report, f"model {name}", created, changed)
+
+        _check_aliases(aliases_seen, model_names)
+        # Created last, once every model of the file has let go of the aliases it dropped.
+        ModelAlias.objects.bulk_create(pending_aliases)
 
         report.not_in_file = [
             f"provider {name}"
@@ -170,9 +186,89 @@ def catalog_load(*, data: Any) -> CatalogLoadReport:
     return report
 
 
-def _routes(
-    entry: dict[str, Any], where: str, providers: dict[str, Provider]
-) -> list[tuple[Provider, str]]:
+_ROUTE_FIELDS = (
+    "provider_id",
+    "upstream_model",
+    "weight",
+    "connect_timeout_seconds",
+    "first_byte_timeout_seconds",
+    "idle_timeout_seconds",
+)
+_TIMEOUTS = {
+    "connect": "connect_timeout_seconds",
+    "first_byte": "first_byte_timeout_seconds",
+    "idle": "idle_timeout_seconds",
+}
+
+
+@dataclass(frozen=True)
+class _RouteSpec:
+    provider: Provider
+    upstream_model: str
+    weight: int
+    timeouts: dict[str, float | None]  # model field name -> seconds, None: the default
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "provider": self.provider,
+            "upstream_model": self.upstream_model,
+            "weight": self.weight,
+            **self.timeouts,
+        }
+
+    def values(self) -> tuple[Any, ...]:
+        return (
+            self.provider.pk,
+            self.upstream_model,
+            self.weight,
+            *(self.timeouts[name] for name in _ROUTE_FIELDS[3:]),
+        )
+
+
+def _routing(entry: dict[str, Any], where: str) -> str:
+    routing = entry.get("routing", Model.Routing.ORDERED)
+    if routing not in Model.Routing.values:
+        raise CatalogError(f"{where}.routing must be one of {', '.join(Model.Routing.values)}")
+    return str(routing)
+
+
+def _aliases(entry: dict[str, Any], where: str) -> list[str]:
+    aliases = entry.get("aliases", [])
+    if not isinstance(aliases, list) or not all(
+        isinstance(alias, str) and alias.strip() for alias in aliases
+    ):
+        raise CatalogError(f"{where}.aliases must be a list of names")
+    return sorted({alias.strip() for alias in aliases})
+
+
+def _check_aliases(aliases: dict[str, str], model_names: set[str]) -> None:
+    """An alias names one model, and never shadows a model's own name."""
+    for alias, owner in aliases.items():
+        if alias in model_names:
+            raise CatalogError(f"model {owner}: alias {alias!r} is the name of a model")
+    if clash := Model.objects.filter(name__in=aliases).values_list("name", flat=True).first():
+        raise CatalogError(f"model {aliases[clash]}: alias {clash!r} is the name of a model")
+    taken = (
+        ModelAlias.objects.filter(name__in=aliases)
+        .exclude(model__name__in=model_names)
+        .values_list("name", "model__name")
+        .first()
+    )
+    if taken is not None:
+        raise CatalogError(
+            f"model {aliases[taken[0]]}: alias {taken[0]!r} already names model {taken[1]}"
+        )
+
+
+def _timeout(value: Any, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float | Decimal) or value <= 0:
+        raise CatalogError(f"{where} must be a positive number of seconds")
+    return float(value)
+
+
+def _routes(entry: dict[str, Any], where: str, providers: dict[str, Provider]) -> list[_RouteSpec]:
     routes = entry.get("routes")
     if not isinstance(routes, list) or not routes:
         raise CatalogError(f"{where}.routes must list at least one route")
@@ -184,5 +280,25 @@ def _routes(
         provider_name = _require(route, "provider", route_where)
         if provider_name not in providers:
             raise CatalogError(f"{route_where}.provider {provider_name!r} is not in 'providers'")
-        result.append((providers[provider_name], _require(route, "upstream_model", route_where)))
+        weight = route.get("weight", 1)
+        if not isinstance(weight, int) or isinstance(weight, bool) or weight < 0:
+            raise CatalogError(f"{route_where}.weight must be a whole number, 0 or more")
+        timeouts = route.get("timeouts") or {}
+        if not isinstance(timeouts, dict) or set(timeouts) - set(_TIMEOUTS):
+            raise CatalogError(
+                f"{route_where}.timeouts may only set {', '.join(_TIMEOUTS)} (in seconds)"
+            )
+        result.append(
+            _RouteSpec(
+                provider=providers[provider_name],
+                upstream_model=_require(route, "upstream_model", route_where),
+                weight=weight,
+                timeouts={
+                    field_name: _timeout(timeouts.get(key), f"{route_where}.timeouts.{key}")
+                    for key, field_name in _TIMEOUTS.items()
+                },
+            )
+        )
+    if _routing(entry, where) == Model.Routing.WEIGHTED and not any(r.weight for r in result):
+        raise CatalogError(f"{where}.routes: weighted routing needs a route of weight 1 or more")
     return result

@@ -50,6 +50,8 @@ class _Tally:
     def count(self, chunk: dict[str, Any]) -> None:
         relayed = ""
         for choice in chunk.get("choices") or []:
+            if isinstance(choice, dict) and isinstance(choice.get("text"), str):
+                relayed += choice["text"]  # a legacy completion's chunk
             delta = choice.get("delta") if isinstance(choice, dict) else None
             if not isinstance(delta, dict):
                 continue
@@ -76,6 +78,32 @@ class _Tally:
 
 def _is_usage_chunk(chunk: dict[str, Any]) -> bool:
     return chunk.get("choices") == [] and isinstance(chunk.get("usage"), dict)
+
+
+async def paced(
+    chunks: AsyncIterator[dict[str, Any]],
+    *,
+    idle_timeout_seconds: float,
+    on_first_chunk: Callable[[], object],
+) -> AsyncIterator[dict[str, Any]]:
+    """`chunks` as they come, ended by UpstreamStreamBroken when the provider stays silent
+    longer than `idle_timeout_seconds` between two of them (the wait for the first one is the
+    route's first-byte timeout, spent before the stream was returned). `on_first_chunk` runs
+    when the first chunk arrives (the time to first token)."""
+    iterator = aiter(chunks)
+    first = True
+    while True:
+        try:
+            chunk = await asyncio.wait_for(anext(iterator), idle_timeout_seconds)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            logger.warning("an upstream stream was silent for %ss", idle_timeout_seconds)
+            raise UpstreamStreamBroken("The provider's stream stalled.") from None
+        if first:
+            first = False
+            on_first_chunk()
+        yield chunk
 
 
 async def relay_chat_stream(

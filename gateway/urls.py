@@ -4,6 +4,8 @@ from gateway import views
 
 urlpatterns = [
     path("chat/completions", views.chat_completions),
+    path("completions", views.completions),
+    path("embeddings", views.embeddings),
     path("models", views.models),
     path("models/<path:model_id>", views.model),
     re_path(r"^(?P<path>.*)$", views.unknown_endpoint),

@@ -20,7 +20,7 @@ from django.http.response import HttpResponseBase
 from django.views.decorators.csrf import csrf_exempt
 
 from billing.models import UsageRecord
-from billing.money import format_usd, usage_cost_usd
+from billing.money import ZERO_USD, format_usd, usage_cost_usd
 from billing.services import (
     InsufficientCredit,
     MeteredRequest,
@@ -43,13 +43,20 @@ from gateway.errors import (
     error_response,
 )
 from gateway.limits import limits_admit, limits_release
-from gateway.metering import cap_max_tokens, worst_case
+from gateway.metering import WorstCase, cap_max_tokens, worst_case
 from gateway.providers import TokenUsage
-from gateway.providers.base import StreamingAdapter, UpstreamStream, estimate_prompt_tokens
-from gateway.requests import chat_request, read_json_body
-from gateway.routing import ChosenRoute, serveable_routes
+from gateway.providers.base import (
+    CompletionAdapter,
+    EmbeddingAdapter,
+    StreamingAdapter,
+    UpstreamReply,
+    UpstreamStream,
+    estimate_prompt_tokens,
+)
+from gateway.requests import chat_request, completion_request, embedding_request, read_json_body
+from gateway.routing import Capability, ChosenRoute, serveable_routes
 from gateway.selectors import ModelEntry, catalog_model, catalog_models
-from gateway.streaming import client_wants_usage, relay_chat_stream
+from gateway.streaming import client_wants_usage, paced, relay_chat_stream
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +66,11 @@ _checkpoint = sync_to_async(reservation_checkpoint)
 _settle = sync_to_async(usage_settle)
 _NO_USAGE = TokenUsage(input_tokens=0, output_tokens=0)
 _T = TypeVar("_T")
+
+
+# The request's charge in USD, on every answer that is not a stream (a stream's charge is
+# known only at its end: its usage record has it).
+COST_HEADER = "x-switchboard-cost-usd"
 
 
 def _new_request_id() -> str:
@@ -82,14 +94,17 @@ def _openai_endpoint(method: str | None) -> Callable[[_View], _View]:
                     raise MethodNotAllowed(f"Use {method} for {request.path}.")
                 return await handler(request, request_id, **kwargs)
             except GatewayError as error:
-                return error_response(error, request_id=request_id)
+                response = error_response(error, request_id=request_id)
             except Exception:
                 # Never a traceback to the caller; the log has it, under the request id.
                 logger.exception("request %s failed", request_id)
-                return error_response(
+                response = error_response(
                     GatewayError("The gateway failed to handle this request."),
                     request_id=request_id,
                 )
+            # A failed request is never charged (an upstream failure is recorded at 0).
+            response[COST_HEADER] = format_usd(ZERO_USD)
+            return response
 
         return endpoint
 
@@ -105,7 +120,7 @@ async def _caller(request: HttpRequest) -> Caller:
 async def models(request: HttpRequest, request_id: str) -> HttpResponseBase:
     """GET /v1/models: the models the calling key may use, with their prices."""
     caller = await _caller(request)
-    data = [_model_object(model) for model in await catalog_models() if caller.may_use(model.name)]
+    data = [_model_object(model) for model in await catalog_models() if _may_use(caller, model)]
     return JsonResponse({"object": "list", "data": data}, headers={"x-request-id": request_id})
 
 
@@ -114,7 +129,7 @@ async def model(request: HttpRequest, request_id: str, model_id: str) -> HttpRes
     """GET /v1/models/{id}: one model, if the calling key may use it (404 otherwise)."""
     caller = await _caller(request)
     entry = await catalog_model(model_id)
-    if entry is None or not caller.may_use(entry.name):
+    if entry is None or not _may_use(caller, entry):
         raise ModelNotFound(f"The model '{model_id}' does not exist.", param="model")
     return JsonResponse(_model_object(entry), headers={"x-request-id": request_id})
 
@@ -135,6 +150,7 @@ def _model_object(entry: ModelEntry) -> dict[str, Any]:
         },
         "context_length": entry.context_length,
         "max_output_tokens": entry.max_output_tokens,
+        "aliases": list(entry.aliases),
     }
 
 
@@ -147,22 +163,151 @@ async def chat_completions(request: HttpRequest, request_id: str) -> HttpRespons
     caller = await _caller(request)
     # 2. Request
     model_name, body = chat_request(read_json_body(request))
-    model = await catalog_model(model_name)
-    if model is None:
-        raise ModelNotFound(f"The model '{model_name}' does not exist.", param="model")
-    if not caller.may_use(model.name):
-        raise ModelNotAllowed(f"This key may not use the model '{model.name}'.", param="model")
+    model = await _model_for(caller, model_name)
     body, output_limit = cap_max_tokens(body, model)
     streaming = body.get("stream") is True
+    return await _metered(
+        request_id,
+        caller,
+        model,
+        started,
+        bound=worst_case(body=body, body_bytes=len(request.body), output_limit=output_limit),
+        call=_Call(
+            needs=Capability.CHAT_STREAM if streaming else Capability.CHAT,
+            answer=lambda chosen: chosen.adapter.chat_completion(
+                route=chosen.route, body=body, secret=chosen.secret
+            ),
+            stream=(
+                (
+                    lambda chosen: cast(StreamingAdapter, chosen.adapter).chat_completion_stream(
+                        route=chosen.route, body=body, secret=chosen.secret
+                    )
+                )
+                if streaming
+                else None
+            ),
+            # The same estimate as a whole answer without usage (providers/base.py).
+            prompt_estimate=lambda: estimate_prompt_tokens(body.get("messages", [])),
+            pass_usage=client_wants_usage(body),
+        ),
+    )
+
+
+# OpenAI's default completion limit for the legacy endpoint when the client sets none.
+LEGACY_DEFAULT_MAX_TOKENS = 16
+
+
+@_openai_endpoint("POST")
+async def completions(request: HttpRequest, request_id: str) -> HttpResponseBase:
+    """POST /v1/completions (legacy: a prompt in, text out), whole or streamed; only routes
+    to OpenAI-style providers can serve it."""
+    started = time.monotonic()
+    # 1. Key
+    caller = await _caller(request)
+    # 2. Request
+    model_name, body = completion_request(read_json_body(request))
+    model = await _model_for(caller, model_name)
+    body, output_limit = cap_max_tokens(body, model, default=LEGACY_DEFAULT_MAX_TOKENS)
+    streaming = body.get("stream") is True
+    return await _metered(
+        request_id,
+        caller,
+        model,
+        started,
+        bound=worst_case(body=body, body_bytes=len(request.body), output_limit=output_limit),
+        call=_Call(
+            needs=Capability.COMPLETIONS,
+            answer=lambda chosen: cast(CompletionAdapter, chosen.adapter).completion(
+                route=chosen.route, body=body, secret=chosen.secret
+            ),
+            stream=(
+                (
+                    lambda chosen: cast(CompletionAdapter, chosen.adapter).completion_stream(
+                        route=chosen.route, body=body, secret=chosen.secret
+                    )
+                )
+                if streaming
+                else None
+            ),
+            prompt_estimate=lambda: estimate_prompt_tokens(body.get("prompt", "")),
+            pass_usage=client_wants_usage(body),
+        ),
+    )
+
+
+@_openai_endpoint("POST")
+async def embeddings(request: HttpRequest, request_id: str) -> HttpResponseBase:
+    """POST /v1/embeddings: charged for its input tokens at the model's input price."""
+    started = time.monotonic()
+    # 1. Key
+    caller = await _caller(request)
+    # 2. Request
+    model_name, body = embedding_request(read_json_body(request))
+    model = await _model_for(caller, model_name)
+    return await _metered(
+        request_id,
+        caller,
+        model,
+        started,
+        # No tokenizer emits more tokens than the bytes it reads (metering.py); no output.
+        bound=WorstCase(input_tokens=len(request.body), output_tokens=0),
+        call=_Call(
+            needs=Capability.EMBEDDINGS,
+            answer=lambda chosen: cast(EmbeddingAdapter, chosen.adapter).embeddings(
+                route=chosen.route, body=body, secret=chosen.secret
+            ),
+        ),
+    )
+
+
+async def _model_for(caller: Caller, name: str) -> ModelEntry:
+    """The catalog model a request names (by its name or an alias) that the key may use."""
+    model = await catalog_model(name)
+    if model is None:
+        raise ModelNotFound(f"The model '{name}' does not exist.", param="model")
+    if not _may_use(caller, model):
+        raise ModelNotAllowed(f"This key may not use the model '{model.name}'.", param="model")
+    return model
+
+
+def _may_use(caller: Caller, model: ModelEntry) -> bool:
+    """A key's allowed models may name a model or one of its aliases."""
+    return any(caller.may_use(name) for name in (model.name, *model.aliases))
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """What one endpoint asks of a route: the capability, and how to call the adapter."""
+
+    needs: Capability
+    answer: Callable[[ChosenRoute], Awaitable[UpstreamReply]]
+    # Set when the client asked for a stream: opens it, up to its first byte.
+    stream: Callable[[ChosenRoute], Awaitable[UpstreamStream]] | None = None
+    # The prompt tokens charged when a stream reports no usage.
+    prompt_estimate: Callable[[], int] = lambda: 0
+    pass_usage: bool = False  # whether the client asked for a stream's usage chunk
+
+
+async def _metered(
+    request_id: str,
+    caller: Caller,
+    model: ModelEntry,
+    started: float,
+    *,
+    bound: WorstCase,
+    call: _Call,
+) -> HttpResponseBase:
+    """Steps 3 to 7 of the request path, the same for every endpoint: limits, route, reserve,
+    forward with failover, settle. `bound` is the most tokens the request can be billed for;
+    `started` is time.monotonic() when the request arrived."""
     # 3. Limits (released whatever happens next; by the stream's end when it streams)
     await limits_admit(api_key_id=caller.api_key_id, request_id=request_id, limits=caller.limits)
     tokens_used = 0
     released_by_stream = False
     try:
         # 4. Route
-        routes = serveable_routes(model, streaming=streaming)
+        routes = serveable_routes(model, needs=call.needs)
         # 5. Reserve the worst case, or 402
-        bound = worst_case(body=body, body_bytes=len(request.body), output_limit=output_limit)
         await _reserve_or_refuse(
             request_id,
             caller,
@@ -172,29 +317,22 @@ async def chat_completions(request: HttpRequest, request_id: str) -> HttpRespons
                 output_tokens=bound.output_tokens,
             ),
         )
-        # 6. Forward, failing over to the next route before the first byte; a stream relays
-        # and then settles (7.) when it ends, in gateway/streaming.py
+        # 6. Forward, retrying or failing over before the first byte; a stream relays and
+        # then settles (7.) when it ends, in gateway/streaming.py
         metering = _Metering(request_id, caller, model, routes[0], started)
-        if streaming:
-            upstream, metering = await _forwarded(
+        if call.stream is not None:
+            upstream, metering = await _forwarded(metering, routes, call.stream)
+            response = _streamed(
                 metering,
-                routes,
-                lambda chosen: cast(StreamingAdapter, chosen.adapter).chat_completion_stream(
-                    route=chosen.route, body=body, secret=chosen.secret
-                ),
+                upstream,
+                prompt_tokens=call.prompt_estimate(),
+                pass_usage=call.pass_usage,
             )
-            response = _streamed(metering, upstream, body)
             released_by_stream = True
             return response
-        reply, metering = await _forwarded(
-            metering,
-            routes,
-            lambda chosen: chosen.adapter.chat_completion(
-                route=chosen.route, body=body, secret=chosen.secret
-            ),
-        )
+        reply, metering = await _forwarded(metering, routes, call.answer)
         # 7. Settle
-        record = await _record(metering, reply.usage)
+        record = await _record(metering, reply.usage, first_token_at=time.monotonic())
         tokens_used = reply.usage.input_tokens + reply.usage.output_tokens
     finally:
         if not released_by_stream:
@@ -207,7 +345,7 @@ async def chat_completions(request: HttpRequest, request_id: str) -> HttpRespons
     reply.body["model"] = model.name
     return JsonResponse(
         reply.body,
-        headers={"x-request-id": request_id, "x-switchboard-cost-usd": format_usd(record.cost_usd)},
+        headers={"x-request-id": request_id, COST_HEADER: format_usd(record.cost_usd)},
     )
 
 
@@ -218,9 +356,9 @@ class _Metering:
     request_id: str
     caller: Caller
     model: ModelEntry
-    chosen: ChosenRoute
+    chosen: ChosenRoute  # the route called last
     started: float  # time.monotonic() when the request arrived
-    attempts: int = 1  # routes tried so far, `chosen` included
+    attempts: int = 0  # upstream calls so far (a route retried after Retry-After counts twice)
 
 
 async def _forwarded(
@@ -228,40 +366,58 @@ async def _forwarded(
     routes: list[ChosenRoute],
     call: Callable[[ChosenRoute], Awaitable[_T]],
 ) -> tuple[_T, _Metering]:
-    """Call the routes in order up to the first byte of an answer, at most GATEWAY_MAX_ATTEMPTS.
+    """Call the routes in order up to the first byte of an answer, at most GATEWAY_MAX_ATTEMPTS
+    calls in all.
 
-    A retryable failure (unreachable, 5xx, 429) moves on to the next route; the last failure
-    is recorded uncharged. A refusal or a cancellation releases the hold: nothing was used.
-    Returns the answer and the metering of the route that gave it.
+    A retryable failure (unreachable, timed out, 5xx, 429) moves on to the next route, except
+    a 429 or 503 whose Retry-After is at most GATEWAY_MAX_RETRY_AFTER_SECONDS: the same route
+    is called again after that wait. The last failure is recorded uncharged. A refusal or a
+    cancellation releases the hold: nothing was used. Returns the answer and the metering of
+    the route that gave it.
     """
-    tried = routes[: settings.GATEWAY_MAX_ATTEMPTS]
-    for attempt, chosen in enumerate(tried, start=1):
-        metering = dataclasses.replace(metering, chosen=chosen, attempts=attempt)
-        try:
-            return await call(chosen), metering
-        except UpstreamFailed as failure:
-            if failure.retryable and attempt < len(tried):
+    index = 0
+    try:
+        while True:
+            chosen = routes[index]
+            metering = dataclasses.replace(metering, chosen=chosen, attempts=metering.attempts + 1)
+            try:
+                return await call(chosen), metering
+            except UpstreamFailed as failure:
+                wait = failure.retry_after_seconds
+                same_route = wait is not None and wait <= settings.GATEWAY_MAX_RETRY_AFTER_SECONDS
+                following = index if same_route else index + 1
+                if (
+                    not failure.retryable
+                    or metering.attempts >= settings.GATEWAY_MAX_ATTEMPTS
+                    or following >= len(routes)
+                ):
+                    last_failure = failure
+                    break
                 logger.info(
-                    "request %s: provider %s failed, trying the next route",
+                    "request %s: provider %s failed, %s",
                     metering.request_id,
                     chosen.route.provider,
+                    f"retrying it in {wait}s" if same_route else "trying the next route",
                 )
-                continue
-            await _record(metering, _NO_USAGE, status=UsageRecord.Status.UPSTREAM_ERROR)
-            raise
-        except BaseException:
-            # Cancelled (the client went away) or a bug: release the hold, nothing was used.
-            await asyncio.shield(_void(request_id=metering.request_id))
-            raise
-    raise AssertionError("serveable_routes never returns an empty list")
+                index = following
+                if same_route and wait:
+                    await asyncio.sleep(wait)
+    except BaseException:
+        # Refused, cancelled (the client went away) or a bug: release the hold, nothing was
+        # used.
+        await asyncio.shield(_void(request_id=metering.request_id))
+        raise
+    await _record(metering, _NO_USAGE, status=UsageRecord.Status.UPSTREAM_ERROR)
+    raise last_failure
 
 
 def _streamed(
-    metering: _Metering, upstream: UpstreamStream, body: dict[str, Any]
+    metering: _Metering, upstream: UpstreamStream, *, prompt_tokens: int, pass_usage: bool
 ) -> StreamingHttpResponse:
     """The streamed answer: relayed as it arrives, checkpointed, settled when it ends."""
     route = metering.chosen.route
     caller = metering.caller
+    first_token_at: list[float] = []
 
     async def checkpoint(usage: TokenUsage) -> None:
         await _checkpoint(
@@ -280,6 +436,7 @@ def _streamed(
                 metering,
                 usage,
                 status=UsageRecord.Status.OK if completed else UsageRecord.Status.INTERRUPTED,
+                first_token_at=first_token_at[0] if first_token_at else None,
             )
         finally:
             await limits_release(
@@ -290,11 +447,18 @@ def _streamed(
             )
 
     events = relay_chat_stream(
-        upstream=upstream,
+        # A provider silent for longer than the route's idle timeout ends the stream.
+        upstream=UpstreamStream(
+            chunks=paced(
+                upstream.chunks,
+                idle_timeout_seconds=route.idle_timeout_seconds,
+                on_first_chunk=lambda: first_token_at.append(time.monotonic()),
+            ),
+            close=upstream.close,
+        ),
         model_name=metering.model.name,
-        # The same estimate as a whole answer without usage (providers/base.py).
-        prompt_tokens=estimate_prompt_tokens(body.get("messages", [])),
-        pass_usage=client_wants_usage(body),
+        prompt_tokens=prompt_tokens,
+        pass_usage=pass_usage,
         checkpoint=checkpoint,
         finish=finish,
     )
@@ -331,6 +495,7 @@ async def _record(
     usage: TokenUsage,
     *,
     status: UsageRecord.Status = UsageRecord.Status.OK,
+    first_token_at: float | None = None,  # time.monotonic() of the first token, if one came
 ) -> UsageRecord:
     """Settle the request: usage record, charge and release of the hold, in one transaction."""
     failed = status == UsageRecord.Status.UPSTREAM_ERROR
@@ -353,11 +518,18 @@ async def _record(
                 if usage.reported
                 else UsageRecord.UsageSource.ESTIMATED
             ),
-            latency_ms=int((time.monotonic() - metering.started) * 1000),
+            latency_ms=_ms_since(metering.started),
+            time_to_first_token_ms=(
+                None if first_token_at is None else _ms_since(metering.started, first_token_at)
+            ),
             attempts=metering.attempts,
             price=metering.model.price,
         )
     )
+
+
+def _ms_since(started: float, until: float | None = None) -> int:
+    return int(((time.monotonic() if until is None else until) - started) * 1000)
 
 
 @_openai_endpoint(None)

@@ -267,6 +267,13 @@ GATEWAY_MAX_ATTEMPTS = env_int("GATEWAY_MAX_ATTEMPTS", 3, minimum=1)
 # Upstream timeouts, in seconds.
 GATEWAY_CONNECT_TIMEOUT_SECONDS = env_int("GATEWAY_CONNECT_TIMEOUT_SECONDS", 10, minimum=1)
 GATEWAY_READ_TIMEOUT_SECONDS = env_int("GATEWAY_READ_TIMEOUT_SECONDS", 600, minimum=1)
+# Longest silence between two chunks of a stream before it is ended as interrupted (a route's
+# `timeouts.idle` overrides it, as `timeouts.connect` and `timeouts.first_byte` override the two
+# above).
+GATEWAY_IDLE_TIMEOUT_SECONDS = env_int("GATEWAY_IDLE_TIMEOUT_SECONDS", 120, minimum=1)
+# A 429 or 503 whose Retry-After asks for at most this many seconds is retried on the same
+# route after that wait; a longer wait fails over to the next route instead.
+GATEWAY_MAX_RETRY_AFTER_SECONDS = env_int("GATEWAY_MAX_RETRY_AFTER_SECONDS", 2, minimum=0)
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["rest_framework.authentication.SessionAuthentication"],

@@ -66,6 +66,35 @@ class StreamingAdapter(Protocol):
         ...
 
 
+@runtime_checkable
+class CompletionAdapter(Protocol):
+    """An adapter whose provider offers OpenAI's legacy `/completions` (prompt in, text out)."""
+
+    async def completion(
+        self, *, route: RouteEntry, body: dict[str, Any], secret: str
+    ) -> UpstreamReply:
+        """Send a legacy completion request; raises as `chat_completion` does."""
+        ...
+
+    async def completion_stream(
+        self, *, route: RouteEntry, body: dict[str, Any], secret: str
+    ) -> UpstreamStream:
+        """Open a streamed legacy completion, up to its first byte; its chunks are OpenAI
+        `text_completion` objects, the last one the usage chunk."""
+        ...
+
+
+@runtime_checkable
+class EmbeddingAdapter(Protocol):
+    """An adapter whose provider offers OpenAI-shaped `/embeddings`."""
+
+    async def embeddings(
+        self, *, route: RouteEntry, body: dict[str, Any], secret: str
+    ) -> UpstreamReply:
+        """Send an embeddings request; the usage has input tokens only."""
+        ...
+
+
 def reported_usage(usage: Any) -> TokenUsage | None:
     """The usage an OpenAI-shaped `usage` object reports, or None when it reports none."""
     if not isinstance(usage, dict) or not isinstance(usage.get("prompt_tokens"), int):

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
@@ -38,11 +40,46 @@ def refusal_message(response: httpx.Response) -> str:
     return f"The provider refused the request: {str(message)[:500]}"
 
 
-def status_failure(route: RouteEntry, status: int) -> UpstreamFailed:
-    """The failure for a provider's non-200, non-refusal answer; 5xx and 429 may fail over."""
+def status_failure(
+    route: RouteEntry, status: int, *, response: httpx.Response | None = None
+) -> UpstreamFailed:
+    """The failure for a provider's non-200, non-refusal answer; 5xx and 429 may fail over,
+    and a 429 or 503 carries the `Retry-After` the provider asked for (given the response)."""
     logger.warning("provider %s answered HTTP %s", route.provider, status)
     return UpstreamFailed(
-        f"The provider failed (HTTP {status}).", retryable=status >= 500 or status == 429
+        f"The provider failed (HTTP {status}).",
+        retryable=status >= 500 or status == 429,
+        retry_after_seconds=(
+            retry_after_seconds(response) if response is not None and status in (429, 503) else None
+        ),
+    )
+
+
+def retry_after_seconds(response: httpx.Response) -> float | None:
+    """The wait a `Retry-After` header asks for, in seconds (delay-seconds or an HTTP date)."""
+    raw = response.headers.get("retry-after", "").strip()
+    if not raw:
+        return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def route_timeout(route: RouteEntry) -> httpx.Timeout:
+    """The route's timeouts for one request: connect, and the wait for the answer's first
+    byte (each later read of the body too; a stream's idle gap is bounded by the relay)."""
+    return httpx.Timeout(
+        route.first_byte_timeout_seconds,
+        connect=route.connect_timeout_seconds,
+        pool=route.connect_timeout_seconds,
     )
 
 
@@ -62,7 +99,9 @@ async def post_json(
     (a provider that answers a bad key with 400): those are our failure, not the caller's.
     """
     try:
-        response = await client().post(url, json=payload, headers=dict(headers))
+        response = await client().post(
+            url, json=payload, headers=dict(headers), timeout=route_timeout(route)
+        )
     except httpx.HTTPError as exc:
         logger.warning("provider %s unreachable: %s", route.provider, type(exc).__name__)
         raise UpstreamFailed("The provider could not be reached.", retryable=True) from None
@@ -71,7 +110,7 @@ async def post_json(
     ):
         raise InvalidRequest(refusal_message(response))
     if response.status_code != 200:
-        raise status_failure(route, response.status_code)
+        raise status_failure(route, response.status_code, response=response)
     try:
         return response.json()
     except ValueError:
