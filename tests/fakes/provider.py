@@ -14,9 +14,11 @@ purpose: no web framework sits between the test and the bytes on the wire.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import logging
+import struct
 import threading
 import time
 import uuid
@@ -33,9 +35,11 @@ __all__ = [
     "FakeProvider",
     "RecordedCall",
     "count_prompt_tokens",
+    "count_text_tokens",
     "embedding_for",
     "finish_reason_for",
     "reply_for",
+    "text_reply_for",
 ]
 
 
@@ -45,6 +49,8 @@ EMBEDDING_DIMENSIONS: Final = 8
 MODELS: Final = ("fake-small", "fake-large", "fake-embedding")
 #: Tokens the fake charges per message on top of its words, like OpenAI's per-message overhead.
 TOKENS_PER_MESSAGE: Final = 3
+#: OpenAI's default `max_tokens` for the legacy completions endpoint.
+LEGACY_DEFAULT_MAX_TOKENS: Final = 16
 
 _REPLY_PREFIX: Final = "Hello from the fake provider. You said:"
 _ECHOED_WORDS: Final = 5
@@ -92,6 +98,29 @@ def finish_reason_for(messages: Sequence[Mapping[str, Any]], max_tokens: int | N
     return "length" if cut else "stop"
 
 
+def _prompt_texts(prompt: Any) -> list[str]:
+    """A `prompt`/`input` as texts: a string, a token array (its ids, as words), or a list of
+    either."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        return [" ".join(str(token) for token in prompt)]
+    if isinstance(prompt, list):
+        return [text for item in prompt for text in _prompt_texts(item)]
+    return []
+
+
+def count_text_tokens(prompt: Any) -> int:
+    """The fake's tokens for a legacy `prompt` or an embeddings `input`: its words (a token
+    array: its length), summed over a list."""
+    return sum(len(text.split()) for text in _prompt_texts(prompt))
+
+
+def text_reply_for(prompt: str, max_tokens: int | None = LEGACY_DEFAULT_MAX_TOKENS) -> str:
+    """The fake's legacy completion of one prompt: the chat reply to it as a user message."""
+    return reply_for([{"role": "user", "content": prompt}], max_tokens)
+
+
 def embedding_for(text: str) -> list[float]:
     """The fake's embedding of `text`: 8 floats in [-1, 1], derived from its SHA-256."""
     digest = hashlib.sha256(text.encode()).digest()
@@ -122,6 +151,8 @@ class _Behaviour:
     delay_seconds: float = 0.0
     cut_after_chunks: int | None = None
     omit_usage: bool = False
+    stall_after_chunks: int | None = None  # pause this stream after this many content chunks
+    stall_seconds: float = 0.0
 
 
 _NORMAL: Final = _Behaviour()
@@ -248,6 +279,12 @@ class FakeProvider(FakeUpstream):
         with self._lock:
             self._script.append(_Behaviour(cut_after_chunks=chunks))
 
+    def stall_stream_after(self, chunks: int, *, seconds: float) -> None:
+        """The next request, if it streams, goes silent for `seconds` right after `chunks`
+        content chunks, then carries on (an upstream stalled mid-stream)."""
+        with self._lock:
+            self._script.append(_Behaviour(stall_after_chunks=chunks, stall_seconds=seconds))
+
     def omit_usage_next(self) -> None:
         """The next request, if it streams, ends without the usage chunk even when
         `stream_options.include_usage` asked for it (the stream is otherwise complete)."""
@@ -319,6 +356,12 @@ class FakeProvider(FakeUpstream):
                 await _send_json(send, 200, _models())
             elif route == ("POST", "/v1/embeddings"):
                 await _send_json(send, 200, _embeddings(_json_object(body)))
+            elif route == ("POST", "/v1/completions"):
+                text_request = _completion_request(_json_object(body))
+                if text_request.stream:
+                    await self._stream_completion(send, text_request, behaviour)
+                else:
+                    await _send_json(send, 200, _text_completion(text_request, self.reported_usage))
             else:
                 request = _chat_request(_json_object(body))
                 if request.stream:
@@ -331,6 +374,82 @@ class FakeProvider(FakeUpstream):
                 400,
                 _error_body(error.message, "invalid_request_error", param=error.param),
             )
+
+    async def _stream_completion(
+        self, send: Send, request: _CompletionRequest, behaviour: _Behaviour
+    ) -> None:
+        """A legacy completion streamed as `text_completion` chunks, the first prompt's only."""
+        words = text_reply_for(request.prompts[0], request.max_tokens).split()
+        base: dict[str, Any] = {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": request.model,
+        }
+        if request.include_usage:
+            base["usage"] = None
+
+        def chunk(text: str, finish_reason: str | None) -> str:
+            choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
+            return json.dumps({**base, "choices": [choice]})
+
+        usage = _text_usage(request.prompt, len(words), self.reported_usage)
+        await self._stream(
+            send,
+            behaviour,
+            [chunk(word if i == 0 else f" {word}", None) for i, word in enumerate(words)],
+            chunk("", _text_finish_reason(request, words)),
+            json.dumps({**base, "choices": [], "usage": usage}) if request.include_usage else None,
+        )
+
+    async def _stream(
+        self,
+        send: Send,
+        behaviour: _Behaviour,
+        contents: list[str],
+        finish: str,
+        usage: str | None,
+    ) -> None:
+        """Server-sent events: the content chunks, the finish chunk, the usage chunk (when
+        given and not scripted away), `[DONE]`; cut or stalled as `behaviour` says."""
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"text/event-stream"),
+                    (b"cache-control", b"no-cache"),
+                ],
+            }
+        )
+        first = True
+
+        async def event(data: str) -> None:
+            nonlocal first
+            if not first and self.chunk_interval > 0:
+                await asyncio.sleep(self.chunk_interval)
+            first = False
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": f"data: {data}\n\n".encode(),
+                    "more_body": True,
+                }
+            )
+
+        for index, content in enumerate(contents):
+            if behaviour.cut_after_chunks is not None and index >= behaviour.cut_after_chunks:
+                raise _StreamCut
+            if index == behaviour.stall_after_chunks:
+                await asyncio.sleep(behaviour.stall_seconds)
+            await event(content)
+        if behaviour.cut_after_chunks is not None:
+            raise _StreamCut
+        await event(finish)
+        if usage is not None and not behaviour.omit_usage:
+            await event(usage)
+        await event("[DONE]")
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _stream_chat(self, send: Send, request: _ChatRequest, behaviour: _Behaviour) -> None:
         words = reply_for(request.messages, request.max_tokens).split()
@@ -383,6 +502,8 @@ class FakeProvider(FakeUpstream):
         for index, word in enumerate(words):
             if cut is not None and index >= cut:
                 raise _StreamCut
+            if index == behaviour.stall_after_chunks:
+                await asyncio.sleep(behaviour.stall_seconds)
             delta: dict[str, Any] = {"content": word if index == 0 else f" {word}"}
             if index == 0:
                 delta = {"role": "assistant", **delta}
@@ -398,7 +519,12 @@ class FakeProvider(FakeUpstream):
 
 
 _ROUTES: Final = frozenset(
-    {("POST", "/v1/chat/completions"), ("POST", "/v1/embeddings"), ("GET", "/v1/models")}
+    {
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/completions"),
+        ("POST", "/v1/embeddings"),
+        ("GET", "/v1/models"),
+    }
 )
 
 
@@ -484,19 +610,113 @@ def _chat_completion(
     }
 
 
+@dataclass(frozen=True)
+class _CompletionRequest:
+    model: str
+    prompt: Any
+    prompts: list[str]
+    max_tokens: int
+    stream: bool
+    include_usage: bool
+    echo: bool
+
+
+def _completion_request(body: dict[str, Any]) -> _CompletionRequest:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _RequestError("you must provide a model parameter", "model")
+    prompts = _prompt_texts(body.get("prompt"))
+    if not prompts:
+        raise _RequestError("'prompt' must be a string, array of strings or tokens.", "prompt")
+    max_tokens = body.get("max_tokens", LEGACY_DEFAULT_MAX_TOKENS)
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+        raise _RequestError("'max_tokens' must be a non-negative integer.", "max_tokens")
+    stream_options = body.get("stream_options")
+    return _CompletionRequest(
+        model=model,
+        prompt=body.get("prompt"),
+        prompts=prompts,
+        max_tokens=max_tokens,
+        stream=bool(body.get("stream")),
+        include_usage=isinstance(stream_options, dict)
+        and bool(stream_options.get("include_usage")),
+        echo=bool(body.get("echo")),
+    )
+
+
+def _text_finish_reason(request: _CompletionRequest, words: list[str]) -> str:
+    full = text_reply_for(request.prompts[0], None).split()
+    return "length" if len(full) > len(words) else "stop"
+
+
+def _text_usage(
+    prompt: Any, completion_tokens: int, reported: tuple[int, int] | None
+) -> dict[str, int]:
+    prompt_tokens, completion = reported or (count_text_tokens(prompt), completion_tokens)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+    }
+
+
+def _text_completion(
+    request: _CompletionRequest, reported_usage: tuple[int, int] | None
+) -> dict[str, Any]:
+    """One choice per prompt, as OpenAI answers a list of prompts."""
+    replies = [text_reply_for(prompt, request.max_tokens) for prompt in request.prompts]
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": request.model,
+        "choices": [
+            {
+                "text": (f"{prompt} " if request.echo else "") + reply,
+                "index": index,
+                "logprobs": None,
+                "finish_reason": (
+                    "length"
+                    if len(text_reply_for(prompt, None).split()) > len(reply.split())
+                    else "stop"
+                ),
+            }
+            for index, (prompt, reply) in enumerate(zip(request.prompts, replies, strict=True))
+        ],
+        "usage": _text_usage(
+            request.prompt, sum(len(reply.split()) for reply in replies), reported_usage
+        ),
+    }
+
+
 def _embeddings(body: dict[str, Any]) -> dict[str, Any]:
+    """Vectors as OpenAI answers them: floats, or with `encoding_format: base64` the
+    little-endian float32 bytes in base64; `dimensions` keeps the first ones."""
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise _RequestError("you must provide a model parameter", "model")
     given = body.get("input")
-    texts = [given] if isinstance(given, str) else given
-    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-        raise _RequestError("'input' must be a string or a non-empty array of strings.", "input")
-    tokens = sum(len(text.split()) for text in texts)
+    texts = _prompt_texts(given)
+    if not texts:
+        raise _RequestError("'input' must be a string, array of strings or tokens.", "input")
+    dimensions = body.get("dimensions", EMBEDDING_DIMENSIONS)
+    if not isinstance(dimensions, int) or not 1 <= dimensions <= EMBEDDING_DIMENSIONS:
+        raise _RequestError(f"'dimensions' must be 1 to {EMBEDDING_DIMENSIONS}.", "dimensions")
+    encoding = body.get("encoding_format", "float")
+    if encoding not in ("float", "base64"):
+        raise _RequestError("'encoding_format' must be 'float' or 'base64'.", "encoding_format")
+    tokens = count_text_tokens(given)
+
+    def vector(text: str) -> Any:
+        values = embedding_for(text)[:dimensions]
+        if encoding == "base64":
+            return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode()
+        return values
+
     return {
         "object": "list",
         "data": [
-            {"object": "embedding", "index": index, "embedding": embedding_for(text)}
+            {"object": "embedding", "index": index, "embedding": vector(text)}
             for index, text in enumerate(texts)
         ],
         "model": model,

@@ -17,6 +17,7 @@ from tests.fakes.provider import (
     count_prompt_tokens,
     embedding_for,
     reply_for,
+    text_reply_for,
 )
 
 MESSAGES: list[ChatCompletionMessageParam] = [
@@ -266,7 +267,9 @@ def test_calls_are_recorded_and_reset_forgets_them(
 
 
 def test_embeddings_are_deterministic(client: openai.OpenAI) -> None:
-    result = client.embeddings.create(model="fake-embedding", input=["one two", "three"])
+    result = client.embeddings.create(
+        model="fake-embedding", input=["one two", "three"], encoding_format="float"
+    )
 
     assert result.object == "list"
     assert result.model == "fake-embedding"
@@ -274,8 +277,39 @@ def test_embeddings_are_deterministic(client: openai.OpenAI) -> None:
     assert [d.embedding for d in result.data] == [embedding_for("one two"), embedding_for("three")]
     assert all(len(d.embedding) == EMBEDDING_DIMENSIONS for d in result.data)
     assert (result.usage.prompt_tokens, result.usage.total_tokens) == (3, 3)
-    single = client.embeddings.create(model="fake-embedding", input="one two")
+    single = client.embeddings.create(
+        model="fake-embedding", input="one two", encoding_format="float"
+    )
     assert single.data[0].embedding == embedding_for("one two")
+
+
+def test_embeddings_come_as_base64_float32_and_cut_to_dimensions(
+    fake: FakeProvider, client: openai.OpenAI
+) -> None:
+    # The SDK asks for base64 by default and decodes it back to floats.
+    result = client.embeddings.create(model="fake-embedding", input=[[1, 2, 3]], dimensions=4)
+
+    assert fake.calls[-1].json["encoding_format"] == "base64"
+    assert result.data[0].embedding == pytest.approx(embedding_for("1 2 3")[:4], abs=1e-6)
+    assert result.usage.prompt_tokens == 3
+
+
+def test_a_legacy_completion_streamed_and_not(client: openai.OpenAI) -> None:
+    whole = client.completions.create(model="fake-small", prompt="say one two", max_tokens=9)
+    chunks = list(
+        client.completions.create(
+            model="fake-small",
+            prompt="say one two",
+            max_tokens=9,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+
+    assert whole.choices[0].text == text_reply_for("say one two", 9)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert chunks[-1].usage == whole.usage
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (3, 9)
 
 
 def test_the_models_list(client: openai.OpenAI) -> None:
