@@ -130,9 +130,11 @@ EMBEDDING_ENCODINGS = frozenset({"float", "base64"})
 def embedding_request(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """Check an embeddings body (`/v1/embeddings`); returns the model name and the body."""
     model = _model_of(body)
-    if not _is_prompt(body.get("input")):
+    given = body.get("input")
+    if not _is_prompt(given) or given == "" or (isinstance(given, list) and "" in given):
         raise InvalidRequest(
-            "'input' must be a string, an array of tokens, or a non-empty array of either.",
+            "'input' must be a non-empty string, an array of tokens, or a non-empty array of "
+            "either.",
             param="input",
         )
     encoding = body.get("encoding_format")
