@@ -1,6 +1,12 @@
-"""Failover: retryable failures before the first byte move on to the model's next route."""
+"""Failover: retryable failures before the first byte move on to the model's next route, or
+retry the same route after a short Retry-After; nothing is retried after the first byte.
+
+Each scripted fault ends with the expected status or error event, the expected route attempts,
+and a settled, correctly labelled usage record."""
 
 from __future__ import annotations
+
+import time
 
 import openai
 import pytest
@@ -30,23 +36,72 @@ def upstream_models(fake_provider) -> list[str]:
     return [call.json["model"] for call in fake_provider.calls]
 
 
-@pytest.mark.parametrize("status", [500, 503, 429])
+@pytest.mark.parametrize(
+    ("status", "headers"),
+    [
+        (500, {}),
+        (503, {}),
+        (429, {}),
+        # A Retry-After longer than GATEWAY_MAX_RETRY_AFTER_SECONDS: better another route.
+        (429, {"Retry-After": "30"}),
+        (503, {"Retry-After": "30"}),
+    ],
+)
 def test_a_retryable_failure_moves_to_the_next_route(
-    gateway_url, three_routes, fake_provider, status
+    gateway_url, three_routes, fake_provider, status, headers
 ):
     org = make_org()
     _, key = make_key(org)
+    fake_provider.fail_next(status, headers=headers)
+
+    raw = sdk(gateway_url, key).chat.completions.with_raw_response.create(
+        model="fake-small", messages=MESSAGES
+    )
+
+    assert raw.parse().choices[0].message.content
+    assert upstream_models(fake_provider) == ["deployment-1", "deployment-2"]
+    record = UsageRecord.objects.get(request_id=raw.headers["x-request-id"])
+    assert (record.upstream_model, record.attempts, record.status) == ("deployment-2", 2, "ok")
+    assert record.usage_source == UsageRecord.UsageSource.REPORTED
+    assert record.cost_usd > 0
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_a_short_retry_after_retries_the_same_route_after_the_wait(
+    gateway_url, three_routes, fake_provider, settings, status
+):
+    settings.GATEWAY_MAX_RETRY_AFTER_SECONDS = 2
+    _, key = make_key(make_org())
     fake_provider.fail_next(status, headers={"Retry-After": "1"})
+    started = time.monotonic()
 
     completion = sdk(gateway_url, key).chat.completions.create(
         model="fake-small", messages=MESSAGES
     )
 
+    assert time.monotonic() - started >= 1.0
     assert completion.choices[0].message.content
-    assert upstream_models(fake_provider) == ["deployment-1", "deployment-2"]
+    assert upstream_models(fake_provider) == ["deployment-1", "deployment-1"]
     record = UsageRecord.objects.get()
-    assert (record.upstream_model, record.attempts, record.status) == ("deployment-2", 2, "ok")
-    assert record.cost_usd > 0
+    assert (record.upstream_model, record.attempts, record.status) == ("deployment-1", 2, "ok")
+
+
+def test_retries_after_retry_after_are_bounded_by_the_attempts(
+    gateway_url, three_routes, fake_provider, settings
+):
+    settings.GATEWAY_MAX_ATTEMPTS = 3
+    org = make_org(credit_usd="10")
+    _, key = make_key(org)
+    fake_provider.fail_next(429, headers={"Retry-After": "0"}, times=5)
+
+    with pytest.raises(openai.APIStatusError) as caught:
+        sdk(gateway_url, key).chat.completions.create(model="fake-small", messages=MESSAGES)
+
+    assert caught.value.status_code == 502
+    assert upstream_models(fake_provider) == ["deployment-1"] * 3
+    record = UsageRecord.objects.get()
+    assert (record.status, record.attempts, record.cost_usd) == ("upstream_error", 3, 0)
+    assert wallet_balance_usd(organization_id=org.pk) == 10
 
 
 def test_an_unreachable_route_moves_to_the_next(gateway_url, three_routes, fake_provider):
@@ -62,6 +117,7 @@ def test_an_unreachable_route_moves_to_the_next(gateway_url, three_routes, fake_
 
     record = UsageRecord.objects.get()
     assert (record.provider, record.upstream_model, record.attempts) == ("fake", "deployment-1", 2)
+    assert (record.status, record.usage_source) == ("ok", "reported")
 
 
 def test_the_attempts_are_bounded_and_the_last_failure_is_answered(
@@ -108,3 +164,87 @@ def test_a_stream_fails_over_before_its_first_byte(gateway_url, three_routes, fa
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert upstream_models(fake_provider) == ["deployment-1", "deployment-2"]
     assert UsageRecord.objects.get().attempts == 2
+
+
+@pytest.fixture
+def impatient_first_route(three_routes, settings):
+    """deployment-1 waits at most half a second for the provider's first byte."""
+    three_routes["models"][0]["routes"][0]["timeouts"] = {"first_byte": 0.5}
+    catalog_load(data=three_routes)
+    return three_routes
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_first_byte_timeout_fails_over(gateway_url, impatient_first_route, fake_provider, stream):
+    _, key = make_key(make_org())
+    fake_provider.delay_next(5)
+    started = time.monotonic()
+
+    if stream:
+        chunks = list(
+            sdk(gateway_url, key).chat.completions.create(
+                model="fake-small", messages=MESSAGES, stream=True
+            )
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    else:
+        sdk(gateway_url, key).chat.completions.create(model="fake-small", messages=MESSAGES)
+
+    assert time.monotonic() - started < 4
+    assert upstream_models(fake_provider) == ["deployment-1", "deployment-2"]
+    record = UsageRecord.objects.get()
+    assert (record.upstream_model, record.attempts, record.status) == ("deployment-2", 2, "ok")
+    assert record.usage_source == UsageRecord.UsageSource.REPORTED
+
+
+def test_nothing_is_retried_after_the_first_byte(gateway_url, three_routes, fake_provider):
+    org = make_org(credit_usd="10")
+    _, key = make_key(org)
+    fake_provider.cut_stream_after(2)
+
+    stream = sdk(gateway_url, key).chat.completions.create(
+        model="fake-small", messages=MESSAGES, stream=True
+    )
+    with pytest.raises(openai.APIError) as caught:
+        list(stream)
+
+    assert caught.value.code == "upstream_stream_failed"
+    assert upstream_models(fake_provider) == ["deployment-1"]
+    record = UsageRecord.objects.get()
+    assert (record.upstream_model, record.attempts, record.status) == (
+        "deployment-1",
+        1,
+        "interrupted",
+    )
+    assert record.usage_source == UsageRecord.UsageSource.ESTIMATED
+    assert wallet_balance_usd(organization_id=org.pk) == 10 - record.cost_usd
+
+
+def test_a_stream_silent_past_its_idle_timeout_ends_with_an_error_event(
+    gateway_url, three_routes, fake_provider
+):
+    three_routes["models"][0]["routes"][0]["timeouts"] = {"idle": 0.5}
+    catalog_load(data=three_routes)
+    org = make_org(credit_usd="10")
+    _, key = make_key(org)
+    fake_provider.stall_stream_after(2, seconds=5)
+    received: list[str] = []
+    started = time.monotonic()
+
+    stream = sdk(gateway_url, key).chat.completions.create(
+        model="fake-small", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+    )
+    with pytest.raises(openai.APIError) as caught:
+        for chunk in stream:
+            received.append(chunk.choices[0].delta.content or "")
+
+    assert time.monotonic() - started < 4
+    assert caught.value.code == "upstream_stream_failed"
+    assert len(received) == 2
+    assert upstream_models(fake_provider) == ["deployment-1"]
+    record = UsageRecord.objects.get()
+    assert (record.attempts, record.status, record.usage_source) == (1, "interrupted", "estimated")
+    assert record.output_tokens >= 2
+    assert record.time_to_first_token_ms is not None
+    assert record.cost_usd > 0
+    assert wallet_balance_usd(organization_id=org.pk) == 10 - record.cost_usd

@@ -76,6 +76,9 @@ def test_it_streams_the_reply_and_charges_the_reported_usage(gateway_url, catalo
     assert (record.input_tokens, record.output_tokens) == (prompt_tokens, completion_tokens)
     assert record.usage_source == UsageRecord.UsageSource.REPORTED
     assert record.status == UsageRecord.Status.OK
+    assert record.attempts == 1
+    assert record.time_to_first_token_ms is not None
+    assert record.time_to_first_token_ms <= record.latency_ms
     assert record.cost_usd == expected_cost > 0
     assert wallet_balance_usd(organization_id=org.pk) == Decimal("10") - expected_cost
     assert Reservation.objects.get().state == Reservation.State.SETTLED
@@ -140,6 +143,7 @@ def test_a_stream_without_a_usage_chunk_is_charged_an_estimate(gateway_url, cata
     record = UsageRecord.objects.get()
     assert record.usage_source == UsageRecord.UsageSource.ESTIMATED
     assert record.status == UsageRecord.Status.OK
+    assert record.attempts == 1
     output_tokens = estimated_completion_tokens(REPLY, len(REPLY.split()))
     assert (record.input_tokens, record.output_tokens) == (ESTIMATED_PROMPT_TOKENS, output_tokens)
     expected_cost = usage_cost_usd(
@@ -173,6 +177,8 @@ def test_a_stream_cut_midway_ends_with_an_error_event_and_is_charged_what_was_re
     record = UsageRecord.objects.get()
     assert record.status == UsageRecord.Status.INTERRUPTED
     assert record.usage_source == UsageRecord.UsageSource.ESTIMATED
+    assert record.attempts == 1
+    assert len(fake_provider.calls) == 1
     output_tokens = estimated_completion_tokens(text, 3)
     assert (record.input_tokens, record.output_tokens) == (ESTIMATED_PROMPT_TOKENS, output_tokens)
     assert record.cost_usd == usage_cost_usd(
@@ -270,6 +276,10 @@ def test_a_client_that_hangs_up_midway_is_charged_what_was_generated_and_the_ups
     record = UsageRecord.objects.get()
     assert record.status == UsageRecord.Status.INTERRUPTED
     assert record.usage_source == UsageRecord.UsageSource.ESTIMATED
+    assert record.attempts == 1
+    # The first chunk came 0.5 s before the client hung up; the stream ended after that.
+    assert record.time_to_first_token_ms is not None
+    assert record.time_to_first_token_ms < record.latency_ms
     words = len(REPLY.split())
     # At least what the client read, and less than the whole reply: generation was cut off.
     assert estimated_completion_tokens(REPLY, words) > record.output_tokens >= 3
@@ -298,6 +308,8 @@ def test_an_upstream_failure_before_the_first_byte_gets_502_json(
     assert wallet_balance_usd(organization_id=org.pk) == Decimal("10")
     record = UsageRecord.objects.get()
     assert (record.status, record.cost_usd) == (UsageRecord.Status.UPSTREAM_ERROR, 0)
+    assert (record.attempts, record.time_to_first_token_ms) == (1, None)
+    assert Decimal(caught.value.response.headers["x-switchboard-cost-usd"]) == 0
     assert Reservation.objects.get().state == Reservation.State.VOIDED
 
 
