@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from django.core.management import call_command
 
-from gateway.models import Model, Provider, Route
+from gateway.models import Model, ModelAlias, Provider, Route
 from gateway.services import CatalogError, catalog_load
 
 pytestmark = pytest.mark.django_db
@@ -94,6 +94,34 @@ def test_it_updates_in_place_and_keeps_what_the_file_no_longer_names():
         (lambda c: c["providers"][0].update(kind="azure"), "kind must be one of"),
         (lambda c: c["providers"][0].update(base_url="ftp://x"), "base_url"),
         (lambda c: c["models"].append(copy.deepcopy(c["models"][0])), "defined twice"),
+        (lambda c: c["models"][0].update(routing="random"), "routing must be one of"),
+        (lambda c: c["models"][0]["routes"][0].update(weight=-1), "weight"),
+        (
+            lambda c: c["models"][0]["routes"][0].update(timeouts={"read": 3}),
+            "timeouts may only set",
+        ),
+        (
+            lambda c: c["models"][0]["routes"][0].update(timeouts={"idle": 0}),
+            "timeouts.idle must be a positive",
+        ),
+        (
+            lambda c: (
+                c["models"][0].update(routing="weighted"),
+                [route.update(weight=0) for route in c["models"][0]["routes"]],
+            ),
+            "a route of weight 1 or more",
+        ),
+        (lambda c: c["models"][0].update(aliases="small"), "aliases must be a list"),
+        (lambda c: c["models"][0].update(aliases=["fake-small"]), "is the name of a model"),
+        (
+            lambda c: (
+                c["models"].append(
+                    {**copy.deepcopy(c["models"][0]), "name": "other", "aliases": ["s"]}
+                )
+                or c["models"][0].update(aliases=["s"])
+            ),
+            "used twice",
+        ),
     ],
 )
 def test_an_invalid_catalog_names_the_entry_and_changes_nothing(mutate, message):
@@ -105,6 +133,69 @@ def test_an_invalid_catalog_names_the_entry_and_changes_nothing(mutate, message)
 
     assert not Provider.objects.exists()
     assert not Model.objects.exists()
+
+
+ROUTED: dict[str, Any] = {
+    **CATALOG,
+    "models": [
+        {
+            **CATALOG["models"][0],
+            "routing": "weighted",
+            "aliases": ["small", "fs"],
+            "routes": [
+                {
+                    "provider": "local",
+                    "upstream_model": "fake-small",
+                    "weight": 3,
+                    "timeouts": {"connect": 2, "first_byte": 15.5, "idle": 30},
+                },
+                {"provider": "backup", "upstream_model": "fake-small-b", "weight": 0},
+            ],
+        }
+    ],
+}
+
+
+def test_it_loads_weights_timeouts_routing_and_aliases():
+    catalog_load(data=ROUTED)
+
+    model = Model.objects.get(name="fake-small")
+    assert model.routing == Model.Routing.WEIGHTED
+    assert list(
+        model.routes.values_list(
+            "upstream_model",
+            "weight",
+            "connect_timeout_seconds",
+            "first_byte_timeout_seconds",
+            "idle_timeout_seconds",
+        )
+    ) == [("fake-small", 3, 2.0, 15.5, 30.0), ("fake-small-b", 0, None, None, None)]
+    assert sorted(model.aliases.values_list("name", flat=True)) == ["fs", "small"]
+
+    again = catalog_load(data=ROUTED)
+    assert again.updated == []
+
+
+def test_an_alias_moves_with_the_file_and_never_names_two_models():
+    catalog_load(data=ROUTED)
+    moved = copy.deepcopy(ROUTED)
+    moved["models"][0]["aliases"] = ["fs"]
+    moved["models"].append(
+        {**copy.deepcopy(CATALOG["models"][0]), "name": "fake-large", "aliases": ["small"]}
+    )
+
+    report = catalog_load(data=moved)
+
+    assert "model fake-small" in report.updated
+    assert dict(ModelAlias.objects.values_list("name", "model__name")) == {
+        "fs": "fake-small",
+        "small": "fake-large",
+    }
+    # An alias held by a model the file does not name is not taken over silently.
+    orphan = {**copy.deepcopy(CATALOG), "models": [{**CATALOG["models"][0], "name": "new"}]}
+    orphan["models"][0]["aliases"] = ["small"]
+    with pytest.raises(CatalogError, match="already names model fake-large"):
+        catalog_load(data=orphan)
 
 
 def run_manage(*args: str) -> subprocess.CompletedProcess[str]:
