@@ -308,7 +308,7 @@ def test_a_legacy_completion_streamed_and_not(client: openai.OpenAI) -> None:
 
     assert whole.choices[0].text == text_reply_for("say one two", 9)
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
-    assert chunks[-1].usage == whole.usage
+    assert whole.usage is not None and chunks[-1].usage == whole.usage
     assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (3, 9)
 
 
