@@ -202,4 +202,11 @@ async def _open_stream(
         if response.status_code in CLIENT_ERRORS:
             raise InvalidRequest(refusal_message(response))
         raise status_failure(route, response.status_code, response=response)
+    # From here on a read waits for the next chunk, not the first byte: httpcore reads this
+    # when the body starts. A little over the idle timeout, so that the relay's own check
+    # (gateway/streaming.py `paced`) is the one that ends a silent stream.
+    response.request.extensions["timeout"] = {
+        **response.request.extensions.get("timeout", {}),
+        "read": route.idle_timeout_seconds + 1,
+    }
     return UpstreamStream(chunks=_sse_chunks(route, response), close=response.aclose)

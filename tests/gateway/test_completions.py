@@ -194,3 +194,30 @@ def test_n_is_reserved_for_every_choice(gateway_url, catalog, fake_provider):
 
     assert caught.value.status_code == 402
     sdk(gateway_url, key).completions.create(model="fake-small", prompt="hi")
+
+
+def test_the_demo_provider_completes_offline_streamed_and_not(gateway_url, fake_provider):
+    catalog_load(
+        data={
+            "providers": [{"name": "demo", "kind": "demo"}],
+            "models": [
+                {
+                    "name": "demo-echo",
+                    "routes": [{"provider": "demo", "upstream_model": "demo-echo"}],
+                    "price": {"input": "0.50", "output": "1.50"},
+                }
+            ],
+        }
+    )
+    _, key = make_key(make_org())
+    client = sdk(gateway_url, key)
+
+    whole = client.completions.create(model="demo-echo", prompt="knock knock")
+    chunks = list(client.completions.create(model="demo-echo", prompt="knock knock", stream=True))
+
+    assert whole.choices[0].text == "Demo reply to: knock knock"
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert list(UsageRecord.objects.values_list("status", "usage_source")) == [
+        ("ok", "reported"),
+        ("ok", "reported"),
+    ]

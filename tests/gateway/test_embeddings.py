@@ -171,3 +171,26 @@ def test_a_key_limited_to_other_models_gets_403(gateway_url, embedding_catalog, 
 
     with pytest.raises(openai.PermissionDeniedError):
         sdk(gateway_url, key).embeddings.create(model="text-embedding", input="hello")
+
+
+def test_the_demo_provider_embeds_offline(gateway_url, fake_provider):
+    catalog_load(
+        data={
+            "providers": [{"name": "demo", "kind": "demo"}],
+            "models": [
+                {
+                    "name": "demo-embedding",
+                    "routes": [{"provider": "demo", "upstream_model": "demo-embedding"}],
+                    "price": {"input": "0.02", "output": "0"},
+                }
+            ],
+        }
+    )
+    _, key = make_key(make_org())
+
+    result = sdk(gateway_url, key).embeddings.create(
+        model="demo-embedding", input=["a b", "c"], dimensions=4
+    )
+
+    assert [len(d.embedding) for d in result.data] == [4, 4]
+    assert UsageRecord.objects.get().input_tokens == 3

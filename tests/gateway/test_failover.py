@@ -248,3 +248,23 @@ def test_a_stream_silent_past_its_idle_timeout_ends_with_an_error_event(
     assert record.time_to_first_token_ms is not None
     assert record.cost_usd > 0
     assert wallet_balance_usd(organization_id=org.pk) == 10 - record.cost_usd
+
+
+def test_a_stream_may_pause_longer_than_its_first_byte_timeout_within_its_idle_timeout(
+    gateway_url, three_routes, fake_provider
+):
+    three_routes["models"][0]["routes"][0]["timeouts"] = {"first_byte": 0.3, "idle": 3}
+    catalog_load(data=three_routes)
+    _, key = make_key(make_org())
+    fake_provider.stall_stream_after(2, seconds=1)
+
+    chunks = list(
+        sdk(gateway_url, key).chat.completions.create(
+            model="fake-small", messages=MESSAGES, stream=True
+        )
+    )
+
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert upstream_models(fake_provider) == ["deployment-1"]
+    record = UsageRecord.objects.get()
+    assert (record.attempts, record.status, record.usage_source) == (1, "ok", "reported")
