@@ -114,6 +114,7 @@ async def relay_chat_stream(
     pass_usage: bool,
     checkpoint: Callable[[TokenUsage], Awaitable[object]],
     finish: Callable[[TokenUsage, bool], Awaitable[object]],
+    settled_cost: Callable[[], str | None] | None = None,
 ) -> AsyncIterator[bytes]:
     """The client's server-sent events, one per upstream chunk, as each arrives.
 
@@ -122,17 +123,28 @@ async def relay_chat_stream(
     stream runs, `checkpoint(usage so far)` runs at most once per CHECKPOINT_INTERVAL_SECONDS.
     However the stream ends, the upstream is closed and then `finish(usage, completed)` runs
     once, shielded from the cancellation that a client disconnect delivers.
+
+    A usage chunk passed on is held until the request is settled, and then carries the
+    request's charge as `usage.cost_usd` (a decimal string, from `settled_cost`): a stream
+    cannot send it as a header.
     """
     tally = _Tally(prompt_tokens=prompt_tokens)
     next_checkpoint = time.monotonic() + CHECKPOINT_INTERVAL_SECONDS
     ending: asyncio.Future[None] | None = None
+    held_usage: dict[str, Any] | None = None
     try:
         try:
             async for chunk in upstream.chunks:
+                if held_usage is not None:
+                    # Something after the usage chunk: it was not the last after all.
+                    yield f"data: {json.dumps(held_usage)}\n\n".encode()
+                    held_usage = None
                 if _is_usage_chunk(chunk):
                     tally.reported = reported_usage(chunk["usage"])
-                    if not pass_usage:
-                        continue
+                    if pass_usage:
+                        chunk["model"] = model_name
+                        held_usage = chunk
+                    continue
                 else:
                     tally.count(chunk)
                     if not pass_usage and chunk.get("usage", 0) is None:
@@ -154,6 +166,11 @@ async def relay_chat_stream(
         # stream finds its usage recorded and its wallet charged.
         ending = asyncio.ensure_future(_end(upstream, finish, tally.usage(), completed))
         await asyncio.shield(ending)
+        if held_usage is not None:
+            cost = settled_cost() if settled_cost is not None else None
+            if cost is not None:
+                held_usage["usage"]["cost_usd"] = cost
+            yield f"data: {json.dumps(held_usage)}\n\n".encode()
         yield last_event
     finally:
         if ending is None:

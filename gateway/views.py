@@ -418,6 +418,7 @@ def _streamed(
     route = metering.chosen.route
     caller = metering.caller
     first_token_at: list[float] = []
+    settled_cost_usd: list[str] = []
 
     async def checkpoint(usage: TokenUsage) -> None:
         await _checkpoint(
@@ -432,12 +433,13 @@ def _streamed(
 
     async def finish(usage: TokenUsage, completed: bool) -> None:
         try:
-            await _record(
+            record = await _record(
                 metering,
                 usage,
                 status=UsageRecord.Status.OK if completed else UsageRecord.Status.INTERRUPTED,
                 first_token_at=first_token_at[0] if first_token_at else None,
             )
+            settled_cost_usd.append(format_usd(record.cost_usd))
         finally:
             await limits_release(
                 api_key_id=caller.api_key_id,
@@ -461,6 +463,7 @@ def _streamed(
         pass_usage=pass_usage,
         checkpoint=checkpoint,
         finish=finish,
+        settled_cost=lambda: settled_cost_usd[0] if settled_cost_usd else None,
     )
     return StreamingHttpResponse(
         events,

@@ -110,6 +110,8 @@ def test_it_streams_and_charges_the_reported_usage(gateway_url, catalog, fake_pr
     assert (record.input_tokens, record.output_tokens, record.status) == (input_tokens, 6, "ok")
     assert record.usage_source == UsageRecord.UsageSource.REPORTED
     assert record.cost_usd == expected > 0
+    assert chunks[-1].usage.model_extra is not None
+    assert Decimal(chunks[-1].usage.model_extra["cost_usd"]) == expected
     assert record.time_to_first_token_ms is not None
     assert record.time_to_first_token_ms <= record.latency_ms
     assert wallet_balance_usd(organization_id=org.pk) == Decimal("10") - expected

@@ -79,6 +79,9 @@ def test_it_streams_the_reply_and_charges_the_reported_usage(gateway_url, catalo
     assert record.attempts == 1
     assert record.time_to_first_token_ms is not None
     assert record.time_to_first_token_ms <= record.latency_ms
+    # A stream cannot carry its charge as a header: the usage chunk carries it.
+    assert usage.model_extra is not None
+    assert Decimal(usage.model_extra["cost_usd"]) == record.cost_usd
     assert record.cost_usd == expected_cost > 0
     assert wallet_balance_usd(organization_id=org.pk) == Decimal("10") - expected_cost
     assert Reservation.objects.get().state == Reservation.State.SETTLED
