@@ -8,7 +8,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, TypeVar, cast
@@ -68,9 +68,12 @@ def _new_request_id() -> str:
 _View = Callable[..., Coroutine[Any, Any, HttpResponseBase]]
 
 
-def _openai_endpoint(method: str | None) -> Callable[[_View], _View]:
+def _openai_endpoint(
+    method: str | None,
+    answer_error: Callable[..., HttpResponseBase] = error_response,
+) -> Callable[[_View], _View]:
     """Give the handler a request id, refuse HTTP methods other than `method` (None: any),
-    and answer every failure in OpenAI's error shape."""
+    and answer every failure with `answer_error` (OpenAI's error shape by default)."""
 
     def decorate(handler: _View) -> _View:
         @csrf_exempt
@@ -82,11 +85,11 @@ def _openai_endpoint(method: str | None) -> Callable[[_View], _View]:
                     raise MethodNotAllowed(f"Use {method} for {request.path}.")
                 return await handler(request, request_id, **kwargs)
             except GatewayError as error:
-                return error_response(error, request_id=request_id)
+                return answer_error(error, request_id=request_id)
             except Exception:
                 # Never a traceback to the caller; the log has it, under the request id.
                 logger.exception("request %s failed", request_id)
-                return error_response(
+                return answer_error(
                     GatewayError("The gateway failed to handle this request."),
                     request_id=request_id,
                 )
@@ -147,6 +150,31 @@ async def chat_completions(request: HttpRequest, request_id: str) -> HttpRespons
     caller = await _caller(request)
     # 2. Request
     model_name, body = chat_request(read_json_body(request))
+    return await serve_chat(request, request_id, caller, model_name, body, started=started)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyFormat:
+    """How an endpoint that runs the chat pipeline answers, when its API is not OpenAI's:
+    `whole(chat.completion, usage)` is the reply body; `stream(OpenAI events)` the client's
+    events (the usage chunk is always among them)."""
+
+    whole: Callable[[dict[str, Any], TokenUsage], dict[str, Any]]
+    stream: Callable[[AsyncIterator[bytes]], AsyncIterator[bytes]]
+
+
+async def serve_chat(
+    request: HttpRequest,
+    request_id: str,
+    caller: Caller,
+    model_name: str,
+    body: dict[str, Any],
+    *,
+    started: float,
+    reply_format: ReplyFormat | None = None,
+) -> HttpResponseBase:
+    """Steps 2 (model) to 7 of a chat request whose key and body are read: the one pipeline
+    behind /v1/chat/completions and /v1/messages (`reply_format`: the latter's answers)."""
     model = await catalog_model(model_name)
     if model is None:
         raise ModelNotFound(f"The model '{model_name}' does not exist.", param="model")
@@ -183,7 +211,7 @@ async def chat_completions(request: HttpRequest, request_id: str) -> HttpRespons
                     route=chosen.route, body=body, secret=chosen.secret
                 ),
             )
-            response = _streamed(metering, upstream, body)
+            response = _streamed(metering, upstream, body, reply_format)
             released_by_stream = True
             return response
         reply, metering = await _forwarded(
@@ -206,7 +234,7 @@ async def chat_completions(request: HttpRequest, request_id: str) -> HttpRespons
             )
     reply.body["model"] = model.name
     return JsonResponse(
-        reply.body,
+        reply_format.whole(reply.body, reply.usage) if reply_format else reply.body,
         headers={"x-request-id": request_id, "x-switchboard-cost-usd": format_usd(record.cost_usd)},
     )
 
@@ -257,7 +285,10 @@ async def _forwarded(
 
 
 def _streamed(
-    metering: _Metering, upstream: UpstreamStream, body: dict[str, Any]
+    metering: _Metering,
+    upstream: UpstreamStream,
+    body: dict[str, Any],
+    reply_format: ReplyFormat | None = None,
 ) -> StreamingHttpResponse:
     """The streamed answer: relayed as it arrives, checkpointed, settled when it ends."""
     route = metering.chosen.route
@@ -294,12 +325,12 @@ def _streamed(
         model_name=metering.model.name,
         # The same estimate as a whole answer without usage (providers/base.py).
         prompt_tokens=estimate_prompt_tokens(body.get("messages", [])),
-        pass_usage=client_wants_usage(body),
+        pass_usage=client_wants_usage(body) or reply_format is not None,
         checkpoint=checkpoint,
         finish=finish,
     )
     return StreamingHttpResponse(
-        events,
+        reply_format.stream(events) if reply_format else events,
         content_type="text/event-stream",
         headers={"x-request-id": metering.request_id, "cache-control": "no-cache"},
     )
