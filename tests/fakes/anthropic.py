@@ -472,6 +472,7 @@ def _stream_events(reply: dict[str, Any], fault: _StreamFault) -> list[dict[str,
     events.append({"type": "ping"})
     deltas = 0
     for index, block in enumerate(reply["content"]):
+        start: dict[str, Any]
         if block["type"] == "text":
             start = {"type": "text", "text": ""}
             words = block["text"].split(" ")

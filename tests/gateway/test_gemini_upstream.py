@@ -486,7 +486,10 @@ def test_a_streamed_tool_call_round_trip_carries_the_thought_signature(
                 {
                     "id": delta.id,
                     "type": "function",
-                    "function": {"name": "get_weather", "arguments": delta.function.arguments},
+                    "function": {
+                        "name": "get_weather",
+                        "arguments": delta.function.arguments or "",
+                    },
                 }
             ],
         },

@@ -292,11 +292,11 @@ def test_a_tool_call_round_trip_through_each_upstream(gateway_url, upstreams, mo
         sent = upstreams.openai.calls[-1].json["messages"]
         assert sent[-2]["tool_calls"][0]["id"] == call.id
         assert sent[-1] == {"role": "tool", "tool_call_id": call.id, "content": "18C and sunny"}
-        assert "18C" in second.content[0].text or "weather" in second.content[0].text  # type: ignore[union-attr]
+        assert "18C" in second.content[0].text or "weather" in second.content[0].text
     elif model == "claude-test":
         sent = upstreams.anthropic.calls[-1].json["messages"]
         assert sent[-1]["content"][0]["tool_use_id"] == call.id
-        assert "18C" in second.content[0].text  # type: ignore[union-attr]
+        assert "18C" in second.content[0].text
     else:
         sent = upstreams.gemini.calls[-1].json["contents"]
         assert sent[-1]["parts"][0]["functionResponse"]["name"] == "get_weather"
@@ -383,7 +383,7 @@ def test_an_unknown_model_gets_anthropics_not_found_error(gateway_url, upstreams
             model="no-such-model", max_tokens=20, messages=[{"role": "user", "content": "hi"}]
         )
 
-    assert caught.value.body == {  # type: ignore[comparison-overlap]
+    assert caught.value.body == {
         "type": "error",
         "error": {
             "type": "not_found_error",
