@@ -5,6 +5,7 @@ fake Gemini API) over real HTTP, streamed and not, with the charge checked to th
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -23,7 +24,7 @@ from tests.factories import make_key, make_org
 from tests.fakes.anthropic import FakeAnthropic
 from tests.fakes.gemini import FakeGemini
 from tests.fakes.openai_tools import FakeToolCallingProvider
-from tests.fakes.provider import count_prompt_tokens, reply_for
+from tests.fakes.provider import FakeProvider, count_prompt_tokens, reply_for
 from tests.gateway.metering import assert_charged_exactly
 
 OPENAI_KEY_ENV = "SWITCHBOARD_TEST_MESSAGES_OPENAI_KEY"
@@ -446,3 +447,82 @@ def test_a_provider_addressing_field_is_refused(gateway_url, upstreams):
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "invalid_request_error"
     assert upstreams.openai.calls == []
+
+
+@pytest.fixture(scope="module")
+def _slow_server() -> Iterator[FakeProvider]:
+    # Stopped with the module: the abandoned stream is still being generated when a test ends.
+    with FakeProvider(chunk_interval=0.3) as provider:
+        yield provider
+
+
+@pytest.fixture
+def slow_model(_slow_server: FakeProvider, monkeypatch: pytest.MonkeyPatch, transactional_db):
+    """A model `gpt-slow` whose OpenAI-style upstream streams a word every 0.3 s."""
+    _slow_server.reset()
+    monkeypatch.setenv(OPENAI_KEY_ENV, SECRET)
+    catalog_load(
+        data={
+            "providers": [
+                {
+                    "name": "slow",
+                    "kind": "openai",
+                    "base_url": _slow_server.base_url,
+                    "api_key_env": OPENAI_KEY_ENV,
+                }
+            ],
+            "models": [
+                {
+                    "name": "gpt-slow",
+                    "routes": [{"provider": "slow", "upstream_model": "gpt-slow-upstream"}],
+                    "price": {"input": "3.00", "output": "15.00"},
+                }
+            ],
+        }
+    )
+    return _slow_server
+
+
+def test_a_client_that_hangs_up_midway_is_settled_and_the_upstream_closed(gateway_url, slow_model):
+    org = make_org(credit_usd="10")
+    _, key = make_key(org)
+    deltas = 0
+
+    with (
+        httpx.Client(timeout=10) as http,
+        http.stream(
+            "POST",
+            f"{gateway_url}/messages",
+            headers={"x-api-key": key},
+            json={
+                "model": "gpt-slow",
+                "max_tokens": 50,
+                "stream": True,
+                "messages": [{"role": "user", "content": QUESTION}],
+            },
+        ) as response,
+    ):
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            deltas += line == "event: content_block_delta"
+            if deltas == 3:
+                break
+
+    deadline = time.monotonic() + 10
+    while not (
+        UsageRecord.objects.exists()
+        and not Reservation.objects.filter(state=Reservation.State.HELD).exists()
+    ):
+        assert time.monotonic() < deadline, "the abandoned stream was never settled"
+        time.sleep(0.02)
+    server = slow_model._server
+    assert server is not None
+    deadline = time.monotonic() + 2  # well before the upstream would finish (3 s and more)
+    while server._server.server_state.connections:
+        assert time.monotonic() < deadline, "the upstream request was never closed"
+        time.sleep(0.02)
+    record = UsageRecord.objects.get()
+    assert record.status == UsageRecord.Status.INTERRUPTED
+    assert record.usage_source == UsageRecord.UsageSource.ESTIMATED
+    assert record.output_tokens >= 3
+    assert wallet_balance_usd(organization_id=org.pk) == Decimal(10) - record.cost_usd
