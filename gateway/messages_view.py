@@ -37,5 +37,11 @@ async def messages(request: HttpRequest, request_id: str) -> HttpResponseBase:
     # 2. Request, translated to the chat pipeline's
     model_name, body = chat_request(request_to_openai(read_json_body(request)))
     return await serve_chat(
-        request, request_id, caller, model_name, body, started=started, reply_format=ANTHROPIC_REPLY
+        request,
+        request_id,
+        caller=caller,
+        model_name=model_name,
+        body=body,
+        started=started,
+        reply_format=ANTHROPIC_REPLY,
     )

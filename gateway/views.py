@@ -150,7 +150,9 @@ async def chat_completions(request: HttpRequest, request_id: str) -> HttpRespons
     caller = await _caller(request)
     # 2. Request
     model_name, body = chat_request(read_json_body(request))
-    return await serve_chat(request, request_id, caller, model_name, body, started=started)
+    return await serve_chat(
+        request, request_id, caller=caller, model_name=model_name, body=body, started=started
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,10 +168,10 @@ class ReplyFormat:
 async def serve_chat(
     request: HttpRequest,
     request_id: str,
+    *,
     caller: Caller,
     model_name: str,
     body: dict[str, Any],
-    *,
     started: float,
     reply_format: ReplyFormat | None = None,
 ) -> HttpResponseBase:
