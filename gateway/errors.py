@@ -150,3 +150,43 @@ def stream_error_event(error: GatewayError) -> bytes:
     OpenAI's SDKs raise an APIError when a stream carries a `data:` object with `error`.
     """
     return f"data: {json.dumps(_error_body(error))}\n\n".encode()
+
+
+# --- Anthropic's shape, on /v1/messages ------------------------------------------------------
+
+# The `error.type` Anthropic's API gives each HTTP status (its "Errors" page); a status it does
+# not list takes the type of its class.
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
+
+def _anthropic_error_body(error: GatewayError) -> dict[str, object]:
+    fallback = "invalid_request_error" if error.status < 500 else "api_error"
+    return {
+        "type": "error",
+        "error": {"type": _ANTHROPIC_TYPES.get(error.status, fallback), "message": error.message},
+    }
+
+
+def anthropic_error_response(error: GatewayError, *, request_id: str) -> JsonResponse:
+    """Anthropic's error shape: {"type": "error", "error": {"type", "message"}}."""
+    return JsonResponse(
+        _anthropic_error_body(error),
+        status=error.status,
+        headers={"x-request-id": request_id, "request-id": request_id, **error.headers},
+    )
+
+
+def anthropic_stream_error_event(error: GatewayError) -> bytes:
+    """The same as an `error` server-sent event, to end a stream that already started."""
+    return f"event: error\ndata: {json.dumps(_anthropic_error_body(error))}\n\n".encode()

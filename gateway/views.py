@@ -8,7 +8,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, TypeVar, cast
@@ -80,9 +80,12 @@ def _new_request_id() -> str:
 _View = Callable[..., Coroutine[Any, Any, HttpResponseBase]]
 
 
-def _openai_endpoint(method: str | None) -> Callable[[_View], _View]:
+def _openai_endpoint(
+    method: str | None,
+    answer_error: Callable[..., HttpResponseBase] = error_response,
+) -> Callable[[_View], _View]:
     """Give the handler a request id, refuse HTTP methods other than `method` (None: any),
-    and answer every failure in OpenAI's error shape."""
+    and answer every failure with `answer_error` (OpenAI's error shape by default)."""
 
     def decorate(handler: _View) -> _View:
         @csrf_exempt
@@ -163,6 +166,33 @@ async def chat_completions(request: HttpRequest, request_id: str) -> HttpRespons
     caller = await _caller(request)
     # 2. Request
     model_name, body = chat_request(read_json_body(request))
+    return await serve_chat(
+        request, request_id, caller=caller, model_name=model_name, body=body, started=started
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyFormat:
+    """How an endpoint that runs the chat pipeline answers, when its API is not OpenAI's:
+    `whole(chat.completion, usage)` is the reply body; `stream(OpenAI events)` the client's
+    events (the usage chunk is always among them)."""
+
+    whole: Callable[[dict[str, Any], TokenUsage], dict[str, Any]]
+    stream: Callable[[AsyncIterator[bytes]], AsyncIterator[bytes]]
+
+
+async def serve_chat(
+    request: HttpRequest,
+    request_id: str,
+    *,
+    caller: Caller,
+    model_name: str,
+    body: dict[str, Any],
+    started: float,
+    reply_format: ReplyFormat | None = None,
+) -> HttpResponseBase:
+    """Steps 2 (model) to 7 of a chat request whose key and body are read: the one pipeline
+    behind /v1/chat/completions and /v1/messages (`reply_format`: the latter's answers)."""
     model = await _model_for(caller, model_name)
     body, output_limit = cap_max_tokens(body, model)
     streaming = body.get("stream") is True
@@ -188,7 +218,8 @@ async def chat_completions(request: HttpRequest, request_id: str) -> HttpRespons
             ),
             # The same estimate as a whole answer without usage (providers/base.py).
             prompt_estimate=lambda: estimate_prompt_tokens(body.get("messages", [])),
-            pass_usage=client_wants_usage(body),
+            pass_usage=client_wants_usage(body) or reply_format is not None,
+            reply_format=reply_format,
         ),
     )
 
@@ -286,6 +317,7 @@ class _Call:
     # The prompt tokens charged when a stream reports no usage.
     prompt_estimate: Callable[[], int] = lambda: 0
     pass_usage: bool = False  # whether the client asked for a stream's usage chunk
+    reply_format: ReplyFormat | None = None  # None: OpenAI's own answers
 
 
 async def _metered(
@@ -327,6 +359,7 @@ async def _metered(
                 upstream,
                 prompt_tokens=call.prompt_estimate(),
                 pass_usage=call.pass_usage,
+                reply_format=call.reply_format,
             )
             released_by_stream = True
             return response
@@ -344,7 +377,7 @@ async def _metered(
             )
     reply.body["model"] = model.name
     return JsonResponse(
-        reply.body,
+        call.reply_format.whole(reply.body, reply.usage) if call.reply_format else reply.body,
         headers={"x-request-id": request_id, COST_HEADER: format_usd(record.cost_usd)},
     )
 
@@ -412,7 +445,12 @@ async def _forwarded(
 
 
 def _streamed(
-    metering: _Metering, upstream: UpstreamStream, *, prompt_tokens: int, pass_usage: bool
+    metering: _Metering,
+    upstream: UpstreamStream,
+    *,
+    prompt_tokens: int,
+    pass_usage: bool,
+    reply_format: ReplyFormat | None = None,
 ) -> StreamingHttpResponse:
     """The streamed answer: relayed as it arrives, checkpointed, settled when it ends."""
     route = metering.chosen.route
@@ -466,7 +504,7 @@ def _streamed(
         settled_cost=lambda: settled_cost_usd[0] if settled_cost_usd else None,
     )
     return StreamingHttpResponse(
-        events,
+        reply_format.stream(events) if reply_format else events,
         content_type="text/event-stream",
         headers={"x-request-id": metering.request_id, "cache-control": "no-cache"},
     )

@@ -13,12 +13,20 @@ message per request.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any, Final
 
-from gateway.errors import InvalidRequest, UpstreamFailed
-from gateway.providers.base import TokenUsage, UpstreamReply, estimated_usage
+from gateway.errors import InvalidRequest, UpstreamFailed, UpstreamStreamBroken
+from gateway.providers.base import (
+    TokenUsage,
+    UpstreamReply,
+    UpstreamStream,
+    estimated_usage,
+    openai_usage,
+)
 from gateway.providers.http import post_json
 from gateway.providers.openai_request import (
     append_turn,
@@ -31,7 +39,10 @@ from gateway.providers.openai_request import (
     text_of,
     unsupported_part,
 )
+from gateway.providers.sse import event_data, open_event_stream
 from gateway.selectors import RouteEntry
+
+logger = logging.getLogger(__name__)
 
 # The API version the translation is written against; Anthropic keeps a version's shapes fixed.
 ANTHROPIC_VERSION: Final = "2023-06-01"
@@ -268,33 +279,44 @@ def response_to_openai(message: Any, *, request: dict[str, Any], created: int) -
         reply_message["tool_calls"] = tool_calls
     usage = _usage(message.get("usage"), request=request, completion="".join(texts))
     upstream_id = message.get("id")
+    choice: dict[str, Any] = {
+        "index": 0,
+        "message": reply_message,
+        "finish_reason": _FINISH_REASONS.get(str(message.get("stop_reason")), "stop"),
+        "logprobs": None,
+    }
+    choice.update(_matched_stop(message))
     body = {
         "id": f"chatcmpl-{upstream_id}" if upstream_id else f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion",
         "created": created,
         "model": message.get("model"),
-        "choices": [
-            {
-                "index": 0,
-                "message": reply_message,
-                "finish_reason": _FINISH_REASONS.get(str(message.get("stop_reason")), "stop"),
-                "logprobs": None,
-            }
-        ],
-        "usage": {
-            "prompt_tokens": usage.input_tokens,
-            "completion_tokens": usage.output_tokens,
-            "total_tokens": usage.input_tokens + usage.output_tokens,
-            "prompt_tokens_details": {"cached_tokens": usage.cached_input_tokens},
-        },
+        "choices": [choice],
+        "usage": openai_usage(usage),
     }
     return UpstreamReply(body=body, usage=usage)
 
 
+def _matched_stop(message: dict[str, Any]) -> dict[str, Any]:
+    """`stop_reason`: the stop sequence that ended the answer, as vLLM reports it in a choice
+    (OpenAI has no field for it), so /v1/messages can answer `stop_sequence` faithfully."""
+    sequence = message.get("stop_sequence")
+    if message.get("stop_reason") == "stop_sequence" and isinstance(sequence, str):
+        return {"stop_reason": sequence}
+    return {}
+
+
 def _usage(usage: Any, *, request: dict[str, Any], completion: str) -> TokenUsage:
-    if not isinstance(usage, dict) or not isinstance(usage.get("input_tokens"), int):
+    reported = _reported_usage(usage)
+    if reported is None:
         # Anthropic always reports usage; should it not, the answer is still charged.
         return estimated_usage(prompt=request.get("messages", []), completion=completion)
+    return reported
+
+
+def _reported_usage(usage: Any) -> TokenUsage | None:
+    if not isinstance(usage, dict) or not isinstance(usage.get("input_tokens"), int):
+        return None
     # The cache fields are absent or null when no cache was involved.
     cache_read = int(usage.get("cache_read_input_tokens") or 0)
     cache_write = int(usage.get("cache_creation_input_tokens") or 0)
@@ -312,10 +334,109 @@ class AnthropicAdapter:
     ) -> UpstreamReply:
         """POST the translated request to `{base_url}/messages` and translate the answer back."""
         request = request_to_anthropic(body, model=route.upstream_model)
-        headers = {"anthropic-version": ANTHROPIC_VERSION, "content-type": "application/json"}
-        if secret:
-            headers["x-api-key"] = secret
         reply = await post_json(
-            route=route, url=f"{route.base_url}/messages", payload=request, headers=headers
+            route=route, url=f"{route.base_url}/messages", payload=request, headers=_headers(secret)
         )
         return response_to_openai(reply, request=request, created=int(time.time()))
+
+    async def chat_completion_stream(
+        self, *, route: RouteEntry, body: dict[str, Any], secret: str
+    ) -> UpstreamStream:
+        """POST the translated request with `stream: true` to `{base_url}/messages` and open
+        its event stream, translated to OpenAI chunks by `stream_to_openai`."""
+        request = {**request_to_anthropic(body, model=route.upstream_model), "stream": True}
+        response = await open_event_stream(
+            route=route,
+            url=f"{route.base_url}/messages",
+            payload=request,
+            headers=_headers(secret),
+        )
+        chunks = stream_to_openai(event_data(route, response), created=int(time.time()))
+        return UpstreamStream(chunks=chunks, close=response.aclose)
+
+
+def _headers(secret: str) -> dict[str, str]:
+    headers = {"anthropic-version": ANTHROPIC_VERSION, "content-type": "application/json"}
+    if secret:
+        headers["x-api-key"] = secret
+    return headers
+
+
+# --- stream: Anthropic Messages events → OpenAI chat.completion.chunk ----------------------
+
+
+async def stream_to_openai(
+    events: AsyncIterator[Any], *, created: int
+) -> AsyncIterator[dict[str, Any]]:
+    """OpenAI chunks for the Messages API's stream events, ending with the usage chunk.
+
+    `message_start` opens the assistant turn; `text_delta`s become `content`, a `tool_use`
+    block becomes a tool call (id and name first, then its `input_json_delta`s as
+    `arguments`); `message_delta` gives the finish reason. Usage is `message_start`'s, updated
+    by `message_delta`'s (cumulative) figures, and goes out as the last chunk once
+    `message_stop` arrives. An `error` event, or a stream that ends before `message_stop`,
+    raises UpstreamStreamBroken.
+    """
+    base: dict[str, Any] = {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": None,
+    }
+    usage: dict[str, Any] = {}
+    tool_indexes: dict[int, int] = {}  # Anthropic content block index → OpenAI tool call index
+
+    def chunk(delta: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None, **extra}]}
+
+    async for event in events:
+        kind = event.get("type") if isinstance(event, dict) else None
+        if kind == "message_start":
+            message = event.get("message") or {}
+            if message.get("id"):
+                base["id"] = f"chatcmpl-{message['id']}"
+            base["model"] = message.get("model")
+            usage.update(message.get("usage") or {})
+            yield chunk({"role": "assistant", "content": ""})
+        elif kind == "content_block_start":
+            block = event.get("content_block") or {}
+            if block.get("type") == "tool_use":
+                index = tool_indexes[event.get("index", 0)] = len(tool_indexes)
+                call = {
+                    "index": index,
+                    "id": str(block.get("id")),
+                    "type": "function",
+                    "function": {"name": str(block.get("name")), "arguments": ""},
+                }
+                yield chunk({"tool_calls": [call]})
+            elif block.get("type") == "text" and block.get("text"):
+                yield chunk({"content": block["text"]})
+        elif kind == "content_block_delta":
+            delta = event.get("delta") or {}
+            if delta.get("type") == "text_delta":
+                yield chunk({"content": str(delta.get("text", ""))})
+            elif delta.get("type") == "input_json_delta" and event.get("index") in tool_indexes:
+                arguments = {"arguments": str(delta.get("partial_json", ""))}
+                call = {"index": tool_indexes[event["index"]], "function": arguments}
+                yield chunk({"tool_calls": [call]})
+            # thinking and signature deltas: never asked for by this adapter
+        elif kind == "message_delta":
+            usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})
+            stop = event.get("delta") or {}
+            finish = chunk({}, **_matched_stop(stop))
+            finish["choices"][0]["finish_reason"] = _FINISH_REASONS.get(
+                str(stop.get("stop_reason")), "stop"
+            )
+            yield finish
+        elif kind == "message_stop":
+            reported = _reported_usage(usage)
+            if reported is not None:
+                yield {**base, "choices": [], "usage": openai_usage(reported)}
+            return
+        elif kind == "error":
+            # The provider's own words may name internals: the client gets ours.
+            error = event.get("error") or {}
+            logger.warning("anthropic stream error event: %s", error.get("type"))
+            raise UpstreamStreamBroken("The provider failed in the middle of the stream.")
+        # ping, and event types added later: nothing to relay
+    raise UpstreamStreamBroken("The provider's stream broke off.")

@@ -104,6 +104,9 @@ def reported_usage(usage: Any) -> TokenUsage | None:
         input_tokens=usage["prompt_tokens"],
         output_tokens=int(usage.get("completion_tokens") or 0),
         cached_input_tokens=int(details.get("cached_tokens") or 0),
+        # Not OpenAI's: the translating adapters report prompt-cache writes here (as
+        # OpenRouter does), so a stream bills them at their own price.
+        cache_write_input_tokens=int(details.get("cache_write_tokens") or 0),
     )
 
 
@@ -124,3 +127,17 @@ def estimated_usage(*, prompt: Any, completion: str) -> TokenUsage:
         output_tokens=estimate_tokens(completion),
         reported=False,
     )
+
+
+def openai_usage(usage: TokenUsage) -> dict[str, Any]:
+    """OpenAI's `usage` object for what a translating adapter measured (prompt tokens in all,
+    cache reads as `cached_tokens`, cache writes as `cache_write_tokens`)."""
+    return {
+        "prompt_tokens": usage.input_tokens,
+        "completion_tokens": usage.output_tokens,
+        "total_tokens": usage.input_tokens + usage.output_tokens,
+        "prompt_tokens_details": {
+            "cached_tokens": usage.cached_input_tokens,
+            "cache_write_tokens": usage.cache_write_input_tokens,
+        },
+    }

@@ -20,16 +20,24 @@ dropped; `n` > 1 is refused.
 from __future__ import annotations
 
 import json
+import logging
 import mimetypes
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any, Final
 from urllib.parse import quote
 
 import httpx
 
-from gateway.errors import InvalidRequest, UpstreamFailed
-from gateway.providers.base import TokenUsage, UpstreamReply, estimated_usage
+from gateway.errors import InvalidRequest, UpstreamFailed, UpstreamStreamBroken
+from gateway.providers.base import (
+    TokenUsage,
+    UpstreamReply,
+    UpstreamStream,
+    estimated_usage,
+    openai_usage,
+)
 from gateway.providers.http import post_json
 from gateway.providers.openai_request import (
     append_turn,
@@ -42,7 +50,10 @@ from gateway.providers.openai_request import (
     text_of,
     unsupported_part,
 )
+from gateway.providers.sse import event_data, open_event_stream
 from gateway.selectors import RouteEntry
+
+logger = logging.getLogger(__name__)
 
 # Separates the tool call id from the thought signature it carries; no base64 alphabet has it.
 SIGNATURE_SEPARATOR: Final = "~"
@@ -311,10 +322,7 @@ def response_to_openai(reply: Any, *, request: dict[str, Any], created: int) -> 
             {"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}
         ],
         "usage": {
-            "prompt_tokens": usage.input_tokens,
-            "completion_tokens": usage.output_tokens,
-            "total_tokens": usage.input_tokens + usage.output_tokens,
-            "prompt_tokens_details": {"cached_tokens": usage.cached_input_tokens},
+            **openai_usage(usage),
             "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
         },
     }
@@ -349,10 +357,17 @@ def _finish_reason(reason: Any, called_tools: bool) -> str:
 
 def _usage(metadata: Any, *, request: dict[str, Any], completion: str) -> tuple[TokenUsage, int]:
     """The usage to bill, and the reasoning ("thoughts") tokens among the output tokens."""
-    if not isinstance(metadata, dict) or not isinstance(metadata.get("promptTokenCount"), int):
+    reported = _reported_usage(metadata)
+    if reported is None:
         # Gemini reports usage with every answer; should it not, the answer is still charged.
         estimated = estimated_usage(prompt=request.get("contents", []), completion=completion)
         return estimated, 0
+    return reported
+
+
+def _reported_usage(metadata: Any) -> tuple[TokenUsage, int] | None:
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("promptTokenCount"), int):
+        return None
     thoughts = int(metadata.get("thoughtsTokenCount") or 0)
     # promptTokenCount already includes the cached tokens; the prompt built by tool use (e.g.
     # search results) and the thinking are counted apart, and billed as input and output.
@@ -391,14 +406,100 @@ class GeminiAdapter:
         """POST the translated request to `{base_url}/models/{model}:generateContent` and
         translate the answer back. The key goes in a header, never in the URL."""
         request = request_to_gemini(body)
-        headers = {"content-type": "application/json"}
-        if secret:
-            headers["x-goog-api-key"] = secret
         reply = await post_json(
             route=route,
             url=f"{route.base_url}/{_model_path(route.upstream_model)}:generateContent",
             payload=request,
-            headers=headers,
+            headers=_headers(secret),
             credential_rejected=_credential_rejected,
         )
         return response_to_openai(reply, request=request, created=int(time.time()))
+
+    async def chat_completion_stream(
+        self, *, route: RouteEntry, body: dict[str, Any], secret: str
+    ) -> UpstreamStream:
+        """POST the translated request to `…:streamGenerateContent?alt=sse` and open its event
+        stream, translated to OpenAI chunks by `stream_to_openai`."""
+        response = await open_event_stream(
+            route=route,
+            url=f"{route.base_url}/{_model_path(route.upstream_model)}"
+            ":streamGenerateContent?alt=sse",
+            payload=request_to_gemini(body),
+            headers=_headers(secret),
+            credential_rejected=_credential_rejected,
+        )
+        chunks = stream_to_openai(event_data(route, response), created=int(time.time()))
+        return UpstreamStream(chunks=chunks, close=response.aclose)
+
+
+def _headers(secret: str) -> dict[str, str]:
+    headers = {"content-type": "application/json"}
+    if secret:
+        headers["x-goog-api-key"] = secret
+    return headers
+
+
+# --- stream: GenerateContentResponse events → OpenAI chat.completion.chunk -----------------
+
+
+async def stream_to_openai(
+    events: AsyncIterator[Any], *, created: int
+) -> AsyncIterator[dict[str, Any]]:
+    """OpenAI chunks for a `streamGenerateContent?alt=sse` stream, ending with the usage chunk.
+
+    Each event is a whole GenerateContentResponse holding the next parts of the first
+    candidate: text parts become `content`, each `functionCall` part a complete tool call.
+    The stream has no end marker: it is complete when the connection ends after a
+    `finishReason`, and broken (UpstreamStreamBroken) when it ends before one or carries an
+    `error`. Usage is the last `usageMetadata` seen (each event repeats the totals so far).
+    """
+    base: dict[str, Any] = {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": None,
+    }
+    usage: TokenUsage | None = None
+    tool_calls = 0
+    finish_reason: str | None = None
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+    async for reply in events:
+        if not isinstance(reply, dict) or "error" in reply:
+            logger.warning("gemini reported an error mid-stream")
+            raise UpstreamStreamBroken("The provider failed in the middle of the stream.")
+        if base["model"] is None:
+            if reply.get("responseId"):
+                base["id"] = f"chatcmpl-{reply['responseId']}"
+            base["model"] = reply.get("modelVersion")
+            yield chunk({"role": "assistant", "content": ""})
+        reported = _reported_usage(reply.get("usageMetadata"))
+        if reported is not None:
+            usage = reported[0]
+        candidates = reply.get("candidates")
+        candidate = candidates[0] if isinstance(candidates, list) and candidates else None
+        if not isinstance(candidate, dict):
+            feedback = reply.get("promptFeedback")
+            if isinstance(feedback, dict) and feedback.get("blockReason"):
+                finish_reason = "content_filter"
+                yield chunk({}, finish_reason)
+            continue
+        content = candidate.get("content")
+        parts = content.get("parts") if isinstance(content, dict) else None
+        for part in parts if isinstance(parts, list) else []:
+            if not isinstance(part, dict) or part.get("thought"):
+                continue
+            if isinstance(part.get("text"), str) and part["text"]:
+                yield chunk({"content": part["text"]})
+            elif isinstance(part.get("functionCall"), dict):
+                yield chunk({"tool_calls": [{"index": tool_calls, **_tool_call(part)}]})
+                tool_calls += 1
+        if candidate.get("finishReason"):
+            finish_reason = _finish_reason(candidate["finishReason"], tool_calls > 0)
+            yield chunk({}, finish_reason)
+    if finish_reason is None:
+        raise UpstreamStreamBroken("The provider's stream broke off.")
+    if usage is not None:
+        yield {**base, "choices": [], "usage": openai_usage(usage)}

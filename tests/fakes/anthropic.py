@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from tests.fakes.base import FakeUpstream, Receive, Scope, Send, read_body, send_json
-from tests.fakes.provider import RecordedCall
+from tests.fakes.provider import RecordedCall, _StreamCut
 
 __all__ = ["REPLY_PREFIX", "TOOL_REPLY_PREFIX", "FakeAnthropic", "count_input_tokens"]
 
@@ -272,6 +272,13 @@ class _Failure:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class _StreamFault:
+    cut_after_deltas: int | None = None  # connection dropped after this many content deltas
+    omit_usage: bool = False  # no `usage` in message_start nor message_delta
+    error_after_deltas: int | None = None  # an `error` event (overloaded) after this many
+
+
 def _error_body(status: int, message: str) -> dict[str, Any]:
     """Anthropic's error envelope."""
     return {
@@ -302,6 +309,7 @@ class FakeAnthropic(FakeUpstream):
         # The app runs on the server thread's loop while tests script from the main thread.
         self._lock = threading.Lock()
         self._failures: deque[_Failure] = deque()
+        self._stream_faults: deque[_StreamFault] = deque()
 
     def reset(self) -> None:
         """Forget calls, replies, pending failures and cache settings."""
@@ -309,6 +317,7 @@ class FakeAnthropic(FakeUpstream):
             self.calls.clear()
             self.replies.clear()
             self._failures.clear()
+            self._stream_faults.clear()
             self.cache_read_input_tokens = 0
             self.cache_creation_input_tokens = 0
 
@@ -324,6 +333,23 @@ class FakeAnthropic(FakeUpstream):
         None) and the extra `headers`."""
         with self._lock:
             self._failures.extend([_Failure(status, body, dict(headers or {}))] * times)
+
+    def cut_stream_after(self, deltas: int) -> None:
+        """The next streamed answer loses its connection right after `deltas` content block
+        deltas: no content_block_stop, message_delta nor message_stop."""
+        with self._lock:
+            self._stream_faults.append(_StreamFault(cut_after_deltas=deltas))
+
+    def omit_usage_next(self) -> None:
+        """The next streamed answer is complete but reports no `usage` at all."""
+        with self._lock:
+            self._stream_faults.append(_StreamFault(omit_usage=True))
+
+    def error_stream_after(self, deltas: int) -> None:
+        """The next streamed answer sends an `error` event (overloaded_error) after `deltas`
+        content block deltas, as Anthropic does when it fails mid-stream, and ends."""
+        with self._lock:
+            self._stream_faults.append(_StreamFault(error_after_deltas=deltas))
 
     async def _app(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -364,7 +390,15 @@ class FakeAnthropic(FakeUpstream):
         reply = self._message(request)
         with self._lock:
             self.replies.append(reply)
-        await _send_json(send, 200, reply)
+            fault = (
+                self._stream_faults.popleft()
+                if request.get("stream") and self._stream_faults
+                else _StreamFault()
+            )
+        if request.get("stream"):
+            await _send_stream(send, reply, fault)
+        else:
+            await _send_json(send, 200, reply)
 
     def _message(self, request: dict[str, Any]) -> dict[str, Any]:
         tool = _wanted_tool(request)
@@ -420,3 +454,76 @@ async def _send_json(
     await send_json(
         send, status, payload, headers, default_headers={"request-id": f"req_{uuid.uuid4().hex}"}
     )
+
+
+def _stream_events(reply: dict[str, Any], fault: _StreamFault) -> list[dict[str, Any]]:
+    """The Messages API streaming events for `reply`, in the documented order: message_start
+    (usage with the prompt tokens and 1 output token), ping, per content block its
+    content_block_start, deltas (one word of text, or a piece of the tool input's JSON, each)
+    and content_block_stop, then message_delta (stop reason, cumulative usage) and
+    message_stop. Faults truncate or replace the tail."""
+    usage = reply["usage"]
+    start_usage = {**usage, "output_tokens": 1}
+    message = {**reply, "content": [], "stop_reason": None, "stop_sequence": None}
+    message["usage"] = start_usage
+    if fault.omit_usage:
+        del message["usage"]
+    events: list[dict[str, Any]] = [{"type": "message_start", "message": message}]
+    events.append({"type": "ping"})
+    deltas = 0
+    for index, block in enumerate(reply["content"]):
+        start: dict[str, Any]
+        if block["type"] == "text":
+            start = {"type": "text", "text": ""}
+            words = block["text"].split(" ")
+            pieces = [
+                {"type": "text_delta", "text": w if not i else f" {w}"} for i, w in enumerate(words)
+            ]
+        else:
+            start = {**block, "input": {}}
+            raw = json.dumps(block["input"])
+            cut = len(raw) // 2
+            pieces = [
+                {"type": "input_json_delta", "partial_json": part}
+                for part in (raw[:cut], raw[cut:])
+            ]
+        events.append({"type": "content_block_start", "index": index, "content_block": start})
+        for piece in pieces:
+            if fault.cut_after_deltas is not None and deltas >= fault.cut_after_deltas:
+                return events  # and the connection drops
+            if fault.error_after_deltas is not None and deltas >= fault.error_after_deltas:
+                error = {"type": "overloaded_error", "message": "Overloaded"}
+                return [*events, {"type": "error", "error": error}]
+            events.append({"type": "content_block_delta", "index": index, "delta": piece})
+            deltas += 1
+        events.append({"type": "content_block_stop", "index": index})
+    message_delta: dict[str, Any] = {
+        "type": "message_delta",
+        "delta": {"stop_reason": reply["stop_reason"], "stop_sequence": reply["stop_sequence"]},
+        "usage": {"output_tokens": usage["output_tokens"]},
+    }
+    if fault.omit_usage:
+        del message_delta["usage"]
+    events += [message_delta, {"type": "message_stop"}]
+    return events
+
+
+async def _send_stream(send: Send, reply: dict[str, Any], fault: _StreamFault) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", b"text/event-stream; charset=utf-8"),
+                (b"cache-control", b"no-cache"),
+                (b"request-id", f"req_{uuid.uuid4().hex}".encode()),
+            ],
+        }
+    )
+    for event in _stream_events(reply, fault):
+        data = f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+        await send({"type": "http.response.body", "body": data.encode(), "more_body": True})
+    if fault.cut_after_deltas is not None:
+        # A broken connection: the response ends without its terminating chunk.
+        raise _StreamCut
+    await send({"type": "http.response.body", "body": b"", "more_body": False})

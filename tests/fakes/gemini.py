@@ -33,7 +33,7 @@ from typing import Any, Final
 from urllib.parse import parse_qs
 
 from tests.fakes.base import FakeUpstream, Receive, Scope, Send, read_body, send_json
-from tests.fakes.provider import RecordedCall
+from tests.fakes.provider import RecordedCall, _StreamCut
 
 __all__ = ["REPLY_PREFIX", "TOOL_REPLY_PREFIX", "FakeGemini", "count_prompt_tokens"]
 
@@ -43,7 +43,9 @@ TOOL_REPLY_PREFIX: Final = "The tool answered:"
 #: Tokens the fake charges per content (turn) on top of its words.
 TOKENS_PER_CONTENT: Final = 3
 _ECHOED_WORDS: Final = 5
-_PATH: Final = re.compile(r"^/v1beta/models/(?P<model>[^/:]+):generateContent$")
+_PATH: Final = re.compile(
+    r"^/v1beta/models/(?P<model>[^/:]+):(?P<method>generateContent|streamGenerateContent)$"
+)
 
 # The fields of GenerateContentRequest and GenerationConfig that the fake knows.
 _REQUEST_FIELDS: Final = frozenset(
@@ -282,6 +284,12 @@ def _check_signatures(contents: list[dict[str, Any]], issued: set[str]) -> None:
 
 
 @dataclass(frozen=True)
+class _StreamFault:
+    cut_after_events: int | None = None  # connection dropped after this many text events
+    omit_usage: bool = False  # no `usageMetadata` in any event
+
+
+@dataclass(frozen=True)
 class _Failure:
     status: int
     body: dict[str, Any] | None = None
@@ -322,6 +330,7 @@ class FakeGemini(FakeUpstream):
         self._lock = threading.Lock()
         self._failures: deque[_Failure] = deque()
         self._issued_signatures: set[str] = set()
+        self._stream_faults: deque[_StreamFault] = deque()
 
     def reset(self) -> None:
         """Forget calls, replies, pending failures and usage settings."""
@@ -329,6 +338,7 @@ class FakeGemini(FakeUpstream):
             self.calls.clear()
             self.replies.clear()
             self._failures.clear()
+            self._stream_faults.clear()
             self.cached_content_tokens = 0
             self.thoughts_tokens = 0
 
@@ -344,6 +354,17 @@ class FakeGemini(FakeUpstream):
         and the extra `headers`."""
         with self._lock:
             self._failures.extend([_Failure(status, body, dict(headers or {}))] * times)
+
+    def cut_stream_after(self, events: int) -> None:
+        """The next streamed answer loses its connection after `events` events of text,
+        before the event with the finishReason."""
+        with self._lock:
+            self._stream_faults.append(_StreamFault(cut_after_events=events))
+
+    def omit_usage_next(self) -> None:
+        """The next streamed answer is complete but carries no `usageMetadata`."""
+        with self._lock:
+            self._stream_faults.append(_StreamFault(omit_usage=True))
 
     async def _app(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -381,9 +402,21 @@ class FakeGemini(FakeUpstream):
             await _send_json(send, 400, _error_body(400, invalid.message))
             return
         reply = self._response(request, matched["model"])
+        streamed = matched["method"] == "streamGenerateContent"
+        if streamed and query.get("alt") != ["sse"]:
+            await _send_json(send, 400, _error_body(400, "This fake streams with alt=sse only."))
+            return
         with self._lock:
             self.replies.append(reply)
-        await _send_json(send, 200, reply)
+            fault = (
+                self._stream_faults.popleft()
+                if streamed and self._stream_faults
+                else _StreamFault()
+            )
+        if streamed:
+            await _send_stream(send, reply, fault)
+        else:
+            await _send_json(send, 200, reply)
 
     def _response(self, request: dict[str, Any], model: str) -> dict[str, Any]:
         function = _wanted_function(request)
@@ -462,3 +495,63 @@ async def _send_json(
         headers,
         default_headers={"content-type": "application/json; charset=UTF-8"},
     )
+
+
+def _stream_events(reply: dict[str, Any], fault: _StreamFault) -> list[dict[str, Any]]:
+    """`reply` as streamGenerateContent sends it: GenerateContentResponses of one word of text
+    each (a function call comes whole, in one), each with the usage so far, the last with the
+    finishReason. `cut_after_events` drops the tail, finishReason included."""
+    candidate = reply["candidates"][0]
+    usage = reply["usageMetadata"]
+    pieces: list[dict[str, Any]] = []
+    for part in candidate["content"]["parts"]:
+        if "text" in part:
+            words = part["text"].split(" ")
+            pieces += [{"text": w if not i else f" {w}"} for i, w in enumerate(words)]
+        else:
+            pieces.append(part)
+    events = []
+    for number, part in enumerate(pieces):
+        if fault.cut_after_events is not None and number >= fault.cut_after_events:
+            break
+        last = number == len(pieces) - 1
+        event_candidate: dict[str, Any] = {
+            "content": {"role": "model", "parts": [part]},
+            "index": 0,
+        }
+        if last:
+            event_candidate["finishReason"] = candidate["finishReason"]
+        so_far = len(_words_of(pieces[: number + 1]))
+        event: dict[str, Any] = {
+            "candidates": [event_candidate],
+            "usageMetadata": usage
+            if last
+            else {
+                "promptTokenCount": usage["promptTokenCount"],
+                "candidatesTokenCount": so_far,
+                "totalTokenCount": usage["promptTokenCount"] + so_far,
+            },
+            "modelVersion": reply["modelVersion"],
+            "responseId": reply["responseId"],
+        }
+        if fault.omit_usage:
+            del event["usageMetadata"]
+        events.append(event)
+    return events
+
+
+async def _send_stream(send: Send, reply: dict[str, Any], fault: _StreamFault) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"text/event-stream")],
+        }
+    )
+    for event in _stream_events(reply, fault):
+        # Google ends each event with CRLF CRLF.
+        data = f"data: {json.dumps(event)}\r\n\r\n"
+        await send({"type": "http.response.body", "body": data.encode(), "more_body": True})
+    if fault.cut_after_events is not None:
+        raise _StreamCut
+    await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -21,6 +21,7 @@ from openai.types.chat import (
 from billing.models import UsageRecord
 from billing.money import Price, usage_cost_usd
 from billing.selectors import wallet_balance_usd
+from gateway.providers.base import estimate_prompt_tokens, estimate_tokens
 from gateway.services import catalog_load
 from tests.factories import make_key, make_org
 from tests.fakes.anthropic import (
@@ -426,3 +427,190 @@ def test_a_request_that_cannot_be_translated_gets_400_and_never_leaves(
     assert caught.value.param == "messages[0].content[0]"
     assert fake_anthropic.calls == []
     assert not UsageRecord.objects.exists()
+
+
+# --- streaming: Anthropic's Messages events relayed as OpenAI chunks ------------------------
+
+
+def streamed_calls(chunks: list[Any]) -> list[dict[str, str]]:
+    """The tool calls of a streamed answer, put together from their deltas by index."""
+    calls: dict[int, dict[str, str]] = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            for delta in choice.delta.tool_calls or []:
+                call = calls.setdefault(delta.index, {"id": "", "name": "", "arguments": ""})
+                call["id"] += delta.id or ""
+                call["name"] += (delta.function and delta.function.name) or ""
+                call["arguments"] += (delta.function and delta.function.arguments) or ""
+    return [calls[index] for index in sorted(calls)]
+
+
+def test_it_streams_and_charges_the_reported_usage_cache_tokens_included(
+    gateway_url, anthropic_catalog, fake_anthropic
+):
+    org = make_org(credit_usd="10")
+    _, key = make_key(org)
+    fake_anthropic.cache_read_input_tokens = 6
+    fake_anthropic.cache_creation_input_tokens = 4
+
+    chunks = list(
+        sdk(gateway_url, key).chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,
+            max_tokens=50,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+
+    [call] = fake_anthropic.calls
+    assert call.json["stream"] is True
+    [reply] = fake_anthropic.replies
+    prompt_tokens, output_tokens, cached = reported(reply)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == reply["content"][0]["text"]
+    assert {c.model for c in chunks} == {MODEL}
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finish[-1] == "stop" and set(finish[:-1]) == {None}
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage is not None
+    assert (usage.prompt_tokens, usage.completion_tokens) == (prompt_tokens, output_tokens)
+    assert usage.prompt_tokens_details is not None
+    assert usage.prompt_tokens_details.cached_tokens == cached == 6
+    record = UsageRecord.objects.get()
+    assert (record.input_tokens, record.output_tokens) == (prompt_tokens, output_tokens)
+    assert (record.cached_input_tokens, record.cache_write_input_tokens) == (6, 4)
+    assert record.usage_source == UsageRecord.UsageSource.REPORTED
+    assert record.status == UsageRecord.Status.OK
+    expected = usage_cost_usd(
+        price=PRICE,
+        input_tokens=prompt_tokens,
+        output_tokens=output_tokens,
+        cached_input_tokens=6,
+        cache_write_input_tokens=4,
+    )
+    assert record.cost_usd == expected > 0
+    assert wallet_balance_usd(organization_id=org.pk) == Decimal(10) - expected
+
+
+def test_a_streamed_tool_call_round_trip(gateway_url, anthropic_catalog, fake_anthropic):
+    """OpenAI client ↔ Anthropic upstream, streamed: tool_use arrives as input_json_deltas."""
+    _, key = make_key(make_org(credit_usd="10"))
+    client = sdk(gateway_url, key)
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": "What is the weather in Paris?"}
+    ]
+
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=messages, tools=[WEATHER_TOOL], max_tokens=100, stream=True
+        )
+    )
+
+    [call] = streamed_calls(chunks)
+    assert call["id"].startswith("toolu_")
+    assert call["name"] == "get_weather"
+    assert json.loads(call["arguments"]) == {"city": "Paris"}
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+    messages += [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": call["id"],
+                    "type": "function",
+                    "function": {"name": call["name"], "arguments": call["arguments"]},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": call["id"], "content": "18 degrees and sunny"},
+    ]
+    second = list(
+        client.chat.completions.create(
+            model=MODEL, messages=messages, tools=[WEATHER_TOOL], max_tokens=100, stream=True
+        )
+    )
+
+    text = "".join(c.choices[0].delta.content or "" for c in second if c.choices)
+    assert text == f"{TOOL_REPLY_PREFIX} 18 degrees and sunny"
+    records = UsageRecord.objects.order_by("created_at", "id")
+    assert [(r.input_tokens, r.output_tokens) for r in records] == [
+        reported(reply)[:2] for reply in fake_anthropic.replies
+    ]
+    assert {r.status for r in records} == {UsageRecord.Status.OK}
+
+
+def test_a_stream_cut_midway_ends_with_an_error_event_and_settles_interrupted(
+    gateway_url, anthropic_catalog, fake_anthropic
+):
+    org = make_org(credit_usd="10")
+    _, key = make_key(org)
+    fake_anthropic.cut_stream_after(3)
+    received: list[str] = []
+
+    with pytest.raises(openai.APIError) as caught:
+        for chunk in sdk(gateway_url, key).chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=50, stream=True
+        ):
+            received.extend(c.delta.content or "" for c in chunk.choices)
+
+    assert "broke off" in caught.value.message
+    assert len([piece for piece in received if piece]) == 3
+    record = UsageRecord.objects.get()
+    assert record.status == UsageRecord.Status.INTERRUPTED
+    assert record.usage_source == UsageRecord.UsageSource.ESTIMATED
+    assert record.output_tokens >= 3
+    assert record.cost_usd > 0
+    assert wallet_balance_usd(organization_id=org.pk) == Decimal(10) - record.cost_usd
+
+
+def test_an_error_event_midway_ends_the_stream_and_settles_interrupted(
+    gateway_url, anthropic_catalog, fake_anthropic
+):
+    org = make_org(credit_usd="10")
+    _, key = make_key(org)
+    fake_anthropic.error_stream_after(2)
+
+    with pytest.raises(openai.APIError) as caught:
+        list(
+            sdk(gateway_url, key).chat.completions.create(
+                model=MODEL, messages=MESSAGES, max_tokens=50, stream=True
+            )
+        )
+
+    # Our words, not the provider's.
+    assert caught.value.message == "The provider failed in the middle of the stream."
+    record = UsageRecord.objects.get()
+    assert record.status == UsageRecord.Status.INTERRUPTED
+    assert record.usage_source == UsageRecord.UsageSource.ESTIMATED
+    assert wallet_balance_usd(organization_id=org.pk) == Decimal(10) - record.cost_usd
+
+
+def test_a_stream_without_usage_is_charged_an_estimate_labelled_as_such(
+    gateway_url, anthropic_catalog, fake_anthropic
+):
+    org = make_org(credit_usd="10")
+    _, key = make_key(org)
+    fake_anthropic.omit_usage_next()
+
+    chunks = list(
+        sdk(gateway_url, key).chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,
+            max_tokens=50,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == fake_anthropic.replies[0]["content"][0]["text"]
+    assert all(c.usage is None for c in chunks)  # nothing reported, nothing passed on
+    record = UsageRecord.objects.get()
+    assert record.status == UsageRecord.Status.OK
+    assert record.usage_source == UsageRecord.UsageSource.ESTIMATED
+    assert record.input_tokens == estimate_prompt_tokens(MESSAGES)
+    assert record.output_tokens == max(estimate_tokens(text), len(text.split()))
+    assert wallet_balance_usd(organization_id=org.pk) == Decimal(10) - record.cost_usd

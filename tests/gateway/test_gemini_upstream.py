@@ -20,6 +20,7 @@ from openai.types.chat import (
 from billing.models import UsageRecord
 from billing.money import Price, usage_cost_usd
 from billing.selectors import wallet_balance_usd
+from gateway.providers.base import estimate_prompt_tokens, estimate_tokens
 from gateway.services import catalog_load
 from tests.factories import make_key, make_org
 from tests.fakes.gemini import REPLY_PREFIX, TOOL_REPLY_PREFIX, FakeGemini, count_prompt_tokens
@@ -413,3 +414,151 @@ def test_a_request_the_provider_refuses_gets_400_with_its_reason(
     assert "input token count exceeds" in caught.value.message
     assert wallet_balance_usd(organization_id=org.pk) == Decimal("10")
     assert not UsageRecord.objects.exists()
+
+
+# --- streaming: streamGenerateContent?alt=sse relayed as OpenAI chunks ----------------------
+
+
+def test_it_streams_and_charges_the_reported_usage(gateway_url, gemini_catalog, fake_gemini):
+    org = make_org(credit_usd="10")
+    _, key = make_key(org)
+
+    chunks = list(
+        sdk(gateway_url, key).chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,
+            max_tokens=50,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+
+    [call] = fake_gemini.calls
+    assert call.path == f"/v1beta/models/{UPSTREAM_MODEL}:streamGenerateContent"
+    assert call.headers["x-goog-api-key"] == SECRET
+    [reply] = fake_gemini.replies
+    prompt_tokens, output_tokens = reported(reply)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == f"{REPLY_PREFIX} Say hello to the switchboard"
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1
+    assert {c.model for c in chunks} == {MODEL}
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage is not None
+    assert (usage.prompt_tokens, usage.completion_tokens) == (prompt_tokens, output_tokens)
+    record = UsageRecord.objects.get()
+    assert (record.input_tokens, record.output_tokens) == (prompt_tokens, output_tokens)
+    assert record.usage_source == UsageRecord.UsageSource.REPORTED
+    assert record.status == UsageRecord.Status.OK
+    expected = usage_cost_usd(price=PRICE, input_tokens=prompt_tokens, output_tokens=output_tokens)
+    assert record.cost_usd == expected > 0
+    assert wallet_balance_usd(organization_id=org.pk) == Decimal(10) - expected
+
+
+def test_a_streamed_tool_call_round_trip_carries_the_thought_signature(
+    gateway_url, gemini_catalog, fake_gemini
+):
+    """OpenAI client ↔ Gemini upstream, streamed: the functionCall arrives whole, signed."""
+    _, key = make_key(make_org(credit_usd="10"))
+    client = sdk(gateway_url, key)
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": "What is the weather in Paris?"}
+    ]
+
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=messages, tools=[WEATHER_TOOL], max_tokens=100, stream=True
+        )
+    )
+
+    deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
+    [delta] = deltas
+    assert delta.index == 0 and delta.id is not None and delta.function is not None
+    assert delta.function.name == "get_weather"
+    assert json.loads(delta.function.arguments or "") == {"city": "Paris"}
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+    messages += [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": delta.id,
+                    "type": "function",
+                    "function": {
+                        "name": "get_weather",
+                        "arguments": delta.function.arguments or "",
+                    },
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": delta.id, "content": "18 degrees and sunny"},
+    ]
+    second = list(
+        client.chat.completions.create(
+            model=MODEL, messages=messages, tools=[WEATHER_TOOL], max_tokens=100, stream=True
+        )
+    )
+
+    # The fake refuses (400) a function call sent back without the signature it issued.
+    text = "".join(c.choices[0].delta.content or "" for c in second if c.choices)
+    assert text.startswith(TOOL_REPLY_PREFIX)
+    sent = fake_gemini.calls[1].json["contents"]
+    assert sent[1]["parts"][0]["thoughtSignature"]
+    records = UsageRecord.objects.order_by("created_at", "id")
+    assert [(r.input_tokens, r.output_tokens) for r in records] == [
+        reported(reply) for reply in fake_gemini.replies
+    ]
+
+
+def test_a_stream_cut_midway_ends_with_an_error_event_and_settles_interrupted(
+    gateway_url, gemini_catalog, fake_gemini
+):
+    org = make_org(credit_usd="10")
+    _, key = make_key(org)
+    fake_gemini.cut_stream_after(3)
+    received: list[str] = []
+
+    with pytest.raises(openai.APIError) as caught:
+        for chunk in sdk(gateway_url, key).chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=50, stream=True
+        ):
+            received.extend(c.delta.content or "" for c in chunk.choices)
+
+    assert "broke off" in caught.value.message
+    assert len([piece for piece in received if piece]) == 3
+    record = UsageRecord.objects.get()
+    assert record.status == UsageRecord.Status.INTERRUPTED
+    # Gemini repeats the usage so far in every event, but a cut stream's is not final.
+    assert record.usage_source == UsageRecord.UsageSource.ESTIMATED
+    assert record.output_tokens >= 3
+    assert wallet_balance_usd(organization_id=org.pk) == Decimal(10) - record.cost_usd
+
+
+def test_a_stream_without_usage_is_charged_an_estimate_labelled_as_such(
+    gateway_url, gemini_catalog, fake_gemini
+):
+    org = make_org(credit_usd="10")
+    _, key = make_key(org)
+    fake_gemini.omit_usage_next()
+
+    chunks = list(
+        sdk(gateway_url, key).chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,
+            max_tokens=50,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == f"{REPLY_PREFIX} Say hello to the switchboard"
+    assert all(c.usage is None for c in chunks)
+    record = UsageRecord.objects.get()
+    assert record.status == UsageRecord.Status.OK
+    assert record.usage_source == UsageRecord.UsageSource.ESTIMATED
+    assert record.input_tokens == estimate_prompt_tokens(MESSAGES)
+    assert record.output_tokens == max(estimate_tokens(text), len(text.split()))
+    assert wallet_balance_usd(organization_id=org.pk) == Decimal(10) - record.cost_usd

@@ -334,39 +334,6 @@ def test_an_upstream_refusal_before_the_first_byte_gets_400_and_releases_the_hol
     assert wallet_balance_usd(organization_id=org.pk) == Decimal("10")
 
 
-def test_a_model_whose_provider_cannot_stream_yet_gets_400(gateway_url, fake_provider):
-    catalog_load(
-        data={
-            "providers": [
-                {
-                    "name": "claude",
-                    "kind": "anthropic",
-                    "base_url": fake_provider.base_url,
-                    "api_key_env": FAKE_PROVIDER_KEY_ENV,
-                }
-            ],
-            "models": [
-                {
-                    "name": "claude-small",
-                    "routes": [{"provider": "claude", "upstream_model": "claude-x"}],
-                    "price": {"input": "1", "output": "5"},
-                }
-            ],
-        }
-    )
-    org = make_org(credit_usd="10")
-    _, key = make_key(org)
-
-    with pytest.raises(openai.BadRequestError) as caught:
-        sdk(gateway_url, key).chat.completions.create(
-            model="claude-small", messages=MESSAGES, stream=True
-        )
-
-    assert "not supported for this model yet" in caught.value.message
-    assert fake_provider.calls == []
-    assert not Reservation.objects.exists()
-
-
 def test_the_demo_provider_streams(gateway_url, fake_provider):
     catalog_load(
         data={

@@ -3,14 +3,18 @@ way, answers and their usage the other, with no network and no database."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from gateway.errors import InvalidRequest, UpstreamFailed
+from gateway import messages
+from gateway.errors import InvalidRequest, UpstreamFailed, UpstreamStreamBroken
 from gateway.providers import anthropic, gemini
+from gateway.providers.base import TokenUsage
 
 CREATED = 1_700_000_000
 WEATHER_TOOL: dict[str, Any] = {
@@ -324,7 +328,7 @@ def test_anthropic_answer_becomes_a_chat_completion() -> None:
             "prompt_tokens": 12,
             "completion_tokens": 3,
             "total_tokens": 15,
-            "prompt_tokens_details": {"cached_tokens": 0},
+            "prompt_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
         },
     }
     assert (reply.usage.input_tokens, reply.usage.output_tokens) == (12, 3)
@@ -423,7 +427,10 @@ def test_anthropic_cache_tokens_count_in_the_prompt_and_reads_are_billed_as_cach
     assert (reply.usage.input_tokens, reply.usage.cached_input_tokens) == (130, 100)
     assert reply.usage.output_tokens == 7
     assert reply.body["usage"]["prompt_tokens"] == 130
-    assert reply.body["usage"]["prompt_tokens_details"] == {"cached_tokens": 100}
+    assert reply.body["usage"]["prompt_tokens_details"] == {
+        "cached_tokens": 100,
+        "cache_write_tokens": 20,
+    }
     assert reply.body["usage"]["total_tokens"] == 137
 
 
@@ -689,7 +696,7 @@ def test_gemini_answer_becomes_a_chat_completion() -> None:
             "prompt_tokens": 12,
             "completion_tokens": 3,
             "total_tokens": 15,
-            "prompt_tokens_details": {"cached_tokens": 0},
+            "prompt_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
             "completion_tokens_details": {"reasoning_tokens": 0},
         },
     }
@@ -815,7 +822,7 @@ def test_gemini_usage_bills_thoughts_as_output_and_counts_cached_and_tool_prompt
         "prompt_tokens": 105,
         "completion_tokens": 50,
         "total_tokens": 155,
-        "prompt_tokens_details": {"cached_tokens": 40},
+        "prompt_tokens_details": {"cached_tokens": 40, "cache_write_tokens": 0},
         "completion_tokens_details": {"reasoning_tokens": 30},
     }
 
@@ -837,3 +844,424 @@ def test_gemini_answer_without_usage_is_estimated() -> None:
 def test_gemini_answer_that_is_not_a_response_is_an_upstream_failure(answer: Any) -> None:
     with pytest.raises(UpstreamFailed):
         to_openai_from_gemini(answer)
+
+
+# --- streams: provider events → OpenAI chunks ----------------------------------------------
+
+
+async def _iterate(items: list[Any]) -> AsyncIterator[Any]:
+    for item in items:
+        yield item
+
+
+def _chunks(translate: Any, events: list[Any]) -> list[dict[str, Any]]:
+    async def collect() -> list[dict[str, Any]]:
+        return [chunk async for chunk in translate(_iterate(events), created=CREATED)]
+
+    return asyncio.run(collect())
+
+
+def _deltas(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [chunk["choices"][0]["delta"] for chunk in chunks if chunk["choices"]]
+
+
+ANTHROPIC_TOOL_STREAM: list[dict[str, Any]] = [
+    {
+        "type": "message_start",
+        "message": {
+            "id": "msg_1",
+            "model": "claude-x",
+            "usage": {
+                "input_tokens": 10,
+                "cache_read_input_tokens": 5,
+                "cache_creation_input_tokens": 2,
+                "output_tokens": 1,
+            },
+        },
+    },
+    {"type": "ping"},
+    {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Let"}},
+    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": " me"}},
+    {"type": "content_block_stop", "index": 0},
+    {
+        "type": "content_block_start",
+        "index": 1,
+        "content_block": {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}},
+    },
+    {
+        "type": "content_block_delta",
+        "index": 1,
+        "delta": {"type": "input_json_delta", "partial_json": '{"city": '},
+    },
+    {
+        "type": "content_block_delta",
+        "index": 1,
+        "delta": {"type": "input_json_delta", "partial_json": '"Paris"}'},
+    },
+    {"type": "content_block_stop", "index": 1},
+    {
+        "type": "message_delta",
+        "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+        "usage": {"output_tokens": 12},
+    },
+    {"type": "message_stop"},
+]
+
+
+def test_anthropic_stream_becomes_chunks_with_tool_calls_and_a_final_usage_chunk() -> None:
+    chunks = _chunks(anthropic.stream_to_openai, ANTHROPIC_TOOL_STREAM)
+
+    assert {chunk["id"] for chunk in chunks} == {"chatcmpl-msg_1"}
+    assert {chunk["object"] for chunk in chunks} == {"chat.completion.chunk"}
+    assert _deltas(chunks) == [
+        {"role": "assistant", "content": ""},
+        {"content": "Let"},
+        {"content": " me"},
+        {
+            "tool_calls": [
+                {
+                    "index": 0,
+                    "id": "toolu_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": ""},
+                }
+            ]
+        },
+        {"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]},
+        {"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]},
+        {},
+    ]
+    assert chunks[-2]["choices"][0]["finish_reason"] == "tool_calls"
+    # message_start's prompt figures, message_delta's (cumulative) output tokens.
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"] == {
+        "prompt_tokens": 17,
+        "completion_tokens": 12,
+        "total_tokens": 29,
+        "prompt_tokens_details": {"cached_tokens": 5, "cache_write_tokens": 2},
+    }
+
+
+def test_anthropic_stream_stop_sequence_is_reported_in_the_finish_chunk() -> None:
+    events = [
+        ANTHROPIC_TOOL_STREAM[0],
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "stop_sequence", "stop_sequence": "END"},
+            "usage": {"output_tokens": 3},
+        },
+        {"type": "message_stop"},
+    ]
+
+    finish = _chunks(anthropic.stream_to_openai, events)[-2]["choices"][0]
+
+    assert (finish["finish_reason"], finish["stop_reason"]) == ("stop", "END")
+
+
+@pytest.mark.parametrize(
+    "events",
+    [
+        ANTHROPIC_TOOL_STREAM[:5],  # cut before message_stop
+        [*ANTHROPIC_TOOL_STREAM[:4], {"type": "error", "error": {"type": "overloaded_error"}}],
+    ],
+    ids=["cut", "error-event"],
+)
+def test_anthropic_stream_that_ends_early_is_broken(events: list[Any]) -> None:
+    with pytest.raises(UpstreamStreamBroken):
+        _chunks(anthropic.stream_to_openai, events)
+
+
+def test_anthropic_stream_without_usage_has_no_usage_chunk() -> None:
+    events = [
+        {"type": "message_start", "message": {"id": "msg_1", "model": "claude-x"}},
+        *ANTHROPIC_TOOL_STREAM[2:6],
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn"}},
+        {"type": "message_stop"},
+    ]
+
+    chunks = _chunks(anthropic.stream_to_openai, events)
+
+    assert all(chunk["choices"] for chunk in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def _gemini_event(parts: list[Any], finish: str | None = None, **usage: int) -> dict[str, Any]:
+    candidate: dict[str, Any] = {"content": {"role": "model", "parts": parts}, "index": 0}
+    if finish:
+        candidate["finishReason"] = finish
+    event: dict[str, Any] = {"candidates": [candidate], "modelVersion": "g", "responseId": "r1"}
+    if usage:
+        event["usageMetadata"] = usage
+    return event
+
+
+def test_gemini_stream_becomes_chunks_with_the_last_usage() -> None:
+    events = [
+        _gemini_event([{"text": "Hello"}], promptTokenCount=7, candidatesTokenCount=1),
+        _gemini_event(
+            [{"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}}],
+            "STOP",
+            promptTokenCount=7,
+            candidatesTokenCount=4,
+            cachedContentTokenCount=3,
+        ),
+    ]
+
+    chunks = _chunks(gemini.stream_to_openai, events)
+
+    deltas = _deltas(chunks)
+    assert deltas[:2] == [{"role": "assistant", "content": ""}, {"content": "Hello"}]
+    [call] = deltas[2]["tool_calls"]
+    assert call["index"] == 0 and call["id"].startswith("call_")
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    assert chunks[-2]["choices"][0]["finish_reason"] == "tool_calls"
+    assert chunks[-1]["usage"]["prompt_tokens"] == 7
+    assert chunks[-1]["usage"]["completion_tokens"] == 4
+    assert chunks[-1]["usage"]["prompt_tokens_details"]["cached_tokens"] == 3
+
+
+def test_gemini_stream_that_ends_without_a_finish_reason_is_broken() -> None:
+    events = [_gemini_event([{"text": "Hel"}], promptTokenCount=7, candidatesTokenCount=1)]
+
+    with pytest.raises(UpstreamStreamBroken):
+        _chunks(gemini.stream_to_openai, events)
+
+
+# --- /v1/messages: Anthropic requests in, Anthropic answers out ----------------------------
+
+
+def test_messages_request_becomes_an_openai_chat_request() -> None:
+    body = {
+        "model": "any",
+        "max_tokens": 64,
+        "system": [{"type": "text", "text": "Be brief."}, {"type": "text", "text": "Be kind."}],
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Weather?"},
+                    {
+                        "type": "image",
+                        "source": {"type": "base64", "media_type": "image/png", "data": "iVBO"},
+                    },
+                ],
+            },
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "text", "text": "Checking."},
+                    {"type": "tool_use", "id": "t1", "name": "get_weather", "input": {"c": "P"}},
+                ],
+            },
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "tool_result",
+                        "tool_use_id": "t1",
+                        "content": [{"type": "text", "text": "sunny"}],
+                    },
+                    {"type": "text", "text": "Thanks"},
+                ],
+            },
+        ],
+        "tools": [{"name": "get_weather", "description": "d", "input_schema": {"type": "object"}}],
+        "tool_choice": {"type": "any", "disable_parallel_tool_use": True},
+        "stop_sequences": ["END"],
+        "temperature": 0.2,
+        "top_p": 0.9,
+        "top_k": 5,
+        "metadata": {"user_id": "u-1"},
+        "stream": True,
+    }
+
+    assert messages.request_to_openai(body) == {
+        "model": "any",
+        "max_tokens": 64,
+        "stream": True,
+        "messages": [
+            {"role": "system", "content": "Be brief.\n\nBe kind."},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Weather?"},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBO"}},
+                ],
+            },
+            {
+                "role": "assistant",
+                "content": "Checking.",
+                "tool_calls": [
+                    {
+                        "id": "t1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"c": "P"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "t1", "content": "sunny"},
+            {"role": "user", "content": [{"type": "text", "text": "Thanks"}]},
+        ],
+        "tools": [
+            {
+                "type": "function",
+                "function": {
+                    "name": "get_weather",
+                    "parameters": {"type": "object"},
+                    "description": "d",
+                },
+            }
+        ],
+        "tool_choice": "required",
+        "parallel_tool_calls": False,
+        "stop": ["END"],
+        "temperature": 0.2,
+        "top_p": 0.9,
+        "user": "u-1",
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"max_tokens": None}, "max_tokens: Field required"),
+        ({"max_tokens": 0}, "max_tokens: must be a positive integer"),
+        ({"messages": []}, "messages: at least one message is required"),
+        ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools.0"),
+        ({"tool_choice": {"type": "sometimes"}}, "tool_choice"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]},
+            "'document' are not supported",
+        ),
+    ],
+)
+def test_messages_request_refusals(change: dict[str, Any], message: str) -> None:
+    body = {"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
+    body.update(change)
+    body = {key: value for key, value in body.items() if value is not None}
+
+    with pytest.raises(InvalidRequest, match=re.escape(message)):
+        messages.request_to_openai(body)
+
+
+def test_messages_answer_from_a_chat_completion_splits_the_cached_prompt() -> None:
+    completion = {
+        "id": "chatcmpl-abc",
+        "model": "m",
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "tool_calls",
+                "message": {
+                    "role": "assistant",
+                    "content": "Looking.",
+                    "tool_calls": [
+                        {
+                            "id": "call_1",
+                            "type": "function",
+                            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                        }
+                    ],
+                },
+            }
+        ],
+    }
+    usage = TokenUsage(
+        input_tokens=20, output_tokens=7, cached_input_tokens=8, cache_write_input_tokens=2
+    )
+
+    assert messages.message_from_openai(completion, usage) == {
+        "id": "msg_abc",
+        "type": "message",
+        "role": "assistant",
+        "model": "m",
+        "content": [
+            {"type": "text", "text": "Looking."},
+            {"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Paris"}},
+        ],
+        "stop_reason": "tool_use",
+        "stop_sequence": None,
+        "usage": {
+            "input_tokens": 10,
+            "output_tokens": 7,
+            "cache_creation_input_tokens": 2,
+            "cache_read_input_tokens": 8,
+        },
+    }
+
+
+def _sse(chunk: Any) -> bytes:
+    return f"data: {chunk if isinstance(chunk, str) else json.dumps(chunk)}\n\n".encode()
+
+
+def test_messages_events_from_openai_chunks() -> None:
+    base = {"id": "chatcmpl-x", "model": "m", "object": "chat.completion.chunk"}
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        return _sse({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+    call = {"index": 0, "id": "call_1", "function": {"name": "f", "arguments": ""}}
+    stream = [
+        chunk({"role": "assistant", "content": ""}),
+        chunk({"content": "Hi"}),
+        chunk({"tool_calls": [call]}),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"a":1}'}}]}),
+        chunk({}, "tool_calls"),
+        _sse({**base, "choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 4}}),
+        _sse("[DONE]"),
+    ]
+    translation = messages.MessageEvents()
+
+    events = [event for sse in stream for event in translation.translate(sse)]
+
+    parsed = []
+    for event in events:
+        name_line, data_line, *_ = event.decode().split("\n")
+        data = json.loads(data_line.removeprefix("data: "))
+        assert name_line == f"event: {data['type']}"
+        parsed.append(data)
+    assert [event["type"] for event in parsed] == [
+        "message_start",
+        "ping",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_stop",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    assert parsed[0]["message"]["id"] == "msg_x"
+    assert parsed[3]["delta"] == {"type": "text_delta", "text": "Hi"}
+    assert parsed[5]["content_block"] == {
+        "type": "tool_use",
+        "id": "call_1",
+        "name": "f",
+        "input": {},
+    }
+    assert parsed[6] == {
+        "type": "content_block_delta",
+        "index": 1,
+        "delta": {"type": "input_json_delta", "partial_json": '{"a":1}'},
+    }
+    assert parsed[8]["delta"] == {"stop_reason": "tool_use", "stop_sequence": None}
+    assert parsed[8]["usage"] == {
+        "input_tokens": 9,
+        "output_tokens": 4,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+    }
+
+
+def test_messages_events_end_with_an_error_event_when_the_stream_broke() -> None:
+    translation = messages.MessageEvents()
+    translation.translate(_sse({"id": "c", "choices": [{"index": 0, "delta": {"content": "a"}}]}))
+
+    [event] = translation.translate(_sse({"error": {"message": "It broke.", "type": "x"}}))
+
+    assert event == (
+        b'event: error\ndata: {"type": "error", "error": {"type": "api_error", '
+        b'"message": "It broke."}}\n\n'
+    )

@@ -1,0 +1,528 @@
+"""POST /v1/messages, end to end: the official anthropic SDK → Switchboard served by uvicorn →
+each kind of upstream (the fake OpenAI-style provider, the fake Anthropic Messages API, the
+fake Gemini API) over real HTTP, streamed and not, with the charge checked to the last unit."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import anthropic
+import httpx
+import pytest
+
+from billing.models import Reservation, UsageRecord
+from billing.money import Price, usage_cost_usd
+from billing.selectors import wallet_balance_usd
+from gateway.services import catalog_load
+from portal.models import Organization
+from tests.factories import make_key, make_org
+from tests.fakes.anthropic import FakeAnthropic
+from tests.fakes.gemini import FakeGemini
+from tests.fakes.openai_tools import FakeToolCallingProvider
+from tests.fakes.provider import FakeProvider, count_prompt_tokens, reply_for
+from tests.gateway.metering import assert_charged_exactly
+
+OPENAI_KEY_ENV = "SWITCHBOARD_TEST_MESSAGES_OPENAI_KEY"
+ANTHROPIC_KEY_ENV = "SWITCHBOARD_TEST_MESSAGES_ANTHROPIC_KEY"
+GEMINI_KEY_ENV = "SWITCHBOARD_TEST_MESSAGES_GEMINI_KEY"
+SECRET = "fake-upstream-secret-for-messages"
+PRICE = Price(input_per_mtok_usd=Decimal("3.00"), output_per_mtok_usd=Decimal("15.00"))
+# Catalog model → (provider name, upstream model).
+MODELS = {
+    "gpt-test": ("openai-fake", "gpt-test-upstream"),
+    "claude-test": ("anthropic-fake", "claude-test-upstream"),
+    "gemini-test": ("gemini-fake", "gemini-test-upstream"),
+}
+SYSTEM = "You are terse."
+QUESTION = "Say hello to the switchboard operator please"
+WEATHER_TOOL: anthropic.types.ToolParam = {
+    "name": "get_weather",
+    "description": "The current weather in a city.",
+    "input_schema": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+    },
+}
+
+
+@dataclass
+class Upstreams:
+    openai: FakeToolCallingProvider
+    anthropic: FakeAnthropic
+    gemini: FakeGemini
+
+    def answered(self, model: str) -> tuple[str, int, int]:
+        """(text, prompt tokens, output tokens) of the last answer the model's upstream gave,
+        as that upstream reported them."""
+        if model == "gpt-test":
+            request = self.openai.calls[-1].json
+            text = reply_for(request["messages"], request.get("max_tokens"))
+            return text, count_prompt_tokens(request["messages"]), len(text.split())
+        if model == "claude-test":
+            reply = self.anthropic.replies[-1]
+            usage = reply["usage"]
+            prompt = (
+                usage["input_tokens"]
+                + usage["cache_read_input_tokens"]
+                + usage["cache_creation_input_tokens"]
+            )
+            texts = [block.get("text", "") for block in reply["content"]]
+            return "".join(texts), prompt, usage["output_tokens"]
+        reply = self.gemini.replies[-1]
+        metadata = reply["usageMetadata"]
+        parts = reply["candidates"][0]["content"]["parts"]
+        text = "".join(part.get("text", "") for part in parts)
+        return text, metadata["promptTokenCount"], metadata["candidatesTokenCount"]
+
+
+@pytest.fixture(scope="module")
+def _servers() -> Iterator[Upstreams]:
+    with (
+        FakeToolCallingProvider() as openai_fake,
+        FakeAnthropic(api_key=SECRET) as anthropic_fake,
+        FakeGemini(api_key=SECRET) as gemini_fake,
+    ):
+        yield Upstreams(openai_fake, anthropic_fake, gemini_fake)
+
+
+@pytest.fixture
+def upstreams(
+    _servers: Upstreams, monkeypatch: pytest.MonkeyPatch, transactional_db: None
+) -> Upstreams:
+    """The three fake upstreams, reset, and a catalog with one model on each."""
+    for fake in (_servers.openai, _servers.anthropic, _servers.gemini):
+        fake.reset()
+    for env in (OPENAI_KEY_ENV, ANTHROPIC_KEY_ENV, GEMINI_KEY_ENV):
+        monkeypatch.setenv(env, SECRET)
+    providers = [
+        ("openai-fake", "openai", _servers.openai.base_url, OPENAI_KEY_ENV),
+        ("anthropic-fake", "anthropic", _servers.anthropic.base_url, ANTHROPIC_KEY_ENV),
+        ("gemini-fake", "gemini", _servers.gemini.base_url, GEMINI_KEY_ENV),
+    ]
+    catalog_load(
+        data={
+            "providers": [
+                {"name": name, "kind": kind, "base_url": url, "api_key_env": env}
+                for name, kind, url, env in providers
+            ],
+            "models": [
+                {
+                    "name": model,
+                    "routes": [{"provider": provider, "upstream_model": upstream_model}],
+                    "price": {"input": "3.00", "output": "15.00"},
+                }
+                for model, (provider, upstream_model) in MODELS.items()
+            ],
+        }
+    )
+    return _servers
+
+
+def client(gateway_url: str, key: str) -> anthropic.Anthropic:
+    """The official anthropic SDK pointed at the gateway (it adds /v1 itself), no retries."""
+    return anthropic.Anthropic(base_url=gateway_url.removesuffix("/v1"), api_key=key, max_retries=0)
+
+
+def assert_stream_settled(
+    organization: Organization, *, input_tokens: int, output_tokens: int, model: str
+) -> UsageRecord:
+    """The one usage record of a streamed request: reported, complete, charged exactly."""
+    expected = usage_cost_usd(price=PRICE, input_tokens=input_tokens, output_tokens=output_tokens)
+    record = UsageRecord.objects.get()
+    assert (record.input_tokens, record.output_tokens) == (input_tokens, output_tokens)
+    assert record.status == UsageRecord.Status.OK
+    assert record.usage_source == UsageRecord.UsageSource.REPORTED
+    assert (record.provider, record.upstream_model) == MODELS[model]
+    assert record.cost_usd == expected > 0
+    assert wallet_balance_usd(organization_id=organization.pk) == Decimal(10) - expected
+    assert Reservation.objects.get().state == Reservation.State.SETTLED
+    return record
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_it_answers_a_message_and_charges_exactly(gateway_url, upstreams, model):
+    org = make_org(credit_usd="10")
+    _, key = make_key(org)
+    make_key(make_org(credit_usd="10"))  # another organisation, never charged
+
+    raw = client(gateway_url, key).messages.with_raw_response.create(
+        model=model,
+        max_tokens=50,
+        system=SYSTEM,
+        messages=[{"role": "user", "content": QUESTION}],
+    )
+    message = raw.parse()
+
+    text, input_tokens, output_tokens = upstreams.answered(model)
+    assert message.type == "message" and message.role == "assistant"
+    assert message.id.startswith("msg_")
+    assert message.model == model
+    assert [block.type for block in message.content] == ["text"]
+    assert message.content[0].text == text  # type: ignore[union-attr]
+    assert QUESTION.split()[0] in text
+    assert message.stop_reason == "end_turn"
+    assert message.stop_sequence is None
+    assert (message.usage.input_tokens, message.usage.output_tokens) == (
+        input_tokens,
+        output_tokens,
+    )
+    provider, upstream_model = MODELS[model]
+    assert_charged_exactly(
+        raw,
+        org,
+        price=PRICE,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        provider=provider,
+        upstream_model=upstream_model,
+    )
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_it_streams_a_message_and_charges_exactly(gateway_url, upstreams, model):
+    org = make_org(credit_usd="10")
+    _, key = make_key(org)
+
+    with client(gateway_url, key).messages.stream(
+        model=model,
+        max_tokens=50,
+        system=[{"type": "text", "text": SYSTEM}],
+        messages=[{"role": "user", "content": QUESTION}],
+    ) as stream:
+        streamed = "".join(stream.text_stream)
+        final = stream.get_final_message()
+
+    text, input_tokens, output_tokens = upstreams.answered(model)
+    assert streamed == text
+    assert final.content[0].text == text  # type: ignore[union-attr]
+    assert final.stop_reason == "end_turn"
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (input_tokens, output_tokens)
+    assert_stream_settled(org, input_tokens=input_tokens, output_tokens=output_tokens, model=model)
+
+
+def test_the_raw_stream_is_the_messages_event_sequence(gateway_url, upstreams):
+    _, key = make_key(make_org(credit_usd="10"))
+
+    with httpx.stream(
+        "POST",
+        f"{gateway_url}/messages",
+        headers={"x-api-key": key, "anthropic-version": "2023-06-01"},
+        json={
+            "model": "gpt-test",
+            "max_tokens": 50,
+            "stream": True,
+            "messages": [{"role": "user", "content": QUESTION}],
+        },
+    ) as response:
+        lines = [line for line in response.iter_lines() if line]
+
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.headers["x-request-id"] == UsageRecord.objects.get().request_id
+    names = [line.removeprefix("event: ") for line in lines if line.startswith("event: ")]
+    data = [json.loads(line.removeprefix("data: ")) for line in lines if line.startswith("data: ")]
+    assert [event["type"] for event in data] == names
+    deltas = len(reply_for([{"role": "user", "content": QUESTION}], 50).split())
+    assert names == [
+        "message_start",
+        "ping",
+        "content_block_start",
+        *["content_block_delta"] * deltas,
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    assert data[-2]["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_a_tool_call_round_trip_through_each_upstream(gateway_url, upstreams, model, streamed):
+    """Anthropic client ↔ OpenAI-style, Anthropic and Gemini upstreams: the tool_use comes
+    back, and its tool_result is accepted by the upstream that asked for it."""
+    org = make_org(credit_usd="10")
+    _, key = make_key(org)
+    sdk = client(gateway_url, key)
+    question: list[anthropic.types.MessageParam] = [
+        {"role": "user", "content": "What is the weather in Paris?"}
+    ]
+
+    def ask(messages: list[anthropic.types.MessageParam]) -> anthropic.types.Message:
+        if not streamed:
+            return sdk.messages.create(
+                model=model, max_tokens=50, messages=messages, tools=[WEATHER_TOOL]
+            )
+        with sdk.messages.stream(
+            model=model, max_tokens=50, messages=messages, tools=[WEATHER_TOOL]
+        ) as stream:
+            return stream.get_final_message()
+
+    first = ask(question)
+
+    assert first.stop_reason == "tool_use"
+    [call] = [block for block in first.content if block.type == "tool_use"]
+    assert (call.name, call.input) == ("get_weather", {"city": "Paris"})
+
+    second = ask(
+        [
+            *question,
+            {"role": "assistant", "content": first.content},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "tool_result", "tool_use_id": call.id, "content": "18C and sunny"}
+                ],
+            },
+        ]
+    )
+
+    assert second.stop_reason == "end_turn"
+    assert second.content[0].type == "text"
+    records = UsageRecord.objects.order_by("created_at")
+    assert [r.status for r in records] == [UsageRecord.Status.OK] * 2
+    assert all(r.usage_source == UsageRecord.UsageSource.REPORTED for r in records)
+    charged = sum((r.cost_usd for r in records), Decimal(0))
+    assert wallet_balance_usd(organization_id=org.pk) == Decimal(10) - charged
+    if model == "gpt-test":
+        sent = upstreams.openai.calls[-1].json["messages"]
+        assert sent[-2]["tool_calls"][0]["id"] == call.id
+        assert sent[-1] == {"role": "tool", "tool_call_id": call.id, "content": "18C and sunny"}
+        assert "18C" in second.content[0].text or "weather" in second.content[0].text
+    elif model == "claude-test":
+        sent = upstreams.anthropic.calls[-1].json["messages"]
+        assert sent[-1]["content"][0]["tool_use_id"] == call.id
+        assert "18C" in second.content[0].text
+    else:
+        sent = upstreams.gemini.calls[-1].json["contents"]
+        assert sent[-1]["parts"][0]["functionResponse"]["name"] == "get_weather"
+
+
+def test_a_stop_sequence_from_an_anthropic_upstream_is_reported_as_such(gateway_url, upstreams):
+    _, key = make_key(make_org(credit_usd="10"))
+
+    message = client(gateway_url, key).messages.create(
+        model="claude-test",
+        max_tokens=50,
+        stop_sequences=["switchboard"],
+        messages=[{"role": "user", "content": QUESTION}],
+    )
+
+    assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", "switchboard")
+    assert upstreams.anthropic.calls[-1].json["stop_sequences"] == ["switchboard"]
+
+
+def test_an_anthropic_stream_cut_midway_ends_with_an_error_event_and_settles_interrupted(
+    gateway_url, upstreams
+):
+    org = make_org(credit_usd="10")
+    _, key = make_key(org)
+    upstreams.anthropic.cut_stream_after(3)
+    received: list[str] = []
+
+    with (
+        pytest.raises(anthropic.APIStatusError) as caught,
+        client(gateway_url, key).messages.stream(
+            model="claude-test", max_tokens=50, messages=[{"role": "user", "content": QUESTION}]
+        ) as stream,
+    ):
+        received.extend(stream.text_stream)
+
+    assert len(received) == 3
+    assert caught.value.body == {
+        "type": "error",
+        "error": {"type": "api_error", "message": "The provider's stream broke off."},
+    }
+    record = UsageRecord.objects.get()
+    assert record.status == UsageRecord.Status.INTERRUPTED
+    assert record.usage_source == UsageRecord.UsageSource.ESTIMATED
+    assert record.output_tokens >= 3
+    assert wallet_balance_usd(organization_id=org.pk) == Decimal(10) - record.cost_usd
+    assert Reservation.objects.get().state == Reservation.State.SETTLED
+
+
+def test_the_key_may_come_as_a_bearer_token(gateway_url, upstreams):
+    _, key = make_key(make_org(credit_usd="10"))
+
+    response = httpx.post(
+        f"{gateway_url}/messages",
+        headers={"Authorization": f"Bearer {key}"},
+        json={
+            "model": "gpt-test",
+            "max_tokens": 20,
+            "messages": [{"role": "user", "content": "hi"}],
+        },
+    )
+
+    assert response.status_code == 200
+    assert response.json()["type"] == "message"
+
+
+def test_a_bad_key_gets_anthropics_authentication_error(gateway_url, upstreams):
+    with pytest.raises(anthropic.AuthenticationError) as caught:
+        client(gateway_url, "sk-sb-not-a-key").messages.create(
+            model="gpt-test", max_tokens=20, messages=[{"role": "user", "content": "hi"}]
+        )
+
+    assert caught.value.status_code == 401
+    assert caught.value.body["type"] == "error"  # type: ignore[index]
+    assert caught.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
+    assert caught.value.response.headers["x-request-id"].startswith("req_")
+    assert upstreams.openai.calls == []
+
+
+def test_an_unknown_model_gets_anthropics_not_found_error(gateway_url, upstreams):
+    _, key = make_key(make_org(credit_usd="10"))
+
+    with pytest.raises(anthropic.NotFoundError) as caught:
+        client(gateway_url, key).messages.create(
+            model="no-such-model", max_tokens=20, messages=[{"role": "user", "content": "hi"}]
+        )
+
+    assert caught.value.body == {
+        "type": "error",
+        "error": {
+            "type": "not_found_error",
+            "message": "The model 'no-such-model' does not exist.",
+        },
+    }
+
+
+def test_a_missing_max_tokens_gets_anthropics_invalid_request_error(gateway_url, upstreams):
+    _, key = make_key(make_org(credit_usd="10"))
+
+    response = httpx.post(
+        f"{gateway_url}/messages",
+        headers={"x-api-key": key},
+        json={"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]},
+    )
+
+    assert response.status_code == 400
+    assert response.json() == {
+        "type": "error",
+        "error": {"type": "invalid_request_error", "message": "max_tokens: Field required"},
+    }
+    assert response.headers["x-request-id"].startswith("req_")
+    assert upstreams.openai.calls == []
+    assert not UsageRecord.objects.exists()
+
+
+def test_insufficient_credit_gets_402_in_anthropics_shape(gateway_url, upstreams):
+    org = make_org(credit_usd=None)
+    _, key = make_key(org)
+
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        client(gateway_url, key).messages.create(
+            model="claude-test", max_tokens=50, messages=[{"role": "user", "content": "hi"}]
+        )
+
+    assert caught.value.status_code == 402
+    body: Any = caught.value.body
+    assert body["type"] == "error"
+    assert body["error"]["type"] == "billing_error"
+    assert "credit" in body["error"]["message"]
+    assert upstreams.anthropic.calls == []
+    assert not Reservation.objects.exists()
+
+
+def test_a_provider_addressing_field_is_refused(gateway_url, upstreams):
+    _, key = make_key(make_org(credit_usd="10"))
+
+    response = httpx.post(
+        f"{gateway_url}/messages",
+        headers={"x-api-key": key},
+        json={
+            "model": "gpt-test",
+            "max_tokens": 20,
+            "metadata": {"base_url": "http://example.com"},
+            "messages": [{"role": "user", "content": "hi"}],
+        },
+    )
+
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert upstreams.openai.calls == []
+
+
+@pytest.fixture(scope="module")
+def _slow_server() -> Iterator[FakeProvider]:
+    # Stopped with the module: the abandoned stream is still being generated when a test ends.
+    with FakeProvider(chunk_interval=0.3) as provider:
+        yield provider
+
+
+@pytest.fixture
+def slow_model(_slow_server: FakeProvider, monkeypatch: pytest.MonkeyPatch, transactional_db):
+    """A model `gpt-slow` whose OpenAI-style upstream streams a word every 0.3 s."""
+    _slow_server.reset()
+    monkeypatch.setenv(OPENAI_KEY_ENV, SECRET)
+    catalog_load(
+        data={
+            "providers": [
+                {
+                    "name": "slow",
+                    "kind": "openai",
+                    "base_url": _slow_server.base_url,
+                    "api_key_env": OPENAI_KEY_ENV,
+                }
+            ],
+            "models": [
+                {
+                    "name": "gpt-slow",
+                    "routes": [{"provider": "slow", "upstream_model": "gpt-slow-upstream"}],
+                    "price": {"input": "3.00", "output": "15.00"},
+                }
+            ],
+        }
+    )
+    return _slow_server
+
+
+def test_a_client_that_hangs_up_midway_is_settled_and_the_upstream_closed(gateway_url, slow_model):
+    org = make_org(credit_usd="10")
+    _, key = make_key(org)
+    deltas = 0
+
+    with (
+        httpx.Client(timeout=10) as http,
+        http.stream(
+            "POST",
+            f"{gateway_url}/messages",
+            headers={"x-api-key": key},
+            json={
+                "model": "gpt-slow",
+                "max_tokens": 50,
+                "stream": True,
+                "messages": [{"role": "user", "content": QUESTION}],
+            },
+        ) as response,
+    ):
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            deltas += line == "event: content_block_delta"
+            if deltas == 3:
+                break
+
+    deadline = time.monotonic() + 10
+    while not (
+        UsageRecord.objects.exists()
+        and not Reservation.objects.filter(state=Reservation.State.HELD).exists()
+    ):
+        assert time.monotonic() < deadline, "the abandoned stream was never settled"
+        time.sleep(0.02)
+    server = slow_model._server
+    assert server is not None
+    deadline = time.monotonic() + 2  # well before the upstream would finish (3 s and more)
+    while server._server.server_state.connections:
+        assert time.monotonic() < deadline, "the upstream request was never closed"
+        time.sleep(0.02)
+    record = UsageRecord.objects.get()
+    assert record.status == UsageRecord.Status.INTERRUPTED
+    assert record.usage_source == UsageRecord.UsageSource.ESTIMATED
+    assert record.output_tokens >= 3
+    assert wallet_balance_usd(organization_id=org.pk) == Decimal(10) - record.cost_usd
