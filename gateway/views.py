@@ -30,6 +30,7 @@ from billing.services import (
     reservation_void,
     usage_settle,
 )
+from gateway import metrics
 from gateway.auth import Caller, authenticate, bearer_token
 from gateway.errors import (
     GatewayError,
@@ -50,6 +51,7 @@ from gateway.requests import chat_request, read_json_body
 from gateway.routing import ChosenRoute, serveable_routes
 from gateway.selectors import ModelEntry, catalog_model, catalog_models
 from gateway.streaming import client_wants_usage, relay_chat_stream
+from portal.logs import bind_request_id
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +79,7 @@ def _openai_endpoint(method: str | None) -> Callable[[_View], _View]:
         @functools.wraps(handler)
         async def endpoint(request: HttpRequest, **kwargs: Any) -> HttpResponseBase:
             request_id = _new_request_id()
+            bind_request_id(request_id)
             try:
                 if method is not None and request.method != method:
                     raise MethodNotAllowed(f"Use {method} for {request.path}.")
@@ -238,7 +241,7 @@ async def _forwarded(
     for attempt, chosen in enumerate(tried, start=1):
         metering = dataclasses.replace(metering, chosen=chosen, attempts=attempt)
         try:
-            return await call(chosen), metering
+            return await metrics.upstream_timed(call(chosen)), metering
         except UpstreamFailed as failure:
             if failure.retryable and attempt < len(tried):
                 logger.info(
@@ -334,7 +337,7 @@ async def _record(
 ) -> UsageRecord:
     """Settle the request: usage record, charge and release of the hold, in one transaction."""
     failed = status == UsageRecord.Status.UPSTREAM_ERROR
-    return await _settle(
+    record = await _settle(
         metered=MeteredRequest(
             request_id=metering.request_id,
             api_key_id=metering.caller.api_key_id,
@@ -358,6 +361,8 @@ async def _record(
             price=metering.model.price,
         )
     )
+    metrics.request_finished(record, started=metering.started)
+    return record
 
 
 @_openai_endpoint(None)
