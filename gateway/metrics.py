@@ -12,6 +12,7 @@ answers the scrape with the sum (prometheus_client's multiprocess mode).
 
 from __future__ import annotations
 
+import functools
 import hmac
 import os
 import time
@@ -92,25 +93,44 @@ async def upstream_timed(call: Awaitable[_T]) -> _T:
     return answer
 
 
+@functools.cache
+def _model_series(model: str) -> tuple[Counter, Counter, Counter, Histogram]:
+    # labels() takes a lock and checks its arguments each call; the children are kept
+    # instead (a catalog has few models and providers, so this stays small).
+    return (
+        TOKENS.labels(model, "input"),
+        TOKENS.labels(model, "output"),
+        SPEND.labels(model),
+        FIRST_TOKEN_SECONDS.labels(model),
+    )
+
+
+@functools.cache
+def _route_series(model: str, provider: str, status: str) -> tuple[Counter, Histogram]:
+    return REQUESTS.labels(model, provider, status), UPSTREAM_SECONDS.labels(provider)
+
+
 def request_finished(record: UsageRecord, *, started: float) -> None:
     """Count a settled request: its outcome, tokens, spend and timings. `started` is the
     time.monotonic() at which it arrived."""
-    REQUESTS.labels(record.model, record.provider, record.status).inc()
+    input_tokens, output_tokens, spend, first_token = _model_series(record.model)
+    requests, upstream_seconds = _route_series(record.model, record.provider, record.status)
+    requests.inc()
     if record.input_tokens:
-        TOKENS.labels(record.model, "input").inc(record.input_tokens)
+        input_tokens.inc(record.input_tokens)
     if record.output_tokens:
-        TOKENS.labels(record.model, "output").inc(record.output_tokens)
+        output_tokens.inc(record.output_tokens)
     if record.cost_usd:
         # A metric, not money: Prometheus has floats only; the ledger keeps the exact amount.
-        SPEND.labels(record.model).inc(float(record.cost_usd))
+        spend.inc(float(record.cost_usd))
     upstream = _upstream.get()
     if upstream is None:  # every route failed before answering
         return
     upstream_started, answered, streamed = upstream
-    UPSTREAM_SECONDS.labels(record.provider).observe(answered - upstream_started)
+    upstream_seconds.observe(answered - upstream_started)
     overhead = upstream_started - started
     if streamed:
-        FIRST_TOKEN_SECONDS.labels(record.model).observe(answered - started)
+        first_token.observe(answered - started)
     else:
         overhead += time.monotonic() - answered
     OVERHEAD_SECONDS.observe(overhead)
