@@ -330,3 +330,9 @@ METRICS_TOKEN = env_str("METRICS_TOKEN", "")
 GATEWAY_MAX_REQUESTS_PER_PROCESS = env_int("GATEWAY_MAX_REQUESTS_PER_PROCESS", 1000, minimum=1)
 # Upstream connections one process keeps open at most (httpx's pool, shared by all providers).
 GATEWAY_UPSTREAM_MAX_CONNECTIONS = env_int("GATEWAY_UPSTREAM_MAX_CONNECTIONS", 1000, minimum=1)
+if GATEWAY_MAX_REQUESTS_PER_PROCESS > GATEWAY_UPSTREAM_MAX_CONNECTIONS:
+    # A request holds at most one upstream connection at a time: with the pool at least as
+    # large as the cap, no request ever waits for a connection.
+    raise ImproperlyConfigured(
+        "GATEWAY_MAX_REQUESTS_PER_PROCESS must not exceed GATEWAY_UPSTREAM_MAX_CONNECTIONS"
+    )
