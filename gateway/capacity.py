@@ -1,4 +1,5 @@
-"""The per-process cap on concurrent `/v1/*` requests (GATEWAY_MAX_REQUESTS_PER_PROCESS).
+"""How a gateway process answers when it cannot serve: its cap on concurrent `/v1/*` requests
+(GATEWAY_MAX_REQUESTS_PER_PROCESS), and a 503 rather than a 500 when the database is down.
 
 Each request counts from its first byte in to its last byte out, so a stream holds its slot
 for as long as it flows. Past the cap the process answers 503 at once, in OpenAI's error shape,
@@ -15,8 +16,9 @@ import uuid
 from typing import Any
 
 from django.conf import settings
+from django.db import DatabaseError
 
-from gateway.errors import ServiceUnavailable
+from gateway.errors import GatewayError, ServiceUnavailable
 
 _ASGIApp = Any
 
@@ -66,3 +68,11 @@ async def _answer_busy(send: Any) -> None:
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+def unexpected_failure(exc: Exception) -> GatewayError:
+    """What a request that failed unexpectedly answers: 503 when the database was unreachable
+    (a dependency is down: the caller may retry), 500 for anything else."""
+    if isinstance(exc, DatabaseError):
+        return ServiceUnavailable("The gateway's database is unavailable; retry in a moment.")
+    return GatewayError("The gateway failed to handle this request.")

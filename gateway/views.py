@@ -30,7 +30,7 @@ from billing.services import (
     reservation_void,
     usage_settle,
 )
-from gateway import metrics
+from gateway import capacity, metrics
 from gateway.auth import Caller, authenticate, bearer_token
 from gateway.errors import (
     GatewayError,
@@ -86,11 +86,11 @@ def _openai_endpoint(method: str | None) -> Callable[[_View], _View]:
                 return await handler(request, request_id, **kwargs)
             except GatewayError as error:
                 return error_response(error, request_id=request_id)
-            except Exception:
+            except Exception as exc:
                 # Never a traceback to the caller; the log has it, under the request id.
                 logger.exception("request %s failed", request_id)
                 return error_response(
-                    GatewayError("The gateway failed to handle this request."),
+                    capacity.unexpected_failure(exc),
                     request_id=request_id,
                 )
 

@@ -271,13 +271,15 @@ def run_fault(fault: str, args: argparse.Namespace, workdir: Path, redis: Redis)
     spent = sum((r.cost_usd for r in records.values()), Decimal(0))
     overspend = max(Decimal(0), -balance)
     held_left = Reservation.objects.filter(state=Reservation.State.HELD).count()
-    in_window = [o for o in run.outcomes if strike <= o.started <= repair]
+    # Requests in flight at any moment of the fault.
+    in_window = [o for o in run.outcomes if o.started <= repair and o.started + o.seconds >= strike]
     kinds = Counter(o.kind for o in run.outcomes)
     window_kinds = Counter(o.kind for o in in_window)
     hangs = sum(1 for o in run.outcomes if o.kind == "hang")
     slowest_error = max(
         (o.seconds for o in in_window if o.kind.startswith(("http 5", "error"))), default=0.0
     )
+    slowest_in_window = max((o.seconds for o in in_window), default=0.0)
 
     say(
         f"\n== fault: {fault} ({args.processes} gateways, {args.clients} clients, "
@@ -289,7 +291,8 @@ def run_fault(fault: str, args: argparse.Namespace, workdir: Path, redis: Redis)
     )
     say(f"outcomes: {dict(kinds)}")
     say(
-        f"sent while faulted: {dict(window_kinds)}; slowest error answer "
+        f"in flight during the fault: {dict(window_kinds)}; slowest {slowest_in_window:.2f} s, "
+        f"slowest error answer "
         f"{slowest_error:.2f} s; hangs (> {CLIENT_TIMEOUT_SECONDS:.0f} s) {hangs}"
     )
     say(

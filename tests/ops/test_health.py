@@ -7,6 +7,7 @@ import time
 import httpx
 import pytest
 
+from portal.api_keys import generate_key
 from tests.servers import GatewayProcesses
 from tests.services import free_port
 
@@ -70,5 +71,24 @@ def test_it_names_the_database_when_postgres_is_unreachable(transactional_db):
         assert response.status_code == 503
         assert response.json()["database"] == "unreachable"
         assert response.json()["redis"] == "ok"
+    finally:
+        processes.stop()
+
+
+def test_the_gateway_answers_503_quickly_while_the_database_is_unreachable(transactional_db):
+    dead_database = f"postgres://switchboard@127.0.0.1:{free_port()}/switchboard"
+    env = {"DATABASE_URL": dead_database, "DATABASE_POOL_TIMEOUT_SECONDS": "1"}
+    processes = GatewayProcesses(1, env=env).start()
+    try:
+        started = time.monotonic()
+        response = httpx.post(
+            f"{processes.urls[0]}/chat/completions",
+            headers={"Authorization": f"Bearer {generate_key()}"},
+            json={"model": "fake-small", "messages": [{"role": "user", "content": "hi"}]},
+            timeout=10,
+        )
+        assert time.monotonic() - started < 5
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "service_unavailable"
     finally:
         processes.stop()
