@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -21,7 +22,7 @@ PROMPT = "my secret plan is to paint the moon purple"
 
 
 @pytest.fixture
-def json_log() -> io.StringIO:
+def json_log() -> Iterator[io.StringIO]:
     """Every record of the process, at DEBUG, written as LOG_FORMAT=json writes it."""
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
