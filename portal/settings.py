@@ -139,7 +139,7 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and env_boo
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": 2,
         "max_size": env_int("DATABASE_POOL_MAX_SIZE", 20, minimum=1),
-        "timeout": env_int("DATABASE_POOL_TIMEOUT_SECONDS", 5, minimum=1),
+        "timeout": env_int("DATABASE_POOL_TIMEOUT_SECONDS", 30, minimum=1),
     }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Concurrent gateway requests write usage while others read: WAL and a busy timeout

@@ -203,7 +203,8 @@ def run_fault(fault: str, args: argparse.Namespace, workdir: Path, redis: Redis)
     _, key = make_key(org)
     credit = wallet_balance_usd(organization_id=org.pk)
     # The gateways pool their connections, as in production (this process does not).
-    gateways = GatewayProcesses(args.processes, env={"DATABASE_POOL": "true"}).start()
+    env = {"DATABASE_POOL": "true", "DATABASE_POOL_TIMEOUT_SECONDS": "10"}
+    gateways = GatewayProcesses(args.processes, env=env).start()
     worker = start_worker(dict(os.environ))
     run = Run(fault=fault)
     began = time.monotonic()
