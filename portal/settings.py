@@ -318,8 +318,18 @@ LOGGING = {
     },
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
     # httpx logs every request with its URL at INFO: upstream URLs stay out of the logs.
-    "loggers": {"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}},
+    "loggers": {
+        "httpx": {"level": "WARNING"},
+        "httpcore": {"level": "WARNING"},
+        # uvicorn configures its own loggers before Django starts; these put its lines in the
+        # same format as ours.
+        "uvicorn": {"handlers": ["console"], "propagate": False},
+        "uvicorn.error": {"handlers": [], "propagate": True},
+        "uvicorn.access": {"handlers": ["console"], "propagate": False},
+    },
 }
+# Celery's worker and beat log through the LOGGING above instead of replacing it.
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
 # Probes and metrics (portal/health.py, gateway/metrics.py).
 # How long /readyz waits for each dependency before calling it unreachable.

@@ -101,3 +101,13 @@ def test_it_sums_the_counters_of_every_worker_process(catalog, fake_provider, tm
         assert value(samples, "switchboard_gateway_requests_total", **labels) == 2
     finally:
         processes.stop()
+
+
+def test_it_counts_webhook_outcomes_that_billing_reports(site_url):
+    from billing.metrics import webhook_outcome_count
+
+    labels = {"event_type": "payment_intent.succeeded", "outcome": "processed"}
+    before = value(scrape(site_url), "switchboard_stripe_webhooks_total", **labels)
+    webhook_outcome_count(event_type="payment_intent.succeeded", outcome="processed")
+    after = value(scrape(site_url), "switchboard_stripe_webhooks_total", **labels)
+    assert after - before == 1
