@@ -59,9 +59,28 @@ def test_the_upstream_pool_size_comes_from_its_setting():
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "portal.settings",
         "GATEWAY_UPSTREAM_MAX_CONNECTIONS": "7",
+        "GATEWAY_MAX_REQUESTS_PER_PROCESS": "7",
     }
     result = subprocess.run(
         [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "7"
+
+
+def test_it_refuses_a_pool_smaller_than_the_per_process_cap():
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "portal.settings",
+        "GATEWAY_UPSTREAM_MAX_CONNECTIONS": "7",
+        "GATEWAY_MAX_REQUESTS_PER_PROCESS": "8",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", "import django; django.setup()"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0
+    assert "must not exceed GATEWAY_UPSTREAM_MAX_CONNECTIONS" in result.stderr
