@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install run test lint format clean
+.PHONY: install run test lint format clean chaos
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ run: install
 # Starts throwaway PostgreSQL and Redis unless DATABASE_URL / REDIS_URL are given.
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Faults under load (kill -9 a gateway, kill a Celery worker, restart Redis, stop PostgreSQL),
+# then sweep and reconcile; about a minute a fault. Not part of `make test`.
+# One fault: make chaos CHAOS_ARGS="--fault restart-redis --seconds 30"
+chaos: install
+	$(BIN)/python -m tests.chaos.run $(CHAOS_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

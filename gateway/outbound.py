@@ -14,7 +14,9 @@ import weakref
 import httpx
 from django.conf import settings
 
-_LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
+_LIMITS = httpx.Limits(
+    max_connections=settings.GATEWAY_UPSTREAM_MAX_CONNECTIONS, max_keepalive_connections=100
+)
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
     weakref.WeakKeyDictionary()
 )

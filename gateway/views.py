@@ -30,6 +30,7 @@ from billing.services import (
     reservation_void,
     usage_settle,
 )
+from gateway import capacity, metrics
 from gateway.auth import Caller, authenticate, bearer_token
 from gateway.errors import (
     GatewayError,
@@ -57,6 +58,7 @@ from gateway.requests import chat_request, completion_request, embedding_request
 from gateway.routing import Capability, ChosenRoute, serveable_routes
 from gateway.selectors import ModelEntry, catalog_model, catalog_models
 from gateway.streaming import client_wants_usage, paced, relay_chat_stream
+from portal.logs import bind_request_id
 
 logger = logging.getLogger(__name__)
 
@@ -92,17 +94,18 @@ def _openai_endpoint(
         @functools.wraps(handler)
         async def endpoint(request: HttpRequest, **kwargs: Any) -> HttpResponseBase:
             request_id = _new_request_id()
+            bind_request_id(request_id)
             try:
                 if method is not None and request.method != method:
                     raise MethodNotAllowed(f"Use {method} for {request.path}.")
                 return await handler(request, request_id, **kwargs)
             except GatewayError as error:
-                response = error_response(error, request_id=request_id)
-            except Exception:
+                response = answer_error(error, request_id=request_id)
+            except Exception as exc:
                 # Never a traceback to the caller; the log has it, under the request id.
                 logger.exception("request %s failed", request_id)
-                response = error_response(
-                    GatewayError("The gateway failed to handle this request."),
+                response = answer_error(
+                    capacity.unexpected_failure(exc),
                     request_id=request_id,
                 )
             # A failed request is never charged (an upstream failure is recorded at 0).
@@ -414,7 +417,7 @@ async def _forwarded(
             chosen = routes[index]
             metering = dataclasses.replace(metering, chosen=chosen, attempts=metering.attempts + 1)
             try:
-                return await call(chosen), metering
+                return await metrics.upstream_timed(call(chosen)), metering
             except UpstreamFailed as failure:
                 wait = failure.retry_after_seconds
                 same_route = wait is not None and wait <= settings.GATEWAY_MAX_RETRY_AFTER_SECONDS
@@ -540,7 +543,7 @@ async def _record(
 ) -> UsageRecord:
     """Settle the request: usage record, charge and release of the hold, in one transaction."""
     failed = status == UsageRecord.Status.UPSTREAM_ERROR
-    return await _settle(
+    record = await _settle(
         metered=MeteredRequest(
             request_id=metering.request_id,
             api_key_id=metering.caller.api_key_id,
@@ -567,6 +570,8 @@ async def _record(
             price=metering.model.price,
         )
     )
+    metrics.request_finished(record, started=metering.started)
+    return record
 
 
 def _ms_since(started: float, until: float | None = None) -> int:

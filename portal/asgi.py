@@ -17,10 +17,16 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
 django.setup(set_prefix=False)
 _site = get_asgi_application()
 _gateway = import_string("gateway.asgi.GatewayASGIHandler")()
+_v1 = import_string("gateway.capacity.ProcessCapacity")(_gateway)
+# Probes and the scraper skip the site's middleware too (no sessions, no host check: a load
+# balancer probes by address).
+_BARE = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        await _v1(scope, receive, send)
+    elif scope["type"] == "http" and scope["path"] in _BARE:
         await _gateway(scope, receive, send)
     else:
         await _site(scope, receive, send)

@@ -84,6 +84,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "portal.logs.request_id_middleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -138,6 +139,7 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and env_boo
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": 2,
         "max_size": env_int("DATABASE_POOL_MAX_SIZE", 20, minimum=1),
+        "timeout": env_int("DATABASE_POOL_TIMEOUT_SECONDS", 30, minimum=1),
     }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Concurrent gateway requests write usage while others read: WAL and a busy timeout
@@ -275,17 +277,80 @@ GATEWAY_IDLE_TIMEOUT_SECONDS = env_int("GATEWAY_IDLE_TIMEOUT_SECONDS", 120, mini
 # route after that wait; a longer wait fails over to the next route instead.
 GATEWAY_MAX_RETRY_AFTER_SECONDS = env_int("GATEWAY_MAX_RETRY_AFTER_SECONDS", 2, minimum=0)
 
+# Production hardening (`python manage.py check --deploy` is clean with DEBUG off). Each knob
+# defaults to the safe production value when DEBUG is off and to plain HTTP in development.
+# Behind a proxy or load balancer that terminates TLS, set SECURE_PROXY_SSL_HEADER to the
+# header it sets (usually X-Forwarded-Proto) so Django knows the request came over HTTPS.
+SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", not DEBUG)
+# Probes and the scraper talk plain HTTP to the process on the private network.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
+_PROXY_SSL_HEADER = env_str("SECURE_PROXY_SSL_HEADER", "")
+if _PROXY_SSL_HEADER:
+    SECURE_PROXY_SSL_HEADER = (
+        "HTTP_" + _PROXY_SSL_HEADER.upper().replace("-", "_"),
+        "https",
+    )
+SESSION_COOKIE_SECURE = env_bool("SECURE_COOKIES", not DEBUG)
+CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0 if DEBUG else 31_536_000)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", not DEBUG)
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", not DEBUG)
+# Origins (scheme and host) allowed to POST forms, e.g. https://switchboard.example.com.
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", "")
+
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["rest_framework.authentication.SessionAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
 }
 
+# Logs: `text` for a terminal, `json` (one object a line) for a log shipper; both carry the
+# request id (portal/logs.py).
+LOG_FORMAT = env_str("LOG_FORMAT", "text")
+if LOG_FORMAT not in {"text", "json"}:
+    raise ImproperlyConfigured(f"LOG_FORMAT must be text or json, got {LOG_FORMAT!r}")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"request_id": {"()": "portal.logs.RequestIdFilter"}},
+    "formatters": {
+        "text": {"format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"},
+        "json": {"()": "portal.logs.JsonFormatter"},
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": LOG_FORMAT,
+            "filters": ["request_id"],
+        }
+    },
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
     # httpx logs every request with its URL at INFO: upstream URLs stay out of the logs.
-    "loggers": {"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}},
+    "loggers": {
+        "httpx": {"level": "WARNING"},
+        "httpcore": {"level": "WARNING"},
+        # uvicorn configures its own loggers before Django starts; these put its lines in the
+        # same format as ours.
+        "uvicorn": {"handlers": ["console"], "propagate": False},
+        "uvicorn.error": {"handlers": [], "propagate": True},
+        "uvicorn.access": {"handlers": ["console"], "propagate": False},
+    },
 }
+# Celery's worker and beat log through the LOGGING above instead of replacing it.
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+
+# Probes and metrics (portal/health.py, gateway/metrics.py).
+# How long /readyz waits for each dependency before calling it unreachable.
+READINESS_TIMEOUT_SECONDS = env_int("READINESS_TIMEOUT_SECONDS", 2, minimum=1)
+# The bearer token /metrics requires; unset, /metrics answers 404.
+METRICS_TOKEN = env_str("METRICS_TOKEN", "")
+# Concurrent /v1/* requests one process serves (a stream counts for as long as it flows);
+# past it the process answers 503 at once (gateway/capacity.py).
+GATEWAY_MAX_REQUESTS_PER_PROCESS = env_int("GATEWAY_MAX_REQUESTS_PER_PROCESS", 1000, minimum=1)
+# Upstream connections one process keeps open at most (httpx's pool, shared by all providers).
+GATEWAY_UPSTREAM_MAX_CONNECTIONS = env_int("GATEWAY_UPSTREAM_MAX_CONNECTIONS", 1000, minimum=1)
+if GATEWAY_MAX_REQUESTS_PER_PROCESS > GATEWAY_UPSTREAM_MAX_CONNECTIONS:
+    # A request holds at most one upstream connection at a time: with the pool at least as
+    # large as the cap, no request ever waits for a connection.
+    raise ImproperlyConfigured(
+        "GATEWAY_MAX_REQUESTS_PER_PROCESS must not exceed GATEWAY_UPSTREAM_MAX_CONNECTIONS"
+    )

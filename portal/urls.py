@@ -1,7 +1,8 @@
 from django.contrib import admin
 from django.urls import include, path
+from django.utils.module_loading import import_string
 
-from portal import views
+from portal import health, views
 
 urlpatterns = [
     path("", views.home, name="home"),
@@ -13,4 +14,8 @@ urlpatterns = [
     ),
     path("admin/", admin.site.urls),
     path("v1/", include("gateway.urls")),
+    path("healthz", health.healthz, name="healthz"),
+    path("readyz", health.readyz, name="readyz"),
+    # The gateway's metrics page, named by path: portal does not import the layers above it.
+    path("metrics", import_string("gateway.metrics.metrics_view"), name="metrics"),
 ]

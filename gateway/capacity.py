@@ -1,0 +1,78 @@
+"""How a gateway process answers when it cannot serve: its cap on concurrent `/v1/*` requests
+(GATEWAY_MAX_REQUESTS_PER_PROCESS), and a 503 rather than a 500 when the database is down.
+
+Each request counts from its first byte in to its last byte out, so a stream holds its slot
+for as long as it flows. Past the cap the process answers 503 at once, in OpenAI's error shape,
+before reading the body or touching a dependency: a load balancer (or the client's retry)
+sends the request to a process with room, instead of this one running out of memory, file
+descriptors or upstream connections. The per-key cap on concurrent requests (gateway/limits.py)
+is shared by every process; this one protects one process.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from django.conf import settings
+from django.db import DatabaseError
+
+from gateway.errors import GatewayError, ServiceUnavailable
+
+_ASGIApp = Any
+
+
+class ProcessCapacity:
+    """Wraps the gateway's ASGI handler; one instance per process, on its one event loop."""
+
+    def __init__(self, app: _ASGIApp) -> None:
+        self.app = app
+        self.in_flight = 0
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if self.in_flight >= settings.GATEWAY_MAX_REQUESTS_PER_PROCESS:
+            await _answer_busy(send)
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
+async def _answer_busy(send: Any) -> None:
+    error = ServiceUnavailable(
+        "This gateway process is serving as many requests as it is allowed to; retry in a moment."
+    )
+    body = json.dumps(
+        {
+            "error": {
+                "message": error.message,
+                "type": error.type,
+                "param": None,
+                "code": "process_at_capacity",
+            }
+        }
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": error.status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", b"1"),
+                (b"x-request-id", f"req_{uuid.uuid4().hex}".encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def unexpected_failure(exc: Exception) -> GatewayError:
+    """What a request that failed unexpectedly answers: 503 when the database was unreachable
+    (a dependency is down: the caller may retry), 500 for anything else."""
+    if isinstance(exc, DatabaseError):
+        return ServiceUnavailable("The gateway's database is unavailable; retry in a moment.")
+    return GatewayError("The gateway failed to handle this request.")
