@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install run test lint format clean
+.PHONY: install run test lint format clean bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ run: install
 # Starts throwaway PostgreSQL and Redis unless DATABASE_URL / REDIS_URL are given.
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Switchboard vs a direct call, a bare proxy and LiteLLM on this machine (bench/RESULTS.md).
+# BENCH_ARGS=--quick for a short smoke run.
+bench: install
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 lint: install
 	$(BIN)/ruff check .
