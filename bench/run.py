@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 VAR = REPO / "var" / "bench"
 LITELLM_VERSION = "1.108.0"
 LITELLM_VENV = VAR / "litellm-venv"
+LITELLM_KEY = "sk-bench-only-master-key-0123456789abcdef"
 MODEL = "fake-small"
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 64}
 STREAM_BODY = {**BODY, "stream": True}
@@ -294,6 +295,8 @@ def running_targets(args: argparse.Namespace) -> Iterator[list[Target]]:
                 ],
                 env={
                     **base_env,
+                    # Authentication on, as Switchboard's is: the master key, no database.
+                    "LITELLM_MASTER_KEY": LITELLM_KEY,
                     "LITELLM_LOCAL_MODEL_COST_MAP": "True",
                     "LITELLM_LOG": "ERROR",
                     "NO_DOCS": "True",
@@ -301,8 +304,9 @@ def running_targets(args: argparse.Namespace) -> Iterator[list[Target]]:
                 log=VAR / "litellm.log",
             )
             litellm_url = f"http://127.0.0.1:{litellm_port}/v1"
-            _wait_ready(litellm_url, litellm, timeout=180, headers={})
-            targets.append(Target("LiteLLM", litellm_url, pids=[litellm.pid]))
+            litellm_auth = {"Authorization": f"Bearer {LITELLM_KEY}"}
+            _wait_ready(litellm_url, litellm, timeout=180, headers=litellm_auth)
+            targets.append(Target("LiteLLM", litellm_url, pids=[litellm.pid], headers=litellm_auth))
         yield targets
     finally:
         processes.stop()
