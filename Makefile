@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install run test lint format clean chaos
+.PHONY: install run test lint format clean chaos bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ test: install
 # One fault: make chaos CHAOS_ARGS="--fault restart-redis --seconds 30"
 chaos: install
 	$(BIN)/python -m tests.chaos.run $(CHAOS_ARGS)
+
+# Switchboard vs a direct call, a bare proxy and LiteLLM on this machine (bench/RESULTS.md).
+# BENCH_ARGS=--quick for a short smoke run.
+bench: install
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -197,13 +198,25 @@ def credit_reserve(
     with transaction.atomic():
         if spend_cap is not None:
             window_start, resets_at = spend_window_bounds(spend_cap.window, now or timezone.now())
-            KeySpend.objects.get_or_create(api_key_id=api_key_id, window_start=window_start)
+            window = KeySpend.objects.filter(api_key_id=api_key_id, window_start=window_start)
             fits = (
-                KeySpend.objects.filter(api_key_id=api_key_id, window_start=window_start)
-                .alias(used=F("spent_usd") + F("reserved_usd"))
+                window.alias(used=F("spent_usd") + F("reserved_usd"))
                 .filter(used__lte=spend_cap.amount_usd - amount_usd)
                 .update(reserved_usd=F("reserved_usd") + amount_usd)
             )
+            # The window's row is made by its first request only: the common case is one
+            # UPDATE, not a lookup and an UPDATE.
+            if (
+                fits == 0
+                and KeySpend.objects.get_or_create(
+                    api_key_id=api_key_id, window_start=window_start
+                )[1]
+            ):
+                fits = (
+                    window.alias(used=F("spent_usd") + F("reserved_usd"))
+                    .filter(used__lte=spend_cap.amount_usd - amount_usd)
+                    .update(reserved_usd=F("reserved_usd") + amount_usd)
+                )
             if fits != 1:
                 raise SpendCapExceeded(
                     "this key's spend cap does not cover this request", resets_at=resets_at
@@ -232,13 +245,30 @@ def _release(*, request_id: str, state: Reservation.State, spent_usd: Decimal = 
     Returns False when it was not held (already settled or voided, or never made). Must run
     inside `transaction.atomic()`.
     """
+    claim = _claim(request_id=request_id, state=state, spent_usd=spent_usd)
+    if claim is None:
+        return False
+    organization_id, amount_usd = claim
+    Account.objects.filter(organization_id=organization_id, kind=Account.Kind.WALLET).update(
+        reserved_usd=F("reserved_usd") - amount_usd
+    )
+    return True
+
+
+def _claim(
+    *, request_id: str, state: Reservation.State, spent_usd: Decimal
+) -> tuple[int, Decimal] | None:
+    """`_release` but for the wallet: move the reservation to `state` and settle the key's
+    spend window; returns the organisation and the amount its wallet still holds, or None
+    when the reservation was not held. The caller releases the wallet's hold, in the same
+    transaction."""
     held = (
         Reservation.objects.filter(request_id=request_id, state=Reservation.State.HELD)
         .values_list("organization_id", "amount_usd", "api_key_id", "spend_window_start")
         .first()
     )
     if held is None:
-        return False
+        return None
     organization_id, amount_usd, api_key_id, window_start = held
     # The conditional UPDATE is the claim: of two concurrent resolvers, the second waits on
     # the row lock, re-checks `state = held` against the committed row and changes nothing.
@@ -246,15 +276,12 @@ def _release(*, request_id: str, state: Reservation.State, spent_usd: Decimal = 
         request_id=request_id, state=Reservation.State.HELD
     ).update(state=state, resolved_at=timezone.now())
     if claimed != 1:
-        return False
+        return None
     if window_start is not None:
         KeySpend.objects.filter(api_key_id=api_key_id, window_start=window_start).update(
             reserved_usd=F("reserved_usd") - amount_usd, spent_usd=F("spent_usd") + spent_usd
         )
-    Account.objects.filter(organization_id=organization_id, kind=Account.Kind.WALLET).update(
-        reserved_usd=F("reserved_usd") - amount_usd
-    )
-    return True
+    return organization_id, amount_usd
 
 
 def reservation_void(*, request_id: str) -> bool:
@@ -393,6 +420,143 @@ class MeteredRequest:
     time_to_first_token_ms: int | None = None  # None: no answer came (an upstream error)
 
 
+# Account ids never change once made (accounts are never deleted), so each process keeps the
+# ones the hot path needs. Every use re-checks the cached id in its UPDATE's WHERE clause; a
+# miss (a database rebuilt under a running process, a test's rolled-back rows) looks it up again.
+_account_ids: dict[tuple[int | None, str], int] = {}
+# api key id -> time.monotonic() when this process last wrote its last_used_at.
+_last_used_written: dict[int, float] = {}
+_LAST_USED_CACHE_MAX = 100_000
+
+
+class _StaleAccountId(Exception):
+    """A cached account id no longer names its account: roll back and look it up again."""
+
+
+def _move_wallet(*, organization_id: int, balance_usd: Decimal, reserved_usd: Decimal) -> int:
+    """Add to a wallet's balance and hold in one UPDATE, creating the wallet on first use;
+    returns its id. Must run inside `transaction.atomic()`."""
+    kind = Account.Kind.WALLET
+    changes = {
+        "balance_usd": F("balance_usd") + balance_usd,
+        "reserved_usd": F("reserved_usd") + reserved_usd,
+    }
+    key = (organization_id, kind)
+    cached = _account_ids.get(key)
+    if (
+        cached is not None
+        and Account.objects.filter(pk=cached, organization_id=organization_id, kind=kind).update(
+            **changes
+        )
+        == 1
+    ):
+        return cached
+    account, _ = Account.objects.get_or_create(organization_id=organization_id, kind=kind)
+    Account.objects.filter(pk=account.pk).update(**changes)
+    _account_ids[key] = account.pk
+    return account.pk
+
+
+def _settle_once(*, metered: MeteredRequest, cost_usd: Decimal) -> UsageRecord:
+    """One attempt at usage_settle's transaction: 7 to 9 statements (claim, wallet, ledger
+    entry, postings, usage record, revenue; spend window and last use when they apply)."""
+    with transaction.atomic():
+        # Rows are locked in the order credit_reserve locks them (spend window, then
+        # wallet), so a settle and a reserve on the same key never deadlock.
+        claim = _claim(
+            request_id=metered.request_id,
+            state=(
+                Reservation.State.VOIDED
+                if metered.status == UsageRecord.Status.UPSTREAM_ERROR
+                else Reservation.State.SETTLED
+            ),
+            spent_usd=cost_usd,
+        )
+        released_usd = ZERO_USD
+        if claim is not None:
+            held_by, held_usd = claim
+            if held_by == metered.organization_id:
+                released_usd = held_usd
+            else:  # never by construction; kept exact all the same
+                Account.objects.filter(organization_id=held_by, kind=Account.Kind.WALLET).update(
+                    reserved_usd=F("reserved_usd") - held_usd
+                )
+        entry = None
+        revenue_id = None
+        if cost_usd > ZERO_USD or released_usd > ZERO_USD:
+            # The hold's release and the charge move the wallet in one UPDATE.
+            wallet_id = _move_wallet(
+                organization_id=metered.organization_id,
+                balance_usd=-cost_usd,
+                reserved_usd=-released_usd,
+            )
+        if cost_usd > ZERO_USD:
+            revenue_id = _account_ids.get((None, Account.Kind.REVENUE))
+            if revenue_id is None:
+                revenue_id = _system_account(Account.Kind.REVENUE).pk
+                _account_ids[(None, Account.Kind.REVENUE)] = revenue_id
+            entry = LedgerTransaction.objects.create(
+                kind=LedgerTransaction.Kind.USAGE,
+                memo=f"{metered.model} request {metered.request_id}"[:300],
+            )
+            Posting.objects.bulk_create(
+                [
+                    Posting(transaction=entry, account_id=wallet_id, amount_usd=-cost_usd),
+                    Posting(transaction=entry, account_id=revenue_id, amount_usd=cost_usd),
+                ]
+            )
+        record = UsageRecord.objects.create(
+            request_id=metered.request_id,
+            organization_id=metered.organization_id,
+            api_key_id=metered.api_key_id,
+            model=metered.model,
+            provider=metered.provider,
+            upstream_model=metered.upstream_model,
+            attempts=metered.attempts,
+            status=metered.status,
+            http_status=metered.http_status,
+            input_tokens=metered.input_tokens,
+            output_tokens=metered.output_tokens,
+            cached_input_tokens=metered.cached_input_tokens,
+            cache_write_input_tokens=metered.cache_write_input_tokens,
+            usage_source=metered.usage_source,
+            cost_usd=cost_usd,
+            latency_ms=metered.latency_ms,
+            time_to_first_token_ms=metered.time_to_first_token_ms,
+            ledger_transaction=entry,
+        )
+        _touch_last_used(api_key_id=metered.api_key_id, used_at=record.created_at)
+        if revenue_id is not None:
+            # Last, so that the one row every organisation's settlement updates stays locked
+            # for as short a time as possible (until the commit that follows).
+            moved = Account.objects.filter(
+                pk=revenue_id, organization__isnull=True, kind=Account.Kind.REVENUE
+            ).update(balance_usd=F("balance_usd") + cost_usd)
+            if moved != 1:
+                raise _StaleAccountId
+    return record
+
+
+def _touch_last_used(*, api_key_id: int, used_at: datetime) -> None:
+    """Move the key's last_used_at, at most once per LAST_USED_RESOLUTION from this process
+    (and never more often than that in the database), so a busy key is not row-locked by every
+    request's transaction nor costs each one a statement."""
+    now = time.monotonic()
+    written = _last_used_written.get(api_key_id)
+    if written is not None and now - written < LAST_USED_RESOLUTION.total_seconds():
+        return
+    ApiKey.objects.filter(pk=api_key_id).filter(
+        Q(last_used_at__isnull=True) | Q(last_used_at__lt=used_at - LAST_USED_RESOLUTION)
+    ).update(last_used_at=used_at)
+
+    def remember() -> None:  # only once the write is committed: a rollback undoes it
+        if len(_last_used_written) >= _LAST_USED_CACHE_MAX:
+            _last_used_written.clear()
+        _last_used_written[api_key_id] = now
+
+    transaction.on_commit(remember)
+
+
 def usage_settle(*, metered: MeteredRequest) -> UsageRecord:
     """Record a request's usage, charge its exact cost and release its reservation, in one
     transaction.
@@ -409,51 +573,13 @@ def usage_settle(*, metered: MeteredRequest) -> UsageRecord:
         cache_write_input_tokens=metered.cache_write_input_tokens,
     )
     try:
-        with transaction.atomic():
-            # Rows are locked in the order credit_reserve locks them (spend window, then
-            # wallet), so a settle and a reserve on the same key never deadlock.
-            _release(
-                request_id=metered.request_id,
-                state=(
-                    Reservation.State.VOIDED
-                    if metered.status == UsageRecord.Status.UPSTREAM_ERROR
-                    else Reservation.State.SETTLED
-                ),
-                spent_usd=cost_usd,
-            )
-            entry = _charge_usage(
-                organization_id=metered.organization_id,
-                cost_usd=cost_usd,
-                memo=f"{metered.model} request {metered.request_id}",
-            )
-            record = UsageRecord.objects.create(
-                request_id=metered.request_id,
-                organization_id=metered.organization_id,
-                api_key_id=metered.api_key_id,
-                model=metered.model,
-                provider=metered.provider,
-                upstream_model=metered.upstream_model,
-                attempts=metered.attempts,
-                status=metered.status,
-                http_status=metered.http_status,
-                input_tokens=metered.input_tokens,
-                output_tokens=metered.output_tokens,
-                cached_input_tokens=metered.cached_input_tokens,
-                cache_write_input_tokens=metered.cache_write_input_tokens,
-                usage_source=metered.usage_source,
-                cost_usd=cost_usd,
-                latency_ms=metered.latency_ms,
-                time_to_first_token_ms=metered.time_to_first_token_ms,
-                ledger_transaction=entry,
-            )
-            # Throttled so that a busy key is not row-locked by every request's transaction.
-            ApiKey.objects.filter(pk=metered.api_key_id).filter(
-                Q(last_used_at__isnull=True)
-                | Q(last_used_at__lt=record.created_at - LAST_USED_RESOLUTION)
-            ).update(last_used_at=record.created_at)
+        try:
+            return _settle_once(metered=metered, cost_usd=cost_usd)
+        except _StaleAccountId:
+            _account_ids.clear()
+            return _settle_once(metered=metered, cost_usd=cost_usd)
     except IntegrityError:
         existing = UsageRecord.objects.filter(request_id=metered.request_id).first()
         if existing is None:
             raise
         return existing
-    return record

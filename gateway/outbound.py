@@ -3,16 +3,21 @@
 One pooled `httpx.AsyncClient` per event loop (an async client cannot be shared across loops;
 a server process has one loop, tests may have several). Timeouts are explicit and come from
 settings; redirects are never followed, so an upstream cannot bounce us elsewhere.
+
+The client keeps httpx's API but sends through aiohttp (httpx-aiohttp's transport): httpx's own
+transport (httpcore on anyio) costs several times more CPU per request, and under concurrency
+its pool became the gateway's bottleneck (issue 7; bench/RESULTS.md has the figures). aiohttp
+sets TCP_NODELAY on every connection, and its errors are raised as httpx's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import socket
 import weakref
 
 import httpx
 from django.conf import settings
+from httpx_aiohttp import AiohttpTransport
 
 _LIMITS = httpx.Limits(
     max_connections=settings.GATEWAY_UPSTREAM_MAX_CONNECTIONS, max_keepalive_connections=100
@@ -27,12 +32,7 @@ def client() -> httpx.AsyncClient:
     existing = _clients.get(loop)
     if existing is None or existing.is_closed:
         existing = httpx.AsyncClient(
-            # httpcore writes a request's headers and body separately; without TCP_NODELAY,
-            # Nagle's algorithm holds the body until the provider's delayed ACK (~40 ms).
-            transport=httpx.AsyncHTTPTransport(
-                socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-                limits=_LIMITS,
-            ),
+            transport=AiohttpTransport(limits=_LIMITS, trust_env=False),
             timeout=httpx.Timeout(
                 settings.GATEWAY_READ_TIMEOUT_SECONDS,
                 connect=settings.GATEWAY_CONNECT_TIMEOUT_SECONDS,
