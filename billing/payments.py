@@ -48,6 +48,10 @@ class PaymentError(BillingError):
     """A payment that cannot be made; the message is safe to show the member."""
 
 
+class PaymentNotKnownYet(Exception):
+    """A refund or dispute of a PaymentIntent this portal has no row for (yet)."""
+
+
 def membership_may_pay(*, membership: Membership) -> bool:
     return membership.role in PAYING_ROLES
 
@@ -159,11 +163,16 @@ def stripe_event_process(*, event_id: str) -> str:
     """
     event = StripeEvent.objects.get(event_id=event_id)
     handler = _HANDLERS[event.type]
-    with transaction.atomic():
-        outcome = handler(event.payload["data"]["object"])
-        StripeEvent.objects.filter(pk=event.pk).update(
-            processed_at=timezone.now(), outcome=outcome[:300]
-        )
+    try:
+        with transaction.atomic():
+            outcome = handler(event.payload["data"]["object"])
+            StripeEvent.objects.filter(pk=event.pk).update(
+                processed_at=timezone.now(), outcome=outcome[:300]
+            )
+    except PaymentNotKnownYet as waiting:
+        # Left unprocessed: a redelivery (or a later run) applies it once the payment is known.
+        StripeEvent.objects.filter(pk=event.pk).update(outcome=f"waiting: {waiting}"[:300])
+        return f"waiting: {waiting}"
     return outcome
 
 
@@ -281,33 +290,58 @@ def _on_payment_failed(intent: dict[str, Any]) -> str:
 def _refunded_so_far_usd(*, charge_id: str) -> Decimal:
     """USD already taken back for refunds of this charge (a positive amount)."""
     total = StripeLedgerEntry.objects.filter(
-        stripe_object_id=charge_id, key__startswith=f"{charge_id}:refunded-to:"
+        stripe_object_id=charge_id, key__startswith=f"{charge_id}:refund"
     ).aggregate(total=Sum("amount_usd"))["total"]
     return -(total or ZERO_USD)
 
 
 def _on_charge_refunded(charge: dict[str, Any]) -> str:
+    """Take back what has been refunded and not yet taken back.
+
+    `amount_refunded` is cumulative, so under the payment's row lock an older event (a smaller
+    total) takes back nothing and a redelivery collides with its own key. When the event lists
+    the refunds, each is its own entry (keyed by refund id), so the ledger is the same whatever
+    order the events came in; otherwise one entry per cumulative total.
+    """
     payment = _payment_locked(
         payment_intent_id=charge.get("payment_intent"), metadata=charge.get("metadata") or {}
     )
     if payment is None:
-        return "ignored: not a payment made through this portal"
+        raise PaymentNotKnownYet(f"no payment for {charge.get('payment_intent')}")
     charge_id = str(charge["id"])
     refunded_cents = int(charge.get("amount_refunded") or 0)
-    # `amount_refunded` is cumulative: take back only what the entries so far do not cover.
-    # Under the payment's row lock, an older event (smaller total) takes back nothing, and a
-    # redelivery collides with its own key.
     missing_usd = usd_from_cents(refunded_cents) - _refunded_so_far_usd(charge_id=charge_id)
     if missing_usd <= ZERO_USD:
         return "refund already taken back"
-    _ledger_entry_apply(
-        key=f"{charge_id}:refunded-to:{refunded_cents}",
-        payment=payment,
-        stripe_object_id=charge_id,
-        amount_usd=-missing_usd,
-        memo=f"refund of card payment {payment.stripe_payment_intent_id}",
-    )
-    return f"took back {format_usd(missing_usd)} USD refunded"
+    listed = charge.get("refunds") or {}
+    refunds = [
+        refund
+        for refund in listed.get("data") or []
+        if refund.get("status") in {None, "succeeded", "pending"}
+    ]
+    memo = f"refund of card payment {payment.stripe_payment_intent_id}"
+    taken_usd = ZERO_USD
+    if refunds and not listed.get("has_more"):
+        for refund in sorted(refunds, key=lambda r: str(r["id"])):
+            amount_usd = min(usd_from_cents(int(refund["amount"])), missing_usd - taken_usd)
+            if amount_usd > ZERO_USD and _ledger_entry_apply(
+                key=f"{charge_id}:refund:{refund['id']}",
+                payment=payment,
+                stripe_object_id=charge_id,
+                amount_usd=-amount_usd,
+                memo=memo,
+            ):
+                taken_usd += amount_usd
+    else:
+        _ledger_entry_apply(
+            key=f"{charge_id}:refunded-to:{refunded_cents}",
+            payment=payment,
+            stripe_object_id=charge_id,
+            amount_usd=-missing_usd,
+            memo=memo,
+        )
+        taken_usd = missing_usd
+    return f"took back {format_usd(taken_usd)} USD refunded"
 
 
 def _dispute_payment(dispute: dict[str, Any]) -> CardPayment | None:
@@ -331,7 +365,7 @@ def _on_dispute_withdrawn(dispute: dict[str, Any]) -> str:
     wallet while the dispute is open (Stripe withdraws it from us at once)."""
     payment = _dispute_payment(dispute)
     if payment is None:
-        return "ignored: not a payment made through this portal"
+        raise PaymentNotKnownYet(f"no payment for {dispute.get('payment_intent')}")
     return (
         "disputed amount taken back"
         if _dispute_withdraw(payment, dispute)
@@ -344,7 +378,7 @@ def _on_dispute_reinstated(dispute: dict[str, Any]) -> str:
     applied first if its event has not been processed yet (then that event changes nothing)."""
     payment = _dispute_payment(dispute)
     if payment is None:
-        return "ignored: not a payment made through this portal"
+        raise PaymentNotKnownYet(f"no payment for {dispute.get('payment_intent')}")
     _dispute_withdraw(payment, dispute)
     posted = _ledger_entry_apply(
         key=f"{dispute['id']}:reinstated",
