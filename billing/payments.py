@@ -19,11 +19,19 @@ from django.conf import settings
 from django.core.mail import send_mail
 from django.db import IntegrityError, transaction
 from django.db.models import F, OuterRef, Q, Subquery, Sum
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from billing import stripe_api
 from billing.models import Account, BillingProfile, CardPayment, StripeEvent, StripeLedgerEntry
-from billing.money import ZERO_USD, MoneyError, cents_from_usd, format_usd, usd_from_cents
+from billing.money import (
+    ZERO_USD,
+    MoneyError,
+    cents_from_usd,
+    format_usd,
+    usd_field,
+    usd_from_cents,
+)
 from billing.services import BillingError, card_money_post
 from portal.models import Membership, Organization, User
 
@@ -87,6 +95,7 @@ def stripe_customer_ensure(*, organization: Organization) -> str:
 class StartedTopUp:
     payment: CardPayment
     client_secret: str
+    status: str  # the PaymentIntent's: succeeded, processing, requires_action, ...
 
 
 def topup_amount_parse(raw: str) -> Decimal:
@@ -102,21 +111,45 @@ def topup_amount_parse(raw: str) -> Decimal:
     return amount_usd
 
 
-def topup_start(
-    *, organization: Organization, user: User, amount_usd: Decimal, request_token: str
-) -> StartedTopUp:
-    """Create the PaymentIntent the page confirms with Stripe.js, and its CardPayment row.
+def card_setup_start(*, organization: Organization) -> str:
+    """A SetupIntent's client secret: the page collects the card into it with Stripe.js."""
+    customer_id = stripe_customer_ensure(organization=organization)
+    try:
+        intent = stripe_api.setup_intent_create(
+            customer_id=customer_id,
+            idempotency_key=f"setup-{organization.pk}-{new_request_token()}",
+        )
+    except stripe_api.StripeCallFailed as error:
+        raise PaymentError(str(error)) from None
+    return intent.client_secret
 
-    `request_token` comes from the page's form, so a double submit returns the same intent.
+
+def topup_start(
+    *,
+    organization: Organization,
+    user: User,
+    amount_usd: Decimal,
+    setup_intent_id: str,
+    request_token: str,
+) -> StartedTopUp:
+    """Charge the card the page just collected (a succeeded SetupIntent of this organisation's
+    Customer, re-fetched from Stripe) with a PaymentIntent, and record it as pending.
+
+    No credit here: only the `payment_intent.succeeded` webhook grants it. `request_token`
+    comes from the page, so a double submit gets the same PaymentIntent back from Stripe.
     """
     customer_id = stripe_customer_ensure(organization=organization)
     try:
+        card = stripe_api.setup_intent_saved_card(
+            setup_intent_id=setup_intent_id, customer_id=customer_id
+        )
         intent = stripe_api.payment_intent_create(
             customer_id=customer_id,
             amount_cents=cents_from_usd(amount_usd),
             organization_id=organization.pk,
             origin=CardPayment.Origin.DASHBOARD,
             idempotency_key=f"topup-{organization.pk}-{request_token}",
+            payment_method_id=card.payment_method_id,
         )
     except stripe_api.StripeCallFailed as error:
         raise PaymentError(str(error)) from None
@@ -129,7 +162,7 @@ def topup_start(
             "created_by": user,
         },
     )
-    return StartedTopUp(payment=payment, client_secret=intent.client_secret)
+    return StartedTopUp(payment=payment, client_secret=intent.client_secret, status=intent.status)
 
 
 def new_request_token() -> str:
@@ -463,19 +496,6 @@ def auto_topup_configure(*, organization: Organization, terms: AutoTopUpTerms) -
     return profile
 
 
-def auto_topup_card_setup_start(*, organization: Organization) -> str:
-    """A SetupIntent's client secret for the page to save a card with Stripe.js."""
-    customer_id = stripe_customer_ensure(organization=organization)
-    try:
-        intent = stripe_api.setup_intent_create(
-            customer_id=customer_id,
-            idempotency_key=f"setup-{organization.pk}-{new_request_token()}",
-        )
-    except stripe_api.StripeCallFailed as error:
-        raise PaymentError(str(error)) from None
-    return intent.client_secret
-
-
 def auto_topup_card_save(*, organization: Organization, setup_intent_id: str) -> BillingProfile:
     """Keep the card a succeeded SetupIntent saved as the auto top-up card."""
     customer_id = stripe_customer_ensure(organization=organization)
@@ -492,11 +512,16 @@ def auto_topup_card_save(*, organization: Organization, setup_intent_id: str) ->
     return billing_profile_get_or_create(organization_id=organization.pk)
 
 
-def _wallet_balance_subquery() -> Subquery:
-    return Subquery(
-        Account.objects.filter(
-            organization_id=OuterRef("organization_id"), kind=Account.Kind.WALLET
-        ).values("balance_usd")[:1]
+def _wallet_balance_subquery() -> Coalesce:
+    """The wallet's balance, zero when the organisation has no wallet yet."""
+    return Coalesce(
+        Subquery(
+            Account.objects.filter(
+                organization_id=OuterRef("organization_id"), kind=Account.Kind.WALLET
+            ).values("balance_usd")[:1]
+        ),
+        ZERO_USD,
+        output_field=usd_field(),
     )
 
 
@@ -547,6 +572,10 @@ def auto_topup_charge(*, organization_id: int) -> str:
             payment_method_id=profile.auto_topup_payment_method_id,
             off_session=True,
         )
+    except stripe_api.CardDeclined as error:
+        # Counted once, by the `payment_intent.payment_failed` event that Stripe sends for the
+        # declined intent (it also releases the claim).
+        return f"declined: {error}"
     except stripe_api.StripeCallFailed as error:
         with transaction.atomic():
             _auto_topup_failure_record(organization_id=organization_id, message=str(error))

@@ -28,6 +28,10 @@ class StripeCallFailed(Exception):
     """Stripe refused or could not be reached; the message is safe to show an owner."""
 
 
+class CardDeclined(StripeCallFailed):
+    """Stripe refused the card; its PaymentIntent exists and a `payment_failed` event follows."""
+
+
 class WebhookSignatureInvalid(Exception):
     """A webhook whose signature is missing, wrong, or whose timestamp is out of tolerance."""
 
@@ -79,12 +83,15 @@ def payment_intent_create(
     organization_id: int,
     origin: str,
     idempotency_key: str,
-    payment_method_id: str | None = None,
+    payment_method_id: str,
     off_session: bool = False,
 ) -> CreatedIntent:
-    """A USD PaymentIntent for the customer; with `off_session`, confirmed at once against the
-    saved `payment_method_id` (auto top-up). Card errors raise StripeCallFailed."""
-    params: dict[str, Any] = {
+    """A USD PaymentIntent for the customer, confirmed at once against `payment_method_id`.
+
+    On-session (the dashboard) it may come back `requires_action` for the browser to finish
+    3-D Secure with `confirmCardPayment`; off-session (auto top-up) it succeeds or fails.
+    Card errors raise StripeCallFailed."""
+    params: Any = {
         "amount": amount_cents,
         "currency": "usd",
         "customer": customer_id,
@@ -92,12 +99,15 @@ def payment_intent_create(
         # Signed back to us in every event about the intent (and copied onto its charges).
         "metadata": {"organization_id": str(organization_id), "switchboard_origin": origin},
     }
+    params |= {"payment_method": payment_method_id, "confirm": True}
     if off_session:
-        params |= {"payment_method": payment_method_id, "off_session": True, "confirm": True}
+        params["off_session"] = True
     try:
         intent = stripe_client().v1.payment_intents.create(
             params=params, options=_options(idempotency_key)
         )
+    except stripe.CardError as error:
+        raise CardDeclined(_safe_message(error)) from None
     except stripe.StripeError as error:
         raise StripeCallFailed(_safe_message(error)) from None
     return CreatedIntent(
@@ -108,12 +118,13 @@ def payment_intent_create(
 def setup_intent_create(*, customer_id: str, idempotency_key: str) -> CreatedIntent:
     """A SetupIntent that saves a card on the customer for off-session charges."""
     try:
+        params: Any = {
+            "customer": customer_id,
+            "payment_method_types": ["card"],
+            "usage": "off_session",
+        }
         intent = stripe_client().v1.setup_intents.create(
-            params={
-                "customer": customer_id,
-                "payment_method_types": ["card"],
-                "usage": "off_session",
-            },
+            params=params,
             options=_options(idempotency_key),
         )
     except stripe.StripeError as error:
@@ -141,8 +152,8 @@ def setup_intent_saved_card(*, setup_intent_id: str, customer_id: str) -> SavedC
         method = client.v1.payment_methods.retrieve(method_id)
     except stripe.StripeError as error:
         raise StripeCallFailed(_safe_message(error)) from None
-    card = method.get("card") or {}
-    label = f"{card.get('brand', 'card')} •••• {card.get('last4', '????')}"
+    card = method.card
+    label = f"{card.brand} •••• {card.last4}" if card else "card"
     return SavedCard(payment_method_id=method_id, label=label)
 
 

@@ -7,6 +7,7 @@ import hmac
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from django.test import override_settings
 
 from billing import stripe_api
 from portal.celery import app as celery_app
+from tests.stripe_server import PUBLISHABLE_KEY, SECRET_KEY, LocalStripe
 
 WEBHOOK_SECRET = "whsec_test_switchboard"
 
@@ -53,3 +55,33 @@ def eager_celery() -> Iterator[None]:
     yield
     celery_app.conf.task_always_eager, celery_app.conf.task_eager_propagates = previous
     stripe_api._client.cache_clear()
+
+
+ARTIFACTS_DIR = Path(__file__).resolve().parents[2] / "var" / "test-artifacts"
+
+
+@pytest.fixture(scope="session")
+def _localstripe_server() -> Iterator[LocalStripe]:
+    ARTIFACTS_DIR.mkdir(parents=True, exist_ok=True)
+    server = LocalStripe().start(log_path=ARTIFACTS_DIR / "localstripe.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def localstripe(
+    _localstripe_server: LocalStripe, live_server: Any, eager_celery: None
+) -> Iterator[LocalStripe]:
+    """localstripe, emptied, sending webhooks signed with the test secret to the live server;
+    the stripe SDK and Stripe.js of the pages point at it."""
+    _localstripe_server.reset(
+        webhook_url=f"{live_server.url}/stripe/webhook", webhook_secret=WEBHOOK_SECRET
+    )
+    with override_settings(
+        STRIPE_SECRET_KEY=SECRET_KEY,
+        STRIPE_PUBLISHABLE_KEY=PUBLISHABLE_KEY,
+        STRIPE_API_BASE=_localstripe_server.url,
+        STRIPE_JS_URL=_localstripe_server.js_url,
+        STRIPE_WEBHOOK_SECRET=WEBHOOK_SECRET,
+    ):
+        yield _localstripe_server

@@ -18,9 +18,9 @@ PAYLOAD = event("evt_sig_1", "payment_intent.payment_failed", {"id": "pi_unknown
 
 
 def post(client: Client, payload: bytes, signature: str | None) -> int:
-    headers = {} if signature is None else {"HTTP_STRIPE_SIGNATURE": signature}
+    headers = {} if signature is None else {"Stripe-Signature": signature}
     response = client.post(
-        reverse("stripe_webhook"), data=payload, content_type="application/json", **headers
+        reverse("stripe_webhook"), data=payload, content_type="application/json", headers=headers
     )
     return response.status_code
 
