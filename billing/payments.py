@@ -209,6 +209,22 @@ def stripe_event_process(*, event_id: str) -> str:
     return outcome
 
 
+def stripe_events_unprocessed(*, older_than: timedelta) -> list[str]:
+    """Ids of stored events not applied yet: a task lost before it ran, or an event that
+    waits for its payment (beat retries them)."""
+    now = timezone.now()
+    # Stripe itself stops retrying after three days; an event still waiting then is not ours.
+    return list(
+        StripeEvent.objects.filter(
+            processed_at__isnull=True,
+            received_at__lt=now - older_than,
+            received_at__gt=now - timedelta(days=3),
+        )
+        .order_by("received_at")
+        .values_list("event_id", flat=True)[:500]
+    )
+
+
 def _payment_locked(
     *, payment_intent_id: str | None, metadata: dict[str, Any]
 ) -> CardPayment | None:

@@ -44,3 +44,14 @@ def charge_auto_topup(organization_id: int) -> str:
     from billing.payments import auto_topup_charge
 
     return auto_topup_charge(organization_id=organization_id)
+
+
+@shared_task(name="billing.retry_stripe_events")
+def retry_stripe_events() -> int:
+    """Apply stored events still unprocessed after a minute (beat, every five minutes)."""
+    from billing.payments import stripe_event_process, stripe_events_unprocessed
+
+    event_ids = stripe_events_unprocessed(older_than=timedelta(minutes=1))
+    for event_id in event_ids:
+        stripe_event_process(event_id=event_id)
+    return len(event_ids)

@@ -238,6 +238,7 @@ CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 CELERY_BEAT_SCHEDULE = {
     "sweep-stale-reservations": {"task": "billing.sweep_stale_reservations", "schedule": 60.0},
     "start-auto-topups": {"task": "billing.start_auto_topups", "schedule": 60.0},
+    "retry-stripe-events": {"task": "billing.retry_stripe_events", "schedule": 300.0},
 }
 
 # A reservation still held after this many seconds belongs to a dead process and is swept.
@@ -257,6 +258,13 @@ STRIPE_JS_URL = env_str("STRIPE_JS_URL", "https://js.stripe.com/v3/")
 STRIPE_WEBHOOK_TOLERANCE_SECONDS = env_int("STRIPE_WEBHOOK_TOLERANCE_SECONDS", 300, minimum=1)
 # The "Add credit" page: preset amounts and the bounds of a custom amount, in USD.
 BILLING_TOPUP_PRESETS_USD = env_list("BILLING_TOPUP_PRESETS_USD", "10,25,50,100")
+for _preset in BILLING_TOPUP_PRESETS_USD:
+    try:
+        Decimal(_preset)
+    except InvalidOperation:
+        raise ImproperlyConfigured(
+            f"BILLING_TOPUP_PRESETS_USD: not an amount: {_preset!r}"
+        ) from None
 BILLING_TOPUP_MIN_USD = env_decimal("BILLING_TOPUP_MIN_USD", "5")
 BILLING_TOPUP_MAX_USD = env_decimal("BILLING_TOPUP_MAX_USD", "1000")
 # Auto top-up is switched off after this many consecutive failed charges.

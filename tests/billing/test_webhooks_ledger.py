@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
 import openai
 import pytest
 from django.core import mail
+from django.utils import timezone
 
 from billing.models import CardPayment, StripeEvent, StripeLedgerEntry
 from billing.payments import stripe_event_process, stripe_event_record
 from billing.selectors import wallet_balance_usd
+from billing.tasks import retry_stripe_events
 from portal.models import Organization
 from tests.billing.conftest import event
 from tests.factories import make_key, make_org
@@ -139,3 +142,18 @@ def test_a_wallet_pushed_negative_by_a_dispute_stops_its_keys_until_topped_up(
     deliver(event("evt_dp_neg_won", "charge.dispute.funds_reinstated", dispute))
     assert wallet_balance_usd(organization_id=organization.pk) > 0
     ask()  # positive again: served
+
+
+@pytest.mark.django_db
+def test_a_waiting_event_is_applied_by_the_retry_once_its_payment_is_known() -> None:
+    organization = make_org(credit_usd=None)
+    dispute = {"id": "dp_early", "payment_intent": "pi_late", "amount": 3000}
+    assert deliver(event("evt_dp_early", "charge.dispute.created", dispute)).startswith("waiting")
+    paid(organization, "pi_late")
+    StripeEvent.objects.filter(event_id="evt_dp_early").update(
+        received_at=timezone.now() - timedelta(minutes=2)
+    )
+    assert retry_stripe_events() == 1
+    assert StripeEvent.objects.get(event_id="evt_dp_early").outcome == "disputed amount taken back"
+    assert wallet_balance_usd(organization_id=organization.pk) == Decimal(70)
+    assert retry_stripe_events() == 0
