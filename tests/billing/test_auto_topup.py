@@ -3,11 +3,13 @@ flight, credited by the signed webhook, switched off after repeated declines."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 
 import openai
 import pytest
 from django.core import mail
+from django.db import connection
 from django.test import override_settings
 
 from billing.models import BillingProfile, CardPayment
@@ -97,3 +99,26 @@ def test_it_needs_a_saved_card_to_switch_on(localstripe: LocalStripe) -> None:
     organization = make_org()
     with pytest.raises(PaymentError, match="save a card"):
         configure(organization, threshold="5", amount="20")
+
+
+def test_concurrent_runs_charge_one_top_up(localstripe: LocalStripe) -> None:
+    organization = make_org(credit_usd=None)
+    save_card(localstripe, organization, GOOD_CARD)
+    configure(organization, threshold="5", amount="20")
+
+    def charge(_: int) -> str:
+        try:
+            return auto_topup_charge(organization_id=organization.pk)
+        finally:
+            connection.close()
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        outcomes = list(pool.map(charge, range(4)))
+    assert sorted(outcome.split(" ")[0] for outcome in outcomes) == [
+        "charged",
+        "not",
+        "not",
+        "not",
+    ]
+    wait_for(lambda: wallet_balance_usd(organization_id=organization.pk) == 20)
+    assert CardPayment.objects.filter(organization=organization).count() == 1
