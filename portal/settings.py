@@ -267,6 +267,9 @@ for _preset in BILLING_TOPUP_PRESETS_USD:
         ) from None
 BILLING_TOPUP_MIN_USD = env_decimal("BILLING_TOPUP_MIN_USD", "5")
 BILLING_TOPUP_MAX_USD = env_decimal("BILLING_TOPUP_MAX_USD", "1000")
+if not Decimal("0.50") <= BILLING_TOPUP_MIN_USD <= BILLING_TOPUP_MAX_USD:
+    # Stripe charges at least 0.50 USD.
+    raise ImproperlyConfigured("need 0.50 <= BILLING_TOPUP_MIN_USD <= BILLING_TOPUP_MAX_USD")
 # Auto top-up is switched off after this many consecutive failed charges.
 BILLING_AUTO_TOPUP_MAX_FAILURES = env_int("BILLING_AUTO_TOPUP_MAX_FAILURES", 3, minimum=1)
 # An auto top-up with no webhook answer after this many seconds no longer blocks the next one.
