@@ -93,3 +93,44 @@ class SpendCapAdmin(admin.ModelAdmin):
 @admin.register(KeySpend)
 class KeySpendAdmin(ReadOnlyAdmin):
     list_display = ("api_key", "window_start", "spent_usd", "reserved_usd")
+
+
+# Card payments (Stripe): read-only, written only by billing.payments from Stripe's answers.
+from billing.models import (  # noqa: E402 - kept with the admins below for an easy merge
+    BillingProfile,
+    CardPayment,
+    StripeEvent,
+    StripeLedgerEntry,
+)
+
+
+@admin.register(CardPayment)
+class CardPaymentAdmin(ReadOnlyAdmin):
+    list_display = ("stripe_payment_intent_id", "organization", "amount_usd", "origin", "status")
+    list_filter = ("status", "origin")
+    search_fields = ("stripe_payment_intent_id", "organization__slug")
+
+
+@admin.register(StripeLedgerEntry)
+class StripeLedgerEntryAdmin(ReadOnlyAdmin):
+    list_display = ("key", "organization", "amount_usd", "created_at")
+    search_fields = ("key", "stripe_object_id", "organization__slug")
+
+
+@admin.register(StripeEvent)
+class StripeEventAdmin(ReadOnlyAdmin):
+    list_display = ("event_id", "type", "received_at", "processed_at", "outcome")
+    list_filter = ("type",)
+    search_fields = ("event_id",)
+
+
+@admin.register(BillingProfile)
+class BillingProfileAdmin(ReadOnlyAdmin):
+    list_display = (
+        "organization",
+        "stripe_customer_id",
+        "auto_topup_enabled",
+        "auto_topup_threshold_usd",
+        "auto_topup_amount_usd",
+        "auto_topup_failures",
+    )

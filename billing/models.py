@@ -219,3 +219,102 @@ class UsageRecord(models.Model):
 
     def __str__(self) -> str:
         return self.request_id
+
+
+class BillingProfile(models.Model):
+    """An organisation's Stripe customer and auto top-up settings (one row per organisation).
+
+    Created on first need; `stripe_customer_id` is filled once, by `stripe_customer_ensure`.
+    """
+
+    organization = models.OneToOneField(
+        "portal.Organization", on_delete=models.PROTECT, related_name="billing_profile"
+    )
+    stripe_customer_id = models.CharField(max_length=255, unique=True, null=True, blank=True)
+    # Auto top-up: when the wallet falls below the threshold, charge `amount` to the saved card.
+    auto_topup_enabled = models.BooleanField(default=False)
+    auto_topup_threshold_usd = usd_field(default=ZERO_USD)  # USD
+    auto_topup_amount_usd = usd_field(default=ZERO_USD)  # USD charged each time
+    auto_topup_payment_method_id = models.CharField(max_length=255, blank=True, default="")
+    auto_topup_card_label = models.CharField(max_length=100, blank=True, default="")
+    auto_topup_failures = models.PositiveIntegerField(default=0)  # consecutive failures
+    # Set by the conditional UPDATE that claims a top-up; cleared when its outcome is known.
+    # At most one auto top-up is in flight per organisation.
+    auto_topup_in_flight_since = models.DateTimeField(null=True, blank=True)
+    auto_topup_attempts = models.PositiveIntegerField(default=0)  # numbers idempotency keys
+
+    def __str__(self) -> str:
+        return f"billing profile of {self.organization}"
+
+
+class CardPayment(models.Model):
+    """A Stripe PaymentIntent this portal created, for an organisation's wallet.
+
+    `status` follows the webhooks; the credit itself is a `StripeLedgerEntry`.
+    """
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+
+    class Origin(models.TextChoices):
+        DASHBOARD = "dashboard", "Added on the dashboard"
+        AUTO_TOPUP = "auto_topup", "Auto top-up"
+
+    stripe_payment_intent_id = models.CharField(max_length=255, unique=True)
+    organization = models.ForeignKey(
+        "portal.Organization", on_delete=models.PROTECT, related_name="+"
+    )
+    amount_usd = usd_field()  # USD asked for
+    origin = models.CharField(max_length=12, choices=Origin.choices)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
+    failure_message = models.CharField(max_length=300, blank=True, default="")
+    created_by = models.ForeignKey(
+        "portal.User", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"{self.stripe_payment_intent_id} ({self.status})"
+
+
+class StripeLedgerEntry(models.Model):
+    """A ledger transaction caused by Stripe, at most once per `key`.
+
+    The key names the money movement, not the event that reported it: `<pi>:credit`,
+    `<charge>:refunded-to:<cents>`, `<dispute>:withdrawn`, `<dispute>:reinstated`. However often
+    and in whatever order events arrive, the unique constraint lets each movement happen once.
+    """
+
+    key = models.CharField(max_length=300, unique=True)
+    organization = models.ForeignKey(
+        "portal.Organization", on_delete=models.PROTECT, related_name="+"
+    )
+    stripe_object_id = models.CharField(max_length=255, db_index=True)  # pi_, ch_ or dp_
+    amount_usd = usd_field()  # USD, signed: added to the wallet
+    ledger_transaction = models.OneToOneField(
+        LedgerTransaction, on_delete=models.PROTECT, related_name="stripe_entry"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        verbose_name_plural = "Stripe ledger entries"
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.amount_usd} USD"
+
+
+class StripeEvent(models.Model):
+    """A verified Stripe webhook event, stored once by its id, and what handling it did."""
+
+    event_id = models.CharField(max_length=255, unique=True)
+    type = models.CharField(max_length=100)
+    payload = models.JSONField()
+    received_at = models.DateTimeField(auto_now_add=True)
+    processed_at = models.DateTimeField(null=True, blank=True)
+    outcome = models.CharField(max_length=300, blank=True, default="")
+
+    def __str__(self) -> str:
+        return f"{self.event_id} {self.type}"

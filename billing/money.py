@@ -100,3 +100,19 @@ def usage_cost_usd(
 def format_usd(amount: Decimal) -> str:
     """The amount as plain decimal text at full scale, e.g. '9.9999985000'."""
     return f"{amount.quantize(USD_QUANTUM):f}"
+
+
+CENTS_PER_USD = 100
+
+
+def usd_from_cents(cents: int) -> Decimal:
+    """A Stripe amount (integer cents of USD) as dollars; exact."""
+    return Decimal(cents).scaleb(-2)
+
+
+def cents_from_usd(amount_usd: Decimal) -> int:
+    """Dollars as Stripe's integer cents; refuses fractions of a cent rather than round."""
+    cents = amount_usd * CENTS_PER_USD
+    if cents != cents.to_integral_value():
+        raise MoneyError(f"not a whole number of cents: {amount_usd}")
+    return int(cents)

@@ -583,3 +583,23 @@ def usage_settle(*, metered: MeteredRequest) -> UsageRecord:
         if existing is None:
             raise
         return existing
+
+
+def card_money_post(
+    *, organization_id: int, to_wallet_usd: Decimal, memo: str
+) -> LedgerTransaction:
+    """Move card money between the payments clearing account and a wallet: positive for a
+    paid top-up or a reinstated dispute, negative for a refund or a disputed payment.
+
+    A negative movement is not limited by the available credit (the customer has the money
+    back): the wallet may go negative, and then no request is admitted until it is topped up.
+    Must run inside `transaction.atomic()` with the row that makes it happen once.
+    """
+    if to_wallet_usd == ZERO_USD:
+        raise BillingError("a card movement cannot be zero")
+    wallet = wallet_get_or_create(organization_id=organization_id)
+    return _post(
+        kind=LedgerTransaction.Kind.GRANT if to_wallet_usd > 0 else LedgerTransaction.Kind.CLAWBACK,
+        memo=memo,
+        legs=[(wallet, to_wallet_usd), (_system_account(Account.Kind.PAYMENTS), -to_wallet_usd)],
+    )

@@ -16,3 +16,42 @@ def sweep_stale_reservations() -> int:
     return reservations_sweep(
         older_than=timedelta(seconds=settings.BILLING_RESERVATION_SWEEP_AFTER_SECONDS)
     )
+
+
+@shared_task(name="billing.process_stripe_event", acks_late=True)
+def process_stripe_event(event_id: str) -> str:
+    """Apply a stored Stripe event (idempotent: safe to run again after a crash)."""
+    from billing.payments import stripe_event_process
+
+    return stripe_event_process(event_id=event_id)
+
+
+@shared_task(name="billing.start_auto_topups")
+def start_auto_topups() -> int:
+    """Enqueue a charge for each organisation below its auto top-up threshold (beat, every
+    minute). Polling keeps the request path free of it: one indexed query a minute."""
+    from billing.payments import auto_topups_due
+
+    due = auto_topups_due()
+    for organization_id in due:
+        charge_auto_topup.delay(organization_id)
+    return len(due)
+
+
+@shared_task(name="billing.charge_auto_topup", acks_late=True)
+def charge_auto_topup(organization_id: int) -> str:
+    """One off-session auto top-up; claims the organisation first, so duplicates do nothing."""
+    from billing.payments import auto_topup_charge
+
+    return auto_topup_charge(organization_id=organization_id)
+
+
+@shared_task(name="billing.retry_stripe_events")
+def retry_stripe_events() -> int:
+    """Apply stored events still unprocessed after a minute (beat, every five minutes)."""
+    from billing.payments import stripe_event_process, stripe_events_unprocessed
+
+    event_ids = stripe_events_unprocessed(older_than=timedelta(minutes=1))
+    for event_id in event_ids:
+        stripe_event_process(event_id=event_id)
+    return len(event_ids)

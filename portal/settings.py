@@ -239,6 +239,8 @@ CELERY_TASK_IGNORE_RESULT = True
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 CELERY_BEAT_SCHEDULE = {
     "sweep-stale-reservations": {"task": "billing.sweep_stale_reservations", "schedule": 60.0},
+    "start-auto-topups": {"task": "billing.start_auto_topups", "schedule": 60.0},
+    "retry-stripe-events": {"task": "billing.retry_stripe_events", "schedule": 300.0},
 }
 
 # A reservation still held after this many seconds belongs to a dead process and is swept.
@@ -254,6 +256,26 @@ STRIPE_PUBLISHABLE_KEY = env_str("STRIPE_PUBLISHABLE_KEY", "")
 STRIPE_WEBHOOK_SECRET = env_str("STRIPE_WEBHOOK_SECRET", "")
 STRIPE_API_BASE = env_str("STRIPE_API_BASE", "https://api.stripe.com")
 STRIPE_JS_URL = env_str("STRIPE_JS_URL", "https://js.stripe.com/v3/")
+# Seconds a webhook signature's timestamp may be from now, either way (older or newer: 400).
+STRIPE_WEBHOOK_TOLERANCE_SECONDS = env_int("STRIPE_WEBHOOK_TOLERANCE_SECONDS", 300, minimum=1)
+# The "Add credit" page: preset amounts and the bounds of a custom amount, in USD.
+BILLING_TOPUP_PRESETS_USD = env_list("BILLING_TOPUP_PRESETS_USD", "10,25,50,100")
+for _preset in BILLING_TOPUP_PRESETS_USD:
+    try:
+        Decimal(_preset)
+    except InvalidOperation:
+        raise ImproperlyConfigured(
+            f"BILLING_TOPUP_PRESETS_USD: not an amount: {_preset!r}"
+        ) from None
+BILLING_TOPUP_MIN_USD = env_decimal("BILLING_TOPUP_MIN_USD", "5")
+BILLING_TOPUP_MAX_USD = env_decimal("BILLING_TOPUP_MAX_USD", "1000")
+if not Decimal("0.50") <= BILLING_TOPUP_MIN_USD <= BILLING_TOPUP_MAX_USD:
+    # Stripe charges at least 0.50 USD.
+    raise ImproperlyConfigured("need 0.50 <= BILLING_TOPUP_MIN_USD <= BILLING_TOPUP_MAX_USD")
+# Auto top-up is switched off after this many consecutive failed charges.
+BILLING_AUTO_TOPUP_MAX_FAILURES = env_int("BILLING_AUTO_TOPUP_MAX_FAILURES", 3, minimum=1)
+# An auto top-up with no webhook answer after this many seconds no longer blocks the next one.
+BILLING_AUTO_TOPUP_STALE_SECONDS = env_int("BILLING_AUTO_TOPUP_STALE_SECONDS", 3600, minimum=60)
 
 # Gateway knobs.
 # How long a key lookup is cached in each process; revocation takes effect within this bound.

@@ -12,6 +12,7 @@ urlpatterns = [
     path(
         "dashboard/keys/<int:api_key_id>/revoke", views.api_key_revoke_view, name="api_key_revoke"
     ),
+    path("stripe/", include("billing.webhook_urls")),
     path("admin/", admin.site.urls),
     path("v1/", include("gateway.urls")),
     path("healthz", health.healthz, name="healthz"),

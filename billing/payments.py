@@ -1,0 +1,628 @@
+"""Card payments: services for the Stripe customer, top-ups, webhook events and auto top-up.
+
+Credit moves only here, and only from a verified webhook event (`payment_intent.succeeded`),
+never from the browser's return. Every money movement is a `StripeLedgerEntry` whose unique
+key names the movement itself, so redelivered, concurrent or out-of-order events apply it once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+from django.conf import settings
+from django.core.mail import send_mail
+from django.db import IntegrityError, transaction
+from django.db.models import F, OuterRef, Q, Subquery, Sum
+from django.db.models.functions import Coalesce
+from django.utils import timezone
+
+from billing import stripe_api
+from billing.models import Account, BillingProfile, CardPayment, StripeEvent, StripeLedgerEntry
+from billing.money import (
+    ZERO_USD,
+    MoneyError,
+    cents_from_usd,
+    format_usd,
+    usd_field,
+    usd_from_cents,
+)
+from billing.services import BillingError, card_money_post
+from portal.models import Membership, Organization, User
+
+logger = logging.getLogger(__name__)
+
+HANDLED_EVENT_TYPES = frozenset(
+    {
+        "payment_intent.succeeded",
+        "payment_intent.payment_failed",
+        "charge.refunded",
+        "charge.dispute.created",
+        "charge.dispute.funds_withdrawn",
+        "charge.dispute.funds_reinstated",
+    }
+)
+
+# Roles that may pay for the organisation and change its auto top-up.
+PAYING_ROLES = frozenset({Membership.Role.OWNER, Membership.Role.ADMIN})
+
+
+class PaymentError(BillingError):
+    """A payment that cannot be made; the message is safe to show the member."""
+
+
+class PaymentNotKnownYet(Exception):
+    """A refund or dispute of a PaymentIntent this portal has no row for (yet)."""
+
+
+def membership_may_pay(*, membership: Membership) -> bool:
+    return membership.role in PAYING_ROLES
+
+
+def billing_profile_get_or_create(*, organization_id: int) -> BillingProfile:
+    profile, _ = BillingProfile.objects.get_or_create(organization_id=organization_id)
+    return profile
+
+
+def stripe_customer_ensure(*, organization: Organization) -> str:
+    """The organisation's Stripe Customer id, created on first use.
+
+    The idempotency key is fixed per organisation, so concurrent first uses get the same
+    Customer back from Stripe; the conditional UPDATE stores the first answer only.
+    """
+    profile = billing_profile_get_or_create(organization_id=organization.pk)
+    if profile.stripe_customer_id:
+        return profile.stripe_customer_id
+    customer_id = stripe_api.customer_create(
+        organization_id=organization.pk,
+        name=organization.name,
+        idempotency_key=f"customer-org-{organization.pk}-{organization.created_at:%Y%m%d%H%M%S%f}",
+    )
+    BillingProfile.objects.filter(pk=profile.pk, stripe_customer_id__isnull=True).update(
+        stripe_customer_id=customer_id
+    )
+    profile.refresh_from_db(fields=["stripe_customer_id"])
+    assert profile.stripe_customer_id is not None  # noqa: S101 - set just above
+    return profile.stripe_customer_id
+
+
+@dataclass(frozen=True, slots=True)
+class StartedTopUp:
+    payment: CardPayment
+    client_secret: str
+    status: str  # the PaymentIntent's: succeeded, processing, requires_action, ...
+
+
+def topup_amount_parse(raw: str) -> Decimal:
+    """A top-up amount typed or picked on the page: whole cents within the configured bounds."""
+    try:
+        amount_usd = Decimal(raw.strip())
+        cents_from_usd(amount_usd)
+    except (ArithmeticError, MoneyError, ValueError):
+        raise PaymentError("enter an amount in dollars and cents, e.g. 25 or 12.50") from None
+    low, high = settings.BILLING_TOPUP_MIN_USD, settings.BILLING_TOPUP_MAX_USD
+    if not low <= amount_usd <= high:
+        raise PaymentError(f"the amount must be between {low} and {high} USD")
+    return amount_usd
+
+
+def card_setup_start(*, organization: Organization) -> str:
+    """A SetupIntent's client secret: the page collects the card into it with Stripe.js."""
+    customer_id = stripe_customer_ensure(organization=organization)
+    try:
+        intent = stripe_api.setup_intent_create(
+            customer_id=customer_id,
+            idempotency_key=f"setup-{organization.pk}-{new_request_token()}",
+        )
+    except stripe_api.StripeCallFailed as error:
+        raise PaymentError(str(error)) from None
+    return intent.client_secret
+
+
+def topup_start(
+    *,
+    organization: Organization,
+    user: User,
+    amount_usd: Decimal,
+    setup_intent_id: str,
+    request_token: str,
+) -> StartedTopUp:
+    """Charge the card the page just collected (a succeeded SetupIntent of this organisation's
+    Customer, re-fetched from Stripe) with a PaymentIntent, and record it as pending.
+
+    No credit here: only the `payment_intent.succeeded` webhook grants it. `request_token`
+    comes from the page, so a double submit gets the same PaymentIntent back from Stripe.
+    """
+    customer_id = stripe_customer_ensure(organization=organization)
+    try:
+        card = stripe_api.setup_intent_saved_card(
+            setup_intent_id=setup_intent_id, customer_id=customer_id
+        )
+        intent = stripe_api.payment_intent_create(
+            customer_id=customer_id,
+            amount_cents=cents_from_usd(amount_usd),
+            organization_id=organization.pk,
+            origin=CardPayment.Origin.DASHBOARD,
+            idempotency_key=f"topup-{organization.pk}-{request_token}",
+            payment_method_id=card.payment_method_id,
+        )
+    except stripe_api.StripeCallFailed as error:
+        raise PaymentError(str(error)) from None
+    payment, _ = CardPayment.objects.get_or_create(
+        stripe_payment_intent_id=intent.id,
+        defaults={
+            "organization": organization,
+            "amount_usd": amount_usd,
+            "origin": CardPayment.Origin.DASHBOARD,
+            "created_by": user,
+        },
+    )
+    return StartedTopUp(payment=payment, client_secret=intent.client_secret, status=intent.status)
+
+
+def new_request_token() -> str:
+    return uuid.uuid4().hex
+
+
+# Webhook events
+
+
+def stripe_event_record(*, event: dict[str, Any]) -> StripeEvent | None:
+    """Store a verified event once by its id; None for a type this portal does not handle.
+
+    Returns the stored row (the first delivery's, on a redelivery).
+    """
+    if event.get("type") not in HANDLED_EVENT_TYPES:
+        return None
+    try:
+        with transaction.atomic():
+            return StripeEvent.objects.create(
+                event_id=str(event["id"]), type=str(event["type"]), payload=event
+            )
+    except IntegrityError:
+        return StripeEvent.objects.get(event_id=str(event["id"]))
+
+
+def stripe_event_process(*, event_id: str) -> str:
+    """Apply a stored event to the ledger and the payment; returns and records the outcome.
+
+    Idempotent: every movement goes through a unique `StripeLedgerEntry` key and every status
+    change is conditional, so running it again, or concurrently, changes nothing more.
+    """
+    event = StripeEvent.objects.get(event_id=event_id)
+    handler = _HANDLERS[event.type]
+    try:
+        with transaction.atomic():
+            outcome = handler(event.payload["data"]["object"])
+            StripeEvent.objects.filter(pk=event.pk).update(
+                processed_at=timezone.now(), outcome=outcome[:300]
+            )
+    except PaymentNotKnownYet as waiting:
+        # Left unprocessed: a redelivery (or a later run) applies it once the payment is known.
+        StripeEvent.objects.filter(pk=event.pk).update(outcome=f"waiting: {waiting}"[:300])
+        logger.info("stripe event %s (%s) waits: %s", event.event_id, event.type, waiting)
+        return f"waiting: {waiting}"
+    logger.info("stripe event %s (%s): %s", event.event_id, event.type, outcome)
+    return outcome
+
+
+def stripe_events_unprocessed(*, older_than: timedelta) -> list[str]:
+    """Ids of stored events not applied yet: a task lost before it ran, or an event that
+    waits for its payment (beat retries them)."""
+    now = timezone.now()
+    # Stripe itself stops retrying after three days; an event still waiting then is not ours.
+    return list(
+        StripeEvent.objects.filter(
+            processed_at__isnull=True,
+            received_at__lt=now - older_than,
+            received_at__gt=now - timedelta(days=3),
+        )
+        .order_by("received_at")
+        .values_list("event_id", flat=True)[:500]
+    )
+
+
+def _payment_locked(
+    *, payment_intent_id: str | None, metadata: dict[str, Any]
+) -> CardPayment | None:
+    """The portal's payment for a PaymentIntent, row-locked so that events about one payment
+    are applied one at a time. Recorded from the intent's metadata if its creator has not
+    written it yet (an off-session charge's webhook can beat the create call's return)."""
+    if not payment_intent_id:
+        return None
+    organization_id = str(metadata.get("organization_id", ""))
+    origin = str(metadata.get("switchboard_origin", ""))
+    if (
+        organization_id.isdigit()
+        and origin in CardPayment.Origin.values
+        and Organization.objects.filter(pk=int(organization_id)).exists()
+    ):
+        try:
+            with transaction.atomic():
+                CardPayment.objects.get_or_create(
+                    stripe_payment_intent_id=payment_intent_id,
+                    defaults={
+                        "organization_id": int(organization_id),
+                        "amount_usd": ZERO_USD,  # filled from the event when it succeeds
+                        "origin": origin,
+                    },
+                )
+        except IntegrityError:
+            pass  # a concurrent creator won; the row exists
+    return (
+        CardPayment.objects.select_for_update()
+        .filter(stripe_payment_intent_id=payment_intent_id)
+        .first()
+    )
+
+
+def _ledger_entry_apply(
+    *, key: str, payment: CardPayment, stripe_object_id: str, amount_usd: Decimal, memo: str
+) -> bool:
+    """Post one Stripe movement unless its key was already applied; True if posted now."""
+    if StripeLedgerEntry.objects.filter(key=key).exists():
+        return False
+    try:
+        with transaction.atomic():
+            entry = card_money_post(
+                organization_id=payment.organization_id, to_wallet_usd=amount_usd, memo=memo
+            )
+            StripeLedgerEntry.objects.create(
+                key=key,
+                organization_id=payment.organization_id,
+                stripe_object_id=stripe_object_id,
+                amount_usd=amount_usd,
+                ledger_transaction=entry,
+            )
+    except IntegrityError:
+        return False  # a concurrent worker applied it; the savepoint undid our postings
+    return True
+
+
+def _on_payment_succeeded(intent: dict[str, Any]) -> str:
+    payment = _payment_locked(
+        payment_intent_id=intent.get("id"), metadata=intent.get("metadata") or {}
+    )
+    if payment is None:
+        return "ignored: not a payment made through this portal"
+    if intent.get("currency") != "usd":
+        return f"ignored: currency {intent.get('currency')!r} is not usd"
+    amount_usd = usd_from_cents(int(intent.get("amount_received") or intent["amount"]))
+    posted = _ledger_entry_apply(
+        key=f"{payment.stripe_payment_intent_id}:credit",
+        payment=payment,
+        stripe_object_id=payment.stripe_payment_intent_id,
+        amount_usd=amount_usd,
+        memo=f"card payment {payment.stripe_payment_intent_id}",
+    )
+    CardPayment.objects.filter(pk=payment.pk).update(
+        status=CardPayment.Status.SUCCEEDED,
+        amount_usd=amount_usd,
+        failure_message="",
+        updated_at=timezone.now(),
+    )
+    if payment.origin == CardPayment.Origin.AUTO_TOPUP:
+        BillingProfile.objects.filter(organization_id=payment.organization_id).update(
+            auto_topup_in_flight_since=None, auto_topup_failures=0
+        )
+    return f"credited {format_usd(amount_usd)} USD" if posted else "already credited"
+
+
+def _on_payment_failed(intent: dict[str, Any]) -> str:
+    payment = _payment_locked(
+        payment_intent_id=intent.get("id"), metadata=intent.get("metadata") or {}
+    )
+    if payment is None:
+        return "ignored: not a payment made through this portal"
+    message = str(
+        (intent.get("last_payment_error") or {}).get("message") or "the card was declined"
+    )
+    # A failed attempt can be followed by a successful one, never the reverse: only a pending
+    # payment becomes failed, and only that transition counts as a failure.
+    failed_now = CardPayment.objects.filter(
+        pk=payment.pk, status=CardPayment.Status.PENDING
+    ).update(
+        status=CardPayment.Status.FAILED, failure_message=message[:300], updated_at=timezone.now()
+    )
+    if not failed_now:
+        return f"already {payment.status}"
+    if payment.origin == CardPayment.Origin.AUTO_TOPUP:
+        _auto_topup_failure_record(organization_id=payment.organization_id, message=message)
+    else:
+        _payment_failed_notify(organization_id=payment.organization_id, message=message)
+    return "marked failed"
+
+
+def _refunded_so_far_usd(*, charge_id: str) -> Decimal:
+    """USD already taken back for refunds of this charge (a positive amount)."""
+    total = StripeLedgerEntry.objects.filter(
+        stripe_object_id=charge_id, key__startswith=f"{charge_id}:refund"
+    ).aggregate(total=Sum("amount_usd"))["total"]
+    return -(total or ZERO_USD)
+
+
+def _on_charge_refunded(charge: dict[str, Any]) -> str:
+    """Take back what has been refunded and not yet taken back.
+
+    `amount_refunded` is cumulative, so under the payment's row lock an older event (a smaller
+    total) takes back nothing and a redelivery collides with its own key. When the event lists
+    the refunds, each is its own entry (keyed by refund id), so the ledger is the same whatever
+    order the events came in; otherwise one entry per cumulative total.
+    """
+    payment = _payment_locked(
+        payment_intent_id=charge.get("payment_intent"), metadata=charge.get("metadata") or {}
+    )
+    if payment is None:
+        raise PaymentNotKnownYet(f"no payment for {charge.get('payment_intent')}")
+    charge_id = str(charge["id"])
+    refunded_cents = int(charge.get("amount_refunded") or 0)
+    missing_usd = usd_from_cents(refunded_cents) - _refunded_so_far_usd(charge_id=charge_id)
+    if missing_usd <= ZERO_USD:
+        return "refund already taken back"
+    listed = charge.get("refunds") or {}
+    refunds = [
+        refund
+        for refund in listed.get("data") or []
+        if refund.get("status") in {None, "succeeded", "pending"}
+    ]
+    memo = f"refund of card payment {payment.stripe_payment_intent_id}"
+    taken_usd = ZERO_USD
+    if refunds and not listed.get("has_more"):
+        for refund in sorted(refunds, key=lambda r: str(r["id"])):
+            amount_usd = min(usd_from_cents(int(refund["amount"])), missing_usd - taken_usd)
+            if amount_usd > ZERO_USD and _ledger_entry_apply(
+                key=f"{charge_id}:refund:{refund['id']}",
+                payment=payment,
+                stripe_object_id=charge_id,
+                amount_usd=-amount_usd,
+                memo=memo,
+            ):
+                taken_usd += amount_usd
+    else:
+        _ledger_entry_apply(
+            key=f"{charge_id}:refunded-to:{refunded_cents}",
+            payment=payment,
+            stripe_object_id=charge_id,
+            amount_usd=-missing_usd,
+            memo=memo,
+        )
+        taken_usd = missing_usd
+    return f"took back {format_usd(taken_usd)} USD refunded"
+
+
+def _dispute_payment(dispute: dict[str, Any]) -> CardPayment | None:
+    return _payment_locked(
+        payment_intent_id=dispute.get("payment_intent"), metadata=dispute.get("metadata") or {}
+    )
+
+
+def _dispute_withdraw(payment: CardPayment, dispute: dict[str, Any]) -> bool:
+    return _ledger_entry_apply(
+        key=f"{dispute['id']}:withdrawn",
+        payment=payment,
+        stripe_object_id=str(dispute["id"]),
+        amount_usd=-usd_from_cents(int(dispute["amount"])),
+        memo=f"dispute {dispute['id']} on card payment {payment.stripe_payment_intent_id}",
+    )
+
+
+def _on_dispute_withdrawn(dispute: dict[str, Any]) -> str:
+    """`created` and `funds_withdrawn` are the same movement: the disputed amount leaves the
+    wallet while the dispute is open (Stripe withdraws it from us at once)."""
+    payment = _dispute_payment(dispute)
+    if payment is None:
+        raise PaymentNotKnownYet(f"no payment for {dispute.get('payment_intent')}")
+    return (
+        "disputed amount taken back"
+        if _dispute_withdraw(payment, dispute)
+        else "already taken back"
+    )
+
+
+def _on_dispute_reinstated(dispute: dict[str, Any]) -> str:
+    """A won dispute gives the amount back. A reinstatement implies the withdrawal, which is
+    applied first if its event has not been processed yet (then that event changes nothing)."""
+    payment = _dispute_payment(dispute)
+    if payment is None:
+        raise PaymentNotKnownYet(f"no payment for {dispute.get('payment_intent')}")
+    _dispute_withdraw(payment, dispute)
+    posted = _ledger_entry_apply(
+        key=f"{dispute['id']}:reinstated",
+        payment=payment,
+        stripe_object_id=str(dispute["id"]),
+        amount_usd=usd_from_cents(int(dispute["amount"])),
+        memo=f"dispute {dispute['id']} won: card payment {payment.stripe_payment_intent_id}",
+    )
+    return "dispute funds reinstated" if posted else "already reinstated"
+
+
+_HANDLERS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "payment_intent.succeeded": _on_payment_succeeded,
+    "payment_intent.payment_failed": _on_payment_failed,
+    "charge.refunded": _on_charge_refunded,
+    "charge.dispute.created": _on_dispute_withdrawn,
+    "charge.dispute.funds_withdrawn": _on_dispute_withdrawn,
+    "charge.dispute.funds_reinstated": _on_dispute_reinstated,
+}
+
+
+def _owner_emails(*, organization_id: int) -> list[str]:
+    return list(
+        Membership.objects.filter(
+            organization_id=organization_id, role=Membership.Role.OWNER
+        ).values_list("user__email", flat=True)
+    )
+
+
+def _payment_failed_notify(*, organization_id: int, message: str) -> None:
+    """E-mail the owners that a payment failed, once the transaction that recorded it commits.
+
+    A stand-in until billing.alerts (statements' half of issue 5) provides the alert.
+    """
+
+    def send() -> None:
+        # Looked up at run time: billing.alerts comes with the statements work of issue 5.
+        try:
+            alert = importlib.import_module("billing.alerts").alert_payment_failed
+        except (ImportError, AttributeError):
+            alert = None
+        if alert is not None:
+            alert(organization_id=organization_id)
+            return
+        recipients = _owner_emails(organization_id=organization_id)
+        if recipients:
+            send_mail(
+                subject="Switchboard: a card payment failed",
+                message=f"A card payment for your organisation failed: {message}",
+                from_email=None,
+                recipient_list=recipients,
+            )
+
+    transaction.on_commit(send)
+
+
+# Auto top-up
+
+
+@dataclass(frozen=True, slots=True)
+class AutoTopUpTerms:
+    enabled: bool
+    threshold_usd: Decimal
+    amount_usd: Decimal
+
+
+def auto_topup_configure(*, organization: Organization, terms: AutoTopUpTerms) -> BillingProfile:
+    """Change the organisation's auto top-up; enabling it needs a saved card."""
+    if terms.enabled:
+        if terms.threshold_usd < ZERO_USD:
+            raise PaymentError("the threshold cannot be negative")
+        topup_amount_parse(str(terms.amount_usd))  # same bounds as a manual top-up
+    profile = billing_profile_get_or_create(organization_id=organization.pk)
+    if terms.enabled and not profile.auto_topup_payment_method_id:
+        raise PaymentError("save a card before turning auto top-up on")
+    BillingProfile.objects.filter(pk=profile.pk).update(
+        auto_topup_enabled=terms.enabled,
+        auto_topup_threshold_usd=terms.threshold_usd,
+        auto_topup_amount_usd=terms.amount_usd,
+        auto_topup_failures=0,
+    )
+    profile.refresh_from_db()
+    return profile
+
+
+def auto_topup_card_save(*, organization: Organization, setup_intent_id: str) -> BillingProfile:
+    """Keep the card a succeeded SetupIntent saved as the auto top-up card."""
+    customer_id = stripe_customer_ensure(organization=organization)
+    try:
+        card = stripe_api.setup_intent_saved_card(
+            setup_intent_id=setup_intent_id, customer_id=customer_id
+        )
+    except stripe_api.StripeCallFailed as error:
+        raise PaymentError(str(error)) from None
+    BillingProfile.objects.filter(organization_id=organization.pk).update(
+        auto_topup_payment_method_id=card.payment_method_id,
+        auto_topup_card_label=card.label[:100],
+    )
+    return billing_profile_get_or_create(organization_id=organization.pk)
+
+
+def _wallet_balance_subquery() -> Coalesce:
+    """The wallet's balance, zero when the organisation has no wallet yet."""
+    return Coalesce(
+        Subquery(
+            Account.objects.filter(
+                organization_id=OuterRef("organization_id"), kind=Account.Kind.WALLET
+            ).values("balance_usd")[:1]
+        ),
+        ZERO_USD,
+        output_field=usd_field(),
+    )
+
+
+def _due_profiles() -> Any:
+    stale = timezone.now() - timedelta(seconds=settings.BILLING_AUTO_TOPUP_STALE_SECONDS)
+    return (
+        BillingProfile.objects.filter(auto_topup_enabled=True, stripe_customer_id__isnull=False)
+        .exclude(auto_topup_payment_method_id="")
+        .filter(
+            Q(auto_topup_in_flight_since__isnull=True) | Q(auto_topup_in_flight_since__lt=stale)
+        )
+        .alias(balance=_wallet_balance_subquery())
+        .filter(balance__lt=F("auto_topup_threshold_usd"))
+    )
+
+
+def auto_topups_due() -> list[int]:
+    """Organisations whose wallet is below their auto top-up threshold with none in flight
+    (one indexed query; beat runs it every minute)."""
+    return list(_due_profiles().values_list("organization_id", flat=True)[:500])
+
+
+def auto_topup_charge(*, organization_id: int) -> str:
+    """Charge the saved card off-session for one auto top-up, if still due.
+
+    The conditional UPDATE that sets `auto_topup_in_flight_since` is the claim: of concurrent
+    runs for one organisation, one changes the row and the others find it in flight. The
+    claim is cleared by the payment's webhook (or by the failure here), and ignored after
+    BILLING_AUTO_TOPUP_STALE_SECONDS if no answer ever comes.
+    """
+    now = timezone.now()
+    claimed = (
+        _due_profiles()
+        .filter(organization_id=organization_id)
+        .update(auto_topup_in_flight_since=now, auto_topup_attempts=F("auto_topup_attempts") + 1)
+    )
+    if claimed != 1:
+        return "not due"
+    profile = BillingProfile.objects.get(organization_id=organization_id)
+    assert profile.stripe_customer_id is not None  # noqa: S101 - required by _due_profiles
+    try:
+        intent = stripe_api.payment_intent_create(
+            customer_id=profile.stripe_customer_id,
+            amount_cents=cents_from_usd(profile.auto_topup_amount_usd),
+            organization_id=organization_id,
+            origin=CardPayment.Origin.AUTO_TOPUP,
+            idempotency_key=f"auto-topup-{organization_id}-{profile.auto_topup_attempts}",
+            payment_method_id=profile.auto_topup_payment_method_id,
+            off_session=True,
+        )
+    except stripe_api.CardDeclined as error:
+        # Counted once, by the `payment_intent.payment_failed` event that Stripe sends for the
+        # declined intent (it also releases the claim).
+        return f"declined: {error}"
+    except stripe_api.StripeCallFailed as error:
+        with transaction.atomic():
+            _auto_topup_failure_record(organization_id=organization_id, message=str(error))
+        return f"failed: {error}"
+    CardPayment.objects.get_or_create(
+        stripe_payment_intent_id=intent.id,
+        defaults={
+            "organization_id": organization_id,
+            "amount_usd": profile.auto_topup_amount_usd,
+            "origin": CardPayment.Origin.AUTO_TOPUP,
+        },
+    )
+    return f"charged {intent.id} ({intent.status})"
+
+
+def _auto_topup_failure_record(*, organization_id: int, message: str) -> None:
+    """Count a failed auto top-up, release the claim, notify the owners and switch auto
+    top-up off after BILLING_AUTO_TOPUP_MAX_FAILURES in a row. Inside `transaction.atomic()`."""
+    BillingProfile.objects.filter(organization_id=organization_id).update(
+        auto_topup_failures=F("auto_topup_failures") + 1, auto_topup_in_flight_since=None
+    )
+    switched_off = BillingProfile.objects.filter(
+        organization_id=organization_id,
+        auto_topup_enabled=True,
+        auto_topup_failures__gte=settings.BILLING_AUTO_TOPUP_MAX_FAILURES,
+    ).update(auto_topup_enabled=False)
+    note = " Auto top-up has been switched off after repeated failures." if switched_off else ""
+    _payment_failed_notify(
+        organization_id=organization_id, message=f"auto top-up: {message}.{note}"
+    )

@@ -1,0 +1,124 @@
+"""Auto top-up against localstripe: triggered by spending below the threshold, at most one in
+flight, credited by the signed webhook, switched off after repeated declines."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
+
+import openai
+import pytest
+from django.core import mail
+from django.db import connection
+from django.test import override_settings
+
+from billing.models import BillingProfile, CardPayment
+from billing.payments import AutoTopUpTerms, PaymentError, auto_topup_charge, auto_topup_configure
+from billing.selectors import wallet_balance_usd
+from billing.tasks import start_auto_topups
+from portal.models import Organization
+from tests.billing.stripe_helpers import save_card, wait_for
+from tests.factories import make_key, make_org
+from tests.stripe_server import LocalStripe
+
+GOOD_CARD = "4242424242424242"
+DECLINED_ON_CHARGE = "4000000000000341"  # saves fine, every charge is declined
+
+
+def configure(organization: Organization, *, threshold: str, amount: str) -> None:
+    auto_topup_configure(
+        organization=organization,
+        terms=AutoTopUpTerms(
+            enabled=True, threshold_usd=Decimal(threshold), amount_usd=Decimal(amount)
+        ),
+    )
+
+
+def profile_of(organization: Organization) -> BillingProfile:
+    return BillingProfile.objects.get(organization=organization)
+
+
+def test_it_tops_up_once_when_spending_crosses_the_threshold(
+    localstripe: LocalStripe, catalog: object, gateway_url: str
+) -> None:
+    organization = make_org(credit_usd="5")
+    other = make_org(credit_usd="1")  # below its own threshold, but auto top-up is off
+    save_card(localstripe, organization, GOOD_CARD)
+    configure(organization, threshold="5", amount="20")
+    assert start_auto_topups() == 0  # 5 is not below 5
+
+    _, key = make_key(organization)
+    client = openai.OpenAI(base_url=gateway_url, api_key=key, max_retries=0)
+    client.chat.completions.create(
+        model="fake-small", messages=[{"role": "user", "content": "hi"}], max_tokens=5
+    )
+    spent_balance = wallet_balance_usd(organization_id=organization.pk)
+    assert spent_balance < Decimal(5)
+
+    assert start_auto_topups() == 1  # beat's run: charges the saved card off-session
+    assert auto_topup_charge(organization_id=organization.pk) == "not due"  # one in flight
+    wait_for(lambda: wallet_balance_usd(organization_id=organization.pk) == spent_balance + 20)
+    payment = CardPayment.objects.get(organization=organization)
+    assert (payment.origin, payment.status, payment.amount_usd) == ("auto_topup", "succeeded", 20)
+    assert profile_of(organization).auto_topup_in_flight_since is None
+    assert start_auto_topups() == 0  # above the threshold again
+    assert wallet_balance_usd(organization_id=other.pk) == Decimal(1)
+
+
+@override_settings(BILLING_AUTO_TOPUP_MAX_FAILURES=2)
+def test_it_switches_off_after_repeated_declines_and_tells_the_owner(
+    localstripe: LocalStripe,
+) -> None:
+    organization = make_org(credit_usd=None)
+    save_card(localstripe, organization, DECLINED_ON_CHARGE)
+    configure(organization, threshold="5", amount="20")
+
+    def failures() -> int:
+        return profile_of(organization).auto_topup_failures
+
+    def released() -> bool:
+        return profile_of(organization).auto_topup_in_flight_since is None
+
+    for attempt in (1, 2):
+        assert auto_topup_charge(organization_id=organization.pk).startswith("declined")
+        # Counted by the payment_failed webhook, which also releases the claim.
+        wait_for(released)
+        assert failures() == attempt
+        assert profile_of(organization).auto_topup_in_flight_since is None
+
+    assert profile_of(organization).auto_topup_enabled is False
+    assert auto_topup_charge(organization_id=organization.pk) == "not due"
+    assert len(mail.outbox) == 2
+    assert mail.outbox[0].to == [organization.membership_set.get().user.email]
+    assert "switched off" in mail.outbox[1].body
+    assert wallet_balance_usd(organization_id=organization.pk) == 0
+    assert set(CardPayment.objects.values_list("status", flat=True)) == {"failed"}
+
+
+def test_it_needs_a_saved_card_to_switch_on(localstripe: LocalStripe) -> None:
+    organization = make_org()
+    with pytest.raises(PaymentError, match="save a card"):
+        configure(organization, threshold="5", amount="20")
+
+
+def test_concurrent_runs_charge_one_top_up(localstripe: LocalStripe) -> None:
+    organization = make_org(credit_usd=None)
+    save_card(localstripe, organization, GOOD_CARD)
+    configure(organization, threshold="5", amount="20")
+
+    def charge(_: int) -> str:
+        try:
+            return auto_topup_charge(organization_id=organization.pk)
+        finally:
+            connection.close()
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        outcomes = list(pool.map(charge, range(4)))
+    assert sorted(outcome.split(" ")[0] for outcome in outcomes) == [
+        "charged",
+        "not",
+        "not",
+        "not",
+    ]
+    wait_for(lambda: wallet_balance_usd(organization_id=organization.pk) == 20)
+    assert CardPayment.objects.filter(organization=organization).count() == 1
