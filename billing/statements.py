@@ -464,7 +464,10 @@ def statement_violations() -> list[str]:
     violations = []
     for statement in Statement.objects.order_by("pk"):
         stored = statement_figures(statement=statement)
-        name = f"statement #{statement.pk} ({statement.organization_id}, {statement.period_start:%Y-%m})"
+        name = (
+            f"statement #{statement.pk} "
+            f"({statement.organization_id}, {statement.period_start:%Y-%m})"
+        )
         moved = sum((m.amount_usd for m in stored.movements), ZERO_USD)
         if stored.opening_balance_usd + moved != stored.closing_balance_usd:
             violations.append(
