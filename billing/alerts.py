@@ -17,18 +17,64 @@ import logging
 from datetime import datetime
 from decimal import Decimal
 
+from django.core.exceptions import ValidationError
 from django.core.mail import EmailMessage
+from django.core.validators import validate_email
 from django.db import transaction
 from django.db.models import DecimalField, Exists, F, OuterRef, Subquery, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from billing.models import Account, BillingAlertSettings, KeySpend, SpendCap, SpendCapAlert
-from billing.money import USD_MAX_DIGITS, USD_PLACES, format_usd
+from billing.money import (
+    USD_MAX_DIGITS,
+    USD_PLACES,
+    ZERO_USD,
+    MoneyError,
+    format_usd,
+    parse_usd,
+)
 from billing.services import spend_window_bounds
 from portal.models import ApiKey, Membership, Organization
 
 logger = logging.getLogger(__name__)
+
+
+class AlertSettingsError(ValueError):
+    """Billing alert settings that cannot be saved; the message says why."""
+
+
+def billing_alert_settings_get(*, organization_id: int) -> BillingAlertSettings:
+    """The organisation's alert settings (unsaved defaults when it has none yet)."""
+    found = BillingAlertSettings.objects.filter(organization_id=organization_id).first()
+    return found or BillingAlertSettings(organization_id=organization_id)
+
+
+def billing_alert_settings_update(
+    *, organization_id: int, billing_email: str, low_balance_threshold: str
+) -> BillingAlertSettings:
+    """Set where billing mail goes (empty: the owners) and the low-balance threshold in USD
+    (empty: the default). Changing the threshold does not re-send: the next check re-arms or
+    alerts from the balance as it is then."""
+    email = billing_email.strip()
+    if email:
+        try:
+            validate_email(email)
+        except ValidationError:
+            raise AlertSettingsError(f"not an e-mail address: {email!r}") from None
+    threshold: Decimal | None = None
+    if low_balance_threshold.strip():
+        try:
+            threshold = parse_usd(low_balance_threshold)
+        except MoneyError as exc:
+            raise AlertSettingsError(str(exc)) from None
+        if threshold < ZERO_USD:
+            raise AlertSettingsError("the threshold cannot be negative")
+    alert_settings, _ = BillingAlertSettings.objects.update_or_create(
+        organization_id=organization_id,
+        defaults={"billing_email": email, "low_balance_threshold_usd": threshold},
+    )
+    return alert_settings
 
 
 def billing_contacts(*, organization_id: int) -> list[str]:
@@ -72,7 +118,9 @@ def low_balance_alerts_check(*, default_threshold_usd: Decimal) -> int:
         ],
         ignore_conflicts=True,
     )
-    usd = DecimalField(max_digits=USD_MAX_DIGITS, decimal_places=USD_PLACES)
+    usd: DecimalField[Decimal, Decimal] = DecimalField(
+        max_digits=USD_MAX_DIGITS, decimal_places=USD_PLACES
+    )
     rows = BillingAlertSettings.objects.annotate(
         balance=Subquery(
             wallets.filter(organization_id=OuterRef("organization_id")).values("balance_usd")[:1]

@@ -6,6 +6,11 @@ urlpatterns = [
     path("", views.dashboard, name="dashboard"),
     path("statements/", statement_views.statement_list, name="statement_list"),
     path(
+        "statements/alerts",
+        statement_views.billing_alert_settings_view,
+        name="billing_alert_settings",
+    ),
+    path(
         "statements/<int:statement_id>/",
         statement_views.statement_detail,
         name="statement_detail",

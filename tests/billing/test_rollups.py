@@ -113,7 +113,7 @@ def test_the_cursor_passes_only_final_days_and_a_run_resumes_after_it(usage):
 def test_recomputing_a_day_repairs_its_rows(usage):
     usage_rollup(now=datetime(2026, 11, 29, 1, tzinfo=UTC), final_after=FINAL_AFTER)
     good = rollups()
-    row = UsageDailyRollup.objects.filter(day=date(2026, 11, 27)).first()
+    row = UsageDailyRollup.objects.filter(day=date(2026, 11, 27)).order_by("pk")[0]
     UsageDailyRollup.objects.filter(pk=row.pk).update(requests=99)
     org, _, key, _, _ = usage
     UsageDailyRollup.objects.create(

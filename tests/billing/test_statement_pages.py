@@ -8,7 +8,7 @@ from decimal import Decimal
 
 import pytest
 
-from billing.models import Statement
+from billing.models import BillingAlertSettings, Statement
 from billing.statements import statement_issue
 from portal.models import Membership, User
 from tests.billing.test_statements import OCTOBER, busy_org, make_old_org  # noqa: F401
@@ -117,3 +117,61 @@ def test_the_dashboard_links_to_the_statements(client, statement):
     client.force_login(owner_of(statement.organization))
 
     assert "/dashboard/statements/" in client.get("/dashboard/").text
+
+
+def test_an_owner_sets_the_billing_email_and_threshold(client):
+    org = make_org(name="Settings")
+    client.force_login(owner_of(org))
+
+    response = client.post(
+        "/dashboard/statements/alerts",
+        {"org": org.slug, "billing_email": "ap@example.com", "low_balance_threshold": "12.5"},
+    )
+
+    assert response.status_code == 302
+    saved = BillingAlertSettings.objects.get(organization=org)
+    assert (saved.billing_email, saved.low_balance_threshold_usd) == (
+        "ap@example.com",
+        Decimal("12.5"),
+    )
+    page = client.get(response["Location"]).text
+    assert "Billing alert settings saved." in page
+    assert 'value="12.5000000000"' in page
+
+
+@pytest.mark.parametrize(
+    ("email", "threshold", "error"),
+    [
+        ("not-an-address", "", "not an e-mail address"),
+        ("", "0.1.2", "not a decimal amount"),
+        ("", "-1", "cannot be negative"),
+    ],
+)
+def test_bad_billing_settings_are_refused_with_a_message(client, email, threshold, error):
+    org = make_org(name="Settings")
+    client.force_login(owner_of(org))
+
+    response = client.post(
+        "/dashboard/statements/alerts",
+        {"org": org.slug, "billing_email": email, "low_balance_threshold": threshold},
+        follow=True,
+    )
+
+    assert error in response.text
+    assert not BillingAlertSettings.objects.filter(organization=org).exists()
+
+
+def test_a_plain_member_cannot_change_billing_settings(client):
+    org = make_org(name="Settings")
+    member = User.objects.create_user(email="member@example.com", password=None)
+    Membership.objects.create(organization=org, user=member, role=Membership.Role.MEMBER)
+    client.force_login(member)
+
+    response = client.post(
+        "/dashboard/statements/alerts",
+        {"org": org.slug, "billing_email": "evil@example.com", "low_balance_threshold": ""},
+    )
+
+    assert response.status_code == 403
+    assert not BillingAlertSettings.objects.filter(organization=org).exists()
+    assert "Owners and admins can change them" in client.get("/dashboard/statements/").text
