@@ -25,6 +25,7 @@ from billing.statements import (
     statements_email_pending,
     statements_issue_due,
 )
+from billing.tasks import issue_monthly_statements
 from portal.models import Organization
 from portal.services import organization_create
 from tests.billing.test_ledger import metered
@@ -261,3 +262,16 @@ def test_the_owner_of_an_org_created_after_the_period_gets_no_statement_for_it()
     organization_create(name="New", owner_email="new@example.com")
 
     assert statements_issue_due(now=ISSUE_AT, grace=GRACE) == []
+
+
+def test_the_beat_task_run_twice_issues_last_months_statements_once(busy_org, mailoutbox):
+    Organization.objects.filter(pk=busy_org.pk).update(created_at=datetime(2000, 1, 1, tzinfo=UTC))
+    first = issue_monthly_statements()
+    before = snapshot()
+    second = issue_monthly_statements()
+
+    assert (first, second) == (1, 0)
+    assert snapshot() == before
+    [statement] = Statement.objects.all()
+    assert statement.email_status == Statement.EmailStatus.SENT
+    assert len(mailoutbox) == 1
