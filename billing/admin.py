@@ -8,11 +8,16 @@ from django.http import HttpRequest
 
 from billing.models import (
     Account,
+    BillingAlertSettings,
     KeySpend,
     LedgerTransaction,
     Posting,
     Reservation,
     SpendCap,
+    Statement,
+    StatementMovement,
+    StatementUsageLine,
+    UsageDailyRollup,
     UsageRecord,
 )
 
@@ -134,3 +139,70 @@ class BillingProfileAdmin(ReadOnlyAdmin):
         "auto_topup_amount_usd",
         "auto_topup_failures",
     )
+
+
+class StatementMovementInline(admin.TabularInline):
+    model = StatementMovement
+    extra = 0
+    can_delete = False
+    readonly_fields = ("position", "section", "label", "transactions", "amount_usd")
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+class StatementUsageLineInline(admin.TabularInline):
+    model = StatementUsageLine
+    extra = 0
+    can_delete = False
+    readonly_fields = (
+        "model",
+        "requests",
+        "input_tokens",
+        "output_tokens",
+        "cached_input_tokens",
+        "cost_usd",
+    )
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(Statement)
+class StatementAdmin(ReadOnlyAdmin):
+    """Issued by the monthly task from the ledger; never edited (reconcile re-checks them)."""
+
+    list_display = (
+        "organization",
+        "period_start",
+        "opening_balance_usd",
+        "closing_balance_usd",
+        "email_status",
+        "issued_at",
+    )
+    list_filter = ("period_start", "email_status")
+    search_fields = ("organization__slug",)
+    inlines = (StatementMovementInline, StatementUsageLineInline)
+
+
+@admin.register(UsageDailyRollup)
+class UsageDailyRollupAdmin(ReadOnlyAdmin):
+    list_display = ("day", "organization", "api_key", "model", "requests", "cost_usd")
+    list_filter = ("day",)
+    search_fields = ("organization__slug", "model")
+
+
+@admin.register(BillingAlertSettings)
+class BillingAlertSettingsAdmin(admin.ModelAdmin):
+    """Operators set an organisation's billing e-mail and low-balance threshold here."""
+
+    list_display = (
+        "organization",
+        "billing_email",
+        "low_balance_threshold_usd",
+        "low_balance_armed",
+        "low_balance_alerted_at",
+    )
+    search_fields = ("organization__slug", "billing_email")
+    raw_id_fields = ("organization",)
+    readonly_fields = ("low_balance_armed", "low_balance_alerted_at")

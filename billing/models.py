@@ -318,3 +318,181 @@ class StripeEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.event_id} {self.type}"
+
+
+class UsageDailyRollup(models.Model):
+    """One organisation × key × model × UTC day of usage, summed from its usage records.
+
+    Derived data, recomputed by `usage_rollup_days` (an upsert of the whole day: re-running it
+    changes nothing), never the source of a charge: the ledger is.
+    """
+
+    organization = models.ForeignKey(
+        "portal.Organization", on_delete=models.PROTECT, related_name="+"
+    )
+    api_key = models.ForeignKey("portal.ApiKey", on_delete=models.PROTECT, related_name="+")
+    model = models.CharField(max_length=200)  # the name the client asked for
+    day = models.DateField()  # UTC day of the usage records' created_at
+    requests = models.PositiveIntegerField(default=0)
+    input_tokens = models.PositiveBigIntegerField(default=0)
+    output_tokens = models.PositiveBigIntegerField(default=0)
+    cached_input_tokens = models.PositiveBigIntegerField(default=0)
+    cache_write_input_tokens = models.PositiveBigIntegerField(default=0)
+    cost_usd = usd_field(default=ZERO_USD)  # USD charged for the day's requests
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organization", "api_key", "model", "day"], name="one_rollup_per_day"
+            )
+        ]
+        indexes = [models.Index(fields=["organization", "day"])]
+
+    def __str__(self) -> str:
+        return f"{self.organization_id}/{self.api_key_id}/{self.model} {self.day}"
+
+
+class BillingCursor(models.Model):
+    """How far a periodic billing job has got, so that it resumes there after a crash.
+
+    `usage_rollup`: the last UTC day whose rollups are final. `statements`: the first day of
+    the last month for which every organisation's statement was issued.
+    """
+
+    name = models.CharField(max_length=40, unique=True)
+    through = models.DateField()
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"{self.name} through {self.through}"
+
+
+class Statement(models.Model):
+    """An organisation's monthly statement (UTC calendar month), computed from the ledger alone.
+
+    Issued once per organisation and period (unique), in one database transaction with its
+    lines, and never edited afterwards except for its e-mail status. Its totals are exact:
+    `opening_balance_usd + sum(movements) == closing_balance_usd`, and both balances equal the
+    sum of the wallet's postings before the period's start and end (`reconcile` checks it).
+
+    E-mail status, crash-safe like zulip's invoicing_status: `pending` (issued, not yet sent)
+    → `sending` (claimed by one worker with a conditional UPDATE) → `sent`. A worker that dies
+    while `sending` leaves the claim to expire, and the statement is sent again later: at
+    least once, never lost.
+    """
+
+    class EmailStatus(models.TextChoices):
+        PENDING = "pending"
+        SENDING = "sending"
+        SENT = "sent"
+
+    organization = models.ForeignKey(
+        "portal.Organization", on_delete=models.PROTECT, related_name="+"
+    )
+    period_start = models.DateField()  # first day of the month, UTC
+    period_end = models.DateField()  # first day of the next month (exclusive)
+    opening_balance_usd = usd_field()  # USD, the wallet at period_start 00:00 UTC
+    closing_balance_usd = usd_field()  # USD, the wallet at period_end 00:00 UTC
+    issued_at = models.DateTimeField(auto_now_add=True)
+    email_status = models.CharField(
+        max_length=8, choices=EmailStatus.choices, default=EmailStatus.PENDING
+    )
+    email_claimed_at = models.DateTimeField(null=True, blank=True)
+    emailed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organization", "period_start"], name="one_statement_per_org_and_month"
+            )
+        ]
+        ordering = ["-period_start"]
+
+    def __str__(self) -> str:
+        return f"{self.organization} {self.period_start:%Y-%m}"
+
+
+class StatementMovement(models.Model):
+    """One kind of money movement on a statement: its wallet postings in the period, summed."""
+
+    statement = models.ForeignKey(Statement, on_delete=models.PROTECT, related_name="movements")
+    position = models.PositiveSmallIntegerField()  # order on the statement
+    section = models.CharField(max_length=40)  # e.g. "topup", "usage" (billing.statements)
+    label = models.CharField(max_length=100)
+    transactions = models.PositiveIntegerField()  # how many ledger transactions
+    amount_usd = usd_field()  # USD, signed: added to the wallet
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["statement", "section"], name="one_movement_per_section"
+            )
+        ]
+        ordering = ["position"]
+
+    def __str__(self) -> str:
+        return f"{self.label}: {self.amount_usd}"
+
+
+class StatementUsageLine(models.Model):
+    """One model's usage on a statement."""
+
+    statement = models.ForeignKey(Statement, on_delete=models.PROTECT, related_name="usage_lines")
+    model = models.CharField(max_length=200)
+    requests = models.PositiveIntegerField()
+    input_tokens = models.PositiveBigIntegerField()
+    output_tokens = models.PositiveBigIntegerField()
+    cached_input_tokens = models.PositiveBigIntegerField()
+    cost_usd = usd_field()  # USD charged (positive)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["statement", "model"], name="one_usage_line_per_model")
+        ]
+        ordering = ["model"]
+
+    def __str__(self) -> str:
+        return f"{self.model}: {self.cost_usd}"
+
+
+class BillingAlertSettings(models.Model):
+    """Where an organisation's billing mail goes and when its low-balance alert fires.
+
+    `low_balance_armed` makes the alert fire once per crossing: it is set when the balance is
+    seen at or above the threshold and cleared (by the conditional UPDATE that sends the alert)
+    when it is seen below.
+    """
+
+    organization = models.OneToOneField(
+        "portal.Organization", on_delete=models.CASCADE, related_name="billing_alert_settings"
+    )
+    # Empty: the organisation's owners get billing mail.
+    billing_email = models.EmailField(blank=True, default="")
+    # USD; null: settings.BILLING_LOW_BALANCE_THRESHOLD_USD.
+    low_balance_threshold_usd = usd_field(null=True, blank=True)
+    low_balance_armed = models.BooleanField(default=False)
+    low_balance_alerted_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name_plural = "billing alert settings"
+
+    def __str__(self) -> str:
+        return f"billing alerts of {self.organization_id}"
+
+
+class SpendCapAlert(models.Model):
+    """A key's spend cap was reached in a window and its organisation was told: once a window."""
+
+    api_key = models.ForeignKey("portal.ApiKey", on_delete=models.PROTECT, related_name="+")
+    window_start = models.DateTimeField()
+    sent_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["api_key", "window_start"], name="one_cap_alert_per_window"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"key #{self.api_key_id} cap reached from {self.window_start:%Y-%m-%d}"

@@ -11,6 +11,7 @@ from django.utils import timezone
 
 from billing.models import Account, KeySpend, LedgerTransaction, Reservation, UsageRecord
 from billing.money import ZERO_USD
+from billing.statements import statement_violations
 
 
 def wallet_balance_usd(*, organization_id: int) -> Decimal:
@@ -40,7 +41,8 @@ def ledger_violations(*, held_longer_than: timedelta) -> list[str]:
     - each wallet's reserved amount equals its held reservations, and is not negative;
     - each key's spend window holds exactly its held reservations;
     - no reservation has been held longer than the sweeper's bound;
-    - each usage record's cost is exactly what its transaction took from the wallet.
+    - each usage record's cost is exactly what its transaction took from the wallet;
+    - each issued statement still matches the ledger (billing.statements).
     """
     violations: list[str] = []
     unbalanced = (
@@ -116,4 +118,5 @@ def ledger_violations(*, held_longer_than: timedelta) -> list[str]:
         f"usage {request_id}: cost {cost} but the wallet was charged {-taken}"
         for request_id, cost, taken in charged.values_list("request_id", "cost_usd", "taken")
     ]
+    violations += statement_violations()
     return violations

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from billing import topup_views, views
+from billing import statement_views, topup_views, views
 
 urlpatterns = [
     path("", views.dashboard, name="dashboard"),
@@ -13,4 +13,25 @@ urlpatterns = [
     ),
     path("credit/auto-topup", topup_views.auto_topup, name="auto_topup"),
     path("credit/auto-topup/card", topup_views.auto_topup_card, name="auto_topup_card"),
+    path("statements/", statement_views.statement_list, name="statement_list"),
+    path(
+        "statements/alerts",
+        statement_views.billing_alert_settings_view,
+        name="billing_alert_settings",
+    ),
+    path(
+        "statements/<int:statement_id>/",
+        statement_views.statement_detail,
+        name="statement_detail",
+    ),
+    path(
+        "statements/<int:statement_id>.csv",
+        statement_views.statement_csv_download,
+        name="statement_csv",
+    ),
+    path(
+        "statements/<int:statement_id>.pdf",
+        statement_views.statement_pdf_download,
+        name="statement_pdf",
+    ),
 ]

@@ -243,6 +243,28 @@ CELERY_BEAT_SCHEDULE = {
     "retry-stripe-events": {"task": "billing.retry_stripe_events", "schedule": 300.0},
 }
 
+# Statements, usage rollups and billing alerts (billing/statements.py, rollups.py, alerts.py).
+# A day or month is summed only this many seconds after it ends, so that requests settling
+# across midnight have committed.
+BILLING_PERIOD_GRACE_SECONDS = env_int("BILLING_PERIOD_GRACE_SECONDS", 900)
+# A statement e-mail claimed this long ago but not sent (its worker died) is sent again.
+BILLING_STATEMENT_EMAIL_RETRY_SECONDS = env_int(
+    "BILLING_STATEMENT_EMAIL_RETRY_SECONDS", 3600, minimum=60
+)
+# Low-balance alert threshold (USD) for organisations that set none of their own.
+BILLING_LOW_BALANCE_THRESHOLD_USD = env_decimal("BILLING_LOW_BALANCE_THRESHOLD_USD", "5")
+# A key's spend-cap alert fires when its window's spend reaches this percentage of the cap.
+BILLING_SPEND_CAP_ALERT_PERCENT = env_int("BILLING_SPEND_CAP_ALERT_PERCENT", 100, minimum=1)
+BILLING_ALERTS_CHECK_SECONDS = env_int("BILLING_ALERTS_CHECK_SECONDS", 60, minimum=10)
+CELERY_BEAT_SCHEDULE |= {
+    "roll-up-usage": {"task": "billing.roll_up_usage", "schedule": 600.0},
+    "issue-monthly-statements": {"task": "billing.issue_monthly_statements", "schedule": 3600.0},
+    "check-billing-alerts": {
+        "task": "billing.check_billing_alerts",
+        "schedule": float(BILLING_ALERTS_CHECK_SECONDS),
+    },
+}
+
 # A reservation still held after this many seconds belongs to a dead process and is swept.
 # It must exceed the longest request; a request that outlives it is still charged in full
 # when it settles (only its hold was released early).

@@ -9,7 +9,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('billing', '0007_cache_write_tokens'),
+        ('billing', '0008_usage_time_to_first_token'),
         ('portal', '0002_key_limits'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
