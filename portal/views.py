@@ -131,6 +131,8 @@ def organization_switch(request: HttpRequest) -> HttpResponse:
 @require_GET
 def organization(request: HttpRequest) -> HttpResponse:
     """The current organisation's members and invitations, with what the caller may do."""
+    if not memberships_of_user(user=request_user(request)).exists():
+        return HttpResponseRedirect(reverse("dashboard"))  # it explains how to get one
     membership = current_membership(request)
     require(membership, Action.MEMBER_VIEW)
     return render(

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import time
 import uuid
 
@@ -165,7 +168,9 @@ def test_with_totp_turned_on_logging_in_needs_the_code(client, settings):
     )
     client.post("/accounts/reauthenticate/", {"password": PASSWORD})
 
-    assert client.get("/accounts/2fa/totp/activate/").status_code == 200
+    activate_page = client.get("/accounts/2fa/totp/activate/")
+    assert activate_page.status_code == 200
+    assert "portal/site.css" in activate_page.content.decode()  # in the site's layout
     secret = client.session["mfa.totp.secret"]
     activated = client.post("/accounts/2fa/totp/activate/", {"code": _totp_now(secret)})
     assert activated.status_code == 302
@@ -192,3 +197,24 @@ def test_without_totp_the_password_is_enough(client):
     response = client.post("/accounts/login/", {"login": email, "password": PASSWORD})
 
     assert response["Location"] == "/dashboard/"
+
+
+@pytest.mark.parametrize(
+    ("email_host", "backend"),
+    [
+        ("", "django.core.mail.backends.console.EmailBackend"),
+        ("smtp.example.com", "django.core.mail.backends.smtp.EmailBackend"),
+    ],
+)
+def test_e_mail_goes_to_the_console_unless_an_smtp_host_is_configured(email_host, backend):
+    # The settings module is read in a fresh interpreter, as at start-up.
+    env = {**os.environ, "EMAIL_HOST": email_host}
+    out = subprocess.run(
+        [sys.executable, "-c", "import portal.settings as s; print(s.EMAIL_BACKEND)"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+
+    assert out == backend

@@ -8,6 +8,7 @@ import openai
 import pytest
 from django.test import Client
 from django.utils import timezone
+from openai.types.chat import ChatCompletion
 
 from billing.models import SpendCap
 from portal import api_keys
@@ -67,7 +68,7 @@ def test_revoking_twice_keeps_the_first_revocation_time():
 # --- The key page: limits, IP allowlist, rotation, spend (through the real gateway) ----------
 
 
-def _chat(gateway_url: str, secret: str) -> object:
+def _chat(gateway_url: str, secret: str) -> ChatCompletion:
     return openai.OpenAI(
         base_url=gateway_url, api_key=secret, max_retries=0
     ).chat.completions.create(
@@ -130,7 +131,7 @@ def test_a_key_used_from_outside_its_allowlist_gets_403_in_openais_shape(
 
     assert caught.value.status_code == 403
     assert caught.value.code == "ip_not_allowed"
-    assert caught.value.body["type"] == "permission_error"
+    assert caught.value.type == "permission_error"
     assert fake_provider.calls == []
 
 
