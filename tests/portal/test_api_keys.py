@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import ipaddress
 import time
 from datetime import timedelta
 from decimal import Decimal
@@ -11,6 +12,7 @@ from django.utils import timezone
 from openai.types.chat import ChatCompletion
 
 from billing.models import SpendCap
+from gateway.auth import Caller
 from portal import api_keys
 from portal.models import ApiKey, Membership
 from portal.services import OrganizationError, api_key_create, api_key_revoke, api_key_rotate
@@ -230,3 +232,24 @@ def test_a_revoked_key_cannot_be_rotated():
     with pytest.raises(OrganizationError):
         api_key_rotate(api_key=old, overlap=timedelta(hours=1))
     assert not ApiKey.objects.filter(rotated_from=old).exists()
+
+
+@pytest.mark.parametrize(
+    ("allowlist", "host", "allowed"),
+    [
+        ([], None, True),  # no allowlist: any client
+        (["203.0.113.0/24"], "203.0.113.9", True),
+        (["203.0.113.0/24"], "203.0.114.1", False),
+        (["203.0.113.7/32"], "::ffff:203.0.113.7", True),  # IPv4 seen through an IPv6 socket
+        (["2001:db8::/32"], "2001:db8:1::5", True),
+        (["2001:db8::/32"], "2001:db9::1", False),
+        (["203.0.113.0/24"], None, False),  # no address in the scope: refused, not guessed
+        (["203.0.113.0/24"], "not-an-address", False),
+    ],
+)
+def test_the_gateway_matches_the_client_address_against_the_allowlist(allowlist, host, allowed):
+    networks = tuple(ipaddress.ip_network(n) for n in allowlist)
+
+    assert Caller(api_key_id=1, organization_id=1, ip_networks=networks).may_connect_from(host) is (
+        allowed
+    )

@@ -16,7 +16,7 @@ from django.test import Client
 
 from billing.models import SpendCap
 from portal.models import ApiKey, Invitation, Membership, Organization, User
-from portal.permissions import Action, can
+from portal.permissions import ROLES_ALLOWED, Action, can
 from portal.services import api_key_create, invitation_create
 from tests.factories import make_org
 
@@ -227,8 +227,9 @@ def test_role_matrix(world, action, role):
         assert snapshot() == before, f"{role} was refused {action} but something changed"
 
 
-def test_every_action_has_a_row_in_the_rules():
-    # A new Action without roles would raise KeyError in can(): the matrix above must grow too.
+def test_every_action_has_its_roles_and_an_outsider_may_do_none():
+    # A new Action without roles would raise KeyError in can(); add it to MATRIX above too.
+    assert set(ROLES_ALLOWED) == set(Action)
     for action in Action:
         assert can(None, action) is False
 
