@@ -82,7 +82,7 @@ def bearer_token(authorization: str) -> str:
     return token.strip() if scheme.lower() == "bearer" else ""
 
 
-def client_host(request: Any) -> str | None:
+def client_host_of(request: Any) -> str | None:
     """The client's address from the ASGI scope (behind a proxy, run uvicorn with
     --proxy-headers and --forwarded-allow-ips so the scope holds the real client)."""
     client = getattr(request, "scope", {}).get("client")

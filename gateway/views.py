@@ -30,7 +30,7 @@ from billing.services import (
     reservation_void,
     usage_settle,
 )
-from gateway.auth import Caller, authenticate, bearer_token, client_host
+from gateway.auth import Caller, authenticate, bearer_token, client_host_of
 from gateway.errors import (
     GatewayError,
     MethodNotAllowed,
@@ -99,7 +99,7 @@ def _openai_endpoint(method: str | None) -> Callable[[_View], _View]:
 async def _caller(request: HttpRequest) -> Caller:
     """Step 1 of every endpoint: the key in the Authorization header."""
     return await authenticate(
-        bearer_token(request.headers.get("Authorization", "")), client_host=client_host(request)
+        bearer_token(request.headers.get("Authorization", "")), client_host=client_host_of(request)
     )
 
 
