@@ -55,6 +55,7 @@ class ApiKeyLimitsForm(forms.Form):
     )
     ip_allowlist = forms.CharField(
         required=False,
+        label="IP allowlist",
         widget=forms.Textarea(attrs={"rows": 2}),
         help_text="One address or CIDR network per line (e.g. 203.0.113.0/24); empty for any.",
     )
