@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from decimal import Decimal
 
 from django.db.models import Count, F, Q, Sum
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from billing.models import Account, KeySpend, LedgerTransaction, Reservation, UsageRecord
+from billing.models import (
+    Account,
+    KeySpend,
+    LedgerTransaction,
+    Reservation,
+    SpendCap,
+    UsageRecord,
+)
 from billing.money import ZERO_USD
 from billing.statements import statement_violations
 
@@ -120,3 +128,26 @@ def ledger_violations(*, held_longer_than: timedelta) -> list[str]:
     ]
     violations += statement_violations()
     return violations
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeySpend:
+    """What one API key has spent: in total, and in its spend cap's current window."""
+
+    total_usd: Decimal
+    window_spent_usd: Decimal | None  # None: the key has no cap
+    window_start: datetime | None
+
+
+def api_key_spend(*, api_key_id: int) -> ApiKeySpend:
+    """A key's spend so far, for its page (billing owns the usage, so the page is billing's)."""
+    total = UsageRecord.objects.filter(api_key_id=api_key_id).aggregate(
+        total=Coalesce(Sum("cost_usd"), ZERO_USD)
+    )["total"]
+    window = KeySpend.objects.filter(api_key_id=api_key_id).order_by("-window_start").first()
+    has_cap = SpendCap.objects.filter(api_key_id=api_key_id).exists()
+    return ApiKeySpend(
+        total_usd=total,
+        window_spent_usd=(window.spent_usd if window else ZERO_USD) if has_cap else None,
+        window_start=window.window_start if window and has_cap else None,
+    )

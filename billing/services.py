@@ -603,3 +603,28 @@ def card_money_post(
         memo=memo,
         legs=[(wallet, to_wallet_usd), (_system_account(Account.Kind.PAYMENTS), -to_wallet_usd)],
     )
+
+
+def spend_cap_set(
+    *, api_key: ApiKey, amount_usd: Decimal | None, window: SpendCap.Window
+) -> SpendCap | None:
+    """Set (or, with no amount, remove) a key's spend cap. The window's spend so far is kept:
+    changing the amount or the window applies to what the key already spent in it."""
+    if amount_usd is None:
+        SpendCap.objects.filter(api_key=api_key).delete()
+        return None
+    if amount_usd < ZERO_USD:
+        raise BillingError("a spend cap cannot be negative")
+    cap, _ = SpendCap.objects.update_or_create(
+        api_key=api_key, defaults={"amount_usd": amount_usd, "window": window}
+    )
+    return cap
+
+
+def spend_cap_copy(*, from_key: ApiKey, to_key: ApiKey) -> None:
+    """Give a rotated key's replacement the same spend cap (its spend starts afresh)."""
+    cap = SpendCap.objects.filter(api_key=from_key).first()
+    if cap is not None:
+        SpendCap.objects.update_or_create(
+            api_key=to_key, defaults={"amount_usd": cap.amount_usd, "window": cap.window}
+        )

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from billing import statement_views, topup_views, views
+from billing import key_pages, statement_views, topup_views, views
 
 urlpatterns = [
     path("", views.dashboard, name="dashboard"),
@@ -35,3 +35,6 @@ urlpatterns = [
         name="statement_pdf",
     ),
 ]
+
+# One API key's page (it shows money: its spend and cap); mounted under /dashboard/.
+urlpatterns += [path("keys/<int:api_key_id>/", key_pages.api_key_detail, name="api_key")]

@@ -8,16 +8,18 @@ retrying a bad key does not cost a query per attempt.
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from django.conf import settings
 from django.utils import timezone
 
 from billing.models import SpendCap
 from billing.services import CapTerms
-from gateway.errors import InvalidApiKey
+from gateway.errors import AddressNotAllowed, InvalidApiKey
 from gateway.limits import NO_LIMITS, RateLimits
 from portal import api_keys
 from portal.models import ApiKey
@@ -31,9 +33,22 @@ class Caller:
     allowed_models: frozenset[str] = frozenset()  # empty: every model
     expires_at: datetime | None = None
     spend_cap: CapTerms | None = None
+    ip_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # empty: any
 
     def may_use(self, model: str) -> bool:
         return not self.allowed_models or model in self.allowed_models
+
+    def may_connect_from(self, host: str | None) -> bool:
+        """True when the key has no IP allowlist or the client address is inside it."""
+        if not self.ip_networks:
+            return True
+        try:
+            address = ipaddress.ip_address(host or "")
+        except ValueError:
+            return False  # no address (or a unix socket): refuse rather than guess
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.ip_networks)
 
 
 def _caller_from(key: ApiKey) -> Caller:
@@ -53,6 +68,7 @@ def _caller_from(key: ApiKey) -> Caller:
             if cap is not None
             else None
         ),
+        ip_networks=tuple(ipaddress.ip_network(c, strict=False) for c in key.ip_allowlist or ()),
     )
 
 
@@ -66,8 +82,16 @@ def bearer_token(authorization: str) -> str:
     return token.strip() if scheme.lower() == "bearer" else ""
 
 
-async def authenticate(raw_key: str) -> Caller:
-    """The caller behind an API key; InvalidApiKey for a malformed, unknown or revoked key."""
+def client_host_of(request: Any) -> str | None:
+    """The client's address from the ASGI scope (behind a proxy, run uvicorn with
+    --proxy-headers and --forwarded-allow-ips so the scope holds the real client)."""
+    client = getattr(request, "scope", {}).get("client")
+    return str(client[0]) if client else None
+
+
+async def authenticate(raw_key: str, *, client_host: str | None = None) -> Caller:
+    """The caller behind an API key; InvalidApiKey for a malformed, unknown or revoked key,
+    AddressNotAllowed when the key has an IP allowlist and `client_host` is outside it."""
     if not raw_key:
         raise InvalidApiKey("Missing API key: send it as 'Authorization: Bearer <key>'.")
     if not api_keys.is_well_formed(raw_key):
@@ -87,6 +111,8 @@ async def authenticate(raw_key: str) -> Caller:
         raise InvalidApiKey("Invalid API key, or the key has been revoked.")
     if caller.expires_at is not None and caller.expires_at <= timezone.now():
         raise InvalidApiKey("This API key has expired.")
+    if not caller.may_connect_from(client_host):
+        raise AddressNotAllowed("This API key may not be used from your IP address.")
     return caller
 
 

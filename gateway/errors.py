@@ -56,6 +56,12 @@ class ModelNotAllowed(GatewayError):
     code = "model_not_allowed"
 
 
+class AddressNotAllowed(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "ip_not_allowed"
+
+
 class RateLimited(GatewayError):
     status = 429
     type = "rate_limit_error"

@@ -12,7 +12,7 @@ import time
 from django.http import HttpRequest
 from django.http.response import HttpResponseBase
 
-from gateway.auth import authenticate, bearer_token
+from gateway.auth import authenticate, bearer_token, client_host_of
 from gateway.errors import anthropic_error_response
 from gateway.messages import message_events, message_from_openai, request_to_openai
 from gateway.requests import chat_request, read_json_body
@@ -33,7 +33,7 @@ async def messages(request: HttpRequest, request_id: str) -> HttpResponseBase:
     """POST /v1/messages, answered with a `message` or, with `"stream": true`, its events."""
     started = time.monotonic()
     # 1. Key
-    caller = await authenticate(_api_key(request))
+    caller = await authenticate(_api_key(request), client_host=client_host_of(request))
     # 2. Request, translated to the chat pipeline's
     model_name, body = chat_request(request_to_openai(read_json_body(request)))
     return await serve_chat(

@@ -31,7 +31,7 @@ from billing.services import (
     usage_settle,
 )
 from gateway import capacity, metrics
-from gateway.auth import Caller, authenticate, bearer_token
+from gateway.auth import Caller, authenticate, bearer_token, client_host_of
 from gateway.errors import (
     GatewayError,
     MethodNotAllowed,
@@ -119,7 +119,9 @@ def _openai_endpoint(
 
 async def _caller(request: HttpRequest) -> Caller:
     """Step 1 of every endpoint: the key in the Authorization header."""
-    return await authenticate(bearer_token(request.headers.get("Authorization", "")))
+    return await authenticate(
+        bearer_token(request.headers.get("Authorization", "")), client_host=client_host_of(request)
+    )
 
 
 @_openai_endpoint("GET")

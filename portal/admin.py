@@ -3,7 +3,7 @@ from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from portal.models import ApiKey, Membership, Organization, User
+from portal.models import ApiKey, Invitation, Membership, Organization, User
 from portal.services import api_key_revoke
 
 
@@ -42,9 +42,28 @@ class ApiKeyAdmin(admin.ModelAdmin):
     list_display = ("prefix", "name", "organization", "created_at", "last_used_at", "revoked_at")
     list_filter = ("revoked_at",)
     search_fields = ("prefix", "name", "organization__slug")
-    readonly_fields = ("prefix", "hashed_key", "created_by", "created_at", "last_used_at")
+    readonly_fields = (
+        "prefix",
+        "hashed_key",
+        "created_by",
+        "created_at",
+        "last_used_at",
+        "rotated_from",
+    )
     fieldsets = (
-        (None, {"fields": ("organization", "name", "prefix", "hashed_key", "created_by")}),
+        (
+            None,
+            {
+                "fields": (
+                    "organization",
+                    "name",
+                    "prefix",
+                    "hashed_key",
+                    "created_by",
+                    "rotated_from",
+                )
+            },
+        ),
         ("Use", {"fields": ("created_at", "last_used_at", "revoked_at")}),
         (
             "Limits (empty: none; the spend cap is under Billing › Spend caps)",
@@ -55,6 +74,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
                     "requests_per_minute",
                     "tokens_per_minute",
                     "max_concurrent_requests",
+                    "ip_allowlist",
                 )
             },
         ),
@@ -70,3 +90,16 @@ class ApiKeyAdmin(admin.ModelAdmin):
         for api_key in queryset:
             api_key_revoke(api_key=api_key)
         self.message_user(request, f"Revoked {queryset.count()} key(s).")
+
+
+@admin.register(Invitation)
+class InvitationAdmin(admin.ModelAdmin):
+    """Invitations are sent from the organisation page (the token is only in the e-mail)."""
+
+    list_display = ("email", "organization", "role", "state", "created_at", "expires_at")
+    list_filter = ("state", "role")
+    search_fields = ("email", "organization__slug")
+    readonly_fields = ("hashed_token", "invited_by", "created_at", "answered_at")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False

@@ -73,7 +73,11 @@ class Membership(models.Model):
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(fields=["organization", "user"], name="one_membership_per_org")
+            models.UniqueConstraint(fields=["organization", "user"], name="one_membership_per_org"),
+            # portal.services keeps exactly one owner; this catches a path that forgets to.
+            models.UniqueConstraint(
+                fields=["organization"], condition=models.Q(role="owner"), name="one_owner_per_org"
+            ),
         ]
 
     def __str__(self) -> str:
@@ -110,6 +114,15 @@ class ApiKey(models.Model):
     requests_per_minute = models.PositiveIntegerField(null=True, blank=True)
     tokens_per_minute = models.PositiveIntegerField(null=True, blank=True)
     max_concurrent_requests = models.PositiveIntegerField(null=True, blank=True)
+    # Client networks allowed to use the key, as CIDR strings ("203.0.113.0/24", "2001:db8::/32",
+    # a bare address is a /32 or /128); empty: any address. The gateway checks it (gateway/auth.py).
+    ip_allowlist = models.JSONField(
+        default=list, blank=True, help_text="CIDR networks allowed to use this key; empty for any."
+    )
+    # Set on the new key when it was made by rotating another (the old one then expires).
+    rotated_from = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
 
     class Meta:
         verbose_name = "API key"
@@ -120,3 +133,46 @@ class ApiKey(models.Model):
     @property
     def is_revoked(self) -> bool:
         return self.revoked_at is not None
+
+
+class Invitation(models.Model):
+    """An invitation to join an organisation with a role, sent to an e-mail address.
+
+    Only the SHA-256 of the token in the accept link is stored. An invitation is answered once:
+    it moves from pending to accepted, declined or revoked and never back; past `expires_at` a
+    pending one can no longer be accepted.
+    """
+
+    class State(models.TextChoices):
+        PENDING = "pending"
+        ACCEPTED = "accepted"
+        DECLINED = "declined"
+        REVOKED = "revoked"
+
+    organization = models.ForeignKey(
+        Organization, on_delete=models.CASCADE, related_name="invitations"
+    )
+    email = models.EmailField()
+    role = models.CharField(
+        max_length=10, choices=Membership.Role.choices, default=Membership.Role.MEMBER
+    )
+    hashed_token = models.CharField(max_length=64, unique=True)
+    invited_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField()
+    state = models.CharField(max_length=10, choices=State.choices, default=State.PENDING)
+    answered_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organization", "email"],
+                condition=models.Q(state="pending"),
+                name="one_pending_invitation_per_address",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.email} to {self.organization} ({self.role}, {self.state})"

@@ -7,9 +7,12 @@ by id alone.
 
 from __future__ import annotations
 
-from django.db.models import QuerySet
+import hashlib
 
-from portal.models import ApiKey, Membership, Organization, User
+from django.db.models import Case, QuerySet, When
+
+from portal.models import ApiKey, Invitation, Membership, Organization, User
+from portal.permissions import Action, can
 
 
 class OrganizationNotFound(Exception):
@@ -17,6 +20,14 @@ class OrganizationNotFound(Exception):
 
 
 class ApiKeyNotFound(Exception):
+    pass
+
+
+class MembershipNotFound(Exception):
+    pass
+
+
+class InvitationNotFound(Exception):
     pass
 
 
@@ -52,7 +63,7 @@ def membership_get(*, user: User, organization_slug: str | None = None) -> Membe
 
 def membership_manages_all_keys(*, membership: Membership) -> bool:
     """Owners and admins manage every key of the organisation; members only their own."""
-    return membership.role in {Membership.Role.OWNER, Membership.Role.ADMIN}
+    return can(membership, Action.KEY_VIEW_ALL)
 
 
 def api_keys_manageable(*, membership: Membership) -> QuerySet[ApiKey]:
@@ -69,3 +80,53 @@ def api_key_get_manageable(*, membership: Membership, api_key_id: int) -> ApiKey
         return api_keys_manageable(membership=membership).get(pk=api_key_id)
     except ApiKey.DoesNotExist:
         raise ApiKeyNotFound(f"no API key #{api_key_id} here") from None
+
+
+def members_of(*, membership: Membership) -> QuerySet[Membership]:
+    """Everyone in the caller's organisation: the owner first, then by joining date."""
+    return (
+        Membership.objects.filter(organization_id=membership.organization_id)
+        .select_related("user")
+        .order_by(
+            Case(
+                When(role=Membership.Role.OWNER, then=0),
+                When(role=Membership.Role.ADMIN, then=1),
+                default=2,
+            ),
+            "created_at",
+            "pk",
+        )
+    )
+
+
+def member_get(*, membership: Membership, member_id: int) -> Membership:
+    """A membership of the caller's organisation by id; MembershipNotFound for any other."""
+    try:
+        return Membership.objects.select_related("user").get(
+            organization_id=membership.organization_id, pk=member_id
+        )
+    except Membership.DoesNotExist:
+        raise MembershipNotFound(f"no member #{member_id} here") from None
+
+
+def invitations_pending(*, membership: Membership) -> QuerySet[Invitation]:
+    return Invitation.objects.filter(
+        organization_id=membership.organization_id, state=Invitation.State.PENDING
+    ).order_by("-created_at", "-pk")
+
+
+def invitation_get(*, membership: Membership, invitation_id: int) -> Invitation:
+    """An invitation of the caller's organisation by id; InvitationNotFound for any other."""
+    try:
+        return Invitation.objects.get(organization_id=membership.organization_id, pk=invitation_id)
+    except Invitation.DoesNotExist:
+        raise InvitationNotFound(f"no invitation #{invitation_id} here") from None
+
+
+def invitation_by_token(*, token: str) -> Invitation:
+    """The invitation an accept link points to (whatever its state); InvitationNotFound."""
+    hashed = hashlib.sha256(token.encode()).hexdigest()
+    try:
+        return Invitation.objects.select_related("organization").get(hashed_token=hashed)
+    except Invitation.DoesNotExist:
+        raise InvitationNotFound("no such invitation") from None

@@ -77,6 +77,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "allauth",
     "allauth.account",
+    "allauth.mfa",
     "portal",
     "billing",
     "gateway",
@@ -109,6 +110,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "portal.context_processors.organization_switcher",
             ],
         },
     },
@@ -192,6 +194,11 @@ ACCOUNT_RATE_LIMITS = {
     # Per client address, and per e-mail address tried (slows guessing one account's password).
     "login_failed": "10/m/ip,5/5m/key",
 }
+# Optional two-factor authentication (allauth.mfa): a user turns TOTP on under /accounts/2fa/;
+# recovery codes come with it. Logging in then asks for the code after the password.
+MFA_SUPPORTED_TYPES = ["totp", "recovery_codes"]
+MFA_TOTP_ISSUER = env_str("MFA_TOTP_ISSUER", "Switchboard")
+
 LOGIN_URL = "account_login"
 LOGIN_REDIRECT_URL = "dashboard"
 ACCOUNT_LOGOUT_REDIRECT_URL = "home"
@@ -352,6 +359,11 @@ REST_FRAMEWORK = {
 LOG_FORMAT = env_str("LOG_FORMAT", "text")
 if LOG_FORMAT not in {"text", "json"}:
     raise ImproperlyConfigured(f"LOG_FORMAT must be text or json, got {LOG_FORMAT!r}")
+# Organisations: how long an invitation's accept link stays valid, in days.
+INVITATION_VALID_DAYS = env_int("INVITATION_VALID_DAYS", 7, minimum=1)
+# The longest overlap a key rotation may give the old key, in hours.
+API_KEY_MAX_ROTATION_OVERLAP_HOURS = env_int("API_KEY_MAX_ROTATION_OVERLAP_HOURS", 720, minimum=1)
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

@@ -13,6 +13,33 @@ urlpatterns = [
         "dashboard/keys/<int:api_key_id>/revoke", views.api_key_revoke_view, name="api_key_revoke"
     ),
     path("stripe/", include("billing.webhook_urls")),
+    path(
+        "dashboard/keys/<int:api_key_id>/rename", views.api_key_rename_view, name="api_key_rename"
+    ),
+    path(
+        "dashboard/keys/<int:api_key_id>/rotate", views.api_key_rotate_view, name="api_key_rotate"
+    ),
+    # Organisations, members and invitations (the current organisation: ?org= or the session).
+    path("dashboard/orgs/", views.organizations, name="organizations"),
+    path("dashboard/orgs/switch", views.organization_switch, name="organization_switch"),
+    path("dashboard/org/", views.organization, name="organization"),
+    path("dashboard/org/leave", views.organization_leave, name="organization_leave"),
+    path("dashboard/org/invite", views.member_invite, name="member_invite"),
+    path(
+        "dashboard/org/invitations/<int:invitation_id>/revoke",
+        views.invitation_revoke,
+        name="invitation_revoke",
+    ),
+    path(
+        "dashboard/org/members/<int:member_id>/role", views.member_change_role, name="member_role"
+    ),
+    path("dashboard/org/members/<int:member_id>/remove", views.member_remove, name="member_remove"),
+    path(
+        "dashboard/org/members/<int:member_id>/transfer",
+        views.ownership_transfer,
+        name="ownership_transfer",
+    ),
+    path("invitations/<str:token>/", views.invitation_answer, name="invitation_answer"),
     path("admin/", admin.site.urls),
     path("v1/", include("gateway.urls")),
     path("healthz", health.healthz, name="healthz"),

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+import time
 import uuid
 
 import pytest
 from allauth.account.models import EmailAddress
+from allauth.mfa.models import Authenticator
+from allauth.mfa.totp.internal import auth as totp_auth
 
 from portal.models import Membership, User
 from tests.factories import make_org
@@ -141,3 +147,74 @@ def test_it_locks_an_address_out_after_five_failed_logins(client):
 
     assert not response.wsgi_request.user.is_authenticated
     assert "Too many failed login attempts" in response.content.decode()
+
+
+def _totp_now(secret: str) -> str:
+    """The current code, computed with allauth's own RFC 6238 implementation."""
+    counter = int(time.time()) // 30
+    return totp_auth.format_hotp_value(totp_auth.hotp_value(secret, counter))
+
+
+@pytest.mark.django_db
+def test_with_totp_turned_on_logging_in_needs_the_code(client, settings):
+    # One period either side, so a period boundary between computing and checking cannot flake.
+    settings.MFA_TOTP_TOLERANCE = 1
+    email = f"frank-{uuid.uuid4().hex[:8]}@example.com"
+    user = _make_verified_user(email)
+    client.post("/accounts/login/", {"login": email, "password": PASSWORD})
+    # Turning two-factor on is sensitive: allauth asks for the password again first.
+    assert client.get("/accounts/2fa/totp/activate/")["Location"].startswith(
+        "/accounts/reauthenticate/"
+    )
+    client.post("/accounts/reauthenticate/", {"password": PASSWORD})
+
+    activate_page = client.get("/accounts/2fa/totp/activate/")
+    assert activate_page.status_code == 200
+    assert "portal/site.css" in activate_page.content.decode()  # in the site's layout
+    secret = client.session["mfa.totp.secret"]
+    activated = client.post("/accounts/2fa/totp/activate/", {"code": _totp_now(secret)})
+    assert activated.status_code == 302
+    assert Authenticator.objects.filter(user=user, type=Authenticator.Type.TOTP).exists()
+    client.post("/accounts/logout/")
+
+    response = client.post("/accounts/login/", {"login": email, "password": PASSWORD})
+
+    assert response["Location"] == "/accounts/2fa/authenticate/"
+    assert client.get("/dashboard/").status_code == 302  # the password alone is not enough
+    wrong = client.post("/accounts/2fa/authenticate/", {"code": "000000"})
+    assert wrong.status_code == 200
+    assert not wrong.wsgi_request.user.is_authenticated
+    right = client.post("/accounts/2fa/authenticate/", {"code": _totp_now(secret)})
+    assert right.status_code == 302
+    assert client.get("/dashboard/").status_code == 200
+
+
+@pytest.mark.django_db
+def test_without_totp_the_password_is_enough(client):
+    email = f"gina-{uuid.uuid4().hex[:8]}@example.com"
+    _make_verified_user(email)
+
+    response = client.post("/accounts/login/", {"login": email, "password": PASSWORD})
+
+    assert response["Location"] == "/dashboard/"
+
+
+@pytest.mark.parametrize(
+    ("email_host", "backend"),
+    [
+        ("", "django.core.mail.backends.console.EmailBackend"),
+        ("smtp.example.com", "django.core.mail.backends.smtp.EmailBackend"),
+    ],
+)
+def test_e_mail_goes_to_the_console_unless_an_smtp_host_is_configured(email_host, backend):
+    # The settings module is read in a fresh interpreter, as at start-up.
+    env = {**os.environ, "EMAIL_HOST": email_host}
+    out = subprocess.run(
+        [sys.executable, "-c", "import portal.settings as s; print(s.EMAIL_BACKEND)"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+
+    assert out == backend

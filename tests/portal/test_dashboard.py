@@ -234,3 +234,17 @@ def test_a_user_without_an_organisation_is_told_so(client, team):
     assert response.status_code == 200
     assert "No organisation yet" in response.content.decode()
     assert client.get("/dashboard/?org=someone-else").status_code == 404
+
+
+def test_each_key_links_to_its_page_where_a_member_sees_but_cannot_set_limits(team):
+    key, _ = api_key_create(organization=team.organization, name="mine", created_by=team.bob)
+    client = _client(team.bob)
+
+    dashboard = client.get("/dashboard/").content.decode()
+    page = client.get(f"/dashboard/keys/{key.pk}/")
+
+    assert f'href="/dashboard/keys/{key.pk}/?org={team.organization.slug}"' in dashboard
+    assert page.status_code == 200
+    assert page.context["can_manage"] and not page.context["can_edit_limits"]
+    assert "Save limits" not in page.content.decode()
+    assert "Rotate key" in page.content.decode()
