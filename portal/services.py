@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from django.db import transaction
 from django.utils import timezone
 from django.utils.text import slugify
@@ -77,3 +79,47 @@ def api_key_revoke(*, api_key: ApiKey) -> None:
     """Revoke a key. Gateways stop accepting it within GATEWAY_KEY_CACHE_SECONDS."""
     ApiKey.objects.filter(pk=api_key.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
     api_key.refresh_from_db(fields=["revoked_at"])
+
+
+def api_key_update(
+    *,
+    api_key: ApiKey,
+    name: str,
+    expires_at: datetime | None,
+    allowed_models: list[str],
+    requests_per_minute: int | None,
+    tokens_per_minute: int | None,
+    max_concurrent_requests: int | None,
+) -> ApiKey:
+    """Set a key's name and limits (None or [] for unlimited). Gateways pick the change up
+    within GATEWAY_KEY_CACHE_SECONDS. A revoked key cannot be changed."""
+    name = name.strip()
+    if not name:
+        raise OrganizationError("an API key needs a name")
+    if api_key.is_revoked:
+        raise OrganizationError("a revoked key cannot be changed")
+    for label, value in (
+        ("requests per minute", requests_per_minute),
+        ("tokens per minute", tokens_per_minute),
+        ("concurrent requests", max_concurrent_requests),
+    ):
+        if value is not None and value < 1:
+            raise OrganizationError(f"{label} must be at least 1 (or empty for unlimited)")
+    models_allowed = sorted({model.strip() for model in allowed_models if model.strip()})
+    api_key.name = name
+    api_key.expires_at = expires_at
+    api_key.allowed_models = models_allowed
+    api_key.requests_per_minute = requests_per_minute
+    api_key.tokens_per_minute = tokens_per_minute
+    api_key.max_concurrent_requests = max_concurrent_requests
+    api_key.save(
+        update_fields=[
+            "name",
+            "expires_at",
+            "allowed_models",
+            "requests_per_minute",
+            "tokens_per_minute",
+            "max_concurrent_requests",
+        ]
+    )
+    return api_key

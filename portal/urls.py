@@ -12,5 +12,8 @@ urlpatterns = [
         "dashboard/keys/<int:api_key_id>/revoke", views.api_key_revoke_view, name="api_key_revoke"
     ),
     path("admin/", admin.site.urls),
+    path("api/v1/", include("portal.api_urls")),
+    path("api/v1/", include("billing.api_urls")),
+    path("catalog/", include("gateway.pages")),
     path("v1/", include("gateway.urls")),
 ]
