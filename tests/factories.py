@@ -38,12 +38,16 @@ def make_usage(
     output_tokens: int = 500,
     status: str = "ok",
     at: datetime | None = None,
+    request_id: str | None = None,
 ) -> UsageRecord:
-    """A settled request charged through the real service (prices: $0.50 / $1.50 per 1M);
-    `at` back-dates it (created_at is set by the database, so it is moved afterwards)."""
+    """A settled request charged through the real service (prices: $0.50 / $1.50 per 1M).
+
+    `at` back-dates it (created_at is set by the database, so it is moved afterwards);
+    `request_id` settles a reservation made with that id.
+    """
     record = usage_settle(
         metered=MeteredRequest(
-            request_id=f"req-{uuid.uuid4().hex}",
+            request_id=request_id or f"req-{uuid.uuid4().hex}",
             api_key_id=api_key.pk,
             organization_id=api_key.organization_id,
             model=model,
