@@ -25,7 +25,18 @@
       columns.push(data.x.map(function () { return 0; }));
     }
     var width = Math.max(280, el.clientWidth || 600);
-    new uPlot({ width: width, height: 260, series: series, scales: { x: { time: true } } }, columns, el);
+    var yAxis = {
+      size: 70,
+      // Small amounts (fractions of a cent) would all round to "0" with the default labels.
+      values: function (u, ticks) {
+        return ticks.map(function (v) { return v === 0 ? "0" : Number(v.toPrecision(3)).toString(); });
+      },
+    };
+    new uPlot(
+      { width: width, height: 260, series: series, scales: { x: { time: true } }, axes: [{}, yAxis] },
+      columns,
+      el
+    );
     el.dataset.drawn = "true";
   }
 
