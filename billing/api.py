@@ -63,9 +63,9 @@ def visible_keys(membership: Membership) -> QuerySet[ApiKey] | None:
 
 
 def _valid_query(request: Request) -> UsageQueryForm:
-    form = usage_query(request.query_params)  # type: ignore[arg-type]
+    form = usage_query(request.query_params)
     if not form.is_valid():
-        raise ValidationError(form.errors)
+        raise ValidationError(form.errors.get_json_data())
     return form
 
 
@@ -326,7 +326,7 @@ class CallingKey(APIView):
         return Response(CallingKeySerializer(data).data)
 
 
-class ApiKeyScheme(OpenApiAuthenticationExtension):  # type: ignore[no-untyped-call]
+class ApiKeyScheme(OpenApiAuthenticationExtension):
     """Describes API-key authentication (`GET /api/v1/key`) in the OpenAPI schema."""
 
     target_class = "billing.api.ApiKeyAuthentication"

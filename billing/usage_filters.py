@@ -68,9 +68,9 @@ def chart_range(form: UsageQueryForm, period: Period) -> tuple[datetime, datetim
 
 def period_of(form: UsageQueryForm) -> Period:
     value = form.cleaned_data.get("period") or "day"
-    return value  # type: ignore[no-any-return]
+    return next(period for period in PERIODS if period == value)
 
 
 def group_by_of(form: UsageQueryForm) -> GroupBy:
     value = form.cleaned_data.get("group_by") or "model"
-    return value  # type: ignore[no-any-return]
+    return next(group for group in GROUPS if group == value)

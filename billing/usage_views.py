@@ -205,7 +205,8 @@ def usage_log_csv(request: HttpRequest) -> HttpResponse | StreamingHttpResponse:
     membership, form, records = _filtered(request)
     if not form.is_valid():
         return HttpResponse(
-            "Invalid filter: " + "; ".join(f"{k}: {' '.join(v)}" for k, v in form.errors.items()),
+            "Invalid filter: "
+            + "; ".join(f"{k}: {' '.join(str(e) for e in v)}" for k, v in form.errors.items()),
             status=400,
             content_type="text/plain; charset=utf-8",
         )

@@ -36,14 +36,14 @@ def require(membership: Membership, action: Action) -> None:
         raise PermissionDenied(f"Your role ({membership.role}) does not allow this.")
 
 
-class OrganizationSerializer(serializers.Serializer[Membership]):
+class OrganizationSerializer(serializers.Serializer[Any]):
     slug = serializers.CharField(source="organization.slug")
     name = serializers.CharField(source="organization.name")
     created_at = serializers.DateTimeField(source="organization.created_at")
     role = serializers.CharField(help_text="The caller's role in this organisation.")
 
 
-class MemberSerializer(serializers.Serializer[Membership]):
+class MemberSerializer(serializers.Serializer[Any]):
     email = serializers.EmailField(source="user.email")
     name = serializers.CharField(source="user.name")
     role = serializers.CharField()

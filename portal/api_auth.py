@@ -79,7 +79,7 @@ def is_token_call(request: Request) -> bool:
     return isinstance(request.auth, TokenAuth)
 
 
-class ManagementTokenScheme(OpenApiAuthenticationExtension):  # type: ignore[no-untyped-call]
+class ManagementTokenScheme(OpenApiAuthenticationExtension):
     """Describes management tokens in the OpenAPI schema."""
 
     target_class = "portal.api_auth.ManagementTokenAuthentication"

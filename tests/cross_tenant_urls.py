@@ -4,7 +4,7 @@ from django.http import HttpResponse
 from django.urls import include, path
 
 
-def _view(request, thing_id):  # type: ignore[no-untyped-def]
+def _view(request, thing_id):
     return HttpResponse()
 
 

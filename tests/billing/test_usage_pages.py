@@ -23,6 +23,11 @@ def browser(user) -> Client:
     return client
 
 
+def csv_rows(response) -> list[dict[str, str]]:
+    body = b"".join(response.streaming_content).decode()
+    return list(csv.DictReader(io.StringIO(body)))
+
+
 @pytest.fixture
 def team(db) -> Team:
     return make_team()
@@ -121,7 +126,7 @@ def test_the_csv_export_streams_every_matching_request(team, usage, monkeypatch)
     assert response.streaming
     assert response["Content-Type"] == "text/csv"
     assert "attachment" in response["Content-Disposition"]
-    rows = list(csv.DictReader(io.StringIO(b"".join(response.streaming_content).decode())))
+    rows = csv_rows(response)
     assert [r["request_id"] for r in rows] == [usage["b1"].request_id, usage["a1"].request_id]
     assert rows[0]["cost_usd"] == "0.0012500000"
     assert rows[0]["status"] == "interrupted"
@@ -131,7 +136,7 @@ def test_the_csv_export_streams_every_matching_request(team, usage, monkeypatch)
 def test_a_members_csv_holds_only_their_keys(team, usage):
     response = browser(team.bob).get("/dashboard/usage/log.csv")
 
-    rows = list(csv.DictReader(io.StringIO(b"".join(response.streaming_content).decode())))
+    rows = csv_rows(response)
     assert [r["request_id"] for r in rows] == [usage["b1"].request_id]
 
 
