@@ -3,7 +3,8 @@ from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from portal.models import ApiKey, Membership, Organization, User
+from portal.management_tokens import management_token_revoke
+from portal.models import ApiKey, ManagementToken, Membership, Organization, User
 from portal.services import api_key_revoke
 
 
@@ -70,3 +71,42 @@ class ApiKeyAdmin(admin.ModelAdmin):
         for api_key in queryset:
             api_key_revoke(api_key=api_key)
         self.message_user(request, f"Revoked {queryset.count()} key(s).")
+
+
+@admin.register(ManagementToken)
+class ManagementTokenAdmin(admin.ModelAdmin):
+    """Tokens are created on the dashboard (Management tokens) or through the API, where the
+    secret is shown once; here operators see and revoke them."""
+
+    list_display = (
+        "prefix",
+        "name",
+        "organization",
+        "role",
+        "created_by",
+        "last_used_at",
+        "revoked_at",
+    )
+    list_filter = ("role", "revoked_at")
+    search_fields = ("prefix", "name", "organization__slug", "created_by__email")
+    readonly_fields = (
+        "organization",
+        "name",
+        "prefix",
+        "hashed_token",
+        "role",
+        "created_by",
+        "created_at",
+        "last_used_at",
+        "revoked_at",
+    )
+    actions = ("revoke_tokens",)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    @admin.action(description="Revoke selected tokens")
+    def revoke_tokens(self, request: HttpRequest, queryset: QuerySet[ManagementToken]) -> None:
+        for token in queryset:
+            management_token_revoke(token=token)
+        self.message_user(request, f"Revoked {queryset.count()} token(s).")

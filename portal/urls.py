@@ -1,7 +1,7 @@
 from django.contrib import admin
 from django.urls import include, path
 
-from portal import views
+from portal import token_views, views
 
 urlpatterns = [
     path("", views.home, name="home"),
@@ -10,6 +10,12 @@ urlpatterns = [
     path("dashboard/keys/create", views.api_key_create_view, name="api_key_create"),
     path(
         "dashboard/keys/<int:api_key_id>/revoke", views.api_key_revoke_view, name="api_key_revoke"
+    ),
+    path("dashboard/tokens", token_views.management_tokens_page, name="management_tokens"),
+    path(
+        "dashboard/tokens/<int:token_id>/revoke",
+        token_views.management_token_revoke_view,
+        name="management_token_revoke",
     ),
     path("admin/", admin.site.urls),
     path("api/v1/", include("portal.api_urls")),

@@ -40,6 +40,7 @@ class World:
 OBJECTS: dict[str, Callable[[World], dict[str, Any]]] = {
     # pages
     "api_key_revoke": lambda w: {"api_key_id": w.key.pk},
+    "management_token_revoke": lambda w: {"token_id": w.token.pk},
     # management API
     "api_v1_organization": lambda w: {"organization": w.acme.slug},
     "api_v1_members": lambda w: {"organization": w.acme.slug},
@@ -63,7 +64,7 @@ EXEMPT = {
 }
 
 # Pages that name their organisation in the query string (`?org=<slug>`), not the path.
-QUERY_SCOPED = ["dashboard", "usage", "usage_log", "usage_log_csv"]
+QUERY_SCOPED = ["dashboard", "usage", "usage_log", "usage_log_csv", "management_tokens"]
 
 METHODS = ("get", "post", "put", "patch", "delete")
 
