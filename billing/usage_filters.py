@@ -3,7 +3,7 @@ shared by the usage pages, the CSV export and the management API so they filter 
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 
 from django import forms
 from django.http import QueryDict
@@ -20,8 +20,13 @@ DEFAULT_SPAN = {
 }
 
 
+# Bounds that keep every range computable (and a day-by-day chart drawable).
+EARLIEST, LATEST = date(2000, 1, 1), date(2999, 12, 31)
+MAX_SPAN_DAYS = 3660
+
+
 class UsageQueryForm(forms.Form):
-    key = forms.IntegerField(required=False, min_value=1, label="API key")
+    key = forms.IntegerField(required=False, min_value=1, max_value=2**63 - 1, label="API key")
     model = forms.CharField(required=False, max_length=200)
     status = forms.ChoiceField(required=False, choices=[("", "any"), *UsageRecord.Status.choices])
     since = forms.DateField(required=False, help_text="From this day (UTC), inclusive.")
@@ -32,8 +37,13 @@ class UsageQueryForm(forms.Form):
     def clean(self) -> dict[str, object]:
         data = super().clean() or {}
         since, until = data.get("since"), data.get("until")
+        for day in (since, until):
+            if day and not EARLIEST <= day <= LATEST:
+                raise forms.ValidationError(f"Dates must be from {EARLIEST} to {LATEST}.")
         if since and until and since > until:
             raise forms.ValidationError("'since' must not be after 'until'.")
+        if since and until and (until - since).days > MAX_SPAN_DAYS:
+            raise forms.ValidationError(f"At most {MAX_SPAN_DAYS} days at a time.")
         return data
 
 
