@@ -26,14 +26,18 @@
     }
     var width = Math.max(280, el.clientWidth || 600);
     var yAxis = {
-      size: 70,
+      size: 84,
       // Small amounts (fractions of a cent) would all round to "0" with the default labels.
       values: function (u, ticks) {
         return ticks.map(function (v) { return v === 0 ? "0" : Number(v.toPrecision(3)).toString(); });
       },
     };
     new uPlot(
-      { width: width, height: 260, series: series, scales: { x: { time: true } }, axes: [{}, yAxis] },
+      {
+        width: width, height: 260, series: series, scales: { x: { time: true } }, axes: [{}, yAxis],
+        // Periods are UTC days, weeks and months: label them in UTC, not the browser's zone.
+        tzDate: function (ts) { return uPlot.tzDate(new Date(ts * 1e3), "Etc/UTC"); },
+      },
       columns,
       el
     );
