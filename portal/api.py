@@ -13,6 +13,7 @@ from typing import Any
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.exceptions import NotFound, PermissionDenied, ValidationError
+from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -272,3 +273,13 @@ class ManagementTokenRevoke(APIView):
             raise NotFound("No such management token.")
         management_token_revoke(token=token)
         return Response(ManagementTokenSerializer(token).data)
+
+
+class UnknownEndpoint(APIView):
+    """Any other path under /api/v1/: DRF's 404, in JSON like the rest of the API."""
+
+    permission_classes = [AllowAny]
+
+    def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        super().initial(request, *args, **kwargs)
+        raise NotFound("No such endpoint.")

@@ -1,7 +1,7 @@
 from django.contrib import admin
-from django.urls import include, path
+from django.urls import include, path, re_path
 
-from portal import token_views, views
+from portal import api, token_views, views
 
 urlpatterns = [
     path("", views.home, name="home"),
@@ -20,6 +20,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/v1/", include("portal.api_urls")),
     path("api/v1/", include("billing.api_urls")),
+    re_path(r"^api/", api.UnknownEndpoint.as_view()),
     path("catalog/", include("gateway.pages")),
     path("v1/", include("gateway.urls")),
 ]

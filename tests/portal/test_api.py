@@ -342,3 +342,13 @@ def test_the_docs_page_serves_its_assets_from_the_app(client):
     page = response.content.decode()
     assert "/static/drf_spectacular_sidecar/swagger-ui-dist/swagger-ui-bundle.js" in page
     assert "cdn" not in page.lower()
+
+
+def test_an_unknown_api_path_is_a_json_404(client, team):
+    for response in (
+        client.get("/api/v1/nothing-here"),
+        as_user(team.bob).post("/api/v1/organizations/x/nothing/"),
+        client.get("/api/v2/organizations/"),
+    ):
+        assert response.status_code == 404
+        assert response.json() == {"detail": "No such endpoint."}
