@@ -30,6 +30,17 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
+def management_token_refusal(*, membership: Membership, role: str) -> str | None:
+    """Why this member may not create a token with this role, or None when they may."""
+    if role not in Membership.Role.values:
+        return f"unknown role {role!r}"
+    if not role_allows(membership.role, Action.MANAGE_TOKENS):
+        return "only owners and admins create management tokens"
+    if role_at_most(role, membership.role) != role:
+        return "a token cannot have a role above its creator's"
+    return None
+
+
 def management_token_create(
     *, membership: Membership, name: str, role: str
 ) -> tuple[ManagementToken, str]:
@@ -40,12 +51,9 @@ def management_token_create(
     name = name.strip()
     if not name:
         raise OrganizationError("a management token needs a name")
-    if role not in Membership.Role.values:
-        raise OrganizationError(f"unknown role {role!r}")
-    if not role_allows(membership.role, Action.MANAGE_TOKENS):
-        raise OrganizationError("only owners and admins create management tokens")
-    if role_at_most(role, membership.role) != role:
-        raise OrganizationError("a token cannot have a role above its creator's")
+    refusal = management_token_refusal(membership=membership, role=role)
+    if refusal:
+        raise OrganizationError(refusal)
     secret = TOKEN_PREFIX + "".join(secrets.choice(_BASE62) for _ in range(BODY_LENGTH))
     token = ManagementToken.objects.create(
         organization_id=membership.organization_id,

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from django.test import Client
 
-from portal.models import ManagementToken
+from portal.management_tokens import hash_token
+from portal.models import ManagementToken, User
 
 
 def browser(user) -> Client:
@@ -65,3 +68,50 @@ def test_revoking_from_the_page_stops_the_token(team):
     assert token.revoked_at is not None
     script = Client(HTTP_AUTHORIZATION=f"Bearer {secret}")
     assert script.get("/api/v1/organizations/").status_code == 401
+
+
+def test_an_operator_creates_a_token_in_the_admin_shown_once(team):
+    operator = User.objects.create_superuser(email="ops@example.com", password="x")
+    client = browser(operator)
+
+    response = client.post(
+        "/admin/portal/managementtoken/add/",
+        {
+            "organization": team.acme.pk,
+            "created_by": team.adam.pk,
+            "name": "ops-made",
+            "role": "admin",
+        },
+        follow=True,
+    )
+
+    assert response.status_code == 200
+    token = ManagementToken.objects.get()
+    assert (token.name, token.role, token.created_by) == ("ops-made", "admin", team.adam)
+    secret = re.search(r"sbm_[0-9A-Za-z]{40}", response.content.decode()).group(0)
+    assert token.hashed_token == hash_token(secret)
+    assert (
+        secret
+        not in client.get(f"/admin/portal/managementtoken/{token.pk}/change/").content.decode()
+    )
+
+
+@pytest.mark.parametrize(
+    ("creator", "role"), [("bob", "member"), ("adam", "owner"), ("charlie", "member")]
+)
+def test_the_admin_refuses_a_token_its_creator_could_not_make(team, creator, role):
+    operator = User.objects.create_superuser(email="ops@example.com", password="x")
+
+    response = browser(operator).post(
+        "/admin/portal/managementtoken/add/",
+        {
+            "organization": team.acme.pk,
+            "created_by": getattr(team, creator).pk,
+            "name": "x",
+            "role": role,
+        },
+    )
+
+    assert response.status_code == 200  # the form again, with the reason
+    assert response.context["adminform"].form.errors
+    assert not ManagementToken.objects.exists()
