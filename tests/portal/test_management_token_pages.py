@@ -88,7 +88,9 @@ def test_an_operator_creates_a_token_in_the_admin_shown_once(team):
     assert response.status_code == 200
     token = ManagementToken.objects.get()
     assert (token.name, token.role, token.created_by) == ("ops-made", "admin", team.adam)
-    secret = re.search(r"sbm_[0-9A-Za-z]{40}", response.content.decode()).group(0)
+    shown = re.search(r"sbm_[0-9A-Za-z]{40}", response.content.decode())
+    assert shown, "the secret is in the message"
+    secret = shown.group(0)
     assert token.hashed_token == hash_token(secret)
     assert (
         secret
