@@ -1,6 +1,6 @@
 from django.urls import path
 
-from billing import key_pages, statement_views, topup_views, views
+from billing import key_pages, statement_views, topup_views, usage_views, views
 
 urlpatterns = [
     path("", views.dashboard, name="dashboard"),
@@ -34,6 +34,9 @@ urlpatterns = [
         statement_views.statement_pdf_download,
         name="statement_pdf",
     ),
+    path("usage/", usage_views.usage_page, name="usage"),
+    path("usage/log", usage_views.usage_log_page, name="usage_log"),
+    path("usage/log.csv", usage_views.usage_log_csv, name="usage_log_csv"),
 ]
 
 # One API key's page (it shows money: its spend and cap); mounted under /dashboard/.

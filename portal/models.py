@@ -176,3 +176,32 @@ class Invitation(models.Model):
 
     def __str__(self) -> str:
         return f"{self.email} to {self.organization} ({self.role}, {self.state})"
+
+
+class ManagementToken(models.Model):
+    """A secret that lets a script call the management API (`/api/v1/`) for one organisation.
+
+    Not an API key: it cannot call `/v1/*`, and an API key cannot call the management API. The
+    token (`sbm_` + random characters) is shown once; only its SHA-256 is kept. It acts with
+    `role`, never more than its creator's current role in the organisation: a token whose
+    creator has left stops working.
+    """
+
+    organization = models.ForeignKey(
+        Organization, on_delete=models.CASCADE, related_name="management_tokens"
+    )
+    name = models.CharField(max_length=100)
+    prefix = models.CharField(max_length=16, help_text="The token's first characters.")
+    hashed_token = models.CharField(max_length=64, unique=True)
+    role = models.CharField(
+        max_length=10, choices=Membership.Role.choices, default=Membership.Role.MEMBER
+    )
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"

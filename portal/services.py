@@ -312,7 +312,17 @@ def api_key_limits_update(
     ip_allowlist: list[str],
 ) -> ApiKey:
     """Set a key's limits (None or empty: unlimited). Gateways see them within
-    GATEWAY_KEY_CACHE_SECONDS. The spend cap is billing's (billing.services)."""
+    GATEWAY_KEY_CACHE_SECONDS. The spend cap is billing's (billing.services). A revoked key
+    cannot be changed."""
+    if api_key.is_revoked:
+        raise OrganizationError("a revoked key cannot be changed")
+    for label, value in (
+        ("requests per minute", requests_per_minute),
+        ("tokens per minute", tokens_per_minute),
+        ("concurrent requests", max_concurrent_requests),
+    ):
+        if value is not None and value < 1:
+            raise OrganizationError(f"{label} must be at least 1 (or empty for unlimited)")
     api_key.expires_at = expires_at
     api_key.allowed_models = sorted({m.strip() for m in allowed_models if m.strip()})
     api_key.requests_per_minute = requests_per_minute
@@ -330,6 +340,31 @@ def api_key_limits_update(
         ]
     )
     return api_key
+
+
+def api_key_update(
+    *,
+    api_key: ApiKey,
+    name: str,
+    expires_at: datetime | None,
+    allowed_models: list[str],
+    requests_per_minute: int | None,
+    tokens_per_minute: int | None,
+    max_concurrent_requests: int | None,
+) -> ApiKey:
+    """Rename a key and set its limits at once (the management API's PATCH); the IP
+    allowlist is kept."""
+    with transaction.atomic():
+        api_key_rename(api_key=api_key, name=name)
+        return api_key_limits_update(
+            api_key=api_key,
+            expires_at=expires_at,
+            allowed_models=allowed_models,
+            requests_per_minute=requests_per_minute,
+            tokens_per_minute=tokens_per_minute,
+            max_concurrent_requests=max_concurrent_requests,
+            ip_allowlist=api_key.ip_allowlist,
+        )
 
 
 def api_key_rotate(*, api_key: ApiKey, overlap: timedelta) -> tuple[ApiKey, str]:

@@ -1,8 +1,8 @@
 from django.contrib import admin
-from django.urls import include, path
+from django.urls import include, path, re_path
 from django.utils.module_loading import import_string
 
-from portal import health, views
+from portal import api, health, token_views, views
 
 urlpatterns = [
     path("", views.home, name="home"),
@@ -40,7 +40,17 @@ urlpatterns = [
         name="ownership_transfer",
     ),
     path("invitations/<str:token>/", views.invitation_answer, name="invitation_answer"),
+    path("dashboard/tokens", token_views.management_tokens_page, name="management_tokens"),
+    path(
+        "dashboard/tokens/<int:token_id>/revoke",
+        token_views.management_token_revoke_view,
+        name="management_token_revoke",
+    ),
     path("admin/", admin.site.urls),
+    path("api/v1/", include("portal.api_urls")),
+    path("api/v1/", include("billing.api_urls")),
+    re_path(r"^api/", api.UnknownEndpoint.as_view()),
+    path("catalog/", include("gateway.pages")),
     path("v1/", include("gateway.urls")),
     path("healthz", health.healthz, name="healthz"),
     path("readyz", health.readyz, name="readyz"),

@@ -1,0 +1,86 @@
+"""The one reading of a usage query (`?key=&model=&status=&since=&until=&period=&group_by=`),
+shared by the usage pages, the CSV export and the management API so they filter alike."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, time, timedelta
+
+from django import forms
+from django.http import QueryDict
+from django.utils import timezone
+
+from billing.models import UsageRecord
+from billing.usage import GROUPS, PERIODS, GroupBy, Period, UsageFilter
+
+# How far back a chart looks when no `since` is given.
+DEFAULT_SPAN = {
+    "day": timedelta(days=30),
+    "week": timedelta(weeks=12),
+    "month": timedelta(days=365),
+}
+
+
+# Bounds that keep every range computable (and a day-by-day chart drawable).
+EARLIEST, LATEST = date(2000, 1, 1), date(2999, 12, 31)
+MAX_SPAN_DAYS = 3660
+
+
+class UsageQueryForm(forms.Form):
+    key = forms.IntegerField(required=False, min_value=1, max_value=2**63 - 1, label="API key")
+    model = forms.CharField(required=False, max_length=200)
+    status = forms.ChoiceField(required=False, choices=[("", "any"), *UsageRecord.Status.choices])
+    since = forms.DateField(required=False, help_text="From this day (UTC), inclusive.")
+    until = forms.DateField(required=False, help_text="To this day (UTC), inclusive.")
+    period = forms.ChoiceField(required=False, choices=[(p, p) for p in PERIODS])
+    group_by = forms.ChoiceField(required=False, choices=[(g, g) for g in GROUPS])
+
+    def clean(self) -> dict[str, object]:
+        data = super().clean() or {}
+        since, until = data.get("since"), data.get("until")
+        for day in (since, until):
+            if day and not EARLIEST <= day <= LATEST:
+                raise forms.ValidationError(f"Dates must be from {EARLIEST} to {LATEST}.")
+        if since and until and since > until:
+            raise forms.ValidationError("'since' must not be after 'until'.")
+        if since and until and (until - since).days > MAX_SPAN_DAYS:
+            raise forms.ValidationError(f"At most {MAX_SPAN_DAYS} days at a time.")
+        return data
+
+
+def _day_start(day: object) -> datetime:
+    return datetime.combine(day, time.min, tzinfo=UTC)  # type: ignore[arg-type]
+
+
+def usage_query(params: QueryDict) -> UsageQueryForm:
+    """The bound form; check `is_valid()` and answer its errors."""
+    return UsageQueryForm(params)
+
+
+def usage_filter(form: UsageQueryForm) -> UsageFilter:
+    """The filter of a valid form (`until` becomes the start of the next day: exclusive)."""
+    data = form.cleaned_data
+    return UsageFilter(
+        api_key_id=data.get("key"),
+        model=data.get("model") or "",
+        status=data.get("status") or "",
+        since=_day_start(data["since"]) if data.get("since") else None,
+        until=_day_start(data["until"]) + timedelta(days=1) if data.get("until") else None,
+    )
+
+
+def chart_range(form: UsageQueryForm, period: Period) -> tuple[datetime, datetime]:
+    """The span a chart shows: the form's dates, or the default span up to today."""
+    chosen = usage_filter(form)
+    until = chosen.until or _day_start(timezone.now().astimezone(UTC).date()) + timedelta(days=1)
+    since = chosen.since or until - DEFAULT_SPAN[period]
+    return since, until
+
+
+def period_of(form: UsageQueryForm) -> Period:
+    value = form.cleaned_data.get("period") or "day"
+    return next(period for period in PERIODS if period == value)
+
+
+def group_by_of(form: UsageQueryForm) -> GroupBy:
+    value = form.cleaned_data.get("group_by") or "model"
+    return next(group for group in GROUPS if group == value)
