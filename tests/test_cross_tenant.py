@@ -14,16 +14,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import date
+from decimal import Decimal
 from typing import Any
 
 import pytest
 from django.test import Client
 from django.urls import URLPattern, URLResolver, get_resolver, reverse
 
-from billing.models import Account, LedgerTransaction, UsageRecord
+from billing.models import Account, CardPayment, LedgerTransaction, Statement, UsageRecord
+from billing.statements import statement_issue
 from portal.management_tokens import management_token_create
-from portal.models import ApiKey, ManagementToken, Membership, Organization
-from portal.services import api_key_create
+from portal.models import ApiKey, Invitation, ManagementToken, Membership, Organization, User
+from portal.services import api_key_create, invitation_create
 from tests.factories import make_org, make_usage
 
 
@@ -34,12 +37,27 @@ class World:
     key: ApiKey  # Acme's
     token: ManagementToken  # Acme's
     charlie_token: str  # a management token of Rival (Charlie is its owner)
+    bob: Membership  # a plain member of Acme
+    invitation: Invitation  # Acme's, pending
+    statement: Statement  # Acme's
+    payment: CardPayment  # Acme's
 
 
 # Route name -> the URL parameters of an object of Acme's.
 OBJECTS: dict[str, Callable[[World], dict[str, Any]]] = {
     # pages
     "api_key_revoke": lambda w: {"api_key_id": w.key.pk},
+    "api_key": lambda w: {"api_key_id": w.key.pk},
+    "api_key_rename": lambda w: {"api_key_id": w.key.pk},
+    "api_key_rotate": lambda w: {"api_key_id": w.key.pk},
+    "invitation_revoke": lambda w: {"invitation_id": w.invitation.pk},
+    "member_role": lambda w: {"member_id": w.bob.pk},
+    "member_remove": lambda w: {"member_id": w.bob.pk},
+    "ownership_transfer": lambda w: {"member_id": w.bob.pk},
+    "statement_detail": lambda w: {"statement_id": w.statement.pk},
+    "statement_csv": lambda w: {"statement_id": w.statement.pk},
+    "statement_pdf": lambda w: {"statement_id": w.statement.pk},
+    "add_credit_status": lambda w: {"payment_intent_id": w.payment.stripe_payment_intent_id},
     "management_token_revoke": lambda w: {"token_id": w.token.pk},
     # management API
     "api_v1_organization": lambda w: {"organization": w.acme.slug},
@@ -61,6 +79,8 @@ EXEMPT = {
     "v1/": "the gateway: served by gateway/asgi.py, authenticated by an API key, whose "
     "only parameters are model names from the shared catalog",
     "static/": "static files",
+    "invitations/": "an invitation's answer page: keyed by the one-time secret e-mailed to the "
+    "invitee, and only the invited e-mail address may answer",
 }
 
 # Pages that name their organisation in the query string (`?org=<slug>`), not the path.
@@ -140,7 +160,36 @@ def world(db) -> World:
     token, _ = management_token_create(membership=alice, name="acme-token", role="owner")
     charlie = Membership.objects.get(organization=rival)
     _, charlie_token = management_token_create(membership=charlie, name="c", role="owner")
-    return World(acme=acme, rival=rival, key=key, token=token, charlie_token=charlie_token)
+    bob = Membership.objects.create(
+        organization=acme,
+        user=User.objects.create_user("bob@acme.example"),
+        role=Membership.Role.MEMBER,
+    )
+    invitation, _ = invitation_create(
+        organization=acme,
+        email="dave@example.com",
+        role=Membership.Role.MEMBER,
+        invited_by=alice.user,
+        site_url="http://testserver",
+    )
+    statement = statement_issue(organization_id=acme.pk, period_start=date(2026, 10, 1))
+    payment = CardPayment.objects.create(
+        stripe_payment_intent_id="pi_acme",
+        organization=acme,
+        amount_usd=Decimal("10"),
+        origin=CardPayment.Origin.DASHBOARD,
+    )
+    return World(
+        acme=acme,
+        rival=rival,
+        key=key,
+        token=token,
+        charlie_token=charlie_token,
+        bob=bob,
+        invitation=invitation,
+        statement=statement,
+        payment=payment,
+    )
 
 
 def snapshot() -> dict[str, object]:
@@ -166,6 +215,9 @@ def snapshot() -> dict[str, object]:
         "balances": sorted(Account.objects.values_list("pk", "balance_usd", "reserved_usd")),
         "transactions": LedgerTransaction.objects.count(),
         "usage": UsageRecord.objects.count(),
+        "invitations": sorted(Invitation.objects.values_list("pk", "state")),
+        "statements": Statement.objects.count(),
+        "payments": sorted(CardPayment.objects.values_list("pk", "status")),
     }
 
 
