@@ -7,7 +7,6 @@ key names the movement itself, so redelivered, concurrent or out-of-order events
 
 from __future__ import annotations
 
-import importlib
 import logging
 import uuid
 from collections.abc import Callable
@@ -17,13 +16,13 @@ from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
-from django.core.mail import send_mail
 from django.db import IntegrityError, transaction
 from django.db.models import F, OuterRef, Q, Subquery, Sum
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from billing import stripe_api
+from billing.alerts import alert_payment_failed
 from billing.models import Account, BillingProfile, CardPayment, StripeEvent, StripeLedgerEntry
 from billing.money import (
     ZERO_USD,
@@ -333,9 +332,13 @@ def _on_payment_failed(intent: dict[str, Any]) -> str:
     if not failed_now:
         return f"already {payment.status}"
     if payment.origin == CardPayment.Origin.AUTO_TOPUP:
-        _auto_topup_failure_record(organization_id=payment.organization_id, message=message)
+        _auto_topup_failure_record(
+            organization_id=payment.organization_id, amount_usd=payment.amount_usd, message=message
+        )
     else:
-        _payment_failed_notify(organization_id=payment.organization_id, message=message)
+        _payment_failed_notify(
+            organization_id=payment.organization_id, amount_usd=payment.amount_usd, reason=message
+        )
     return "marked failed"
 
 
@@ -452,39 +455,23 @@ _HANDLERS: dict[str, Callable[[dict[str, Any]], str]] = {
 }
 
 
-def _owner_emails(*, organization_id: int) -> list[str]:
-    return list(
-        Membership.objects.filter(
-            organization_id=organization_id, role=Membership.Role.OWNER
-        ).values_list("user__email", flat=True)
+def _payment_failed_notify(
+    *,
+    organization_id: int,
+    amount_usd: Decimal,
+    reason: str,
+    auto_topup_disabled: bool = False,
+) -> None:
+    """E-mail the billing contacts that a payment failed, once the transaction that recorded
+    it commits (billing.alerts writes the message)."""
+    transaction.on_commit(
+        lambda: alert_payment_failed(
+            organization_id=organization_id,
+            amount_usd=amount_usd,
+            reason=reason,
+            auto_topup_disabled=auto_topup_disabled,
+        )
     )
-
-
-def _payment_failed_notify(*, organization_id: int, message: str) -> None:
-    """E-mail the owners that a payment failed, once the transaction that recorded it commits.
-
-    A stand-in until billing.alerts (statements' half of issue 5) provides the alert.
-    """
-
-    def send() -> None:
-        # Looked up at run time: billing.alerts comes with the statements work of issue 5.
-        try:
-            alert = importlib.import_module("billing.alerts").alert_payment_failed
-        except (ImportError, AttributeError):
-            alert = None
-        if alert is not None:
-            alert(organization_id=organization_id)
-            return
-        recipients = _owner_emails(organization_id=organization_id)
-        if recipients:
-            send_mail(
-                subject="Switchboard: a card payment failed",
-                message=f"A card payment for your organisation failed: {message}",
-                from_email=None,
-                recipient_list=recipients,
-            )
-
-    transaction.on_commit(send)
 
 
 # Auto top-up
@@ -611,7 +598,7 @@ def auto_topup_charge(*, organization_id: int) -> str:
     return f"charged {intent.id} ({intent.status})"
 
 
-def _auto_topup_failure_record(*, organization_id: int, message: str) -> None:
+def _auto_topup_failure_record(*, organization_id: int, amount_usd: Decimal, message: str) -> None:
     """Count a failed auto top-up, release the claim, notify the owners and switch auto
     top-up off after BILLING_AUTO_TOPUP_MAX_FAILURES in a row. Inside `transaction.atomic()`."""
     BillingProfile.objects.filter(organization_id=organization_id).update(
@@ -622,7 +609,9 @@ def _auto_topup_failure_record(*, organization_id: int, message: str) -> None:
         auto_topup_enabled=True,
         auto_topup_failures__gte=settings.BILLING_AUTO_TOPUP_MAX_FAILURES,
     ).update(auto_topup_enabled=False)
-    note = " Auto top-up has been switched off after repeated failures." if switched_off else ""
     _payment_failed_notify(
-        organization_id=organization_id, message=f"auto top-up: {message}.{note}"
+        organization_id=organization_id,
+        amount_usd=amount_usd,
+        reason=f"auto top-up: {message}",
+        auto_topup_disabled=bool(switched_off),
     )

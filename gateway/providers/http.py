@@ -73,11 +73,11 @@ def retry_after_seconds(response: httpx.Response) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
-def route_timeout(route: RouteEntry) -> httpx.Timeout:
-    """The route's timeouts for one request: connect, and the wait for the answer's first
-    byte (each later read of the body too; a stream's idle gap is bounded by the relay)."""
+def route_timeout(route: RouteEntry, *, read_seconds: float | None = None) -> httpx.Timeout:
+    """The route's timeouts for one request: connect, and each read (by default the wait for
+    the answer's first byte; a stream's idle gap is bounded by the relay)."""
     return httpx.Timeout(
-        route.first_byte_timeout_seconds,
+        route.first_byte_timeout_seconds if read_seconds is None else read_seconds,
         connect=route.connect_timeout_seconds,
         pool=route.connect_timeout_seconds,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -179,16 +180,25 @@ async def _open_stream(
     """POST a streamed request and return once the provider answered 200, its events unread."""
     outbound = client()
     try:
-        response = await outbound.send(
-            outbound.build_request(
-                "POST",
-                f"{route.base_url}{path}",
-                json=request,
-                headers=_headers(secret),
-                timeout=route_timeout(route),
+        # Each read of the body may wait a little over the idle timeout (the relay's own check,
+        # gateway/streaming.py `paced`, is the one that ends a silent stream); the wait for the
+        # first byte is bounded here, whatever the transport does with read timeouts.
+        response = await asyncio.wait_for(
+            outbound.send(
+                outbound.build_request(
+                    "POST",
+                    f"{route.base_url}{path}",
+                    json=request,
+                    headers=_headers(secret),
+                    timeout=route_timeout(route, read_seconds=route.idle_timeout_seconds + 1),
+                ),
+                stream=True,
             ),
-            stream=True,
+            timeout=route.first_byte_timeout_seconds,
         )
+    except TimeoutError:
+        logger.warning("provider %s: no first byte in time", route.provider)
+        raise UpstreamFailed("The provider did not answer in time.", retryable=True) from None
     except httpx.HTTPError as exc:
         logger.warning("provider %s unreachable: %s", route.provider, type(exc).__name__)
         raise UpstreamFailed("The provider could not be reached.", retryable=True) from None
@@ -202,11 +212,4 @@ async def _open_stream(
         if response.status_code in CLIENT_ERRORS:
             raise InvalidRequest(refusal_message(response))
         raise status_failure(route, response.status_code, response=response)
-    # From here on a read waits for the next chunk, not the first byte: httpcore reads this
-    # when the body starts. A little over the idle timeout, so that the relay's own check
-    # (gateway/streaming.py `paced`) is the one that ends a silent stream.
-    response.request.extensions["timeout"] = {
-        **response.request.extensions.get("timeout", {}),
-        "read": route.idle_timeout_seconds + 1,
-    }
     return UpstreamStream(chunks=_sse_chunks(route, response), close=response.aclose)

@@ -232,8 +232,8 @@ def test_an_owner_creates_a_token_that_authenticates_scripts(team):
 
 
 def test_a_token_is_scoped_to_its_organisation(team):
-    # Charlie also belongs to Acme, but his Rival token must not reach it.
-    Membership.objects.create(organization=team.acme, user=team.charlie, role="owner")
+    # Charlie is also an admin of Acme, but his Rival token must not reach it.
+    Membership.objects.create(organization=team.acme, user=team.charlie, role="admin")
     secret = token_for(team.charlie, team.rival, "owner")
     api_key_create(organization=team.acme, name="acme-key", created_by=team.alice)
 
