@@ -585,7 +585,11 @@ def auto_topup_charge(*, organization_id: int) -> str:
         return f"declined: {error}"
     except stripe_api.StripeCallFailed as error:
         with transaction.atomic():
-            _auto_topup_failure_record(organization_id=organization_id, message=str(error))
+            _auto_topup_failure_record(
+                organization_id=organization_id,
+                amount_usd=profile.auto_topup_amount_usd,
+                message=str(error),
+            )
         return f"failed: {error}"
     CardPayment.objects.get_or_create(
         stripe_payment_intent_id=intent.id,
