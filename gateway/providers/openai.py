@@ -183,8 +183,10 @@ async def _open_stream(
         # Each read of the body may wait a little over the idle timeout (the relay's own check,
         # gateway/streaming.py `paced`, is the one that ends a silent stream); the wait for the
         # first byte is bounded here, whatever the transport does with read timeouts.
-        response = await asyncio.wait_for(
-            outbound.send(
+        # asyncio.timeout, not wait_for: wait_for opens the stream in a task of its own, and
+        # streams opened that way lost their relayed chunks when cut midway (test_streaming.py).
+        async with asyncio.timeout(route.first_byte_timeout_seconds):
+            response = await outbound.send(
                 outbound.build_request(
                     "POST",
                     f"{route.base_url}{path}",
@@ -193,9 +195,7 @@ async def _open_stream(
                     timeout=route_timeout(route, read_seconds=route.idle_timeout_seconds + 1),
                 ),
                 stream=True,
-            ),
-            timeout=route.first_byte_timeout_seconds,
-        )
+            )
     except TimeoutError:
         logger.warning("provider %s: no first byte in time", route.provider)
         raise UpstreamFailed("The provider did not answer in time.", retryable=True) from None
