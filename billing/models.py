@@ -151,8 +151,15 @@ class LedgerTransaction(models.Model):
         GRANT = "grant", "Credit granted"
         CLAWBACK = "clawback", "Credit taken back"
         USAGE = "usage", "API usage"
+        # Card money, against the payments clearing account (billing.payments). Rows written
+        # before these kinds existed are `grant` (top-ups and reinstatements) or `clawback`
+        # (refunds and dispute withdrawals) against that account, and stay so: never edited.
+        TOPUP = "topup", "Card top-up"
+        REFUND = "refund", "Card payment refunded"
+        DISPUTE_WITHDRAWAL = "dispute_withdrawal", "Disputed payment withdrawn"
+        DISPUTE_REINSTATEMENT = "dispute_reinstatement", "Dispute won: payment reinstated"
 
-    kind = models.CharField(max_length=16, choices=Kind.choices)
+    kind = models.CharField(max_length=24, choices=Kind.choices)
     memo = models.CharField(max_length=300)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
 

@@ -23,7 +23,14 @@ from django.utils import timezone
 
 from billing import stripe_api
 from billing.alerts import alert_payment_failed
-from billing.models import Account, BillingProfile, CardPayment, StripeEvent, StripeLedgerEntry
+from billing.models import (
+    Account,
+    BillingProfile,
+    CardPayment,
+    LedgerTransaction,
+    StripeEvent,
+    StripeLedgerEntry,
+)
 from billing.money import (
     ZERO_USD,
     MoneyError,
@@ -32,7 +39,7 @@ from billing.money import (
     usd_field,
     usd_from_cents,
 )
-from billing.services import BillingError, card_money_post
+from billing.services import CARD_MONEY_KINDS, BillingError, card_money_post
 from portal.models import Membership, Organization, User
 
 logger = logging.getLogger(__name__)
@@ -262,21 +269,28 @@ def _payment_locked(
 
 
 def _ledger_entry_apply(
-    *, key: str, payment: CardPayment, stripe_object_id: str, amount_usd: Decimal, memo: str
+    *,
+    key: str,
+    payment: CardPayment,
+    stripe_object_id: str,
+    kind: LedgerTransaction.Kind,
+    amount_usd: Decimal,
+    memo: str,
 ) -> bool:
-    """Post one Stripe movement unless its key was already applied; True if posted now."""
+    """Post one Stripe movement of `amount_usd` (positive; `kind` gives the direction) unless
+    its key was already applied; True if posted now."""
     if StripeLedgerEntry.objects.filter(key=key).exists():
         return False
     try:
         with transaction.atomic():
             entry = card_money_post(
-                organization_id=payment.organization_id, to_wallet_usd=amount_usd, memo=memo
+                organization_id=payment.organization_id, kind=kind, amount_usd=amount_usd, memo=memo
             )
             StripeLedgerEntry.objects.create(
                 key=key,
                 organization_id=payment.organization_id,
                 stripe_object_id=stripe_object_id,
-                amount_usd=amount_usd,
+                amount_usd=amount_usd * CARD_MONEY_KINDS[kind],
                 ledger_transaction=entry,
             )
     except IntegrityError:
@@ -297,6 +311,7 @@ def _on_payment_succeeded(intent: dict[str, Any]) -> str:
         key=f"{payment.stripe_payment_intent_id}:credit",
         payment=payment,
         stripe_object_id=payment.stripe_payment_intent_id,
+        kind=LedgerTransaction.Kind.TOPUP,
         amount_usd=amount_usd,
         memo=f"card payment {payment.stripe_payment_intent_id}",
     )
@@ -383,7 +398,8 @@ def _on_charge_refunded(charge: dict[str, Any]) -> str:
                 key=f"{charge_id}:refund:{refund['id']}",
                 payment=payment,
                 stripe_object_id=charge_id,
-                amount_usd=-amount_usd,
+                kind=LedgerTransaction.Kind.REFUND,
+                amount_usd=amount_usd,
                 memo=memo,
             ):
                 taken_usd += amount_usd
@@ -392,7 +408,8 @@ def _on_charge_refunded(charge: dict[str, Any]) -> str:
             key=f"{charge_id}:refunded-to:{refunded_cents}",
             payment=payment,
             stripe_object_id=charge_id,
-            amount_usd=-missing_usd,
+            kind=LedgerTransaction.Kind.REFUND,
+            amount_usd=missing_usd,
             memo=memo,
         )
         taken_usd = missing_usd
@@ -410,7 +427,8 @@ def _dispute_withdraw(payment: CardPayment, dispute: dict[str, Any]) -> bool:
         key=f"{dispute['id']}:withdrawn",
         payment=payment,
         stripe_object_id=str(dispute["id"]),
-        amount_usd=-usd_from_cents(int(dispute["amount"])),
+        kind=LedgerTransaction.Kind.DISPUTE_WITHDRAWAL,
+        amount_usd=usd_from_cents(int(dispute["amount"])),
         memo=f"dispute {dispute['id']} on card payment {payment.stripe_payment_intent_id}",
     )
 
@@ -439,6 +457,7 @@ def _on_dispute_reinstated(dispute: dict[str, Any]) -> str:
         key=f"{dispute['id']}:reinstated",
         payment=payment,
         stripe_object_id=str(dispute["id"]),
+        kind=LedgerTransaction.Kind.DISPUTE_REINSTATEMENT,
         amount_usd=usd_from_cents(int(dispute["amount"])),
         memo=f"dispute {dispute['id']} won: card payment {payment.stripe_payment_intent_id}",
     )
