@@ -488,11 +488,17 @@ class BillingAlertSettings(models.Model):
 
 
 class SpendCapAlert(models.Model):
-    """A key's spend cap was reached in a window and its organisation was told: once a window."""
+    """A key's spend cap was reached (or refused a request) in a window: its organisation is
+    told once a window. The row is the claim (unique per key and window); `emailed_at` is set
+    by the conditional UPDATE that mails it, so a mail whose task was lost is sent by the next
+    beat check, and never twice."""
 
     api_key = models.ForeignKey("portal.ApiKey", on_delete=models.PROTECT, related_name="+")
     window_start = models.DateTimeField()
-    sent_at = models.DateTimeField(auto_now_add=True)
+    sent_at = models.DateTimeField(
+        auto_now_add=True
+    )  # when recorded (the name predates emailed_at)
+    emailed_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         constraints = [
