@@ -88,6 +88,7 @@ def test_it_switches_off_after_repeated_declines_and_tells_the_owner(
     assert len(mail.outbox) == 2
     assert mail.outbox[0].to == [organization.membership_set.get().user.email]
     assert "switched off" in mail.outbox[1].body
+    assert "of 20.00" in mail.outbox[0].subject  # the declined intent's amount
     assert wallet_balance_usd(organization_id=organization.pk) == 0
     assert set(CardPayment.objects.values_list("status", flat=True)) == {"failed"}
 
