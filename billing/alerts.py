@@ -1,10 +1,11 @@
 """Billing alerts by e-mail: low balance, a key's spend cap reached, a payment failed.
 
-Nothing here runs on the gateway's hot path. The balance and cap checks are one beat task
+An admitted request pays nothing for alerts. The balance and cap checks are one beat task
 (`billing.check_billing_alerts`, every BILLING_ALERTS_CHECK_SECONDS) that reads every wallet
-and capped key in two queries: a request pays nothing for alerts, and an alert arrives at most
-one interval late. (A check after each settle would add a query, and mail, to the request that
-crosses the line.)
+and capped key in two queries, so an alert arrives at most one interval late. (A check after
+each settle would add a query, and mail, to the request that crosses the line.) The one
+exception is a request the spend cap refuses: `spend_cap_refusal_alert` records the window's
+alert then (no query once the process has seen it) and Celery mails it after commit.
 
 Each alert is claimed by a conditional UPDATE (or a unique row) and its mail is sent inside
 that same database transaction: if sending fails, the claim rolls back and the next run tries
