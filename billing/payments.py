@@ -3,6 +3,8 @@
 Credit moves only here, and only from a verified webhook event (`payment_intent.succeeded`),
 never from the browser's return. Every money movement is a `StripeLedgerEntry` whose unique
 key names the movement itself, so redelivered, concurrent or out-of-order events apply it once.
+An event about a payment or a refund is only a trigger: its PaymentIntent or Charge is re-fetched
+from Stripe before money moves (`_REFETCH`); disputes are applied from the event.
 """
 
 from __future__ import annotations
