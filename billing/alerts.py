@@ -1,10 +1,11 @@
 """Billing alerts by e-mail: low balance, a key's spend cap reached, a payment failed.
 
-Nothing here runs on the gateway's hot path. The balance and cap checks are one beat task
+An admitted request pays nothing for alerts. The balance and cap checks are one beat task
 (`billing.check_billing_alerts`, every BILLING_ALERTS_CHECK_SECONDS) that reads every wallet
-and capped key in two queries: a request pays nothing for alerts, and an alert arrives at most
-one interval late. (A check after each settle would add a query, and mail, to the request that
-crosses the line.)
+and capped key in two queries, so an alert arrives at most one interval late. (A check after
+each settle would add a query, and mail, to the request that crosses the line.) The one
+exception is a request the spend cap refuses: `spend_cap_refusal_alert` records the window's
+alert then (no query once the process has seen it) and Celery mails it after commit.
 
 Each alert is claimed by a conditional UPDATE (or a unique row) and its mail is sent inside
 that same database transaction: if sending fails, the claim rolls back and the next run tries
@@ -14,13 +15,13 @@ again; two concurrent runs cannot both claim it.
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 
 from django.core.exceptions import ValidationError
 from django.core.mail import EmailMessage
 from django.core.validators import validate_email
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.models import DecimalField, Exists, F, OuterRef, Subquery, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
@@ -35,7 +36,7 @@ from billing.money import (
     parse_usd,
 )
 from billing.services import spend_window_bounds
-from portal.models import ApiKey, Membership, Organization
+from portal.models import Membership, Organization
 
 logger = logging.getLogger(__name__)
 
@@ -165,9 +166,14 @@ def low_balance_alerts_check(*, default_threshold_usd: Decimal) -> int:
     return alerted
 
 
+# A recorded cap alert not mailed after this long lost its task: the beat check mails it.
+_CAP_ALERT_MAIL_GRACE = timedelta(minutes=1)
+
+
 def spend_cap_alerts_check(*, now: datetime | None = None, percent: int) -> int:
     """Mail each organisation whose key has spent `percent`% of its cap in the key's current
-    window, once per key and window; returns how many were sent."""
+    window, once per key and window, and any recorded alert whose mail was lost (its task
+    never ran); returns how many were sent."""
     now = now or timezone.now()
     reached = (
         KeySpend.objects.filter(api_key__spend_cap__isnull=False)
@@ -184,34 +190,104 @@ def spend_cap_alerts_check(*, now: datetime | None = None, percent: int) -> int:
                 )
             )
         )
-        .values_list("api_key_id", "window_start", "spent_usd", "cap_usd", "cap_window")
+        .values_list("api_key_id", "window_start", "cap_window")
     )
     sent = 0
-    for api_key_id, window_start, spent_usd, cap_usd, cap_window in reached:
-        window = SpendCap.Window(cap_window)
-        current_start, resets_at = spend_window_bounds(window, now)
-        if window_start != current_start:
+    for api_key_id, window_start, cap_window in reached:
+        if window_start != spend_window_bounds(SpendCap.Window(cap_window), now)[0]:
             continue  # a past window: too late to be useful
         with transaction.atomic():
-            _, created = SpendCapAlert.objects.get_or_create(
+            alert, created = SpendCapAlert.objects.get_or_create(
                 api_key_id=api_key_id, window_start=window_start
             )
-            if not created:
-                continue
-            key = ApiKey.objects.select_related("organization").get(pk=api_key_id)
-            resets = f"It resets at {resets_at:%Y-%m-%d %H:%M} UTC." if resets_at else ""
-            _mail_billing_contacts(
-                organization_id=key.organization_id,
-                subject=f"Switchboard: API key {key.name!r} reached its spend cap",
-                body=(
-                    f"The API key {key.name!r} ({key.prefix}…) of {key.organization.name} has "
-                    f"spent {format_usd(spent_usd)} USD of its {format_usd(cap_usd)} USD cap "
-                    f"({window.label}). Requests that would pass the cap are refused. "
-                    f"{resets}\n"
-                ),
-            )
-            sent += 1
-    return sent
+            if created:
+                sent += spend_cap_alert_email(alert_id=alert.pk, now=now)
+    lost = SpendCapAlert.objects.filter(
+        emailed_at__isnull=True, sent_at__lt=now - _CAP_ALERT_MAIL_GRACE
+    ).values_list("pk", flat=True)
+    return sent + sum(spend_cap_alert_email(alert_id=pk, now=now) for pk in list(lost))
+
+
+def spend_cap_alert_email(*, alert_id: int, now: datetime | None = None) -> bool:
+    """Mail a recorded spend-cap alert to its organisation's billing contacts, once.
+
+    The conditional UPDATE of `emailed_at` claims it and the mail goes out in the same
+    transaction: if sending fails, the claim rolls back and the beat check sends it later.
+    An alert of a window that has ended is marked without mail (too late to be useful).
+    False when it was not sent now.
+    """
+    now = now or timezone.now()
+    with transaction.atomic():
+        if not SpendCapAlert.objects.filter(pk=alert_id, emailed_at__isnull=True).update(
+            emailed_at=now
+        ):
+            return False
+        alert = SpendCapAlert.objects.select_related("api_key__organization").get(pk=alert_id)
+        key = alert.api_key
+        cap = SpendCap.objects.filter(api_key_id=key.pk).first()
+        if cap is None:
+            return False  # the cap was removed since
+        window = SpendCap.Window(cap.window)
+        current_start, resets_at = spend_window_bounds(window, now)
+        if alert.window_start != current_start:
+            return False
+        spend = KeySpend.objects.filter(api_key_id=key.pk, window_start=alert.window_start).first()
+        spent_usd = spend.spent_usd if spend else ZERO_USD
+        resets = f"It resets at {resets_at:%Y-%m-%d %H:%M} UTC." if resets_at else ""
+        _mail_billing_contacts(
+            organization_id=key.organization_id,
+            subject=f"Switchboard: API key {key.name!r} reached its spend cap",
+            body=(
+                f"The API key {key.name!r} ({key.prefix}…) of {key.organization.name} has "
+                f"spent {format_usd(spent_usd)} USD of its {format_usd(cap.amount_usd)} USD cap "
+                f"({window.label}). Requests that would pass the cap are refused. "
+                f"{resets}\n"
+            ),
+        )
+    return True
+
+
+# (API key id, window start) of the cap alerts this process knows are recorded, so that a key
+# refused again and again costs no query at all. Bounded; cleared when full.
+_cap_alerts_known: set[tuple[int, datetime]] = set()
+_CAP_ALERTS_KNOWN_MAX = 100_000
+
+
+def spend_cap_refusal_alert(
+    *, api_key_id: int, window: SpendCap.Window, now: datetime | None = None
+) -> bool:
+    """Record that a key's spend cap refused a request, once per key and window, and have its
+    organisation mailed by Celery once that commits. True when recorded now.
+
+    For the gateway's refusal path (never the admitted one): no query when this process has
+    already seen the window's alert, else one lookup on the unique (key, window) index, and
+    an INSERT only the first time. Concurrent refusals race on the unique constraint; one wins.
+    """
+    window_start, _ = spend_window_bounds(window, now or timezone.now())
+    known = (api_key_id, window_start)
+    if known in _cap_alerts_known:
+        return False
+    recorded = False
+    if not SpendCapAlert.objects.filter(api_key_id=api_key_id, window_start=window_start).exists():
+        try:
+            with transaction.atomic():
+                alert = SpendCapAlert.objects.create(
+                    api_key_id=api_key_id, window_start=window_start
+                )
+                transaction.on_commit(lambda: _spend_cap_alert_enqueue(alert_id=alert.pk))
+            recorded = True
+        except IntegrityError:
+            pass  # a concurrent refusal recorded it
+    if len(_cap_alerts_known) >= _CAP_ALERTS_KNOWN_MAX:
+        _cap_alerts_known.clear()
+    _cap_alerts_known.add(known)
+    return recorded
+
+
+def _spend_cap_alert_enqueue(*, alert_id: int) -> None:
+    from billing.tasks import email_spend_cap_alert  # tasks import this module
+
+    email_spend_cap_alert.delay(alert_id)
 
 
 def alert_payment_failed(

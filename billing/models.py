@@ -151,8 +151,15 @@ class LedgerTransaction(models.Model):
         GRANT = "grant", "Credit granted"
         CLAWBACK = "clawback", "Credit taken back"
         USAGE = "usage", "API usage"
+        # Card money, against the payments clearing account (billing.payments). Rows written
+        # before these kinds existed are `grant` (top-ups and reinstatements) or `clawback`
+        # (refunds and dispute withdrawals) against that account, and stay so: never edited.
+        TOPUP = "topup", "Card top-up"
+        REFUND = "refund", "Card payment refunded"
+        DISPUTE_WITHDRAWAL = "dispute_withdrawal", "Disputed payment withdrawn"
+        DISPUTE_REINSTATEMENT = "dispute_reinstatement", "Dispute won: payment reinstated"
 
-    kind = models.CharField(max_length=16, choices=Kind.choices)
+    kind = models.CharField(max_length=24, choices=Kind.choices)
     memo = models.CharField(max_length=300)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
 
@@ -481,11 +488,17 @@ class BillingAlertSettings(models.Model):
 
 
 class SpendCapAlert(models.Model):
-    """A key's spend cap was reached in a window and its organisation was told: once a window."""
+    """A key's spend cap was reached (or refused a request) in a window: its organisation is
+    told once a window. The row is the claim (unique per key and window); `emailed_at` is set
+    by the conditional UPDATE that mails it, so a mail whose task was lost is sent by the next
+    beat check, and never twice."""
 
     api_key = models.ForeignKey("portal.ApiKey", on_delete=models.PROTECT, related_name="+")
     window_start = models.DateTimeField()
-    sent_at = models.DateTimeField(auto_now_add=True)
+    sent_at = models.DateTimeField(
+        auto_now_add=True
+    )  # when recorded (the name predates emailed_at)
+    emailed_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         constraints = [

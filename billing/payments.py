@@ -3,6 +3,8 @@
 Credit moves only here, and only from a verified webhook event (`payment_intent.succeeded`),
 never from the browser's return. Every money movement is a `StripeLedgerEntry` whose unique
 key names the movement itself, so redelivered, concurrent or out-of-order events apply it once.
+An event about a payment or a refund is only a trigger: its PaymentIntent or Charge is re-fetched
+from Stripe before money moves (`_REFETCH`); disputes are applied from the event.
 """
 
 from __future__ import annotations
@@ -23,7 +25,14 @@ from django.utils import timezone
 
 from billing import stripe_api
 from billing.alerts import alert_payment_failed
-from billing.models import Account, BillingProfile, CardPayment, StripeEvent, StripeLedgerEntry
+from billing.models import (
+    Account,
+    BillingProfile,
+    CardPayment,
+    LedgerTransaction,
+    StripeEvent,
+    StripeLedgerEntry,
+)
 from billing.money import (
     ZERO_USD,
     MoneyError,
@@ -32,7 +41,7 @@ from billing.money import (
     usd_field,
     usd_from_cents,
 )
-from billing.services import BillingError, card_money_post
+from billing.services import CARD_MONEY_KINDS, BillingError, card_money_post
 from portal.models import Membership, Organization, User
 
 logger = logging.getLogger(__name__)
@@ -196,9 +205,25 @@ def stripe_event_process(*, event_id: str) -> str:
     """
     event = StripeEvent.objects.get(event_id=event_id)
     handler = _HANDLERS[event.type]
+    sent = event.payload["data"]["object"]
+    fetch = _REFETCH.get(event.type)
+    try:
+        # Outside the transaction: no row lock is held across a call to Stripe. A snapshot
+        # older than one already applied does no harm: every movement is keyed and refunds
+        # take back only what is missing.
+        current = sent if fetch is None else fetch(str(sent["id"]))
+    except stripe_api.StripeObjectMissing:
+        outcome = "ignored: Stripe has no such object"
+        StripeEvent.objects.filter(pk=event.pk).update(processed_at=timezone.now(), outcome=outcome)
+        return outcome
+    except (stripe_api.StripeCallFailed, stripe_api.StripeNotConfigured) as error:
+        # Left unprocessed: beat's retry (or a redelivery) fetches again later.
+        StripeEvent.objects.filter(pk=event.pk).update(outcome=f"waiting: {error}"[:300])
+        logger.warning("stripe event %s (%s) waits for Stripe: %s", event_id, event.type, error)
+        return f"waiting: {error}"
     try:
         with transaction.atomic():
-            outcome = handler(event.payload["data"]["object"])
+            outcome = handler(current)
             StripeEvent.objects.filter(pk=event.pk).update(
                 processed_at=timezone.now(), outcome=outcome[:300]
             )
@@ -262,21 +287,28 @@ def _payment_locked(
 
 
 def _ledger_entry_apply(
-    *, key: str, payment: CardPayment, stripe_object_id: str, amount_usd: Decimal, memo: str
+    *,
+    key: str,
+    payment: CardPayment,
+    stripe_object_id: str,
+    kind: LedgerTransaction.Kind,
+    amount_usd: Decimal,
+    memo: str,
 ) -> bool:
-    """Post one Stripe movement unless its key was already applied; True if posted now."""
+    """Post one Stripe movement of `amount_usd` (positive; `kind` gives the direction) unless
+    its key was already applied; True if posted now."""
     if StripeLedgerEntry.objects.filter(key=key).exists():
         return False
     try:
         with transaction.atomic():
             entry = card_money_post(
-                organization_id=payment.organization_id, to_wallet_usd=amount_usd, memo=memo
+                organization_id=payment.organization_id, kind=kind, amount_usd=amount_usd, memo=memo
             )
             StripeLedgerEntry.objects.create(
                 key=key,
                 organization_id=payment.organization_id,
                 stripe_object_id=stripe_object_id,
-                amount_usd=amount_usd,
+                amount_usd=amount_usd * CARD_MONEY_KINDS[kind],
                 ledger_transaction=entry,
             )
     except IntegrityError:
@@ -290,6 +322,8 @@ def _on_payment_succeeded(intent: dict[str, Any]) -> str:
     )
     if payment is None:
         return "ignored: not a payment made through this portal"
+    if intent.get("status") != "succeeded":
+        return f"ignored: Stripe says the payment is {intent.get('status')}"
     if intent.get("currency") != "usd":
         return f"ignored: currency {intent.get('currency')!r} is not usd"
     amount_usd = usd_from_cents(int(intent.get("amount_received") or intent["amount"]))
@@ -297,6 +331,7 @@ def _on_payment_succeeded(intent: dict[str, Any]) -> str:
         key=f"{payment.stripe_payment_intent_id}:credit",
         payment=payment,
         stripe_object_id=payment.stripe_payment_intent_id,
+        kind=LedgerTransaction.Kind.TOPUP,
         amount_usd=amount_usd,
         memo=f"card payment {payment.stripe_payment_intent_id}",
     )
@@ -313,12 +348,19 @@ def _on_payment_succeeded(intent: dict[str, Any]) -> str:
     return f"credited {format_usd(amount_usd)} USD" if posted else "already credited"
 
 
+# A PaymentIntent in one of these states has not failed, whatever an older event said (its
+# `succeeded` event credits it, or a later event tells its outcome).
+_NOT_FAILED = frozenset({"succeeded", "processing", "requires_capture"})
+
+
 def _on_payment_failed(intent: dict[str, Any]) -> str:
     payment = _payment_locked(
         payment_intent_id=intent.get("id"), metadata=intent.get("metadata") or {}
     )
     if payment is None:
         return "ignored: not a payment made through this portal"
+    if intent.get("status") in _NOT_FAILED:
+        return f"not failed: Stripe says the payment is {intent.get('status')}"
     message = str(
         (intent.get("last_payment_error") or {}).get("message") or "the card was declined"
     )
@@ -331,13 +373,16 @@ def _on_payment_failed(intent: dict[str, Any]) -> str:
     )
     if not failed_now:
         return f"already {payment.status}"
+    # A row recorded from the intent's metadata (its creator's call was declined) has no
+    # amount yet: the intent's is the one that failed.
+    amount_usd = payment.amount_usd or usd_from_cents(int(intent.get("amount") or 0))
     if payment.origin == CardPayment.Origin.AUTO_TOPUP:
         _auto_topup_failure_record(
-            organization_id=payment.organization_id, amount_usd=payment.amount_usd, message=message
+            organization_id=payment.organization_id, amount_usd=amount_usd, message=message
         )
     else:
         _payment_failed_notify(
-            organization_id=payment.organization_id, amount_usd=payment.amount_usd, reason=message
+            organization_id=payment.organization_id, amount_usd=amount_usd, reason=message
         )
     return "marked failed"
 
@@ -383,7 +428,8 @@ def _on_charge_refunded(charge: dict[str, Any]) -> str:
                 key=f"{charge_id}:refund:{refund['id']}",
                 payment=payment,
                 stripe_object_id=charge_id,
-                amount_usd=-amount_usd,
+                kind=LedgerTransaction.Kind.REFUND,
+                amount_usd=amount_usd,
                 memo=memo,
             ):
                 taken_usd += amount_usd
@@ -392,7 +438,8 @@ def _on_charge_refunded(charge: dict[str, Any]) -> str:
             key=f"{charge_id}:refunded-to:{refunded_cents}",
             payment=payment,
             stripe_object_id=charge_id,
-            amount_usd=-missing_usd,
+            kind=LedgerTransaction.Kind.REFUND,
+            amount_usd=missing_usd,
             memo=memo,
         )
         taken_usd = missing_usd
@@ -410,7 +457,8 @@ def _dispute_withdraw(payment: CardPayment, dispute: dict[str, Any]) -> bool:
         key=f"{dispute['id']}:withdrawn",
         payment=payment,
         stripe_object_id=str(dispute["id"]),
-        amount_usd=-usd_from_cents(int(dispute["amount"])),
+        kind=LedgerTransaction.Kind.DISPUTE_WITHDRAWAL,
+        amount_usd=usd_from_cents(int(dispute["amount"])),
         memo=f"dispute {dispute['id']} on card payment {payment.stripe_payment_intent_id}",
     )
 
@@ -439,11 +487,26 @@ def _on_dispute_reinstated(dispute: dict[str, Any]) -> str:
         key=f"{dispute['id']}:reinstated",
         payment=payment,
         stripe_object_id=str(dispute["id"]),
+        kind=LedgerTransaction.Kind.DISPUTE_REINSTATEMENT,
         amount_usd=usd_from_cents(int(dispute["amount"])),
         memo=f"dispute {dispute['id']} won: card payment {payment.stripe_payment_intent_id}",
     )
     return "dispute funds reinstated" if posted else "already reinstated"
 
+
+# Events whose object is re-fetched from Stripe before any money moves (STYLE.md rule 13): the
+# signed payload says only that something happened to it. Disputes are applied from the
+# payload: their amount does not change after creation, each movement is keyed by the dispute
+# id and its kind of event, and localstripe, which the tests run against, has no disputes to
+# fetch (in production `/v1/disputes/<id>` could be added here, with tests against a server
+# that has them).
+_REFETCH: dict[str, Callable[[str], dict[str, Any]]] = {
+    "payment_intent.succeeded": lambda pi: stripe_api.payment_intent_fetch(payment_intent_id=pi),
+    "payment_intent.payment_failed": lambda pi: stripe_api.payment_intent_fetch(
+        payment_intent_id=pi
+    ),
+    "charge.refunded": lambda ch: stripe_api.charge_with_refunds_fetch(charge_id=ch),
+}
 
 _HANDLERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "payment_intent.succeeded": _on_payment_succeeded,

@@ -585,21 +585,35 @@ def usage_settle(*, metered: MeteredRequest) -> UsageRecord:
         return existing
 
 
-def card_money_post(
-    *, organization_id: int, to_wallet_usd: Decimal, memo: str
-) -> LedgerTransaction:
-    """Move card money between the payments clearing account and a wallet: positive for a
-    paid top-up or a reinstated dispute, negative for a refund or a disputed payment.
+# Which way each kind of card movement moves the wallet: +1 adds to it, -1 takes from it.
+CARD_MONEY_KINDS: dict[LedgerTransaction.Kind, int] = {
+    LedgerTransaction.Kind.TOPUP: 1,
+    LedgerTransaction.Kind.REFUND: -1,
+    LedgerTransaction.Kind.DISPUTE_WITHDRAWAL: -1,
+    LedgerTransaction.Kind.DISPUTE_REINSTATEMENT: 1,
+}
 
-    A negative movement is not limited by the available credit (the customer has the money
+
+def card_money_post(
+    *, organization_id: int, kind: LedgerTransaction.Kind, amount_usd: Decimal, memo: str
+) -> LedgerTransaction:
+    """Move `amount_usd` (positive) of card money between the payments clearing account and a
+    wallet, in the direction `kind` says: to the wallet for a paid top-up or a reinstated
+    dispute, from it for a refund or a disputed payment.
+
+    Taking money back is not limited by the available credit (the customer has the money
     back): the wallet may go negative, and then no request is admitted until it is topped up.
     Must run inside `transaction.atomic()` with the row that makes it happen once.
     """
-    if to_wallet_usd == ZERO_USD:
-        raise BillingError("a card movement cannot be zero")
+    direction = CARD_MONEY_KINDS.get(kind)
+    if direction is None:
+        raise BillingError(f"{kind!r} is not a card movement")
+    if amount_usd <= ZERO_USD:
+        raise BillingError("a card movement must be a positive amount")
+    to_wallet_usd = amount_usd * direction
     wallet = wallet_get_or_create(organization_id=organization_id)
     return _post(
-        kind=LedgerTransaction.Kind.GRANT if to_wallet_usd > 0 else LedgerTransaction.Kind.CLAWBACK,
+        kind=kind,
         memo=memo,
         legs=[(wallet, to_wallet_usd), (_system_account(Account.Kind.PAYMENTS), -to_wallet_usd)],
     )

@@ -46,13 +46,25 @@ CURSOR = "statements"
 _Kind = LedgerTransaction.Kind
 _Counterpart = Account.Kind
 # What a wallet posting is, by its transaction's kind and the account on the other side, in
-# the order a statement lists them: (section, label). Top-ups and refunds/disputes are card
-# money (the payments clearing account); grants and clawbacks are the operator's credit.
-# A new transaction kind (say a separate `refund` or `dispute`) is one more line here; until
-# then a kind not listed still appears, under its own name, so totals always reconcile.
+# the order a statement lists them: (section, label). Card money moves against the payments
+# clearing account, the operator's credit against the grants account. Several keys may share
+# a section: their postings are summed into one line.
+#
+# Ledger rows written before card movements had kinds of their own are `grant` / `clawback`
+# against the payments account and are never rewritten: they stay under "Top-ups" (which, for
+# those months, includes any reinstated dispute) and "Refunds and disputes", so that a
+# statement issued then still matches the ledger. A kind not listed still appears, under its
+# own name, so totals always reconcile.
 SECTIONS: dict[tuple[str, str], tuple[str, str]] = {
+    (_Kind.TOPUP, _Counterpart.PAYMENTS): ("topup", "Top-ups"),
     (_Kind.GRANT, _Counterpart.PAYMENTS): ("topup", "Top-ups"),
-    (_Kind.CLAWBACK, _Counterpart.PAYMENTS): ("refund_dispute", "Refunds and disputes"),
+    (_Kind.REFUND, _Counterpart.PAYMENTS): ("refund", "Refunds"),
+    (_Kind.DISPUTE_WITHDRAWAL, _Counterpart.PAYMENTS): ("dispute_withdrawal", "Disputed payments"),
+    (_Kind.DISPUTE_REINSTATEMENT, _Counterpart.PAYMENTS): (
+        "dispute_reinstatement",
+        "Disputes won (reinstated)",
+    ),
+    (_Kind.CLAWBACK, _Counterpart.PAYMENTS): ("refund_dispute", "Refunds and disputes (earlier)"),
     (_Kind.GRANT, _Counterpart.GRANTS): ("grant", "Credit granted"),
     (_Kind.CLAWBACK, _Counterpart.GRANTS): ("clawback", "Credit taken back"),
     (_Kind.USAGE, _Counterpart.REVENUE): ("usage", "API usage"),
@@ -133,7 +145,9 @@ def statement_compute(*, organization_id: int, period_start: date) -> StatementF
         .annotate(total=Sum("amount_usd"), count=Count("transaction_id", distinct=True))
         .order_by()
     )
-    order = {section: position for position, (section, _) in enumerate(SECTIONS.values())}
+    order: dict[str, int] = {}
+    for section, _ in SECTIONS.values():
+        order.setdefault(section, len(order))
     movements: dict[str, Movement] = {}
     for row in grouped:
         kind, other = row["transaction__kind"], row["counterpart"] or "none"

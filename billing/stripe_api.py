@@ -157,6 +157,52 @@ def setup_intent_saved_card(*, setup_intent_id: str, customer_id: str) -> SavedC
     return SavedCard(payment_method_id=method_id, label=label)
 
 
+class StripeObjectMissing(StripeCallFailed):
+    """Stripe has no such object (not of this account or mode)."""
+
+
+def payment_intent_fetch(*, payment_intent_id: str) -> dict[str, Any]:
+    """A PaymentIntent as Stripe has it now, shaped as in a webhook event's `data.object`.
+
+    Webhook handlers move money on this, not on the event's copy, which may be stale (events
+    arrive late, repeated and out of order)."""
+    try:
+        intent = stripe_client().v1.payment_intents.retrieve(payment_intent_id)
+    except stripe.InvalidRequestError as error:
+        raise _missing_or_failed(error) from None
+    except stripe.StripeError as error:
+        raise StripeCallFailed(_safe_message(error)) from None
+    result: dict[str, Any] = intent.to_dict()
+    return result
+
+
+def charge_with_refunds_fetch(*, charge_id: str) -> dict[str, Any]:
+    """A Charge as Stripe has it now, with every one of its refunds in `refunds.data`
+    (`has_more` false), shaped as in a `charge.refunded` event's `data.object`.
+
+    The refunds are listed rather than expanded: Stripe stopped embedding them in charges
+    (API 2022-11-15), and the list pages through however many there are."""
+    try:
+        client = stripe_client()
+        charge = client.v1.charges.retrieve(charge_id).to_dict()
+        listed: Any = {"charge": charge_id, "limit": 100}
+        refunds = [
+            refund.to_dict() for refund in client.v1.refunds.list(params=listed).auto_paging_iter()
+        ]
+    except stripe.InvalidRequestError as error:
+        raise _missing_or_failed(error) from None
+    except stripe.StripeError as error:
+        raise StripeCallFailed(_safe_message(error)) from None
+    charge["refunds"] = {"object": "list", "data": refunds, "has_more": False}
+    return charge
+
+
+def _missing_or_failed(error: stripe.InvalidRequestError) -> StripeCallFailed:
+    if error.http_status == 404 or error.code == "resource_missing":
+        return StripeObjectMissing("no such object in Stripe")
+    return StripeCallFailed(_safe_message(error))
+
+
 def webhook_event_verified(*, payload: bytes, signature_header: str | None) -> dict[str, Any]:
     """The event a webhook body carries, once its signature is proven.
 

@@ -7,7 +7,11 @@ from datetime import timedelta
 from celery import shared_task
 from django.conf import settings
 
-from billing.alerts import low_balance_alerts_check, spend_cap_alerts_check
+from billing.alerts import (
+    low_balance_alerts_check,
+    spend_cap_alert_email,
+    spend_cap_alerts_check,
+)
 from billing.rollups import usage_rollup
 from billing.services import reservations_sweep
 from billing.statements import statements_email_pending, statements_issue_due
@@ -81,3 +85,10 @@ def check_billing_alerts() -> int:
     return low_balance_alerts_check(
         default_threshold_usd=settings.BILLING_LOW_BALANCE_THRESHOLD_USD
     ) + spend_cap_alerts_check(percent=settings.BILLING_SPEND_CAP_ALERT_PERCENT)
+
+
+@shared_task(name="billing.email_spend_cap_alert", acks_late=True)
+def email_spend_cap_alert(alert_id: int) -> bool:
+    """Mail a spend-cap alert the gateway recorded when the cap refused a request (once: the
+    service claims it; a lost task is covered by the beat check)."""
+    return spend_cap_alert_email(alert_id=alert_id)

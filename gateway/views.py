@@ -19,6 +19,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpRe
 from django.http.response import HttpResponseBase
 from django.views.decorators.csrf import csrf_exempt
 
+from billing.alerts import spend_cap_refusal_alert
 from billing.models import UsageRecord
 from billing.money import ZERO_USD, format_usd, usage_cost_usd
 from billing.services import (
@@ -530,6 +531,17 @@ async def _reserve_or_refuse(request_id: str, caller: Caller, amount_usd: Decima
             "max_tokens."
         ) from None
     except SpendCapExceeded as exc:
+        if caller.spend_cap is not None:
+            try:
+                # Once per key and window; no query once this process has seen it. The mail
+                # goes through Celery after commit, never on this path.
+                await sync_to_async(spend_cap_refusal_alert)(
+                    api_key_id=caller.api_key_id, window=caller.spend_cap.window
+                )
+            except Exception:  # an alert must never change the answer: 402 all the same
+                logger.exception(
+                    "could not record the spend-cap alert of key %s", caller.api_key_id
+                )
         resets = f" It resets at {exc.resets_at:%Y-%m-%d %H:%M} UTC." if exc.resets_at else ""
         raise SpendCapReached(
             f"This key's spend cap does not cover this request.{resets}"

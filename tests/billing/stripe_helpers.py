@@ -1,23 +1,36 @@
-"""What a browser's Stripe.js would do, for tests that need a saved card without a browser."""
+"""What a browser's Stripe.js (or someone in the Stripe dashboard) would do, for tests that need
+Stripe objects without a browser."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from decimal import Decimal
+from typing import Any, TypeVar
 
 import httpx
 
-from billing.models import BillingProfile
-from billing.payments import auto_topup_card_save, card_setup_start
-from portal.models import Organization
-from tests.stripe_server import PUBLISHABLE_KEY, LocalStripe
+from billing.models import BillingProfile, CardPayment
+from billing.payments import (
+    PaymentError,
+    auto_topup_card_save,
+    card_setup_start,
+    new_request_token,
+    topup_start,
+)
+from portal.models import Membership, Organization
+from tests.stripe_server import PUBLISHABLE_KEY, SECRET_KEY, LocalStripe
 
 T = TypeVar("T")
 
 
-def save_card(localstripe: LocalStripe, organization: Organization, number: str) -> BillingProfile:
-    """Collect a card into a SetupIntent as Stripe.js's confirmCardSetup does, then save it."""
+GOOD_CARD = "4242424242424242"
+DECLINED_ON_CHARGE = "4000000000000341"  # saves fine, every charge is declined
+
+
+def collect_card(localstripe: LocalStripe, organization: Organization, number: str) -> str:
+    """Collect a card into a SetupIntent as Stripe.js's confirmCardSetup does; its id."""
     client_secret = card_setup_start(organization=organization)
     setup_intent_id = client_secret.split("_secret_")[0]
     response = httpx.post(
@@ -35,7 +48,61 @@ def save_card(localstripe: LocalStripe, organization: Organization, number: str)
         timeout=10,
     )
     response.raise_for_status()
+    return setup_intent_id
+
+
+def save_card(localstripe: LocalStripe, organization: Organization, number: str) -> BillingProfile:
+    """Collect a card, then save it as the auto top-up card."""
+    setup_intent_id = collect_card(localstripe, organization, number)
     return auto_topup_card_save(organization=organization, setup_intent_id=setup_intent_id)
+
+
+def card_paid(
+    localstripe: LocalStripe, organization: Organization, *, cents: int, number: str = GOOD_CARD
+) -> CardPayment:
+    """Pay as the "Add credit" page does, and wait until localstripe's own webhook about the
+    payment has been applied (credited, or marked failed for a declined card)."""
+    setup_intent_id = collect_card(localstripe, organization, number)
+    owner = Membership.objects.filter(organization=organization, role=Membership.Role.OWNER)
+    # A declined card raises PaymentError; its payment_failed event records the payment.
+    with contextlib.suppress(PaymentError):
+        topup_start(
+            organization=organization,
+            user=owner.get().user,
+            amount_usd=Decimal(cents) / 100,
+            setup_intent_id=setup_intent_id,
+            request_token=new_request_token(),
+        )
+    found = wait_for(
+        lambda: (
+            CardPayment.objects.filter(organization=organization)
+            .exclude(status=CardPayment.Status.PENDING)
+            .order_by("-pk")
+            .first()
+        )
+    )
+    assert found is not None  # wait_for returns only a truthy value
+    return found
+
+
+def _stripe(localstripe: LocalStripe, method: str, path: str, **data: object) -> dict[str, Any]:
+    """A call to localstripe as the Stripe dashboard (or a support agent) would make it."""
+    response = httpx.request(
+        method, f"{localstripe.url}{path}", data=data, auth=(SECRET_KEY, ""), timeout=10
+    )
+    response.raise_for_status()
+    result: dict[str, Any] = response.json()
+    return result
+
+
+def charge_of(localstripe: LocalStripe, payment: CardPayment) -> str:
+    intent = _stripe(localstripe, "GET", f"/v1/payment_intents/{payment.stripe_payment_intent_id}")
+    return str(intent["latest_charge"]["id"])
+
+
+def refund(localstripe: LocalStripe, charge_id: str, cents: int) -> str:
+    """Refund part of a charge in Stripe (localstripe sends no `charge.refunded` event)."""
+    return str(_stripe(localstripe, "POST", "/v1/refunds", charge=charge_id, amount=cents)["id"])
 
 
 def wait_for(probe: Callable[[], T], *, timeout: float = 20) -> T:

@@ -17,12 +17,9 @@ from billing.payments import AutoTopUpTerms, PaymentError, auto_topup_charge, au
 from billing.selectors import wallet_balance_usd
 from billing.tasks import start_auto_topups
 from portal.models import Organization
-from tests.billing.stripe_helpers import save_card, wait_for
+from tests.billing.stripe_helpers import DECLINED_ON_CHARGE, GOOD_CARD, save_card, wait_for
 from tests.factories import make_key, make_org
 from tests.stripe_server import LocalStripe
-
-GOOD_CARD = "4242424242424242"
-DECLINED_ON_CHARGE = "4000000000000341"  # saves fine, every charge is declined
 
 
 def configure(organization: Organization, *, threshold: str, amount: str) -> None:
@@ -91,6 +88,7 @@ def test_it_switches_off_after_repeated_declines_and_tells_the_owner(
     assert len(mail.outbox) == 2
     assert mail.outbox[0].to == [organization.membership_set.get().user.email]
     assert "switched off" in mail.outbox[1].body
+    assert "of 20.00" in mail.outbox[0].subject  # the declined intent's amount
     assert wallet_balance_usd(organization_id=organization.pk) == 0
     assert set(CardPayment.objects.values_list("status", flat=True)) == {"failed"}
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import io
+import re
+import zlib
 from decimal import Decimal
 
 import pytest
@@ -11,7 +13,7 @@ import pytest
 from billing.models import BillingAlertSettings, Statement
 from billing.statements import statement_issue
 from portal.models import Membership, User
-from tests.billing.test_statements import OCTOBER, busy_org, make_old_org  # noqa: F401
+from tests.billing.test_statements import OCTOBER, busy_org, card_org, make_old_org  # noqa: F401
 from tests.factories import make_org
 
 pytestmark = pytest.mark.django_db
@@ -175,3 +177,49 @@ def test_a_plain_member_cannot_change_billing_settings(client):
     assert response.status_code == 403
     assert not BillingAlertSettings.objects.filter(organization=org).exists()
     assert "Owners and admins can change them" in client.get("/dashboard/statements/").text
+
+
+CARD_LINES = ["Top-ups", "Refunds", "Disputed payments", "Disputes won (reinstated)"]
+
+
+def pdf_text(content: bytes) -> str:
+    """The text drawn by a PDF's (Flate-compressed) content streams, good enough to search."""
+    drawn = []
+    for stream in re.findall(rb"stream\r?\n(.*?)\r?\nendstream", content, re.DOTALL):
+        try:
+            drawn.append(zlib.decompress(stream).decode("latin-1"))
+        except zlib.error:
+            drawn.append(stream.decode("latin-1"))
+    return "\n".join(drawn)
+
+
+def test_page_csv_and_pdf_show_each_card_movement_on_its_own_line(client, card_org):  # noqa: F811
+    statement = statement_issue(organization_id=card_org.pk, period_start=OCTOBER)
+    client.force_login(owner_of(card_org))
+
+    page = client.get(f"/dashboard/statements/{statement.pk}/").text
+    rows = list(
+        csv.reader(io.StringIO(client.get(f"/dashboard/statements/{statement.pk}.csv").text))
+    )
+    pdf = pdf_text(client.get(f"/dashboard/statements/{statement.pk}.pdf").content)
+
+    for label in CARD_LINES:
+        assert f'<th scope="row">{label}</th>' in page
+        escaped = label.replace("(", "\\(").replace(")", "\\)")  # as a PDF string escapes
+        assert f"({escaped}) Tj" in pdf
+    assert [row for row in rows if row and row[0] in CARD_LINES] == [
+        ["Top-ups", "1", "100.0000000000"],
+        ["Refunds", "2", "-50.0000000000"],
+        ["Disputed payments", "1", "-30.0000000000"],
+        ["Disputes won (reinstated)", "1", "30.0000000000"],
+    ]
+
+
+def test_the_list_page_has_one_settings_form_and_a_plain_title(client, statement):
+    client.force_login(owner_of(statement.organization))
+
+    page = client.get("/dashboard/statements/").text
+
+    title = page[page.index("<title>") : page.index("</title>")]
+    assert "<" not in title[len("<title>") :]
+    assert page.count('id="billing-email"') == 1

@@ -6,6 +6,7 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 import pytest
+from django.db import transaction
 
 from billing.models import (
     Account,
@@ -17,7 +18,14 @@ from billing.models import (
     UsageRecord,
 )
 from billing.selectors import ledger_violations
-from billing.services import _post, _system_account, credit_clawback, credit_grant, usage_settle
+from billing.services import (
+    _post,
+    _system_account,
+    card_money_post,
+    credit_clawback,
+    credit_grant,
+    usage_settle,
+)
 from billing.statements import (
     statement_compute,
     statement_figures,
@@ -65,16 +73,28 @@ def use(organization, key, request_id: str, moment: datetime, **overrides) -> No
     backdate(record.ledger_transaction, moment)
 
 
-def card_money(organization, amount: str, moment: datetime) -> None:
-    """A card top-up (positive) or refund (negative), posted as the Stripe code posts it:
-    against the payments clearing account."""
+def card_money(organization, kind: LedgerTransaction.Kind, amount: str, moment: datetime) -> None:
+    """A card movement, posted as the Stripe code posts it (billing.payments)."""
+    with transaction.atomic():
+        entry = card_money_post(
+            organization_id=organization.pk, kind=kind, amount_usd=Decimal(amount), memo="card"
+        )
+    backdate(entry, moment)
+
+
+def legacy_card_money(organization, amount: str, moment: datetime) -> None:
+    """Card money as it was posted before card movements had kinds of their own: `grant` in,
+    `clawback` out, against the payments clearing account (such rows stay in the ledger)."""
     amount_usd = Decimal(amount)
     wallet = Account.objects.get(organization=organization, kind=Account.Kind.WALLET)
-    entry = _post(
-        kind=LedgerTransaction.Kind.GRANT if amount_usd > 0 else LedgerTransaction.Kind.CLAWBACK,
-        memo="card",
-        legs=[(wallet, amount_usd), (_system_account(Account.Kind.PAYMENTS), -amount_usd)],
-    )
+    with transaction.atomic():
+        entry = _post(
+            kind=LedgerTransaction.Kind.GRANT
+            if amount_usd > 0
+            else LedgerTransaction.Kind.CLAWBACK,
+            memo="card",
+            legs=[(wallet, amount_usd), (_system_account(Account.Kind.PAYMENTS), -amount_usd)],
+        )
     backdate(entry, moment)
 
 
@@ -93,8 +113,8 @@ def busy_org() -> Organization:
     backdate(
         credit_clawback(organization=organization, amount_usd=Decimal(2), reason="c"), OCTOBER_10
     )
-    card_money(organization, "20", OCTOBER_10)
-    card_money(organization, "-7.5", OCTOBER_10)
+    card_money(organization, LedgerTransaction.Kind.TOPUP, "20", OCTOBER_10)
+    card_money(organization, LedgerTransaction.Kind.REFUND, "7.5", OCTOBER_10)
     use(organization, key, "oct-1", OCTOBER_10)
     use(organization, other_key, "oct-2", OCTOBER_10)
     use(organization, key, "oct-3", OCTOBER_31_LATE, model="fake-large", output_tokens=4000)
@@ -141,14 +161,14 @@ def test_the_monthly_run_twice_gives_identical_statements_that_match_the_ledger(
     assert figures.opening_balance_usd == Decimal(10) - REQUEST_COST
     assert {m.section: (m.transactions, m.amount_usd) for m in figures.movements} == {
         "topup": (1, Decimal(20)),
-        "refund_dispute": (1, Decimal("-7.5")),
+        "refund": (1, Decimal("-7.5")),
         "grant": (1, Decimal(5)),
         "clawback": (1, Decimal(-2)),
         "usage": (3, -(2 * REQUEST_COST + Decimal("0.0065"))),
     }
     assert [m.section for m in figures.movements] == [
         "topup",
-        "refund_dispute",
+        "refund",
         "grant",
         "clawback",
         "usage",
@@ -275,3 +295,48 @@ def test_the_beat_task_run_twice_issues_last_months_statements_once(busy_org, ma
     [statement] = Statement.objects.all()
     assert statement.email_status == Statement.EmailStatus.SENT
     assert len(mailoutbox) == 1
+
+
+@pytest.fixture
+def card_org() -> Organization:
+    """October 2026: a grant, a $100 top-up, two partial refunds, a $30 dispute withdrawn and
+    then reinstated."""
+    organization = make_old_org("Card")
+    backdate(credit_grant(organization=organization, amount_usd=Decimal(1), reason="a"), OCTOBER_10)
+    card_money(organization, LedgerTransaction.Kind.TOPUP, "100", OCTOBER_10)
+    card_money(organization, LedgerTransaction.Kind.REFUND, "20", OCTOBER_10)
+    card_money(organization, LedgerTransaction.Kind.REFUND, "30", OCTOBER_10)
+    card_money(organization, LedgerTransaction.Kind.DISPUTE_WITHDRAWAL, "30", OCTOBER_10)
+    card_money(organization, LedgerTransaction.Kind.DISPUTE_REINSTATEMENT, "30", OCTOBER_10)
+    return organization
+
+
+def test_each_kind_of_card_movement_has_its_own_line_in_the_order_of_sections(card_org):
+    figures = statement_compute(organization_id=card_org.pk, period_start=OCTOBER)
+
+    assert [(m.section, m.transactions, m.amount_usd) for m in figures.movements] == [
+        ("topup", 1, Decimal(100)),
+        ("refund", 2, Decimal(-50)),
+        ("dispute_withdrawal", 1, Decimal(-30)),
+        ("dispute_reinstatement", 1, Decimal(30)),
+        ("grant", 1, Decimal(1)),
+    ]
+    assert figures.closing_balance_usd == Decimal(51)
+
+
+def test_card_money_posted_before_its_own_kinds_keeps_its_earlier_lines():
+    organization = make_old_org("Legacy")
+    backdate(credit_grant(organization=organization, amount_usd=Decimal(1), reason="a"), OCTOBER_10)
+    legacy_card_money(organization, "40", OCTOBER_10)
+    legacy_card_money(organization, "-15", OCTOBER_10)
+    card_money(organization, LedgerTransaction.Kind.TOPUP, "10", OCTOBER_10)
+    statement = statement_issue(organization_id=organization.pk, period_start=OCTOBER)
+
+    figures = statement_figures(statement=statement)
+
+    assert [(m.section, m.transactions, m.amount_usd) for m in figures.movements] == [
+        ("topup", 2, Decimal(50)),
+        ("refund_dispute", 1, Decimal(-15)),
+        ("grant", 1, Decimal(1)),
+    ]
+    assert ledger_violations(held_longer_than=timedelta(hours=1)) == []

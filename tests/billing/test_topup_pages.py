@@ -9,8 +9,11 @@ from django.test import Client
 from django.urls import reverse
 
 from billing.models import CardPayment
+from billing.selectors import wallet_balance_usd
 from portal.models import Membership, Organization, User
+from tests.billing.stripe_helpers import GOOD_CARD, collect_card, wait_for
 from tests.factories import make_org
+from tests.stripe_server import LocalStripe
 
 pytestmark = pytest.mark.django_db
 
@@ -40,6 +43,8 @@ def test_it_forbids_plain_members_every_payment_page() -> None:
     assert client.post(reverse("auto_topup"), org | {"enabled": "on"}).status_code == 403
     assert client.post(reverse("add_credit_pay"), org | {"amount_usd": "10"}).status_code == 403
     assert client.post(reverse("auto_topup_card"), org).status_code == 403
+    status_url = reverse("add_credit_status", kwargs={"payment_intent_id": "pi_any"})
+    assert client.get(status_url, org).status_code == 403
     assert b"owners and admins" in client.get(reverse("add_credit"), org).content
 
 
@@ -96,3 +101,21 @@ def test_the_dashboard_links_to_add_credit() -> None:
     organization = make_org()
     response = logged_in(owner_of(organization)).get(reverse("dashboard"))
     assert reverse("add_credit").encode() in response.content
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_admin_pays_and_the_webhook_credits_the_organisation(localstripe: LocalStripe) -> None:
+    organization = make_org(credit_usd=None)
+    neighbour = make_org(credit_usd=None)  # another organisation: not credited
+    admin = member_of(organization, "admin")
+    setup_intent_id = collect_card(localstripe, organization, GOOD_CARD)
+
+    response = logged_in(admin).post(
+        reverse("add_credit_pay"),
+        {"org": organization.slug, "amount_usd": "25", "setup_intent_id": setup_intent_id},
+    )
+
+    assert response.status_code == 200
+    wait_for(lambda: wallet_balance_usd(organization_id=organization.pk) == Decimal(25))
+    assert CardPayment.objects.get().created_by == admin
+    assert wallet_balance_usd(organization_id=neighbour.pk) == Decimal(0)

@@ -1,24 +1,29 @@
-"""How each Stripe event moves the ledger, and what a negative wallet does to the keys."""
+"""How each Stripe event moves the ledger, what is re-fetched from Stripe (localstripe) before
+money moves, and what a negative wallet does to the keys."""
 
 from __future__ import annotations
 
 import json
 from datetime import timedelta
 from decimal import Decimal
-from typing import Any
 
 import openai
 import pytest
-from django.core import mail
+from django.core.mail import EmailMessage
+from django.db import transaction
+from django.test import override_settings
 from django.utils import timezone
 
-from billing.models import CardPayment, StripeEvent, StripeLedgerEntry
+from billing.models import CardPayment, LedgerTransaction, StripeEvent, StripeLedgerEntry
 from billing.payments import stripe_event_process, stripe_event_record
 from billing.selectors import wallet_balance_usd
+from billing.services import card_money_post
 from billing.tasks import retry_stripe_events
 from portal.models import Organization
 from tests.billing.conftest import event
+from tests.billing.stripe_helpers import DECLINED_ON_CHARGE, card_paid, charge_of, refund, wait_for
 from tests.factories import make_key, make_org
+from tests.stripe_server import LocalStripe
 
 
 def deliver(payload: bytes) -> str:
@@ -28,75 +33,155 @@ def deliver(payload: bytes) -> str:
     return stripe_event_process(event_id=stored.event_id)
 
 
-def paid(organization: Organization, pi: str, cents: int = 10000) -> CardPayment:
-    payment = CardPayment.objects.create(
-        stripe_payment_intent_id=pi,
-        organization=organization,
-        amount_usd=Decimal(cents) / 100,
-        origin=CardPayment.Origin.DASHBOARD,
-    )
-    intent = {"id": pi, "amount": cents, "amount_received": cents, "currency": "usd"}
-    assert deliver(event(f"evt_{pi}_ok", "payment_intent.succeeded", intent)).startswith("credited")
+def recorded_payment(organization: Organization, pi: str, cents: int = 10000) -> CardPayment:
+    """A card payment as its `succeeded` event leaves it (for dispute tests: disputes are
+    applied from their event, with no call to Stripe)."""
+    with transaction.atomic():
+        payment = CardPayment.objects.create(
+            stripe_payment_intent_id=pi,
+            organization=organization,
+            amount_usd=Decimal(cents) / 100,
+            origin=CardPayment.Origin.DASHBOARD,
+            status=CardPayment.Status.SUCCEEDED,
+        )
+        card_money_post(
+            organization_id=organization.pk,
+            kind=LedgerTransaction.Kind.TOPUP,
+            amount_usd=payment.amount_usd,
+            memo=f"card payment {pi}",
+        )
     return payment
 
 
-@pytest.mark.django_db
-def test_cumulative_refunds_without_a_list_never_take_back_twice() -> None:
+def test_a_refund_event_takes_back_what_stripe_says_was_refunded_not_what_it_carries(
+    localstripe: LocalStripe,
+) -> None:
     organization = make_org(credit_usd=None)
-    paid(organization, "pi_cum")
-    charge = {"id": "ch_cum", "payment_intent": "pi_cum", "currency": "usd"}
-    later = event("evt_cum_2", "charge.refunded", charge | {"amount_refunded": 5000})
-    earlier = event("evt_cum_1", "charge.refunded", charge | {"amount_refunded": 2000})
-    assert deliver(later) == "took back 50.0000000000 USD refunded"
-    assert deliver(earlier) == "refund already taken back"
-    assert deliver(later) == "refund already taken back"
+    make_org()  # another organisation, untouched
+    payment = card_paid(localstripe, organization, cents=10000)
+    charge_id = charge_of(localstripe, payment)
+    first = refund(localstripe, charge_id, 2000)
+    second = refund(localstripe, charge_id, 3000)
+    stale = {
+        "id": charge_id,
+        "payment_intent": payment.stripe_payment_intent_id,
+        "amount_refunded": 2000,
+        "refunds": {"data": [{"id": first, "amount": 2000}], "has_more": False},
+    }
+
+    taken = deliver(event("evt_refund_stale", "charge.refunded", stale))
+    again = deliver(event("evt_refund_lie", "charge.refunded", stale | {"amount_refunded": 9900}))
+
+    assert taken == "took back 50.0000000000 USD refunded"
+    assert again == "refund already taken back"
     assert wallet_balance_usd(organization_id=organization.pk) == Decimal(50)
-
-
-@pytest.mark.django_db
-def test_a_redelivered_success_credits_once() -> None:
-    organization = make_org(credit_usd=None)
-    paid(organization, "pi_twice")
-    intent = {"id": "pi_twice", "amount": 10000, "amount_received": 10000, "currency": "usd"}
-    assert deliver(event("evt_pi_twice_ok", "payment_intent.succeeded", intent)) == (
-        "already credited"
+    assert sorted(
+        StripeLedgerEntry.objects.filter(stripe_object_id=charge_id).values_list(
+            "key", "amount_usd"
+        )
+    ) == sorted(
+        [
+            (f"{charge_id}:refund:{first}", Decimal(-20)),
+            (f"{charge_id}:refund:{second}", Decimal(-30)),
+        ]
     )
-    assert deliver(event("evt_other_id", "payment_intent.succeeded", intent)) == (
+
+
+def test_a_redelivered_success_credits_once(localstripe: LocalStripe) -> None:
+    organization = make_org(credit_usd=None)
+    payment = card_paid(localstripe, organization, cents=10000)  # credited by localstripe's event
+    intent = {"id": payment.stripe_payment_intent_id}
+
+    assert deliver(event("evt_success_again", "payment_intent.succeeded", intent)) == (
         "already credited"
     )
     assert StripeLedgerEntry.objects.filter(organization=organization).count() == 1
     assert wallet_balance_usd(organization_id=organization.pk) == Decimal(100)
 
 
-@pytest.mark.django_db
-def test_a_failure_after_success_changes_nothing_and_a_failure_tells_the_owners(
-    django_capture_on_commit_callbacks: Any,
+def test_a_success_event_for_a_payment_stripe_declined_credits_nothing(
+    localstripe: LocalStripe,
 ) -> None:
     organization = make_org(credit_usd=None)
-    paid(organization, "pi_late_fail")
-    failed = {"id": "pi_late_fail", "last_payment_error": {"message": "Your card was declined."}}
-    assert deliver(event("evt_late_fail", "payment_intent.payment_failed", failed)) == (
-        "already succeeded"
-    )
-    CardPayment.objects.create(
-        stripe_payment_intent_id="pi_fail",
-        organization=organization,
-        amount_usd=Decimal(10),
-        origin=CardPayment.Origin.DASHBOARD,
-    )
-    failed = {"id": "pi_fail", "last_payment_error": {"message": "Your card was declined."}}
-    with django_capture_on_commit_callbacks(execute=True):
-        assert deliver(event("evt_fail", "payment_intent.payment_failed", failed)) == (
-            "marked failed"
-        )
-        assert deliver(event("evt_fail_again", "payment_intent.payment_failed", failed)) == (
-            "already failed"
-        )
-    assert CardPayment.objects.get(stripe_payment_intent_id="pi_fail").status == "failed"
-    assert len(mail.outbox) == 1
-    assert mail.outbox[0].to == [organization.membership_set.get().user.email]
-    assert "Your card was declined." in mail.outbox[0].body
+    payment = card_paid(localstripe, organization, cents=1000, number=DECLINED_ON_CHARGE)
+    forged = {
+        "id": payment.stripe_payment_intent_id,
+        "status": "succeeded",
+        "amount": 1000,
+        "amount_received": 1000,
+        "currency": "usd",
+        "metadata": {"organization_id": str(organization.pk), "switchboard_origin": "dashboard"},
+    }
+
+    outcome = deliver(event("evt_not_really", "payment_intent.succeeded", forged))
+
+    assert outcome == "ignored: Stripe says the payment is requires_payment_method"
+    assert payment.status == CardPayment.Status.FAILED
+    assert wallet_balance_usd(organization_id=organization.pk) == Decimal(0)
+
+
+def test_a_failure_event_for_a_payment_that_succeeded_changes_nothing(
+    localstripe: LocalStripe,
+) -> None:
+    organization = make_org(credit_usd=None)
+    payment = card_paid(localstripe, organization, cents=10000)
+    failed = {
+        "id": payment.stripe_payment_intent_id,
+        "last_payment_error": {"message": "Your card was declined."},
+    }
+
+    outcome = deliver(event("evt_late_fail", "payment_intent.payment_failed", failed))
+
+    assert outcome == "not failed: Stripe says the payment is succeeded"
+    payment.refresh_from_db()
+    assert payment.status == CardPayment.Status.SUCCEEDED
     assert wallet_balance_usd(organization_id=organization.pk) == Decimal(100)
+
+
+def test_a_declined_payment_tells_the_owners_once(
+    localstripe: LocalStripe, mailoutbox: list[EmailMessage]
+) -> None:
+    organization = make_org(credit_usd=None)
+    make_org()  # another organisation's owner gets nothing
+    payment = card_paid(localstripe, organization, cents=1000, number=DECLINED_ON_CHARGE)
+    wait_for(lambda: len(mailoutbox) == 1)
+
+    redelivered = deliver(
+        event(
+            "evt_fail_redelivered",
+            "payment_intent.payment_failed",
+            {"id": payment.stripe_payment_intent_id},
+        )
+    )
+
+    assert redelivered == "already failed"
+    [message] = mailoutbox
+    assert message.to == [organization.membership_set.get().user.email]
+    assert "of 10.00" in message.subject  # the intent's amount
+    assert "Your card was declined." in message.body
+
+
+def test_an_event_about_an_object_stripe_does_not_have_is_ignored(
+    localstripe: LocalStripe,
+) -> None:
+    make_org()
+
+    outcome = deliver(event("evt_nobody", "payment_intent.succeeded", {"id": "pi_nobody"}))
+
+    assert outcome == "ignored: Stripe has no such object"
+    assert StripeEvent.objects.get(event_id="evt_nobody").processed_at is not None
+    assert not StripeLedgerEntry.objects.exists()
+
+
+@pytest.mark.django_db
+def test_an_event_waits_unprocessed_while_stripe_cannot_be_reached() -> None:
+    make_org()
+    unreachable = "http://127.0.0.1:9"  # the discard port: connection refused
+    with override_settings(STRIPE_SECRET_KEY="sk_test_down", STRIPE_API_BASE=unreachable):
+        outcome = deliver(event("evt_down", "payment_intent.succeeded", {"id": "pi_down"}))
+
+    assert outcome.startswith("waiting: ")
+    assert StripeEvent.objects.get(event_id="evt_down").processed_at is None
 
 
 @pytest.mark.django_db
@@ -110,19 +195,11 @@ def test_an_event_about_an_unknown_payment_waits_unprocessed() -> None:
     assert not StripeLedgerEntry.objects.exists()
 
 
-@pytest.mark.django_db
-def test_a_success_without_portal_metadata_is_ignored() -> None:
-    make_org()
-    intent = {"id": "pi_elsewhere", "amount": 500, "amount_received": 500, "currency": "usd"}
-    assert deliver(event("evt_elsewhere", "payment_intent.succeeded", intent)).startswith("ignored")
-    assert not StripeLedgerEntry.objects.exists()
-
-
 def test_a_wallet_pushed_negative_by_a_dispute_stops_its_keys_until_topped_up(
     gateway_url: str, catalog: object
 ) -> None:
     organization = make_org(credit_usd=None)
-    paid(organization, "pi_spent", cents=1000)
+    recorded_payment(organization, "pi_spent", cents=1000)
     _, key = make_key(organization)
     client = openai.OpenAI(base_url=gateway_url, api_key=key, max_retries=0)
 
@@ -149,7 +226,7 @@ def test_a_waiting_event_is_applied_by_the_retry_once_its_payment_is_known() -> 
     organization = make_org(credit_usd=None)
     dispute = {"id": "dp_early", "payment_intent": "pi_late", "amount": 3000}
     assert deliver(event("evt_dp_early", "charge.dispute.created", dispute)).startswith("waiting")
-    paid(organization, "pi_late")
+    recorded_payment(organization, "pi_late")
     StripeEvent.objects.filter(event_id="evt_dp_early").update(
         received_at=timezone.now() - timedelta(minutes=2)
     )
