@@ -1,9 +1,10 @@
 """The management API's billing endpoints: balance, usage over time, the request log, and
 `GET /api/v1/key` (what the calling API key may still spend).
 
-Organisation-scoped views resolve the caller's membership through portal's `caller_membership`
-(404 for an organisation the caller does not belong to). Members see the usage of their own
-keys; owners and admins every key's (portal/api_permissions.py).
+Organisation-scoped views are portal's `OrganizationScoped`: the caller's membership is
+resolved before the view runs (404 for an organisation the caller does not belong to) and its
+role checked by portal/permissions.py. Members see the usage of their own keys; owners and
+admins every key's.
 """
 
 from __future__ import annotations
@@ -40,10 +41,9 @@ from billing.usage_filters import (
     usage_query,
 )
 from portal import api_keys
-from portal.api import require
-from portal.api_auth import caller_membership
-from portal.api_permissions import Action, role_allows
+from portal.api_base import OrganizationScoped
 from portal.models import ApiKey, Membership
+from portal.permissions import Action, can
 from portal.selectors import api_keys_manageable
 
 _FILTER_PARAMETERS = [
@@ -57,7 +57,7 @@ _FILTER_PARAMETERS = [
 
 def visible_keys(membership: Membership) -> QuerySet[ApiKey] | None:
     """The keys whose usage the member may see; None: every key of the organisation."""
-    if role_allows(membership.role, Action.VIEW_ALL_USAGE):
+    if can(membership, Action.USAGE_VIEW_ALL):
         return None
     return api_keys_manageable(membership=membership)
 
@@ -75,13 +75,13 @@ class BalanceSerializer(serializers.Serializer[Any]):
     available_usd = serializers.CharField(help_text="USD requests may still spend.")
 
 
-class Balance(APIView):
+class Balance(OrganizationScoped):
+    required_actions = {"GET": Action.BILLING_VIEW}
+
     @extend_schema(responses=BalanceSerializer)
     def get(self, request: Request, organization: str) -> Response:
-        membership = caller_membership(request, organization)
-        require(membership, Action.VIEW_BALANCE)
         wallet = Account.objects.filter(
-            organization_id=membership.organization_id, kind=Account.Kind.WALLET
+            organization_id=self.membership.organization_id, kind=Account.Kind.WALLET
         ).first()
         balance = wallet.balance_usd if wallet else ZERO_USD
         reserved = wallet.reserved_usd if wallet else ZERO_USD
@@ -112,7 +112,9 @@ class UsageSerializer(serializers.Serializer[Any]):
     buckets = UsageBucketSerializer(many=True)
 
 
-class Usage(APIView):
+class Usage(OrganizationScoped):
+    required_actions = {"GET": Action.ORG_VIEW}
+
     @extend_schema(
         parameters=[
             *_FILTER_PARAMETERS,
@@ -126,7 +128,7 @@ class Usage(APIView):
 
         Without `since`, the last 30 days, 12 weeks or 12 months.
         """
-        membership = caller_membership(request, organization)
+        membership = self.membership
         form = _valid_query(request)
         period, group_by = period_of(form), group_by_of(form)
         since, until = chart_range(form, period)
@@ -179,14 +181,16 @@ class RequestLogPagination(CursorPagination):
     max_page_size = 500
 
 
-class RequestLog(ListAPIView[UsageRecord]):
+class RequestLog(OrganizationScoped, ListAPIView[UsageRecord]):
     """The organisation's requests, newest first, with cursor pagination (`next`, `previous`)."""
+
+    required_actions = {"GET": Action.ORG_VIEW}
 
     serializer_class = RequestLogSerializer
     pagination_class = RequestLogPagination
 
     def get_queryset(self) -> QuerySet[UsageRecord]:
-        membership = caller_membership(self.request, self.kwargs["organization"])
+        membership = self.membership
         return usage_records(
             organization_id=membership.organization_id,
             visible_keys=visible_keys(membership),

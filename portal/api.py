@@ -1,8 +1,9 @@
 """The management API's organisation, member, API key and management token endpoints.
 
-Every view resolves the caller's membership of the organisation named in the URL
-(`caller_membership`: 404 for any other), checks the role (api_permissions.py) and reaches
-tenant rows only through selectors that take that membership. Billing's endpoints (balance,
+Every view under an organisation is `OrganizationScoped`: the caller's membership of the
+organisation named in the URL is resolved before the view runs (404 for any other) and its role
+checked against portal/permissions.py; the view reaches tenant rows only through selectors
+that take that membership. Billing's endpoints (balance,
 usage, the request log) live in billing/api.py.
 """
 
@@ -18,8 +19,8 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from portal.api_auth import caller_membership, caller_memberships, is_token_call
-from portal.api_permissions import Action, role_allows
+from portal.api_auth import caller_memberships, is_token_call
+from portal.api_base import OrganizationScoped
 from portal.management_tokens import (
     management_token_create,
     management_token_get,
@@ -27,14 +28,9 @@ from portal.management_tokens import (
     management_tokens_of,
 )
 from portal.models import ApiKey, ManagementToken, Membership
+from portal.permissions import Action
 from portal.selectors import ApiKeyNotFound, api_key_get_manageable, api_keys_manageable
 from portal.services import OrganizationError, api_key_create, api_key_revoke, api_key_update
-
-
-def require(membership: Membership, action: Action) -> None:
-    """403 unless the member's role allows the action."""
-    if not role_allows(membership.role, action):
-        raise PermissionDenied(f"Your role ({membership.role}) does not allow this.")
 
 
 class OrganizationSerializer(serializers.Serializer[Any]):
@@ -131,21 +127,21 @@ class OrganizationList(APIView):
         return Response(OrganizationSerializer(caller_memberships(request), many=True).data)
 
 
-class OrganizationDetail(APIView):
+class OrganizationDetail(OrganizationScoped):
+    required_actions = {"GET": Action.ORG_VIEW}
+
     @extend_schema(responses=OrganizationSerializer)
     def get(self, request: Request, organization: str) -> Response:
-        membership = caller_membership(request, organization)
-        require(membership, Action.VIEW_ORGANIZATION)
-        return Response(OrganizationSerializer(membership).data)
+        return Response(OrganizationSerializer(self.membership).data)
 
 
-class MemberList(APIView):
+class MemberList(OrganizationScoped):
+    required_actions = {"GET": Action.MEMBER_VIEW}
+
     @extend_schema(responses=MemberSerializer(many=True))
     def get(self, request: Request, organization: str) -> Response:
-        membership = caller_membership(request, organization)
-        require(membership, Action.VIEW_MEMBERS)
         members = (
-            Membership.objects.filter(organization_id=membership.organization_id)
+            Membership.objects.filter(organization_id=self.membership.organization_id)
             .select_related("user")
             .order_by("created_at", "pk")
         )
@@ -159,20 +155,19 @@ def _manageable_key(membership: Membership, key_id: int) -> ApiKey:
         raise NotFound("No such API key.") from None
 
 
-class ApiKeyList(APIView):
+class ApiKeyList(OrganizationScoped):
+    required_actions = {"GET": Action.ORG_VIEW, "POST": Action.KEY_CREATE}
+
     @extend_schema(responses=ApiKeySerializer(many=True))
     def get(self, request: Request, organization: str) -> Response:
         """Every key of the organisation for owners and admins; a member's own for members."""
-        membership = caller_membership(request, organization)
-        require(membership, Action.MANAGE_OWN_KEYS)
-        keys = api_keys_manageable(membership=membership).select_related("created_by")
+        keys = api_keys_manageable(membership=self.membership).select_related("created_by")
         return Response(ApiKeySerializer(keys, many=True).data)
 
     @extend_schema(request=ApiKeyCreateSerializer, responses={201: ApiKeyCreatedSerializer})
     def post(self, request: Request, organization: str) -> Response:
         """Create a key. The response carries the secret: it is never shown again."""
-        membership = caller_membership(request, organization)
-        require(membership, Action.MANAGE_OWN_KEYS)
+        membership = self.membership
         body = ApiKeyCreateSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         try:
@@ -187,17 +182,15 @@ class ApiKeyList(APIView):
         return Response(data, status=status.HTTP_201_CREATED, headers={"Cache-Control": "no-store"})
 
 
-class ApiKeyDetail(APIView):
+class ApiKeyDetail(OrganizationScoped):
     @extend_schema(responses=ApiKeySerializer)
     def get(self, request: Request, organization: str, key_id: int) -> Response:
-        membership = caller_membership(request, organization)
-        return Response(ApiKeySerializer(_manageable_key(membership, key_id)).data)
+        return Response(ApiKeySerializer(_manageable_key(self.membership, key_id)).data)
 
     @extend_schema(request=ApiKeyUpdateSerializer, responses=ApiKeySerializer)
     def patch(self, request: Request, organization: str, key_id: int) -> Response:
         """Change the key's name or limits; gateways apply it within seconds."""
-        membership = caller_membership(request, organization)
-        api_key = _manageable_key(membership, key_id)
+        api_key = _manageable_key(self.membership, key_id)
         body = ApiKeyUpdateSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         changes = body.validated_data
@@ -218,29 +211,30 @@ class ApiKeyDetail(APIView):
         return Response(ApiKeySerializer(api_key).data)
 
 
-class ApiKeyRevoke(APIView):
+class ApiKeyRevoke(OrganizationScoped):
     @extend_schema(request=None, responses=ApiKeySerializer)
     def post(self, request: Request, organization: str, key_id: int) -> Response:
         """Revoke the key: every gateway refuses it within GATEWAY_KEY_CACHE_SECONDS."""
-        membership = caller_membership(request, organization)
-        api_key = _manageable_key(membership, key_id)
+        api_key = _manageable_key(self.membership, key_id)
         api_key_revoke(api_key=api_key)
         return Response(ApiKeySerializer(api_key).data)
 
 
-def _token_manager(request: Request, organization: str) -> Membership:
+class _TokenManagement(OrganizationScoped):
     """Owners and admins signed in to the dashboard; a token cannot manage tokens."""
-    membership = caller_membership(request, organization)
-    require(membership, Action.MANAGE_TOKENS)
-    if is_token_call(request):
-        raise PermissionDenied("Management tokens are managed from a signed-in session.")
-    return membership
+
+    required_actions = {"GET": Action.TOKEN_MANAGE, "POST": Action.TOKEN_MANAGE}
+
+    def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        super().initial(request, *args, **kwargs)
+        if is_token_call(request):
+            raise PermissionDenied("Management tokens are managed from a signed-in session.")
 
 
-class ManagementTokenList(APIView):
+class ManagementTokenList(_TokenManagement):
     @extend_schema(responses=ManagementTokenSerializer(many=True))
     def get(self, request: Request, organization: str) -> Response:
-        membership = _token_manager(request, organization)
+        membership = self.membership
         tokens = management_tokens_of(organization=membership.organization)
         return Response(ManagementTokenSerializer(tokens, many=True).data)
 
@@ -249,7 +243,7 @@ class ManagementTokenList(APIView):
     )
     def post(self, request: Request, organization: str) -> Response:
         """Create a token for scripts. The response carries the secret: it is never shown again."""
-        membership = _token_manager(request, organization)
+        membership = self.membership
         body = ManagementTokenCreateSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         try:
@@ -264,10 +258,10 @@ class ManagementTokenList(APIView):
         return Response(data, status=status.HTTP_201_CREATED, headers={"Cache-Control": "no-store"})
 
 
-class ManagementTokenRevoke(APIView):
+class ManagementTokenRevoke(_TokenManagement):
     @extend_schema(request=None, responses=ManagementTokenSerializer)
     def post(self, request: Request, organization: str, token_id: int) -> Response:
-        membership = _token_manager(request, organization)
+        membership = self.membership
         token = management_token_get(organization=membership.organization, token_id=token_id)
         if token is None:
             raise NotFound("No such management token.")

@@ -3,7 +3,8 @@
 Two ways in: the dashboard's session (a user, who names the organisation in the URL), and a
 management token (`Authorization: Bearer sbm_…`, one organisation, a capped role). Every view
 turns the URL's organisation into the caller's membership with `caller_membership`; an
-organisation the caller does not belong to is a 404, whether or not it exists.
+organisation the caller does not belong to is a 404, whether or not it exists (views under an
+organisation get it from portal/api_base.py's `OrganizationScoped`).
 """
 
 from __future__ import annotations

@@ -11,7 +11,6 @@ from django.shortcuts import render
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
-from portal.api_permissions import Action, role_allows
 from portal.dashboard import current_membership
 from portal.management_tokens import (
     management_token_create,
@@ -20,12 +19,13 @@ from portal.management_tokens import (
     management_tokens_of,
 )
 from portal.models import Membership
+from portal.permissions import Action, can
 from portal.services import OrganizationError
 
 
 def _token_manager(request: HttpRequest) -> Membership:
     membership = current_membership(request)
-    if not role_allows(membership.role, Action.MANAGE_TOKENS):
+    if not can(membership, Action.TOKEN_MANAGE):
         raise PermissionDenied("Only owners and admins manage management tokens.")
     return membership
 
