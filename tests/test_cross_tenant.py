@@ -22,7 +22,15 @@ import pytest
 from django.test import Client
 from django.urls import URLPattern, URLResolver, get_resolver, reverse
 
-from billing.models import Account, CardPayment, LedgerTransaction, Statement, UsageRecord
+from billing.models import (
+    Account,
+    CardPayment,
+    LedgerTransaction,
+    SpendCap,
+    Statement,
+    UsageRecord,
+)
+from billing.services import spend_cap_set
 from billing.statements import statement_issue
 from portal.management_tokens import management_token_create
 from portal.models import ApiKey, Invitation, ManagementToken, Membership, Organization, User
@@ -70,6 +78,25 @@ OBJECTS: dict[str, Callable[[World], dict[str, Any]]] = {
     "api_v1_balance": lambda w: {"organization": w.acme.slug},
     "api_v1_usage": lambda w: {"organization": w.acme.slug},
     "api_v1_requests": lambda w: {"organization": w.acme.slug},
+    "api_v1_member": lambda w: {"organization": w.acme.slug, "member_id": w.bob.pk},
+    "api_v1_ownership_transfer": lambda w: {"organization": w.acme.slug, "member_id": w.bob.pk},
+    "api_v1_invitations": lambda w: {"organization": w.acme.slug},
+    "api_v1_invitation_revoke": lambda w: {
+        "organization": w.acme.slug,
+        "invitation_id": w.invitation.pk,
+    },
+    "api_v1_key_rotate": lambda w: {"organization": w.acme.slug, "key_id": w.key.pk},
+    "api_v1_key_spend_cap": lambda w: {"organization": w.acme.slug, "key_id": w.key.pk},
+    "api_v1_statements": lambda w: {"organization": w.acme.slug},
+    "api_v1_statement": lambda w: {"organization": w.acme.slug, "statement_id": w.statement.pk},
+    "api_v1_statement_csv": lambda w: {
+        "organization": w.acme.slug,
+        "statement_id": w.statement.pk,
+    },
+    "api_v1_statement_pdf": lambda w: {
+        "organization": w.acme.slug,
+        "statement_id": w.statement.pk,
+    },
 }
 
 # Route prefixes whose parameters are not an organisation's objects, and why.
@@ -157,6 +184,7 @@ def world(db) -> World:
     alice = Membership.objects.get(organization=acme)
     key, _ = api_key_create(organization=acme, name="acme-key", created_by=alice.user)
     make_usage(key)
+    spend_cap_set(api_key=key, amount_usd=Decimal("3"), window=SpendCap.Window.DAY)
     token, _ = management_token_create(membership=alice, name="acme-token", role="owner")
     charlie = Membership.objects.get(organization=rival)
     _, charlie_token = management_token_create(membership=charlie, name="c", role="owner")
@@ -218,6 +246,8 @@ def snapshot() -> dict[str, object]:
         "invitations": sorted(Invitation.objects.values_list("pk", "state")),
         "statements": Statement.objects.count(),
         "payments": sorted(CardPayment.objects.values_list("pk", "status")),
+        "spend_caps": sorted(SpendCap.objects.values_list("api_key_id", "amount_usd", "window")),
+        "ip_allowlists": sorted(ApiKey.objects.values_list("pk", "ip_allowlist")),
     }
 
 
@@ -275,7 +305,7 @@ def test_the_matrix_catches_a_leak(world, monkeypatch):
     from portal import api as portal_api
 
     monkeypatch.setattr(
-        portal_api, "_manageable_key", lambda membership, key_id: ApiKey.objects.get(pk=key_id)
+        portal_api, "api_key_or_404", lambda membership, key_id: ApiKey.objects.get(pk=key_id)
     )
     route = next(r for r in routes_with_parameters() if r.key == "api_v1_key")
 
