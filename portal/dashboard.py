@@ -3,14 +3,26 @@
 A page names its organisation with `?org=<slug>` (a form with a hidden `org` field); the choice
 is remembered in the session, and without one the user's first organisation is shown. Only the
 user's own organisations can be chosen: any other slug is a 404, whether or not it exists.
+
+The POST views that act on the organisation are wrapped in `member_may` (an action on the
+organisation) or `member_may_on` (an action on one of its objects, fetched through the
+membership): login, POST only, the membership, the object (404 outside the organisation), then
+portal.permissions (403), in that order, before the view body runs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import wraps
+from typing import TypeVar
+
+from django.contrib.auth.decorators import login_required
 from django.contrib.auth.models import AnonymousUser
-from django.http import Http404, HttpRequest
+from django.http import Http404, HttpRequest, HttpResponse
+from django.views.decorators.http import require_POST
 
 from portal.models import Membership, User
+from portal.permissions import Action, require
 from portal.selectors import OrganizationNotFound, membership_get
 
 SESSION_KEY = "dashboard_org"
@@ -42,3 +54,50 @@ def current_membership(request: HttpRequest) -> Membership:
         raise Http404("no such organisation") from None
     request.session[SESSION_KEY] = membership.organization.slug
     return membership
+
+
+T = TypeVar("T")
+MemberView = Callable[[HttpRequest, Membership], HttpResponse]
+ObjectView = Callable[[HttpRequest, Membership, T], HttpResponse]
+
+
+def member_may(action: Action) -> Callable[[MemberView], Callable[..., HttpResponse]]:
+    """A POST view the current member calls as `view(request, membership)` once their role
+    may do `action` in the organisation."""
+
+    def decorate(view: MemberView) -> Callable[..., HttpResponse]:
+        @login_required
+        @require_POST
+        @wraps(view)
+        def wrapper(request: HttpRequest) -> HttpResponse:
+            membership = current_membership(request)
+            require(membership, action)
+            return view(request, membership)
+
+        return wrapper
+
+    return decorate
+
+
+def member_may_on(
+    action: Action, fetch: Callable[[Membership, int], T]
+) -> Callable[[ObjectView[T]], Callable[..., HttpResponse]]:
+    """A POST view on one object of the organisation, called as `view(request, membership,
+    obj)`. `fetch(membership, id)` finds the object through the membership (the URL's one
+    parameter is its id) and raises Http404 for any other; then the role must allow `action`
+    on it."""
+
+    def decorate(view: ObjectView[T]) -> Callable[..., HttpResponse]:
+        @login_required
+        @require_POST
+        @wraps(view)
+        def wrapper(request: HttpRequest, **url_kwargs: int) -> HttpResponse:
+            membership = current_membership(request)
+            (object_id,) = url_kwargs.values()
+            obj = fetch(membership, object_id)
+            require(membership, action, obj)
+            return view(request, membership, obj)
+
+        return wrapper
+
+    return decorate

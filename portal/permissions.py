@@ -23,7 +23,7 @@ from enum import StrEnum
 
 from django.core.exceptions import PermissionDenied
 
-from portal.models import ApiKey, Invitation, Membership
+from portal.models import ApiKey, Invitation, ManagementToken, Membership
 
 Role = Membership.Role
 
@@ -76,7 +76,7 @@ ROLES_ALLOWED: dict[Action, set[Membership.Role]] = {
 
 
 def _organization_id_of(obj: object) -> int | None:
-    if isinstance(obj, ApiKey | Invitation | Membership):
+    if isinstance(obj, ApiKey | Invitation | ManagementToken | Membership):
         return obj.organization_id
     return None
 
