@@ -8,16 +8,9 @@ keyboard cannot reach (an onclick on a non-interactive element).
 
 from __future__ import annotations
 
-from datetime import date
 from html.parser import HTMLParser
 
 import pytest
-from django.test import Client
-
-from billing.statements import statement_issue
-from portal.models import Membership
-from portal.services import api_key_create
-from tests.factories import make_org, make_usage
 
 INTERACTIVE = {"a", "button", "input", "select", "textarea", "summary", "details", "label"}
 LABELLED = {"input", "select", "textarea"}
@@ -106,20 +99,6 @@ def test_the_audit_notices_an_unlabelled_field_and_a_missing_skip_link():
     ]
 
 
-@pytest.fixture
-def acme_owner(db) -> tuple[Client, dict[str, str]]:
-    acme = make_org(name="Acme", credit_usd="10")
-    make_org(name="Rival", credit_usd="10")  # another organisation's data exists too
-    owner = Membership.objects.get(organization=acme).user
-    key, _ = api_key_create(organization=acme, name="ci", created_by=owner)
-    make_usage(key)
-    statement = statement_issue(organization_id=acme.pk, period_start=date(2026, 10, 1))
-    client = Client()
-    client.force_login(owner)
-    ids = {"org": acme.slug, "key": str(key.pk), "statement": str(statement.pk)}
-    return client, ids
-
-
 PAGES = [
     "/dashboard/",
     "/dashboard/keys/{key}/",
@@ -137,8 +116,8 @@ PAGES = [
 
 
 @pytest.mark.parametrize("path", PAGES)
-def test_each_signed_in_page_is_usable_by_keyboard_and_screen_reader(acme_owner, path):
-    client, ids = acme_owner
+def test_each_signed_in_page_is_usable_by_keyboard_and_screen_reader(acme_pages, path):
+    client, ids = acme_pages
 
     response = client.get(path.format(**ids), {"org": ids["org"]})
 
@@ -156,8 +135,8 @@ def test_each_account_page_is_usable_by_keyboard_and_screen_reader(client, db, p
     assert audit(response.content.decode()) == []
 
 
-def test_the_new_key_page_and_its_copy_button_are_usable_by_keyboard(acme_owner):
-    client, ids = acme_owner
+def test_the_new_key_page_and_its_copy_button_are_usable_by_keyboard(acme_pages):
+    client, ids = acme_pages
 
     response = client.post("/dashboard/keys/create", {"name": "new", "org": ids["org"]})
 
