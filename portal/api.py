@@ -21,7 +21,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from portal.api_auth import caller_memberships, is_token_call
+from portal.api_auth import caller_memberships, caller_user, is_token_call
 from portal.api_base import OrganizationScoped, require_api
 from portal.management_tokens import (
     management_token_create,
@@ -52,6 +52,7 @@ from portal.services import (
     invitation_revoke,
     membership_change_role,
     membership_remove,
+    organization_create_for_user,
     ownership_transfer,
 )
 
@@ -195,11 +196,33 @@ class ManagementTokenCreateSerializer(serializers.Serializer[Any]):
     role = serializers.ChoiceField(choices=Membership.Role.choices, default=Membership.Role.MEMBER)
 
 
+class OrganizationCreateSerializer(serializers.Serializer[Any]):
+    name = serializers.CharField(max_length=200)
+
+
 class OrganizationList(APIView):
     @extend_schema(responses=OrganizationSerializer(many=True))
     def get(self, request: Request) -> Response:
         """The organisations the caller belongs to (a token: its own)."""
         return Response(OrganizationSerializer(caller_memberships(request), many=True).data)
+
+    @extend_schema(request=OrganizationCreateSerializer, responses={201: OrganizationSerializer})
+    def post(self, request: Request) -> Response:
+        """Create another organisation, owned by the signed-in user. A management token belongs
+        to one organisation and cannot create others."""
+        if is_token_call(request):
+            raise PermissionDenied("Organisations are created from a signed-in session.")
+        user = caller_user(request)
+        body = OrganizationCreateSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        try:
+            organization = organization_create_for_user(user=user, name=body.validated_data["name"])
+        except OrganizationError as exc:
+            raise ValidationError({"name": [str(exc)]}) from None
+        membership = Membership.objects.select_related("organization").get(
+            organization=organization, user=user
+        )
+        return Response(OrganizationSerializer(membership).data, status=status.HTTP_201_CREATED)
 
 
 class OrganizationDetail(OrganizationScoped):

@@ -46,6 +46,25 @@ def test_it_lists_only_the_callers_organisations(team):
     ]
 
 
+def test_a_signed_in_user_creates_an_organisation_and_owns_it(team):
+    response = as_user(team.bob).post("/api/v1/organizations/", {"name": "Bob's lab"})
+
+    assert response.status_code == 201
+    assert (response.json()["name"], response.json()["role"]) == ("Bob's lab", "owner")
+    created = Organization.objects.get(slug=response.json()["slug"])
+    assert Membership.objects.get(organization=created).user == team.bob
+    assert Membership.objects.get(user=team.bob, organization=team.acme).role == "member"
+
+
+def test_a_management_token_cannot_create_organisations(team):
+    secret = token_for(team.alice, team.acme, "owner")
+
+    response = as_token(secret).post("/api/v1/organizations/", {"name": "Shadow"})
+
+    assert response.status_code == 403
+    assert not Organization.objects.filter(name="Shadow").exists()
+
+
 def test_another_organisation_is_a_404_whether_or_not_it_exists(team):
     client = as_user(team.charlie)
     for slug in (team.acme.slug, "no-such-org"):
