@@ -1,10 +1,11 @@
-"""The management API's organisation, member, API key and management token endpoints.
+"""The management API's organisation, member, invitation, API key and management token
+endpoints.
 
 Every view under an organisation is `OrganizationScoped`: the caller's membership of the
 organisation named in the URL is resolved before the view runs (404 for any other) and its role
 checked against portal/permissions.py; the view reaches tenant rows only through selectors
-that take that membership. Billing's endpoints (balance,
-usage, the request log) live in billing/api.py.
+that take that membership. Billing's endpoints (balance, usage, the request log, statements,
+a key's spend cap) live in billing/api.py.
 """
 
 from __future__ import annotations
