@@ -239,12 +239,8 @@ class MemberList(OrganizationScoped):
 
     @extend_schema(responses=MemberSerializer(many=True))
     def get(self, request: Request, organization: str) -> Response:
-        members = (
-            Membership.objects.filter(organization_id=self.membership.organization_id)
-            .select_related("user")
-            .order_by("created_at", "pk")
-        )
-        return Response(MemberSerializer(members, many=True).data)
+        """The members, as the organisation page lists them: the owner, admins, then members."""
+        return Response(MemberSerializer(members_of(membership=self.membership), many=True).data)
 
 
 def _member(membership: Membership, member_id: int) -> Membership:
