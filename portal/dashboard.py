@@ -21,9 +21,18 @@ from django.contrib.auth.models import AnonymousUser
 from django.http import Http404, HttpRequest, HttpResponse
 from django.views.decorators.http import require_POST
 
-from portal.models import Membership, User
+from portal.models import ApiKey, Invitation, Membership, User
 from portal.permissions import Action, require
-from portal.selectors import OrganizationNotFound, membership_get
+from portal.selectors import (
+    ApiKeyNotFound,
+    InvitationNotFound,
+    MembershipNotFound,
+    OrganizationNotFound,
+    api_key_get_manageable,
+    invitation_get,
+    member_get,
+    membership_get,
+)
 
 SESSION_KEY = "dashboard_org"
 
@@ -54,6 +63,31 @@ def current_membership(request: HttpRequest) -> Membership:
         raise Http404("no such organisation") from None
     request.session[SESSION_KEY] = membership.organization.slug
     return membership
+
+
+# The objects of the member's organisation a page acts on: any other id is a 404.
+
+
+def api_key_or_404(membership: Membership, api_key_id: int) -> ApiKey:
+    """A key the member may see; any other id (another member's, another org's) is a 404."""
+    try:
+        return api_key_get_manageable(membership=membership, api_key_id=api_key_id)
+    except ApiKeyNotFound:
+        raise Http404("no such API key") from None
+
+
+def member_or_404(membership: Membership, member_id: int) -> Membership:
+    try:
+        return member_get(membership=membership, member_id=member_id)
+    except MembershipNotFound:
+        raise Http404("no such member") from None
+
+
+def invitation_or_404(membership: Membership, invitation_id: int) -> Invitation:
+    try:
+        return invitation_get(membership=membership, invitation_id=invitation_id)
+    except InvitationNotFound:
+        raise Http404("no such invitation") from None
 
 
 T = TypeVar("T")

@@ -21,24 +21,22 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from portal import services
 from portal.dashboard import (
     SESSION_KEY,
+    api_key_or_404,
     current_membership,
+    invitation_or_404,
     member_may,
     member_may_on,
+    member_or_404,
     request_user,
 )
 from portal.forms import ApiKeyRotateForm, InvitationForm, OrganizationCreateForm, RoleForm
 from portal.models import ApiKey, Invitation, Membership
 from portal.permissions import Action, can, require
 from portal.selectors import (
-    ApiKeyNotFound,
     InvitationNotFound,
-    MembershipNotFound,
     OrganizationNotFound,
-    api_key_get_manageable,
     invitation_by_token,
-    invitation_get,
     invitations_pending,
-    member_get,
     members_of,
     membership_get,
     memberships_of_user,
@@ -57,28 +55,6 @@ def _dashboard_url(organization_slug: str) -> str:
 
 def _organization_url(organization_slug: str) -> str:
     return f"{reverse('organization')}?org={organization_slug}"
-
-
-def _key_or_404(membership: Membership, api_key_id: int) -> ApiKey:
-    """A key the member may see; any other id (another member's, another org's) is a 404."""
-    try:
-        return api_key_get_manageable(membership=membership, api_key_id=api_key_id)
-    except ApiKeyNotFound:
-        raise Http404("no such API key") from None
-
-
-def _member_or_404(membership: Membership, member_id: int) -> Membership:
-    try:
-        return member_get(membership=membership, member_id=member_id)
-    except MembershipNotFound:
-        raise Http404("no such member") from None
-
-
-def _invitation_or_404(membership: Membership, invitation_id: int) -> Invitation:
-    try:
-        return invitation_get(membership=membership, invitation_id=invitation_id)
-    except InvitationNotFound:
-        raise Http404("no such invitation") from None
 
 
 def _show_secret(
@@ -191,7 +167,7 @@ def member_invite(request: HttpRequest, membership: Membership) -> HttpResponse:
     return HttpResponseRedirect(_organization_url(slug))
 
 
-@member_may_on(Action.INVITATION_REVOKE, _invitation_or_404)
+@member_may_on(Action.INVITATION_REVOKE, invitation_or_404)
 def invitation_revoke(
     request: HttpRequest, membership: Membership, invitation: Invitation
 ) -> HttpResponse:
@@ -200,7 +176,7 @@ def invitation_revoke(
     return HttpResponseRedirect(_organization_url(membership.organization.slug))
 
 
-@member_may_on(Action.MEMBER_CHANGE_ROLE, _member_or_404)
+@member_may_on(Action.MEMBER_CHANGE_ROLE, member_or_404)
 def member_change_role(
     request: HttpRequest, membership: Membership, member: Membership
 ) -> HttpResponse:
@@ -213,7 +189,7 @@ def member_change_role(
     return HttpResponseRedirect(_organization_url(membership.organization.slug))
 
 
-@member_may_on(Action.MEMBER_REMOVE, _member_or_404)
+@member_may_on(Action.MEMBER_REMOVE, member_or_404)
 def member_remove(request: HttpRequest, membership: Membership, member: Membership) -> HttpResponse:
     services.membership_remove(
         membership=member, revoke_their_keys=request.POST.get("revoke_keys") == "on"
@@ -222,7 +198,7 @@ def member_remove(request: HttpRequest, membership: Membership, member: Membersh
     return HttpResponseRedirect(_organization_url(membership.organization.slug))
 
 
-@member_may_on(Action.ORG_TRANSFER, _member_or_404)
+@member_may_on(Action.ORG_TRANSFER, member_or_404)
 def ownership_transfer(
     request: HttpRequest, membership: Membership, member: Membership
 ) -> HttpResponse:
@@ -301,7 +277,7 @@ def api_key_create_view(request: HttpRequest, membership: Membership) -> HttpRes
     return _show_secret(request, membership, api_key, secret)
 
 
-@member_may_on(Action.KEY_MANAGE, _key_or_404)
+@member_may_on(Action.KEY_MANAGE, api_key_or_404)
 def api_key_revoke_view(
     request: HttpRequest, membership: Membership, api_key: ApiKey
 ) -> HttpResponse:
@@ -310,7 +286,7 @@ def api_key_revoke_view(
     return HttpResponseRedirect(_dashboard_url(membership.organization.slug))
 
 
-@member_may_on(Action.KEY_MANAGE, _key_or_404)
+@member_may_on(Action.KEY_MANAGE, api_key_or_404)
 def api_key_rename_view(
     request: HttpRequest, membership: Membership, api_key: ApiKey
 ) -> HttpResponse:
@@ -325,7 +301,7 @@ def api_key_rename_view(
     )
 
 
-@member_may_on(Action.KEY_MANAGE, _key_or_404)
+@member_may_on(Action.KEY_MANAGE, api_key_or_404)
 def api_key_rotate_view(
     request: HttpRequest, membership: Membership, api_key: ApiKey
 ) -> HttpResponse:
