@@ -7,7 +7,9 @@ names an organisation, it is tried with Charlie's own organisation and Acme's ob
 
 A new route with a parameter fails `test_every_route_with_a_parameter_is_in_the_matrix` until it
 is added to OBJECTS (how to make the parameters of an Acme object) or, for routes that hold no
-organisation's data, to EXEMPT with the reason.
+organisation's data, to EXEMPT with the reason. Every dashboard page without a path parameter
+takes its organisation from `?org=`: each is called with Acme's slug and must answer 404 (or
+405), unless QUERY_EXEMPT says why not.
 """
 
 from __future__ import annotations
@@ -110,8 +112,11 @@ EXEMPT = {
     "invitee, and only the invited e-mail address may answer",
 }
 
-# Pages that name their organisation in the query string (`?org=<slug>`), not the path.
-QUERY_SCOPED = ["dashboard", "usage", "usage_log", "usage_log_csv", "management_tokens"]
+# Dashboard pages without a path parameter name their organisation in the query string
+# (`?org=<slug>`) or the form; these do not, and why.
+QUERY_EXEMPT = {
+    "organizations": "lists the caller's own organisations and creates new ones; names none",
+}
 
 METHODS = ("get", "post", "put", "patch", "delete")
 
@@ -287,7 +292,26 @@ def test_another_organisations_member_gets_404_and_changes_nothing(world, route)
     assert snapshot() == before
 
 
-@pytest.mark.parametrize("name", QUERY_SCOPED)
+def query_scoped_pages() -> list[str]:
+    """Every named dashboard route without a path parameter, but the exempt ones."""
+    return sorted(
+        route.name
+        for route in _walk(get_resolver().url_patterns, "", set())
+        if route.route.startswith("dashboard/")
+        and not route.params
+        and route.name
+        and route.name not in QUERY_EXEMPT
+    )
+
+
+def test_the_query_scoped_pages_are_found():
+    """The generated list is not empty and holds the pages known to take `?org=`."""
+    assert {"dashboard", "usage", "usage_log", "organization", "add_credit"} <= set(
+        query_scoped_pages()
+    )
+
+
+@pytest.mark.parametrize("name", query_scoped_pages())
 def test_another_organisations_slug_in_the_query_is_a_404(world, name):
     session = Client()
     session.force_login(Membership.objects.get(organization=world.rival).user)
