@@ -171,3 +171,15 @@ def test_another_organisations_invitations_are_not_listed(team):
     listed = as_user(team.alice).get(org_url(team.acme, "invitations/")).json()
 
     assert [i["email"] for i in listed] == ["dave@example.com"]
+
+
+def test_a_token_acts_with_its_own_role_not_its_creators(team):
+    members_token = token_for(team.alice, team.acme, "member")
+    owners_token = token_for(team.alice, team.acme, "owner")
+    body = {"email": "dave@example.com"}
+
+    refused = as_token(members_token).post(org_url(team.acme, "invitations/"), body, format="json")
+    allowed = as_token(owners_token).post(org_url(team.acme, "invitations/"), body, format="json")
+
+    assert (refused.status_code, allowed.status_code) == (403, 201)
+    assert Invitation.objects.filter(email="dave@example.com").count() == 1
