@@ -191,3 +191,46 @@ def test_with_the_keyboard_alone_log_in_create_a_key_and_copy_it(live_site):
             raise
         finally:
             browser.close()
+
+
+# The elements that stick out on the right, to name them when the test fails.
+WIDER_THAN_THE_SCREEN = """() => [...document.querySelectorAll('body *')]
+  .filter(e => e.getBoundingClientRect().right > window.innerWidth + 0.5)
+  .filter(e => !e.closest('.table-wrap, .chart'))
+  .slice(0, 5).map(e => e.tagName + (e.id ? '#' + e.id : '') + '.' + e.className)"""
+
+NARROW_PAGES = ["/dashboard/", "/dashboard/org/", "/dashboard/usage/", "/dashboard/usage/log"]
+NARROW_PAGES += ["/dashboard/statements/", "/dashboard/tokens", "/catalog/"]
+
+
+def test_on_a_phone_sized_screen_no_page_scrolls_sideways(live_site):
+    email = "lee@example.com"
+
+    def make_user() -> None:
+        user = User.objects.create_user(email=email, password=PASSWORD)
+        EmailAddress.objects.create(user=user, email=email, verified=True, primary=True)
+        organization_create_personal(user=user)
+
+    off_the_loop(make_user)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM)
+        page = browser.new_page(viewport={"width": 390, "height": 844})
+        try:
+            page.goto(f"{live_site}/accounts/login/")
+            page.fill("#id_login", email)
+            page.fill("#id_password", PASSWORD)
+            page.click("form button[type=submit]")
+            expect(page.locator("h1")).to_contain_text("(personal)")
+            for path in NARROW_PAGES:
+                page.goto(f"{live_site}{path}")
+                overflow = page.evaluate(
+                    "() => document.documentElement.scrollWidth - window.innerWidth"
+                )
+                wide = page.evaluate(WIDER_THAN_THE_SCREEN)
+                assert overflow <= 0, f"{path} is {overflow}px wider than the screen: {wide}"
+            shot(page, "07-phone-width")
+        except Exception:
+            shot(page, "phone-failure")
+            raise
+        finally:
+            browser.close()
