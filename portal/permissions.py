@@ -44,7 +44,7 @@ class Action(StrEnum):
     KEY_MANAGE = "key.manage"  # rename, revoke, rotate (obj: the key)
     KEY_EDIT_LIMITS = "key.edit_limits"  # obj: the key
     USAGE_VIEW_ALL = "usage.view_all"  # every key's usage and request log (else: one's own keys)
-    TOKEN_MANAGE = "token.manage"  # noqa: S105 (an action name) create, list and revoke management tokens
+    TOKEN_MANAGE = "token.manage"  # noqa: S105 (a name, not a secret): create, list, revoke tokens
 
 
 _MEMBER = {Role.MEMBER, Role.ADMIN, Role.OWNER}
