@@ -1,9 +1,11 @@
-"""The management API's billing endpoints: balance, usage over time, the request log, and
-`GET /api/v1/key` (what the calling API key may still spend).
+"""The management API's billing endpoints: balance, usage over time, the request log,
+statements (with their CSV and PDF), a key's spend cap, and `GET /api/v1/key` (what the
+calling API key may still spend).
 
-Organisation-scoped views resolve the caller's membership through portal's `caller_membership`
-(404 for an organisation the caller does not belong to). Members see the usage of their own
-keys; owners and admins every key's (portal/api_permissions.py).
+Organisation-scoped views are portal's `OrganizationScoped`: the caller's membership is
+resolved before the view runs (404 for an organisation the caller does not belong to) and its
+role checked by portal/permissions.py. Members see the usage of their own keys; owners and
+admins every key's.
 """
 
 from __future__ import annotations
@@ -14,13 +16,19 @@ from typing import Any
 
 from django.contrib.auth.models import AnonymousUser
 from django.db.models import QuerySet
+from django.http import HttpResponse
 from django.utils import timezone
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
-from rest_framework.exceptions import AuthenticationFailed, NotAuthenticated, ValidationError
+from rest_framework.exceptions import (
+    AuthenticationFailed,
+    NotAuthenticated,
+    NotFound,
+    ValidationError,
+)
 from rest_framework.generics import ListAPIView
 from rest_framework.pagination import CursorPagination
 from rest_framework.permissions import AllowAny
@@ -28,8 +36,18 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from billing.models import Account, UsageRecord
-from billing.money import ZERO_USD, format_usd
+from billing.models import Account, SpendCap, Statement, UsageRecord
+from billing.money import ZERO_USD, MoneyError, format_usd, parse_usd
+from billing.selectors import api_key_spend
+from billing.services import BillingError, spend_cap_set
+from billing.statements import (
+    statement_csv,
+    statement_figures,
+    statement_filename,
+    statement_get,
+    statement_pdf,
+    statements_of_organization,
+)
 from billing.usage import key_spend_summary, usage_records, usage_series
 from billing.usage_filters import (
     UsageQueryForm,
@@ -40,10 +58,10 @@ from billing.usage_filters import (
     usage_query,
 )
 from portal import api_keys
-from portal.api import require
-from portal.api_auth import caller_membership
-from portal.api_permissions import Action, role_allows
+from portal.api import ApiKeySerializer, api_key_or_404
+from portal.api_base import OrganizationScoped, require_api
 from portal.models import ApiKey, Membership
+from portal.permissions import Action, can
 from portal.selectors import api_keys_manageable
 
 _FILTER_PARAMETERS = [
@@ -57,7 +75,7 @@ _FILTER_PARAMETERS = [
 
 def visible_keys(membership: Membership) -> QuerySet[ApiKey] | None:
     """The keys whose usage the member may see; None: every key of the organisation."""
-    if role_allows(membership.role, Action.VIEW_ALL_USAGE):
+    if can(membership, Action.USAGE_VIEW_ALL):
         return None
     return api_keys_manageable(membership=membership)
 
@@ -75,13 +93,13 @@ class BalanceSerializer(serializers.Serializer[Any]):
     available_usd = serializers.CharField(help_text="USD requests may still spend.")
 
 
-class Balance(APIView):
+class Balance(OrganizationScoped):
+    required_actions = {"GET": Action.BILLING_VIEW}
+
     @extend_schema(responses=BalanceSerializer)
     def get(self, request: Request, organization: str) -> Response:
-        membership = caller_membership(request, organization)
-        require(membership, Action.VIEW_BALANCE)
         wallet = Account.objects.filter(
-            organization_id=membership.organization_id, kind=Account.Kind.WALLET
+            organization_id=self.membership.organization_id, kind=Account.Kind.WALLET
         ).first()
         balance = wallet.balance_usd if wallet else ZERO_USD
         reserved = wallet.reserved_usd if wallet else ZERO_USD
@@ -112,7 +130,9 @@ class UsageSerializer(serializers.Serializer[Any]):
     buckets = UsageBucketSerializer(many=True)
 
 
-class Usage(APIView):
+class Usage(OrganizationScoped):
+    required_actions = {"GET": Action.ORG_VIEW}
+
     @extend_schema(
         parameters=[
             *_FILTER_PARAMETERS,
@@ -126,7 +146,7 @@ class Usage(APIView):
 
         Without `since`, the last 30 days, 12 weeks or 12 months.
         """
-        membership = caller_membership(request, organization)
+        membership = self.membership
         form = _valid_query(request)
         period, group_by = period_of(form), group_by_of(form)
         since, until = chart_range(form, period)
@@ -179,14 +199,16 @@ class RequestLogPagination(CursorPagination):
     max_page_size = 500
 
 
-class RequestLog(ListAPIView[UsageRecord]):
+class RequestLog(OrganizationScoped, ListAPIView[UsageRecord]):
     """The organisation's requests, newest first, with cursor pagination (`next`, `previous`)."""
+
+    required_actions = {"GET": Action.ORG_VIEW}
 
     serializer_class = RequestLogSerializer
     pagination_class = RequestLogPagination
 
     def get_queryset(self) -> QuerySet[UsageRecord]:
-        membership = caller_membership(self.request, self.kwargs["organization"])
+        membership = self.membership
         return usage_records(
             organization_id=membership.organization_id,
             visible_keys=visible_keys(membership),
@@ -334,3 +356,207 @@ class ApiKeyScheme(OpenApiAuthenticationExtension):
 
     def get_security_definition(self, auto_schema: Any) -> dict[str, str]:
         return {"type": "http", "scheme": "bearer", "description": "An API key, `sb_…`."}
+
+
+class StatementSerializer(serializers.ModelSerializer[Statement]):
+    opening_balance_usd = serializers.SerializerMethodField()
+    closing_balance_usd = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Statement
+        fields = [
+            "id",
+            "period_start",
+            "period_end",
+            "opening_balance_usd",
+            "closing_balance_usd",
+            "issued_at",
+        ]
+        read_only_fields = fields
+
+    def get_opening_balance_usd(self, statement: Statement) -> str:
+        return format_usd(statement.opening_balance_usd)
+
+    def get_closing_balance_usd(self, statement: Statement) -> str:
+        return format_usd(statement.closing_balance_usd)
+
+
+class StatementMovementSerializer(serializers.Serializer[Any]):
+    section = serializers.CharField()
+    label = serializers.CharField()  # type: ignore[assignment]  # the stubs type Field.label
+    transactions = serializers.IntegerField()
+    amount_usd = serializers.CharField(help_text="USD, signed: added to the wallet.")
+
+
+class StatementUsageLineSerializer(serializers.Serializer[Any]):
+    model = serializers.CharField()
+    requests = serializers.IntegerField()
+    input_tokens = serializers.IntegerField()
+    output_tokens = serializers.IntegerField()
+    cached_input_tokens = serializers.IntegerField()
+    cost_usd = serializers.CharField()
+
+
+class StatementDetailSerializer(serializers.Serializer[Any]):
+    id = serializers.IntegerField()
+    period_start = serializers.DateField()
+    period_end = serializers.DateField(help_text="Exclusive: the first day of the next month.")
+    opening_balance_usd = serializers.CharField()
+    closing_balance_usd = serializers.CharField()
+    issued_at = serializers.DateTimeField()
+    movements = StatementMovementSerializer(many=True)
+    usage_lines = StatementUsageLineSerializer(many=True)
+
+
+class StatementList(OrganizationScoped):
+    required_actions = {"GET": Action.BILLING_VIEW}
+
+    @extend_schema(responses=StatementSerializer(many=True))
+    def get(self, request: Request, organization: str) -> Response:
+        """The organisation's monthly statements, newest first."""
+        statements = statements_of_organization(organization_id=self.membership.organization_id)
+        return Response(StatementSerializer(statements, many=True).data)
+
+
+class _OneStatement(OrganizationScoped):
+    required_actions = {"GET": Action.BILLING_VIEW}
+
+    def statement(self, statement_id: int) -> Statement:
+        """One of the organisation's statements; 404 for any other id, whoever owns it."""
+        found = statement_get(
+            organization_id=self.membership.organization_id, statement_id=statement_id
+        )
+        if found is None:
+            raise NotFound("No such statement.")
+        return found
+
+
+class StatementDetail(_OneStatement):
+    @extend_schema(responses=StatementDetailSerializer)
+    def get(self, request: Request, organization: str, statement_id: int) -> Response:
+        """A statement with its movements and its usage per model."""
+        statement = self.statement(statement_id)
+        figures = statement_figures(statement=statement)
+        data = {
+            **StatementSerializer(statement).data,
+            "movements": [
+                {
+                    "section": m.section,
+                    "label": m.label,
+                    "transactions": m.transactions,
+                    "amount_usd": format_usd(m.amount_usd),
+                }
+                for m in figures.movements
+            ],
+            "usage_lines": [
+                {
+                    "model": line.model,
+                    "requests": line.requests,
+                    "input_tokens": line.input_tokens,
+                    "output_tokens": line.output_tokens,
+                    "cached_input_tokens": line.cached_input_tokens,
+                    "cost_usd": format_usd(line.cost_usd),
+                }
+                for line in figures.usage_lines
+            ],
+        }
+        return Response(StatementDetailSerializer(data).data)
+
+
+def _download(content: str | bytes, content_type: str, filename: str) -> HttpResponse:
+    response = HttpResponse(content, content_type=content_type)
+    response["Content-Disposition"] = f'attachment; filename="{filename}"'
+    return response
+
+
+class StatementCsv(_OneStatement):
+    @extend_schema(responses={(200, "text/csv"): OpenApiTypes.STR})
+    def get(self, request: Request, organization: str, statement_id: int) -> HttpResponse:
+        """The statement as CSV (the dashboard's download)."""
+        statement = self.statement(statement_id)
+        return _download(
+            statement_csv(statement=statement),
+            "text/csv",
+            statement_filename(statement=statement, ext="csv"),
+        )
+
+
+class StatementPdf(_OneStatement):
+    @extend_schema(responses={(200, "application/pdf"): OpenApiTypes.BINARY})
+    def get(self, request: Request, organization: str, statement_id: int) -> HttpResponse:
+        """The statement as PDF (the dashboard's download)."""
+        statement = self.statement(statement_id)
+        return _download(
+            statement_pdf(statement=statement),
+            "application/pdf",
+            statement_filename(statement=statement, ext="pdf"),
+        )
+
+
+class SpendCapSetSerializer(serializers.Serializer[Any]):
+    amount_usd = serializers.CharField(help_text="USD per window, an exact decimal string.")
+    window = serializers.ChoiceField(choices=SpendCap.Window.values, default=SpendCap.Window.MONTH)
+
+    def validate_amount_usd(self, value: str) -> Any:
+        try:
+            return parse_usd(value)
+        except MoneyError as exc:
+            raise serializers.ValidationError(str(exc)) from None
+
+
+class KeySpendCapSerializer(serializers.Serializer[Any]):
+    key = ApiKeySerializer()
+    spend_cap = SpendCapSerializer(allow_null=True, help_text="Null: no cap.")
+    spent_total_usd = serializers.CharField()
+    spent_in_window_usd = serializers.CharField(
+        allow_null=True, help_text="What the key spent in its cap's current window."
+    )
+
+
+class ApiKeySpendCap(OrganizationScoped):
+    """One key's spend cap and spend. Whoever manages the key reads it; admins and owners set
+    and remove it (the limits rule of portal/permissions.py)."""
+
+    def _answer(self, api_key: ApiKey) -> Response:
+        cap = SpendCap.objects.filter(api_key=api_key).first()
+        spend = api_key_spend(api_key_id=api_key.pk)
+        data = {
+            "key": api_key,
+            "spend_cap": (
+                {"amount_usd": format_usd(cap.amount_usd), "window": cap.window} if cap else None
+            ),
+            "spent_total_usd": format_usd(spend.total_usd),
+            "spent_in_window_usd": (
+                format_usd(spend.window_spent_usd) if spend.window_spent_usd is not None else None
+            ),
+        }
+        return Response(KeySpendCapSerializer(data).data)
+
+    @extend_schema(responses=KeySpendCapSerializer)
+    def get(self, request: Request, organization: str, key_id: int) -> Response:
+        return self._answer(api_key_or_404(self.membership, key_id))
+
+    @extend_schema(request=SpendCapSetSerializer, responses=KeySpendCapSerializer)
+    def put(self, request: Request, organization: str, key_id: int) -> Response:
+        """Set the cap; the window's spend so far counts against a new amount."""
+        api_key = api_key_or_404(self.membership, key_id)
+        require_api(self.membership, Action.KEY_EDIT_LIMITS, api_key)
+        body = SpendCapSetSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        try:
+            spend_cap_set(
+                api_key=api_key,
+                amount_usd=body.validated_data["amount_usd"],
+                window=SpendCap.Window(body.validated_data["window"]),
+            )
+        except BillingError as exc:
+            raise ValidationError({"amount_usd": [str(exc)]}) from None
+        return self._answer(api_key)
+
+    @extend_schema(request=None, responses=KeySpendCapSerializer)
+    def delete(self, request: Request, organization: str, key_id: int) -> Response:
+        """Remove the cap: the key may spend the whole wallet."""
+        api_key = api_key_or_404(self.membership, key_id)
+        require_api(self.membership, Action.KEY_EDIT_LIMITS, api_key)
+        spend_cap_set(api_key=api_key, amount_usd=None, window=SpendCap.Window.MONTH)
+        return self._answer(api_key)

@@ -11,7 +11,7 @@ from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.db import transaction
-from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render
 from django.urls import reverse
 from django.utils import timezone
@@ -21,10 +21,9 @@ from billing.models import SpendCap
 from billing.money import MoneyError, format_usd, parse_usd
 from billing.selectors import api_key_spend
 from billing.services import BillingError, spend_cap_set
-from portal.dashboard import current_membership
+from portal.dashboard import api_key_or_404, current_membership
 from portal.forms import ApiKeyLimitsForm, ApiKeyRotateForm
 from portal.permissions import Action, can, require
-from portal.selectors import ApiKeyNotFound, api_key_get_manageable
 from portal.services import OrganizationError, api_key_limits_update
 
 
@@ -49,10 +48,7 @@ class SpendCapForm(forms.Form):
 def api_key_detail(request: HttpRequest, api_key_id: int) -> HttpResponse:
     """The key, its spend so far, and (for admins and owners) its limits and spend cap."""
     membership = current_membership(request)
-    try:
-        api_key = api_key_get_manageable(membership=membership, api_key_id=api_key_id)
-    except ApiKeyNotFound:
-        raise Http404("no such API key") from None
+    api_key = api_key_or_404(membership, api_key_id)
     cap = SpendCap.objects.filter(api_key=api_key).first()
     cap_initial = {
         "spend_cap_usd": format_usd(cap.amount_usd) if cap else "",

@@ -35,9 +35,9 @@ from billing.usage_filters import (
     usage_filter,
     usage_query,
 )
-from portal.api_permissions import Action, role_allows
 from portal.dashboard import current_membership
 from portal.models import ApiKey, Membership
+from portal.permissions import Action, can
 from portal.selectors import api_keys_manageable
 
 LOG_PAGE_SIZE = 50
@@ -60,7 +60,7 @@ CSV_COLUMNS = [
 
 
 def _visible_keys(membership: Membership) -> QuerySet[ApiKey] | None:
-    if role_allows(membership.role, Action.VIEW_ALL_USAGE):
+    if can(membership, Action.USAGE_VIEW_ALL):
         return None
     return api_keys_manageable(membership=membership)
 

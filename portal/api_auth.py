@@ -3,7 +3,8 @@
 Two ways in: the dashboard's session (a user, who names the organisation in the URL), and a
 management token (`Authorization: Bearer sbm_…`, one organisation, a capped role). Every view
 turns the URL's organisation into the caller's membership with `caller_membership`; an
-organisation the caller does not belong to is a 404, whether or not it exists.
+organisation the caller does not belong to is a 404, whether or not it exists (views under an
+organisation get it from portal/api_base.py's `OrganizationScoped`).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ class ManagementTokenAuthentication(BaseAuthentication):
         return self.keyword
 
 
-def _user(request: Request) -> User:
+def caller_user(request: Request) -> User:
+    """The signed-in user (or the token's creator); NotFound for anyone else."""
     user = request.user
     if not isinstance(user, User):
         raise NotFound()
@@ -59,7 +61,7 @@ def caller_memberships(request: Request) -> list[Membership]:
     """Every membership the caller may act through: the token's one, or the user's."""
     if isinstance(request.auth, TokenAuth):
         return [request.auth.membership]
-    return list(memberships_of_user(user=_user(request)))
+    return list(memberships_of_user(user=caller_user(request)))
 
 
 def caller_membership(request: Request, organization_slug: str) -> Membership:
@@ -70,7 +72,7 @@ def caller_membership(request: Request, organization_slug: str) -> Membership:
             raise NotFound("No such organisation.")
         return membership
     try:
-        return membership_get(user=_user(request), organization_slug=organization_slug)
+        return membership_get(user=caller_user(request), organization_slug=organization_slug)
     except OrganizationNotFound:
         raise NotFound("No such organisation.") from None
 

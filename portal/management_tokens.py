@@ -2,7 +2,7 @@
 
 A token is `sbm_` + 40 random base62 characters, shown once; only its SHA-256 is stored (as for
 API keys, the entropy makes a fast hash enough). A token belongs to one organisation and acts
-with a role that is never more than its creator's current role there (api_permissions.py).
+with a role that is never more than its creator's current role there (permissions.py).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from datetime import timedelta
 
 from django.utils import timezone
 
-from portal.api_permissions import Action, role_allows, role_at_most
 from portal.models import ManagementToken, Membership, Organization
+from portal.permissions import Action, can, role_at_most
 from portal.services import OrganizationError
 
 TOKEN_PREFIX = "sbm_"  # noqa: S105 (a prefix, not a secret)
@@ -34,7 +34,7 @@ def management_token_refusal(*, membership: Membership, role: str) -> str | None
     """Why this member may not create a token with this role, or None when they may."""
     if role not in Membership.Role.values:
         return f"unknown role {role!r}"
-    if not role_allows(membership.role, Action.MANAGE_TOKENS):
+    if not can(membership, Action.TOKEN_MANAGE):
         return "only owners and admins create management tokens"
     if role_at_most(role, membership.role) != role:
         return "a token cannot have a role above its creator's"

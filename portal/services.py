@@ -351,9 +351,9 @@ def api_key_update(
     requests_per_minute: int | None,
     tokens_per_minute: int | None,
     max_concurrent_requests: int | None,
+    ip_allowlist: list[str],
 ) -> ApiKey:
-    """Rename a key and set its limits at once (the management API's PATCH); the IP
-    allowlist is kept."""
+    """Rename a key and set its limits at once (the management API's PATCH)."""
     with transaction.atomic():
         api_key_rename(api_key=api_key, name=name)
         return api_key_limits_update(
@@ -363,7 +363,7 @@ def api_key_update(
             requests_per_minute=requests_per_minute,
             tokens_per_minute=tokens_per_minute,
             max_concurrent_requests=max_concurrent_requests,
-            ip_allowlist=api_key.ip_allowlist,
+            ip_allowlist=ip_allowlist,
         )
 
 

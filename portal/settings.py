@@ -378,6 +378,15 @@ SPECTACULAR_SETTINGS = {
     # The schema and docs describe the API, not anyone's data: readable without logging in.
     "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
 }
+SPECTACULAR_SETTINGS["DESCRIPTION"] = (
+    "Organisations, members, invitations, API keys (limits, spend caps, rotation), usage, the "
+    "request log, the balance and statements."
+)
+# One name per set of roles: every role, and the ones an invitation or role change may give.
+SPECTACULAR_SETTINGS["ENUM_NAME_OVERRIDES"] = {
+    "RoleEnum": "portal.models.Membership.Role",
+    "GrantableRoleEnum": [("member", "member"), ("admin", "admin")],
+}
 
 # Logs: `text` for a terminal, `json` (one object a line) for a log shipper; both carry the
 # request id (portal/logs.py).

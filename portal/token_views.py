@@ -9,23 +9,22 @@ from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render
 from django.urls import reverse
-from django.views.decorators.http import require_POST
 
-from portal.api_permissions import Action, role_allows
-from portal.dashboard import current_membership
+from portal.dashboard import current_membership, member_may_on
 from portal.management_tokens import (
     management_token_create,
     management_token_get,
     management_token_revoke,
     management_tokens_of,
 )
-from portal.models import Membership
+from portal.models import ManagementToken, Membership
+from portal.permissions import Action, can
 from portal.services import OrganizationError
 
 
 def _token_manager(request: HttpRequest) -> Membership:
     membership = current_membership(request)
-    if not role_allows(membership.role, Action.MANAGE_TOKENS):
+    if not can(membership, Action.TOKEN_MANAGE):
         raise PermissionDenied("Only owners and admins manage management tokens.")
     return membership
 
@@ -66,13 +65,17 @@ def management_tokens_page(request: HttpRequest) -> HttpResponse:
     )
 
 
-@login_required
-@require_POST
-def management_token_revoke_view(request: HttpRequest, token_id: int) -> HttpResponse:
-    membership = _token_manager(request)
+def _token_or_404(membership: Membership, token_id: int) -> ManagementToken:
     token = management_token_get(organization=membership.organization, token_id=token_id)
     if token is None:
         raise Http404("no such management token")
+    return token
+
+
+@member_may_on(Action.TOKEN_MANAGE, _token_or_404)
+def management_token_revoke_view(
+    request: HttpRequest, membership: Membership, token: ManagementToken
+) -> HttpResponse:
     management_token_revoke(token=token)
     messages.success(request, f"Revoked {token.name} ({token.prefix}…).")
     return HttpResponseRedirect(_page_url(membership))

@@ -2,7 +2,8 @@
 
 Each view finds the caller's membership of the page's organisation (portal.dashboard), fetches
 objects only through selectors scoped to it (404 otherwise), asks portal.permissions.require
-(403 otherwise), then calls one service.
+(403 otherwise), then calls one service. The POST views get the first three from
+portal.dashboard's `member_may` / `member_may_on`.
 """
 
 from __future__ import annotations
@@ -18,20 +19,24 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from portal import services
-from portal.dashboard import SESSION_KEY, current_membership, request_user
+from portal.dashboard import (
+    SESSION_KEY,
+    api_key_or_404,
+    current_membership,
+    invitation_or_404,
+    member_may,
+    member_may_on,
+    member_or_404,
+    request_user,
+)
 from portal.forms import ApiKeyRotateForm, InvitationForm, OrganizationCreateForm, RoleForm
 from portal.models import ApiKey, Invitation, Membership
 from portal.permissions import Action, can, require
 from portal.selectors import (
-    ApiKeyNotFound,
     InvitationNotFound,
-    MembershipNotFound,
     OrganizationNotFound,
-    api_key_get_manageable,
     invitation_by_token,
-    invitation_get,
     invitations_pending,
-    member_get,
     members_of,
     membership_get,
     memberships_of_user,
@@ -50,21 +55,6 @@ def _dashboard_url(organization_slug: str) -> str:
 
 def _organization_url(organization_slug: str) -> str:
     return f"{reverse('organization')}?org={organization_slug}"
-
-
-def _key_or_404(membership: Membership, api_key_id: int) -> ApiKey:
-    """A key the member may see; any other id (another member's, another org's) is a 404."""
-    try:
-        return api_key_get_manageable(membership=membership, api_key_id=api_key_id)
-    except ApiKeyNotFound:
-        raise Http404("no such API key") from None
-
-
-def _member_or_404(membership: Membership, member_id: int) -> Membership:
-    try:
-        return member_get(membership=membership, member_id=member_id)
-    except MembershipNotFound:
-        raise Http404("no such member") from None
 
 
 def _show_secret(
@@ -155,11 +145,8 @@ def organization(request: HttpRequest) -> HttpResponse:
     )
 
 
-@login_required
-@require_POST
-def member_invite(request: HttpRequest) -> HttpResponse:
-    membership = current_membership(request)
-    require(membership, Action.MEMBER_INVITE)
+@member_may(Action.MEMBER_INVITE)
+def member_invite(request: HttpRequest, membership: Membership) -> HttpResponse:
     form = InvitationForm(request.POST)
     slug = membership.organization.slug
     if not form.is_valid():
@@ -180,26 +167,19 @@ def member_invite(request: HttpRequest) -> HttpResponse:
     return HttpResponseRedirect(_organization_url(slug))
 
 
-@login_required
-@require_POST
-def invitation_revoke(request: HttpRequest, invitation_id: int) -> HttpResponse:
-    membership = current_membership(request)
-    try:
-        invitation = invitation_get(membership=membership, invitation_id=invitation_id)
-    except InvitationNotFound:
-        raise Http404("no such invitation") from None
-    require(membership, Action.INVITATION_REVOKE, invitation)
+@member_may_on(Action.INVITATION_REVOKE, invitation_or_404)
+def invitation_revoke(
+    request: HttpRequest, membership: Membership, invitation: Invitation
+) -> HttpResponse:
     services.invitation_revoke(invitation=invitation)
     messages.success(request, f"Withdrew the invitation to {invitation.email}.")
     return HttpResponseRedirect(_organization_url(membership.organization.slug))
 
 
-@login_required
-@require_POST
-def member_change_role(request: HttpRequest, member_id: int) -> HttpResponse:
-    membership = current_membership(request)
-    member = _member_or_404(membership, member_id)
-    require(membership, Action.MEMBER_CHANGE_ROLE, member)
+@member_may_on(Action.MEMBER_CHANGE_ROLE, member_or_404)
+def member_change_role(
+    request: HttpRequest, membership: Membership, member: Membership
+) -> HttpResponse:
     form = RoleForm(request.POST)
     if form.is_valid():
         services.membership_change_role(membership=member, role=form.cleaned_data["role"])
@@ -209,12 +189,8 @@ def member_change_role(request: HttpRequest, member_id: int) -> HttpResponse:
     return HttpResponseRedirect(_organization_url(membership.organization.slug))
 
 
-@login_required
-@require_POST
-def member_remove(request: HttpRequest, member_id: int) -> HttpResponse:
-    membership = current_membership(request)
-    member = _member_or_404(membership, member_id)
-    require(membership, Action.MEMBER_REMOVE, member)
+@member_may_on(Action.MEMBER_REMOVE, member_or_404)
+def member_remove(request: HttpRequest, membership: Membership, member: Membership) -> HttpResponse:
     services.membership_remove(
         membership=member, revoke_their_keys=request.POST.get("revoke_keys") == "on"
     )
@@ -222,12 +198,10 @@ def member_remove(request: HttpRequest, member_id: int) -> HttpResponse:
     return HttpResponseRedirect(_organization_url(membership.organization.slug))
 
 
-@login_required
-@require_POST
-def ownership_transfer(request: HttpRequest, member_id: int) -> HttpResponse:
-    membership = current_membership(request)
-    member = _member_or_404(membership, member_id)
-    require(membership, Action.ORG_TRANSFER)
+@member_may_on(Action.ORG_TRANSFER, member_or_404)
+def ownership_transfer(
+    request: HttpRequest, membership: Membership, member: Membership
+) -> HttpResponse:
     try:
         services.ownership_transfer(organization=membership.organization, to_membership=member)
     except OrganizationError as exc:
@@ -287,12 +261,9 @@ def invitation_answer(request: HttpRequest, token: str) -> HttpResponse:
 # --- API keys --------------------------------------------------------------------------------
 
 
-@login_required
-@require_POST
-def api_key_create_view(request: HttpRequest) -> HttpResponse:
+@member_may(Action.KEY_CREATE)
+def api_key_create_view(request: HttpRequest, membership: Membership) -> HttpResponse:
     """Create a key and show its secret, this once."""
-    membership = current_membership(request)
-    require(membership, Action.KEY_CREATE)
     organization = membership.organization
     try:
         api_key, secret = services.api_key_create(
@@ -306,23 +277,19 @@ def api_key_create_view(request: HttpRequest) -> HttpResponse:
     return _show_secret(request, membership, api_key, secret)
 
 
-@login_required
-@require_POST
-def api_key_revoke_view(request: HttpRequest, api_key_id: int) -> HttpResponse:
-    membership = current_membership(request)
-    api_key = _key_or_404(membership, api_key_id)
-    require(membership, Action.KEY_MANAGE, api_key)
+@member_may_on(Action.KEY_MANAGE, api_key_or_404)
+def api_key_revoke_view(
+    request: HttpRequest, membership: Membership, api_key: ApiKey
+) -> HttpResponse:
     services.api_key_revoke(api_key=api_key)
     messages.success(request, f"Revoked {api_key.name} ({api_key.prefix}…).")
     return HttpResponseRedirect(_dashboard_url(membership.organization.slug))
 
 
-@login_required
-@require_POST
-def api_key_rename_view(request: HttpRequest, api_key_id: int) -> HttpResponse:
-    membership = current_membership(request)
-    api_key = _key_or_404(membership, api_key_id)
-    require(membership, Action.KEY_MANAGE, api_key)
+@member_may_on(Action.KEY_MANAGE, api_key_or_404)
+def api_key_rename_view(
+    request: HttpRequest, membership: Membership, api_key: ApiKey
+) -> HttpResponse:
     try:
         services.api_key_rename(api_key=api_key, name=request.POST.get("name", ""))
     except OrganizationError as exc:
@@ -334,13 +301,11 @@ def api_key_rename_view(request: HttpRequest, api_key_id: int) -> HttpResponse:
     )
 
 
-@login_required
-@require_POST
-def api_key_rotate_view(request: HttpRequest, api_key_id: int) -> HttpResponse:
+@member_may_on(Action.KEY_MANAGE, api_key_or_404)
+def api_key_rotate_view(
+    request: HttpRequest, membership: Membership, api_key: ApiKey
+) -> HttpResponse:
     """Replace a key with a new one (shown once); the old one works for the overlap."""
-    membership = current_membership(request)
-    api_key = _key_or_404(membership, api_key_id)
-    require(membership, Action.KEY_MANAGE, api_key)
     back = f"{reverse('api_key', args=[api_key.pk])}?org={membership.organization.slug}"
     form = ApiKeyRotateForm(request.POST)
     if not form.is_valid():

@@ -1,6 +1,7 @@
 """The whole product in Chromium: sign up, verify the address from the outbox, create a key on
 the dashboard, call /v1/chat/completions with it through the openai SDK, and find the request
-in the log and the chart. Screenshots go to var/test-artifacts/ (CI keeps them).
+in the log and the chart; and the same pages with the keyboard alone. Screenshots go to
+var/test-artifacts/ (CI keeps them).
 
 Playwright for Python drives Debian's Chromium (/usr/bin/chromium); no browser is downloaded.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from allauth.account.models import EmailAddress
 from django.core import mail
 from django.core.handlers.asgi import ASGIHandler
 from openai import OpenAI
@@ -23,7 +25,8 @@ from playwright.sync_api import Page, expect, sync_playwright
 
 from billing.services import credit_grant
 from gateway.asgi import GatewayASGIHandler
-from portal.models import Membership
+from portal.models import Membership, User
+from portal.services import organization_create_personal
 from tests.servers import ThreadedServer
 
 CHROMIUM = "/usr/bin/chromium"
@@ -129,6 +132,105 @@ def test_sign_up_create_a_key_call_the_api_and_see_it_in_the_log_and_chart(live_
             shot(page, "05-usage-chart")
         except Exception:
             shot(page, "failure")
+            raise
+        finally:
+            browser.close()
+
+
+def tab_to(page: Page, selector: str, *, most: int = 40) -> None:
+    """Press Tab until `selector` has the focus, as a keyboard user would."""
+    for _ in range(most):
+        page.keyboard.press("Tab")
+        if page.evaluate("s => document.activeElement === document.querySelector(s)", selector):
+            return
+    raise AssertionError(f"{selector} is not reachable with Tab")
+
+
+def focus_outline(page: Page) -> str:
+    return page.evaluate("() => getComputedStyle(document.activeElement).outlineStyle")
+
+
+def test_with_the_keyboard_alone_log_in_create_a_key_and_copy_it(live_site):
+    email = "kim@example.com"
+
+    def make_user() -> None:
+        user = User.objects.create_user(email=email, password=PASSWORD)
+        EmailAddress.objects.create(user=user, email=email, verified=True, primary=True)
+        organization_create_personal(user=user)
+
+    off_the_loop(make_user)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        try:
+            page.goto(f"{live_site}/accounts/login/")
+            # The first Tab reaches the skip link, which shows itself when focused.
+            page.keyboard.press("Tab")
+            expect(page.locator(":focus")).to_have_text("Skip to content")
+            assert focus_outline(page) != "none"
+
+            tab_to(page, "#id_login")
+            assert focus_outline(page) != "none"  # where the focus is can be seen
+            page.keyboard.type(email)
+            tab_to(page, "#id_password")
+            page.keyboard.type(PASSWORD)
+            page.keyboard.press("Enter")
+            expect(page.locator("h1")).to_contain_text("(personal)")
+
+            tab_to(page, "#key-name")
+            page.keyboard.type("keyboard key")
+            page.keyboard.press("Enter")
+            expect(page.locator("#secret")).to_have_value(re.compile(r"^sb_"))
+
+            tab_to(page, "#copy-secret")
+            page.keyboard.press("Enter")
+            expect(page.locator("#copy-status")).not_to_have_text("")
+            shot(page, "06-keyboard-key-created")
+        except Exception:
+            shot(page, "keyboard-failure")
+            raise
+        finally:
+            browser.close()
+
+
+# The elements that stick out on the right, to name them when the test fails.
+WIDER_THAN_THE_SCREEN = """() => [...document.querySelectorAll('body *')]
+  .filter(e => e.getBoundingClientRect().right > window.innerWidth + 0.5)
+  .filter(e => !e.closest('.table-wrap, .chart'))
+  .slice(0, 5).map(e => e.tagName + (e.id ? '#' + e.id : '') + '.' + e.className)"""
+
+NARROW_PAGES = ["/dashboard/", "/dashboard/org/", "/dashboard/usage/", "/dashboard/usage/log"]
+NARROW_PAGES += ["/dashboard/statements/", "/dashboard/tokens", "/catalog/"]
+
+
+def test_on_a_phone_sized_screen_no_page_scrolls_sideways(live_site):
+    email = "lee@example.com"
+
+    def make_user() -> None:
+        user = User.objects.create_user(email=email, password=PASSWORD)
+        EmailAddress.objects.create(user=user, email=email, verified=True, primary=True)
+        organization_create_personal(user=user)
+
+    off_the_loop(make_user)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM)
+        page = browser.new_page(viewport={"width": 390, "height": 844})
+        try:
+            page.goto(f"{live_site}/accounts/login/")
+            page.fill("#id_login", email)
+            page.fill("#id_password", PASSWORD)
+            page.click("form button[type=submit]")
+            expect(page.locator("h1")).to_contain_text("(personal)")
+            for path in NARROW_PAGES:
+                page.goto(f"{live_site}{path}")
+                overflow = page.evaluate(
+                    "() => document.documentElement.scrollWidth - window.innerWidth"
+                )
+                wide = page.evaluate(WIDER_THAN_THE_SCREEN)
+                assert overflow <= 0, f"{path} is {overflow}px wider than the screen: {wide}"
+            shot(page, "07-phone-width")
+        except Exception:
+            shot(page, "phone-failure")
             raise
         finally:
             browser.close()

@@ -7,7 +7,9 @@ names an organisation, it is tried with Charlie's own organisation and Acme's ob
 
 A new route with a parameter fails `test_every_route_with_a_parameter_is_in_the_matrix` until it
 is added to OBJECTS (how to make the parameters of an Acme object) or, for routes that hold no
-organisation's data, to EXEMPT with the reason.
+organisation's data, to EXEMPT with the reason. Every dashboard page without a path parameter
+takes its organisation from `?org=`: each is called with Acme's slug and must answer 404 (or
+405), unless QUERY_EXEMPT says why not.
 """
 
 from __future__ import annotations
@@ -22,7 +24,15 @@ import pytest
 from django.test import Client
 from django.urls import URLPattern, URLResolver, get_resolver, reverse
 
-from billing.models import Account, CardPayment, LedgerTransaction, Statement, UsageRecord
+from billing.models import (
+    Account,
+    CardPayment,
+    LedgerTransaction,
+    SpendCap,
+    Statement,
+    UsageRecord,
+)
+from billing.services import spend_cap_set
 from billing.statements import statement_issue
 from portal.management_tokens import management_token_create
 from portal.models import ApiKey, Invitation, ManagementToken, Membership, Organization, User
@@ -70,6 +80,25 @@ OBJECTS: dict[str, Callable[[World], dict[str, Any]]] = {
     "api_v1_balance": lambda w: {"organization": w.acme.slug},
     "api_v1_usage": lambda w: {"organization": w.acme.slug},
     "api_v1_requests": lambda w: {"organization": w.acme.slug},
+    "api_v1_member": lambda w: {"organization": w.acme.slug, "member_id": w.bob.pk},
+    "api_v1_ownership_transfer": lambda w: {"organization": w.acme.slug, "member_id": w.bob.pk},
+    "api_v1_invitations": lambda w: {"organization": w.acme.slug},
+    "api_v1_invitation_revoke": lambda w: {
+        "organization": w.acme.slug,
+        "invitation_id": w.invitation.pk,
+    },
+    "api_v1_key_rotate": lambda w: {"organization": w.acme.slug, "key_id": w.key.pk},
+    "api_v1_key_spend_cap": lambda w: {"organization": w.acme.slug, "key_id": w.key.pk},
+    "api_v1_statements": lambda w: {"organization": w.acme.slug},
+    "api_v1_statement": lambda w: {"organization": w.acme.slug, "statement_id": w.statement.pk},
+    "api_v1_statement_csv": lambda w: {
+        "organization": w.acme.slug,
+        "statement_id": w.statement.pk,
+    },
+    "api_v1_statement_pdf": lambda w: {
+        "organization": w.acme.slug,
+        "statement_id": w.statement.pk,
+    },
 }
 
 # Route prefixes whose parameters are not an organisation's objects, and why.
@@ -83,8 +112,11 @@ EXEMPT = {
     "invitee, and only the invited e-mail address may answer",
 }
 
-# Pages that name their organisation in the query string (`?org=<slug>`), not the path.
-QUERY_SCOPED = ["dashboard", "usage", "usage_log", "usage_log_csv", "management_tokens"]
+# Dashboard pages without a path parameter name their organisation in the query string
+# (`?org=<slug>`) or the form; these do not, and why.
+QUERY_EXEMPT = {
+    "organizations": "lists the caller's own organisations and creates new ones; names none",
+}
 
 METHODS = ("get", "post", "put", "patch", "delete")
 
@@ -157,6 +189,7 @@ def world(db) -> World:
     alice = Membership.objects.get(organization=acme)
     key, _ = api_key_create(organization=acme, name="acme-key", created_by=alice.user)
     make_usage(key)
+    spend_cap_set(api_key=key, amount_usd=Decimal("3"), window=SpendCap.Window.DAY)
     token, _ = management_token_create(membership=alice, name="acme-token", role="owner")
     charlie = Membership.objects.get(organization=rival)
     _, charlie_token = management_token_create(membership=charlie, name="c", role="owner")
@@ -218,6 +251,8 @@ def snapshot() -> dict[str, object]:
         "invitations": sorted(Invitation.objects.values_list("pk", "state")),
         "statements": Statement.objects.count(),
         "payments": sorted(CardPayment.objects.values_list("pk", "status")),
+        "spend_caps": sorted(SpendCap.objects.values_list("api_key_id", "amount_usd", "window")),
+        "ip_allowlists": sorted(ApiKey.objects.values_list("pk", "ip_allowlist")),
     }
 
 
@@ -257,7 +292,26 @@ def test_another_organisations_member_gets_404_and_changes_nothing(world, route)
     assert snapshot() == before
 
 
-@pytest.mark.parametrize("name", QUERY_SCOPED)
+def query_scoped_pages() -> list[str]:
+    """Every named dashboard route without a path parameter, but the exempt ones."""
+    return sorted(
+        route.name
+        for route in _walk(get_resolver().url_patterns, "", set())
+        if route.route.startswith("dashboard/")
+        and not route.params
+        and route.name
+        and route.name not in QUERY_EXEMPT
+    )
+
+
+def test_the_query_scoped_pages_are_found():
+    """The generated list is not empty and holds the pages known to take `?org=`."""
+    assert {"dashboard", "usage", "usage_log", "organization", "add_credit"} <= set(
+        query_scoped_pages()
+    )
+
+
+@pytest.mark.parametrize("name", query_scoped_pages())
 def test_another_organisations_slug_in_the_query_is_a_404(world, name):
     session = Client()
     session.force_login(Membership.objects.get(organization=world.rival).user)
@@ -275,7 +329,7 @@ def test_the_matrix_catches_a_leak(world, monkeypatch):
     from portal import api as portal_api
 
     monkeypatch.setattr(
-        portal_api, "_manageable_key", lambda membership, key_id: ApiKey.objects.get(pk=key_id)
+        portal_api, "api_key_or_404", lambda membership, key_id: ApiKey.objects.get(pk=key_id)
     )
     route = next(r for r in routes_with_parameters() if r.key == "api_v1_key")
 

@@ -5,7 +5,10 @@ Alice owns Acme, Adam is an admin of it, Bob and Mallory are plain members; Char
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
+from django.utils import timezone
 from drf_spectacular.validation import validate_schema
 from rest_framework.test import APIClient
 
@@ -41,6 +44,25 @@ def test_it_lists_only_the_callers_organisations(team):
             "role": "member",
         }
     ]
+
+
+def test_a_signed_in_user_creates_an_organisation_and_owns_it(team):
+    response = as_user(team.bob).post("/api/v1/organizations/", {"name": "Bob's lab"})
+
+    assert response.status_code == 201
+    assert (response.json()["name"], response.json()["role"]) == ("Bob's lab", "owner")
+    created = Organization.objects.get(slug=response.json()["slug"])
+    assert Membership.objects.get(organization=created).user == team.bob
+    assert Membership.objects.get(user=team.bob, organization=team.acme).role == "member"
+
+
+def test_a_management_token_cannot_create_organisations(team):
+    secret = token_for(team.alice, team.acme, "owner")
+
+    response = as_token(secret).post("/api/v1/organizations/", {"name": "Shadow"})
+
+    assert response.status_code == 403
+    assert not Organization.objects.filter(name="Shadow").exists()
 
 
 def test_another_organisation_is_a_404_whether_or_not_it_exists(team):
@@ -108,7 +130,8 @@ def test_members_see_their_own_keys_and_admins_and_owners_every_key(team):
 @pytest.mark.parametrize(
     ("who", "own", "expected"),
     [
-        ("bob", True, 200),
+        # Limits are for admins and owners, even on a member's own key (as on the key's page).
+        ("bob", True, 403),
         ("bob", False, 404),
         ("adam", False, 200),
         ("alice", False, 200),
@@ -141,7 +164,7 @@ def test_updating_limits_by_role(team, who, own, expected):
 
 def test_a_patch_changes_only_the_fields_sent_and_null_means_unlimited(team):
     key, _ = api_key_create(organization=team.acme, name="k", created_by=team.bob)
-    client = as_user(team.bob)
+    client = as_user(team.adam)
     client.patch(f"{keys_url(team.acme)}{key.pk}/", {"tokens_per_minute": 1000}, format="json")
     client.patch(f"{keys_url(team.acme)}{key.pk}/", {"max_concurrent_requests": 2}, format="json")
     key.refresh_from_db()
@@ -183,6 +206,65 @@ def test_revoking_by_role(team, who, own, expected):
     assert response.status_code == expected
     key.refresh_from_db()
     assert (key.revoked_at is not None) == (expected == 200)
+
+
+def test_a_member_renames_their_own_key(team):
+    key, _ = api_key_create(organization=team.acme, name="k", created_by=team.bob)
+
+    response = as_user(team.bob).patch(
+        f"{keys_url(team.acme)}{key.pk}/", {"name": "renamed"}, format="json"
+    )
+
+    assert response.status_code == 200
+    key.refresh_from_db()
+    assert key.name == "renamed"
+
+
+def test_an_admin_sets_the_ip_allowlist_in_canonical_form(team):
+    key, _ = api_key_create(organization=team.acme, name="k", created_by=team.bob)
+
+    response = as_user(team.adam).patch(
+        f"{keys_url(team.acme)}{key.pk}/", {"ip_allowlist": ["10.0.0.7"]}, format="json"
+    )
+
+    assert response.status_code == 200
+    assert response.json()["ip_allowlist"] == ["10.0.0.7/32"]
+    key.refresh_from_db()
+    assert key.ip_allowlist == ["10.0.0.7/32"]
+
+
+def test_a_bad_network_in_the_allowlist_is_a_400_and_changes_nothing(team):
+    key, _ = api_key_create(organization=team.acme, name="k", created_by=team.bob)
+
+    response = as_user(team.adam).patch(
+        f"{keys_url(team.acme)}{key.pk}/",
+        {"ip_allowlist": ["10.0.0.0/8", "not-an-ip"], "name": "x"},
+        format="json",
+    )
+
+    assert response.status_code == 400
+    key.refresh_from_db()
+    assert (key.ip_allowlist, key.name) == ([], "k")
+
+
+def test_rotating_returns_a_new_secret_once_and_the_old_key_expires_after_the_overlap(team):
+    key, _ = api_key_create(organization=team.acme, name="k", created_by=team.bob)
+    before = timezone.now()
+
+    response = as_user(team.bob).post(
+        f"{keys_url(team.acme)}{key.pk}/rotate/", {"overlap_hours": 2}, format="json"
+    )
+
+    assert response.status_code == 201
+    assert response["Cache-Control"] == "no-store"
+    body = response.json()
+    new_key = ApiKey.objects.get(pk=body["id"])
+    assert new_key.hashed_key == api_keys.hash_key(body["key"])
+    assert (new_key.name, body["rotated_from"]) == ("k", key.pk)
+    key.refresh_from_db()
+    assert before + timedelta(hours=2) <= key.expires_at <= timezone.now() + timedelta(hours=2)
+    listed = as_user(team.bob).get(f"{keys_url(team.acme)}{new_key.pk}/").json()
+    assert "key" not in listed
 
 
 def test_a_revoked_key_cannot_be_changed(team):
@@ -330,6 +412,20 @@ def test_the_openapi_schema_is_served_and_valid(team):
     validate_schema(schema)  # drf-spectacular's check against the OpenAPI 3 JSON schema
     assert "/api/v1/organizations/{organization}/keys/" in schema["paths"]
     assert "/api/v1/key" in schema["paths"]
+    # Every management route is described (drf-spectacular builds it from the URLconf).
+    for path in (
+        "members/{member_id}/",
+        "members/{member_id}/transfer-ownership/",
+        "invitations/",
+        "invitations/{invitation_id}/revoke/",
+        "keys/{key_id}/rotate/",
+        "keys/{key_id}/spend-cap/",
+        "statements/",
+        "statements/{statement_id}/",
+        "statements/{statement_id}/csv/",
+        "statements/{statement_id}/pdf/",
+    ):
+        assert f"/api/v1/organizations/{{organization}}/{path}" in schema["paths"], path
     assert {"managementToken", "apiKey", "cookieAuth"} <= set(
         schema["components"]["securitySchemes"]
     )

@@ -201,6 +201,7 @@ def test_the_calling_key_sees_its_limits_usage_and_what_remains(team):
         requests_per_minute=60,
         tokens_per_minute=None,
         max_concurrent_requests=3,
+        ip_allowlist=[],
     )
     SpendCap.objects.create(api_key=key, amount_usd=Decimal("0.01"), window="day")
     cap = CapTerms(amount_usd=Decimal("0.01"), window=SpendCap.Window.DAY)
@@ -274,6 +275,7 @@ def test_the_key_endpoint_refuses_anything_but_a_live_api_key(team):
         requests_per_minute=None,
         tokens_per_minute=None,
         max_concurrent_requests=None,
+        ip_allowlist=[],
     )
 
     assert APIClient().get("/api/v1/key").status_code == 401

@@ -10,6 +10,7 @@ import pytest
 from django.test import Client
 from django.utils import timezone
 from openai.types.chat import ChatCompletion
+from rest_framework.test import APIClient
 
 from billing.models import SpendCap
 from gateway.auth import Caller
@@ -203,6 +204,32 @@ def test_after_rotation_the_old_key_works_until_the_overlap_ends_then_gets_401(
     # The replacement keeps the name, the limits (portal's) and the spend cap (billing's).
     assert (new.name, new.requests_per_minute, new.rotated_from_id) == ("prod", 100, old.pk)
     assert SpendCap.objects.get(api_key=new).amount_usd == Decimal("5")
+
+
+def test_a_key_revoked_through_the_management_api_stops_at_the_gateway_within_its_cache_time(
+    gateway_url, catalog, fake_provider, settings
+):
+    settings.GATEWAY_KEY_CACHE_SECONDS = 1  # the gateway caches each key this long
+    organization = make_org()
+    other = make_org()
+    key, secret = api_key_create(organization=organization, name="prod")
+    _, others_secret = api_key_create(organization=other, name="theirs")
+    assert _chat(gateway_url, secret).choices  # authenticated, and now cached
+    owner = Membership.objects.get(organization=organization, role="owner").user
+    api = APIClient()
+    api.force_login(owner)
+
+    revoked = api.post(f"/api/v1/organizations/{organization.slug}/keys/{key.pk}/revoke/")
+
+    assert revoked.status_code == 200
+    deadline = time.monotonic() + 1 + 20  # the cache time, and room for a slow machine
+    while True:
+        try:
+            _chat(gateway_url, secret)
+        except openai.AuthenticationError:
+            break
+        assert time.monotonic() < deadline, "the revoked key still works after the cache time"
+    assert _chat(gateway_url, others_secret).choices  # another organisation's key is untouched
 
 
 @pytest.mark.django_db

@@ -15,7 +15,8 @@ import pytest
 from django.test import Client
 
 from billing.models import SpendCap
-from portal.models import ApiKey, Invitation, Membership, Organization, User
+from portal.management_tokens import management_token_create
+from portal.models import ApiKey, Invitation, ManagementToken, Membership, Organization, User
 from portal.permissions import ROLES_ALLOWED, Action, can
 from portal.services import api_key_create, invitation_create
 from tests.factories import make_org
@@ -31,6 +32,7 @@ class World:
     target_key: ApiKey  # created by mallory
     own_keys: dict[str, ApiKey]  # a key created by each role, in acme (not for the outsider)
     invitation: Invitation
+    token: ManagementToken  # the owner's management token
 
 
 def _join(organization: Organization, email: str, role: str) -> Membership:
@@ -71,6 +73,9 @@ def world(db) -> World:
         target_key=api_key_create(organization=acme, name="mallory's", created_by=target.user)[0],
         own_keys=own_keys,
         invitation=invitation,
+        token=management_token_create(
+            membership=Membership.objects.get(user=owner), name="script", role="member"
+        )[0],
     )
 
 
@@ -86,6 +91,7 @@ def snapshot() -> tuple[object, ...]:
         ),
         Organization.objects.count(),
         sorted(SpendCap.objects.values_list("api_key_id", "amount_usd")),
+        sorted(ManagementToken.objects.values_list("pk", "revoked_at")),
     )
 
 
@@ -190,6 +196,12 @@ MATRIX: dict[str, tuple[str, Request, dict[str, str], dict[str, object]]] = {
         lambda w, r: f"/dashboard/keys/{w.own_keys[r].pk}/revoke",
         {},
         {"owner": OK, "admin": OK, "member": OK},
+    ),
+    "revoke a management token": (
+        "post",
+        lambda w, r: f"/dashboard/tokens/{w.token.pk}/revoke",
+        {},
+        {"owner": OK, "admin": OK, "member": 403, "outsider": 404},
     ),
     "set own key's limits": (
         "post",
