@@ -6,7 +6,7 @@ Starts, on this machine: throwaway PostgreSQL and Redis (tests/services.py), the
 (pinned, in its own venv under var/bench/, one worker, no callbacks, no database). Warms each
 up, then runs interleaved rounds and prints one table of medians.
 
-    python -m bench.run [--quick] [--rounds N] [--no-litellm]
+    python -m bench.run [--quick] [--rounds N] [--no-litellm] [--switchboard-only]
 """
 
 from __future__ import annotations
@@ -203,15 +203,16 @@ def running_targets(args: argparse.Namespace) -> Iterator[list[Target]]:
 
         uvicorn = [sys.executable, "-m", "uvicorn", "--no-access-log", "--lifespan", "off"]
         uvicorn += ["--log-level", "warning", "--host", "127.0.0.1"]
-        bare_port = free_port()
-        bare = processes.start(
-            [*uvicorn, "--port", str(bare_port), "bench.bareproxy:app"],
-            env={**base_env, "BENCH_UPSTREAM_URL": f"http://127.0.0.1:{upstream_port}"},
-            log=VAR / "bareproxy.log",
-        )
-        bare_url = f"http://127.0.0.1:{bare_port}/v1"
-        _wait_ready(bare_url, bare, timeout=30, headers={})
-        targets.append(Target("bare proxy", bare_url, pids=[bare.pid]))
+        if not args.switchboard_only:
+            bare_port = free_port()
+            bare = processes.start(
+                [*uvicorn, "--port", str(bare_port), "bench.bareproxy:app"],
+                env={**base_env, "BENCH_UPSTREAM_URL": f"http://127.0.0.1:{upstream_port}"},
+                log=VAR / "bareproxy.log",
+            )
+            bare_url = f"http://127.0.0.1:{bare_port}/v1"
+            _wait_ready(bare_url, bare, timeout=30, headers={})
+            targets.append(Target("bare proxy", bare_url, pids=[bare.pid]))
 
         database_url, stop = start_postgres(workdir)
         stops.append(stop)
@@ -265,7 +266,7 @@ def running_targets(args: argparse.Namespace) -> Iterator[list[Target]]:
             )
         )
 
-        if not args.no_litellm:
+        if not (args.no_litellm or args.switchboard_only):
             python = _litellm_python()
             config = VAR / "litellm.yaml"
             config.write_text(
@@ -563,6 +564,11 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=20)
     parser.add_argument("--interval-ms", type=float, default=5.0)
     parser.add_argument("--no-litellm", action="store_true")
+    parser.add_argument(
+        "--switchboard-only",
+        action="store_true",
+        help="Switchboard and the direct baseline only (quicker A/B runs of one change)",
+    )
     parser.add_argument("--profile", action="store_true", help="pyinstrument on Switchboard")
     args = parser.parse_args()
     if args.quick:

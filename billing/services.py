@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
-from django.db import IntegrityError, transaction
+from django.db import DataError, IntegrityError, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
+from billing import hot_path_sql
 from billing.models import (
     Account,
     KeySpend,
@@ -107,20 +110,34 @@ def _post(
 
 
 def _charge_usage(
-    *, organization_id: int, cost_usd: Decimal, memo: str
+    *, organization_id: int, cost_usd: Decimal, memo: str, released_usd: Decimal = ZERO_USD
 ) -> LedgerTransaction | None:
-    """Move a request's cost from the wallet to revenue; None when it cost nothing.
+    """Move a request's cost from the wallet to revenue, releasing `released_usd` of the
+    wallet's hold in the same UPDATE; the ledger entry, or None when it cost nothing.
 
     Must run inside `transaction.atomic()`.
     """
+    if cost_usd <= ZERO_USD and released_usd <= ZERO_USD:
+        return None
+    wallet_id = _move_account(
+        organization_id=organization_id,
+        kind=Account.Kind.WALLET,
+        balance_usd=-cost_usd,
+        reserved_usd=-released_usd,
+    )
     if cost_usd <= ZERO_USD:
         return None
-    wallet = wallet_get_or_create(organization_id=organization_id)
-    return _post(
-        kind=LedgerTransaction.Kind.USAGE,
-        memo=memo,
-        legs=[(wallet, -cost_usd), (_system_account(Account.Kind.REVENUE), cost_usd)],
+    entry = LedgerTransaction.objects.create(kind=LedgerTransaction.Kind.USAGE, memo=memo[:300])
+    revenue_id = _move_account(
+        organization_id=None, kind=Account.Kind.REVENUE, balance_usd=cost_usd
     )
+    Posting.objects.bulk_create(
+        [
+            Posting(transaction=entry, account_id=wallet_id, amount_usd=-cost_usd),
+            Posting(transaction=entry, account_id=revenue_id, amount_usd=cost_usd),
+        ]
+    )
+    return entry
 
 
 def credit_grant(
@@ -194,10 +211,22 @@ def credit_reserve(
     """
     if amount_usd < ZERO_USD:
         raise BillingError("a reservation cannot be negative")
+    now = now or timezone.now()
+    if hot_path_sql.available():
+        reservation = _reserve_in_one_statement(
+            request_id=request_id,
+            organization_id=organization_id,
+            api_key_id=api_key_id,
+            amount_usd=amount_usd,
+            spend_cap=spend_cap,
+            now=now,
+        )
+        if reservation is not None:
+            return reservation
     window_start = None
     with transaction.atomic():
         if spend_cap is not None:
-            window_start, resets_at = spend_window_bounds(spend_cap.window, now or timezone.now())
+            window_start, resets_at = spend_window_bounds(spend_cap.window, now)
             window = KeySpend.objects.filter(api_key_id=api_key_id, window_start=window_start)
             fits = (
                 window.alias(used=F("spent_usd") + F("reserved_usd"))
@@ -236,6 +265,61 @@ def credit_reserve(
             amount_usd=amount_usd,
             spend_window_start=window_start,
         )
+
+
+def _reserve_in_one_statement(
+    *,
+    request_id: str,
+    organization_id: int,
+    api_key_id: int,
+    amount_usd: Decimal,
+    spend_cap: CapTerms | None,
+    now: datetime,
+) -> Reservation | None:
+    """credit_reserve as one PostgreSQL statement (billing/hot_path_sql.py); None when the
+    key's spend window has no row yet (the ORM path makes it), having held nothing."""
+    window_start, resets_at = (
+        spend_window_bounds(spend_cap.window, now) if spend_cap is not None else (None, None)
+    )
+    try:
+        # A savepoint only inside a caller's transaction (see _settle_in_one_statement).
+        with (
+            transaction.atomic() if transaction.get_connection().in_atomic_block else nullcontext()
+        ):
+            reserved = hot_path_sql.reserve(
+                request_id=request_id,
+                organization_id=organization_id,
+                api_key_id=api_key_id,
+                amount_usd=amount_usd,
+                cap_usd=spend_cap.amount_usd if spend_cap is not None else None,
+                window_start=window_start,
+                now=now,
+            )
+    except DataError as error:
+        if hot_path_sql.aborted_on_purpose(error):  # the window fitted, the wallet did not
+            raise InsufficientCredit(
+                "the wallet's available credit does not cover this request"
+            ) from None
+        raise
+    if reserved.window_missing:
+        return None
+    if reserved.window_refused:
+        raise SpendCapExceeded(
+            "this key's spend cap does not cover this request", resets_at=resets_at
+        )
+    if not reserved.held:
+        raise InsufficientCredit("the wallet's available credit does not cover this request")
+    reservation = Reservation(
+        request_id=request_id,
+        organization_id=organization_id,
+        api_key_id=api_key_id,
+        amount_usd=amount_usd,
+        spend_window_start=window_start,
+        created_at=now,
+    )
+    reservation._state.adding = False
+    reservation._state.db = "default"
+    return reservation
 
 
 def _release(*, request_id: str, state: Reservation.State, spent_usd: Decimal = ZERO_USD) -> bool:
@@ -362,20 +446,23 @@ def reservations_sweep(*, older_than: timedelta) -> int:
 def _settle_from_checkpoint(reservation: Reservation, *, checkpoint_cost_usd: Decimal) -> bool:
     """Charge a dead stream's last checkpoint and record it; False if another resolver won.
 
-    Must run inside `transaction.atomic()`. The claim (`_release`) comes first: a live settle
-    of the same request then finds nothing held, and its usage record collides with this one
-    on the unique request id, so the usage is charged once whichever commits first.
+    Must run inside `transaction.atomic()`. The claim comes first: a live settle of the same
+    request then finds nothing held, and its usage record collides with this one on the unique
+    request id, so the usage is charged once whichever commits first.
     """
     # The checkpoint prices an estimate; the hold is what the request was allowed to cost.
     cost_usd = min(checkpoint_cost_usd, reservation.amount_usd)
-    if not _release(
+    claim = _claim(
         request_id=reservation.request_id, state=Reservation.State.SETTLED, spent_usd=cost_usd
-    ):
+    )
+    if claim is None:
         return False
+    held_by, held_usd = claim
     entry = _charge_usage(
-        organization_id=reservation.organization_id,
+        organization_id=held_by,
         cost_usd=cost_usd,
         memo=f"{reservation.checkpoint_model} request {reservation.request_id} (interrupted)",
+        released_usd=held_usd,
     )
     checkpointed_at = reservation.checkpointed_at or reservation.created_at
     UsageRecord.objects.create(
@@ -421,7 +508,7 @@ class MeteredRequest:
 
 
 # Account ids never change once made (accounts are never deleted), so each process keeps the
-# ones the hot path needs. Every use re-checks the cached id in its UPDATE's WHERE clause; a
+# ones the ORM path needs. Every use re-checks the cached id in its UPDATE's WHERE clause; a
 # miss (a database rebuilt under a running process, a test's rolled-back rows) looks it up again.
 _account_ids: dict[tuple[int | None, str], int] = {}
 # api key id -> time.monotonic() when this process last wrote its last_used_at.
@@ -429,14 +516,16 @@ _last_used_written: dict[int, float] = {}
 _LAST_USED_CACHE_MAX = 100_000
 
 
-class _StaleAccountId(Exception):
-    """A cached account id no longer names its account: roll back and look it up again."""
-
-
-def _move_wallet(*, organization_id: int, balance_usd: Decimal, reserved_usd: Decimal) -> int:
-    """Add to a wallet's balance and hold in one UPDATE, creating the wallet on first use;
-    returns its id. Must run inside `transaction.atomic()`."""
-    kind = Account.Kind.WALLET
+def _move_account(
+    *,
+    organization_id: int | None,
+    kind: Account.Kind,
+    balance_usd: Decimal,
+    reserved_usd: Decimal = ZERO_USD,
+) -> int:
+    """Add to an account's balance and hold in one UPDATE, creating the account on first use
+    (an organisation's wallet, or a system account when `organization_id` is None); returns
+    its id. Must run inside `transaction.atomic()`."""
     changes = {
         "balance_usd": F("balance_usd") + balance_usd,
         "reserved_usd": F("reserved_usd") + reserved_usd,
@@ -445,9 +534,12 @@ def _move_wallet(*, organization_id: int, balance_usd: Decimal, reserved_usd: De
     cached = _account_ids.get(key)
     if (
         cached is not None
-        and Account.objects.filter(pk=cached, organization_id=organization_id, kind=kind).update(
-            **changes
-        )
+        # organization_id=None matches a system account (IS NULL).
+        and Account.objects.filter(
+            pk=cached,
+            organization_id=organization_id,  # type: ignore[misc]
+            kind=kind,
+        ).update(**changes)
         == 1
     ):
         return cached
@@ -457,97 +549,129 @@ def _move_wallet(*, organization_id: int, balance_usd: Decimal, reserved_usd: De
     return account.pk
 
 
-def _settle_once(*, metered: MeteredRequest, cost_usd: Decimal) -> UsageRecord:
-    """One attempt at usage_settle's transaction: 7 to 9 statements (claim, wallet, ledger
-    entry, postings, usage record, revenue; spend window and last use when they apply)."""
+def _settle_with_orm(
+    *, metered: MeteredRequest, cost_usd: Decimal, state: Reservation.State
+) -> UsageRecord:
+    """usage_settle's transaction through the ORM (any database): claim, one charge, usage
+    record, last use."""
     with transaction.atomic():
         # Rows are locked in the order credit_reserve locks them (spend window, then
         # wallet), so a settle and a reserve on the same key never deadlock.
-        claim = _claim(
-            request_id=metered.request_id,
-            state=(
-                Reservation.State.VOIDED
-                if metered.status == UsageRecord.Status.UPSTREAM_ERROR
-                else Reservation.State.SETTLED
-            ),
-            spent_usd=cost_usd,
-        )
+        claim = _claim(request_id=metered.request_id, state=state, spent_usd=cost_usd)
         released_usd = ZERO_USD
         if claim is not None:
             held_by, held_usd = claim
             if held_by == metered.organization_id:
                 released_usd = held_usd
             else:  # never by construction; kept exact all the same
-                Account.objects.filter(organization_id=held_by, kind=Account.Kind.WALLET).update(
-                    reserved_usd=F("reserved_usd") - held_usd
+                _move_account(
+                    organization_id=held_by,
+                    kind=Account.Kind.WALLET,
+                    balance_usd=ZERO_USD,
+                    reserved_usd=-held_usd,
                 )
-        entry = None
-        revenue_id = None
-        if cost_usd > ZERO_USD or released_usd > ZERO_USD:
-            # The hold's release and the charge move the wallet in one UPDATE.
-            wallet_id = _move_wallet(
-                organization_id=metered.organization_id,
-                balance_usd=-cost_usd,
-                reserved_usd=-released_usd,
-            )
-        if cost_usd > ZERO_USD:
-            revenue_id = _account_ids.get((None, Account.Kind.REVENUE))
-            if revenue_id is None:
-                revenue_id = _system_account(Account.Kind.REVENUE).pk
-                _account_ids[(None, Account.Kind.REVENUE)] = revenue_id
-            entry = LedgerTransaction.objects.create(
-                kind=LedgerTransaction.Kind.USAGE,
-                memo=f"{metered.model} request {metered.request_id}"[:300],
-            )
-            Posting.objects.bulk_create(
-                [
-                    Posting(transaction=entry, account_id=wallet_id, amount_usd=-cost_usd),
-                    Posting(transaction=entry, account_id=revenue_id, amount_usd=cost_usd),
-                ]
-            )
+        entry = _charge_usage(
+            organization_id=metered.organization_id,
+            cost_usd=cost_usd,
+            memo=_usage_memo(metered),
+            released_usd=released_usd,
+        )
         record = UsageRecord.objects.create(
             request_id=metered.request_id,
-            organization_id=metered.organization_id,
-            api_key_id=metered.api_key_id,
-            model=metered.model,
-            provider=metered.provider,
-            upstream_model=metered.upstream_model,
-            attempts=metered.attempts,
-            status=metered.status,
-            http_status=metered.http_status,
-            input_tokens=metered.input_tokens,
-            output_tokens=metered.output_tokens,
-            cached_input_tokens=metered.cached_input_tokens,
-            cache_write_input_tokens=metered.cache_write_input_tokens,
-            usage_source=metered.usage_source,
-            cost_usd=cost_usd,
-            latency_ms=metered.latency_ms,
-            time_to_first_token_ms=metered.time_to_first_token_ms,
             ledger_transaction=entry,
+            cost_usd=cost_usd,
+            **_usage_columns(metered),
         )
-        _touch_last_used(api_key_id=metered.api_key_id, used_at=record.created_at)
-        if revenue_id is not None:
-            # Last, so that the one row every organisation's settlement updates stays locked
-            # for as short a time as possible (until the commit that follows).
-            moved = Account.objects.filter(
-                pk=revenue_id, organization__isnull=True, kind=Account.Kind.REVENUE
-            ).update(balance_usd=F("balance_usd") + cost_usd)
-            if moved != 1:
-                raise _StaleAccountId
+        if _last_use_due(api_key_id=metered.api_key_id):
+            ApiKey.objects.filter(pk=metered.api_key_id).filter(
+                Q(last_used_at__isnull=True)
+                | Q(last_used_at__lt=record.created_at - LAST_USED_RESOLUTION)
+            ).update(last_used_at=record.created_at)
+            _remember_last_use(api_key_id=metered.api_key_id)
     return record
 
 
-def _touch_last_used(*, api_key_id: int, used_at: datetime) -> None:
-    """Move the key's last_used_at, at most once per LAST_USED_RESOLUTION from this process
-    (and never more often than that in the database), so a busy key is not row-locked by every
-    request's transaction nor costs each one a statement."""
-    now = time.monotonic()
+def _settle_in_one_statement(
+    *, metered: MeteredRequest, cost_usd: Decimal, state: Reservation.State
+) -> UsageRecord | None:
+    """usage_settle's transaction as one PostgreSQL statement (billing/hot_path_sql.py); None
+    when it cannot run it (an account's first use), having written nothing."""
+    now = timezone.now()
+    touch = _last_use_due(api_key_id=metered.api_key_id)
+    columns = _usage_columns(metered)
+    try:
+        # Inside a caller's transaction a failed statement would abort it: a savepoint keeps
+        # the failure to this statement. Alone (the gateway), the statement is its own
+        # transaction.
+        with (
+            transaction.atomic() if transaction.get_connection().in_atomic_block else nullcontext()
+        ):
+            settled = hot_path_sql.settle(
+                request_id=metered.request_id,
+                organization_id=metered.organization_id,
+                api_key_id=metered.api_key_id,
+                reservation_state=state,
+                cost_usd=cost_usd,
+                memo=_usage_memo(metered),
+                record=columns,
+                touch_last_used=touch,
+                last_used_before=now - LAST_USED_RESOLUTION,
+                now=now,
+            )
+    except DataError as error:
+        if hot_path_sql.aborted_on_purpose(error):
+            return None
+        raise
+    if touch:
+        _remember_last_use(api_key_id=metered.api_key_id)
+    record = UsageRecord(
+        pk=settled.usage_record_id,
+        request_id=metered.request_id,
+        cost_usd=cost_usd,
+        ledger_transaction_id=settled.ledger_transaction_id,
+        created_at=now,
+        **columns,
+    )
+    record._state.adding = False
+    record._state.db = "default"
+    return record
+
+
+def _usage_memo(metered: MeteredRequest) -> str:
+    return f"{metered.model} request {metered.request_id}"[:300]
+
+
+def _usage_columns(metered: MeteredRequest) -> dict[str, Any]:
+    """The usage record's columns that come from the request as measured."""
+    return {
+        "organization_id": metered.organization_id,
+        "api_key_id": metered.api_key_id,
+        "model": metered.model,
+        "provider": metered.provider,
+        "upstream_model": metered.upstream_model,
+        "attempts": metered.attempts,
+        "status": metered.status,
+        "http_status": metered.http_status,
+        "input_tokens": metered.input_tokens,
+        "output_tokens": metered.output_tokens,
+        "cached_input_tokens": metered.cached_input_tokens,
+        "cache_write_input_tokens": metered.cache_write_input_tokens,
+        "usage_source": metered.usage_source,
+        "latency_ms": metered.latency_ms,
+        "time_to_first_token_ms": metered.time_to_first_token_ms,
+    }
+
+
+def _last_use_due(*, api_key_id: int) -> bool:
+    """Whether this settlement should move the key's last_used_at: at most once per
+    LAST_USED_RESOLUTION from this process (and never more often than that in the database),
+    so a busy key is not row-locked by every request's transaction nor costs each one a write."""
     written = _last_used_written.get(api_key_id)
-    if written is not None and now - written < LAST_USED_RESOLUTION.total_seconds():
-        return
-    ApiKey.objects.filter(pk=api_key_id).filter(
-        Q(last_used_at__isnull=True) | Q(last_used_at__lt=used_at - LAST_USED_RESOLUTION)
-    ).update(last_used_at=used_at)
+    return written is None or time.monotonic() - written >= LAST_USED_RESOLUTION.total_seconds()
+
+
+def _remember_last_use(*, api_key_id: int) -> None:
+    now = time.monotonic()
 
     def remember() -> None:  # only once the write is committed: a rollback undoes it
         if len(_last_used_written) >= _LAST_USED_CACHE_MAX:
@@ -572,12 +696,16 @@ def usage_settle(*, metered: MeteredRequest) -> UsageRecord:
         cached_input_tokens=metered.cached_input_tokens,
         cache_write_input_tokens=metered.cache_write_input_tokens,
     )
+    state = (
+        Reservation.State.VOIDED
+        if metered.status == UsageRecord.Status.UPSTREAM_ERROR
+        else Reservation.State.SETTLED
+    )
     try:
-        try:
-            return _settle_once(metered=metered, cost_usd=cost_usd)
-        except _StaleAccountId:
-            _account_ids.clear()
-            return _settle_once(metered=metered, cost_usd=cost_usd)
+        record = None
+        if hot_path_sql.available():
+            record = _settle_in_one_statement(metered=metered, cost_usd=cost_usd, state=state)
+        return record or _settle_with_orm(metered=metered, cost_usd=cost_usd, state=state)
     except IntegrityError:
         existing = UsageRecord.objects.filter(request_id=metered.request_id).first()
         if existing is None:

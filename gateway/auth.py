@@ -19,6 +19,7 @@ from django.utils import timezone
 
 from billing.models import SpendCap
 from billing.services import CapTerms
+from gateway.database import db_call, load_once
 from gateway.errors import AddressNotAllowed, InvalidApiKey
 from gateway.limits import NO_LIMITS, RateLimits
 from portal import api_keys
@@ -77,6 +78,11 @@ _cache: dict[str, tuple[float, Caller | None]] = {}
 _CACHE_MAX_ENTRIES = 100_000
 
 
+@db_call
+def _key_by_hash(hashed: str) -> ApiKey | None:
+    return ApiKey.objects.select_related("spend_cap").filter(hashed_key=hashed).first()
+
+
 def bearer_token(authorization: str) -> str:
     scheme, _, token = authorization.partition(" ")
     return token.strip() if scheme.lower() == "bearer" else ""
@@ -102,7 +108,7 @@ async def authenticate(raw_key: str, *, client_host: str | None = None) -> Calle
     if cached is not None and cached[0] > now:
         caller = cached[1]
     else:
-        key = await ApiKey.objects.select_related("spend_cap").filter(hashed_key=hashed).afirst()
+        key = await load_once(("api_key", hashed), lambda: _key_by_hash(hashed))
         caller = _caller_from(key) if key is not None and not key.is_revoked else None
         if len(_cache) >= _CACHE_MAX_ENTRIES:
             _cache.clear()

@@ -7,7 +7,8 @@
 - concurrent requests: a set of in-flight request ids; entries older than the reservation
   sweep bound are dropped, so a crashed process cannot leak capacity for ever.
 
-With REDIS_URL set, the state lives in Redis and each check is one atomic Lua script; without
+With REDIS_URL set, the state lives in Redis: an admission (every check) and a release are one
+atomic Lua script each, one round trip (run by its SHA-1, EVALSHA); without
 it, in this process's memory (correct only for the single-process embedded mode). Keys with no
 rate limits never touch Redis. If Redis is unreachable, limited keys are refused with 503
 (failing closed): limits are not money, but an operator who set them wants them held. Money
@@ -17,56 +18,88 @@ is never at stake here: credit and spend caps are enforced in the database.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import weakref
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from django.conf import settings
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from gateway.errors import RateLimited, ServiceUnavailable
 
 WINDOW_SECONDS = 60
 
-# KEYS[1] the bucket hash; ARGV: now (whole seconds), limit (-1: none, only count), amount
-# to add if admitted.
-# Returns {admitted (0/1), seconds until the oldest counted bucket leaves the window}.
-_WINDOW_SCRIPT = """
-local now = tonumber(ARGV[1])
-local limit = tonumber(ARGV[2])
-local amount = tonumber(ARGV[3])
-local buckets = redis.call('HGETALL', KEYS[1])
-local used, oldest = 0, now
-for i = 1, #buckets, 2 do
-  local second = tonumber(buckets[i])
-  if second <= now - 60 then
-    redis.call('HDEL', KEYS[1], buckets[i])
-  else
-    used = used + tonumber(buckets[i + 1])
-    if second < oldest then oldest = second end
+# Lua: the sliding window of one-second buckets in hash `key`. Admits while the last minute
+# holds less than `limit` (-1: no limit, only count), adding `amount` when admitted; returns
+# {admitted (0/1), seconds until the oldest counted bucket leaves the window}.
+_WINDOW_FUNCTION = """
+local function window(key, now, limit, amount)
+  local buckets = redis.call('HGETALL', key)
+  local used, oldest = 0, now
+  for i = 1, #buckets, 2 do
+    local second = tonumber(buckets[i])
+    if second <= now - 60 then
+      redis.call('HDEL', key, buckets[i])
+    else
+      used = used + tonumber(buckets[i + 1])
+      if second < oldest then oldest = second end
+    end
   end
+  if limit >= 0 and used >= limit then
+    return {0, oldest + 60 - now}
+  end
+  if amount > 0 then
+    redis.call('HINCRBY', key, tostring(now), amount)
+    redis.call('EXPIRE', key, 61)
+  end
+  return {1, 0}
 end
-if limit >= 0 and used >= limit then
-  return {0, oldest + 60 - now}
-end
-if amount > 0 then
-  redis.call('HINCRBY', KEYS[1], ARGV[1], amount)
-  redis.call('EXPIRE', KEYS[1], 61)
-end
-return {1, 0}
 """
 
-# KEYS[1] the in-flight set; ARGV: now (seconds, float), limit, request id, entry lifetime.
-_CONCURRENCY_SCRIPT = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]) - tonumber(ARGV[4]))
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
-  return 0
+# Every check of an admission in one round trip, in the order limits_admit documents: tokens,
+# then requests (counted once admitted), then the in-flight set.
+# KEYS: tpm hash, rpm hash, in-flight set; ARGV: now (whole seconds), now (float seconds),
+# TPM limit, RPM limit, concurrency limit (each -1: not limited), request id, entry lifetime.
+# Returns {0, 0} when admitted, else {1 (TPM) | 2 (RPM) | 3 (concurrency), retry after}.
+_ADMIT_SCRIPT = (
+    _WINDOW_FUNCTION
+    + """
+local now = tonumber(ARGV[1])
+if tonumber(ARGV[3]) >= 0 then
+  local tpm = window(KEYS[1], now, tonumber(ARGV[3]), 0)
+  if tpm[1] == 0 then return {1, tpm[2]} end
 end
-redis.call('ZADD', KEYS[1], ARGV[1], ARGV[3])
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+if tonumber(ARGV[4]) >= 0 then
+  local rpm = window(KEYS[2], now, tonumber(ARGV[4]), 1)
+  if rpm[1] == 0 then return {2, rpm[2]} end
+end
+local concurrency = tonumber(ARGV[5])
+if concurrency >= 0 then
+  local lifetime = tonumber(ARGV[7])
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', tonumber(ARGV[2]) - lifetime)
+  if redis.call('ZCARD', KEYS[3]) >= concurrency then return {3, 1} end
+  redis.call('ZADD', KEYS[3], ARGV[2], ARGV[6])
+  redis.call('EXPIRE', KEYS[3], lifetime)
+end
+return {0, 0}
+"""
+)
+
+# The end of a request in one round trip. KEYS: in-flight set, tpm hash; ARGV: request id,
+# now (whole seconds), tokens to count (0: none).
+_RELEASE_SCRIPT = (
+    _WINDOW_FUNCTION
+    + """
+redis.call('ZREM', KEYS[1], ARGV[1])
+if tonumber(ARGV[3]) > 0 then
+  window(KEYS[2], tonumber(ARGV[2]), -1, tonumber(ARGV[3]))
+end
 return 1
 """
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +155,11 @@ _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, aioredi
 )
 
 
+_registered: weakref.WeakKeyDictionary[aioredis.Redis, tuple[AsyncScript, AsyncScript]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def _redis() -> aioredis.Redis | None:
     url = settings.REDIS_URL
     if not url:
@@ -139,73 +177,76 @@ def _prefix(api_key_id: int) -> str:
     return f"sb:limits:{api_key_id}"
 
 
-async def _window(key: str, limit: int | None, amount: int) -> tuple[bool, int]:
-    """Admit (adding `amount`) while the last minute holds less than `limit` (None: always);
-    returns whether admitted and, if not, the seconds until it could be."""
+# The refusals of limits_admit, by the check that refused.
+_TPM, _RPM, _CONCURRENCY = 1, 2, 3
+
+
+def _admit_locally(prefix: str, limits: RateLimits, request_id: str) -> tuple[int, int]:
+    """The admission script's checks on this process's state (the embedded mode)."""
     now = int(time.time())
-    client = _redis()
-    if client is None:
-        return _local.window(key, now, limit, amount)
-    admitted, retry_after = await client.eval(
-        _WINDOW_SCRIPT, 1, key, now, -1 if limit is None else limit, amount
-    )
-    return bool(admitted), int(retry_after)
-
-
-async def _enter(key: str, limit: int, request_id: str) -> bool:
-    """Add the request to the in-flight set unless it already holds `limit` requests."""
+    if limits.tokens_per_minute is not None:
+        admitted, retry_after = _local.window(f"{prefix}:tpm", now, limits.tokens_per_minute, 0)
+        if not admitted:
+            return _TPM, retry_after
+    if limits.requests_per_minute is not None:
+        admitted, retry_after = _local.window(f"{prefix}:rpm", now, limits.requests_per_minute, 1)
+        if not admitted:
+            return _RPM, retry_after
+    concurrency = limits.max_concurrent_requests
     lifetime = settings.BILLING_RESERVATION_SWEEP_AFTER_SECONDS
-    now = time.time()
-    client = _redis()
-    if client is None:
-        return _local.enter(key, now, limit, request_id, lifetime)
-    return bool(await client.eval(_CONCURRENCY_SCRIPT, 1, key, now, limit, request_id, lifetime))
-
-
-async def _leave(key: str, request_id: str) -> None:
-    client = _redis()
-    if client is None:
-        _local.in_flight.get(key, {}).pop(request_id, None)
-    else:
-        await client.zrem(key, request_id)
+    if concurrency is not None and not _local.enter(
+        f"{prefix}:inflight", time.time(), concurrency, request_id, lifetime
+    ):
+        return _CONCURRENCY, 1
+    return 0, 0
 
 
 async def limits_admit(*, api_key_id: int, request_id: str, limits: RateLimits) -> None:
     """Admit a request under its key's limits, or raise RateLimited (429, with Retry-After).
 
-    A request admitted here must be followed by `limits_release` when it ends.
+    Checked in order: tokens per minute, requests per minute (the request is counted once it
+    passes), concurrency; with Redis, all in one script (one round trip). A request admitted
+    here must be followed by `limits_release` when it ends.
     """
     if not limits.any:
         return
     prefix = _prefix(api_key_id)
-    try:
-        if limits.tokens_per_minute is not None:
-            admitted, retry_after = await _window(f"{prefix}:tpm", limits.tokens_per_minute, 0)
-            if not admitted:
-                raise RateLimited(
-                    f"This key's limit of {limits.tokens_per_minute} tokens per minute is reached.",
-                    retry_after_seconds=retry_after,
-                )
-        if limits.requests_per_minute is not None:
-            admitted, retry_after = await _window(f"{prefix}:rpm", limits.requests_per_minute, 1)
-            if not admitted:
-                raise RateLimited(
-                    f"This key's limit of {limits.requests_per_minute} requests per minute is "
-                    "reached.",
-                    retry_after_seconds=retry_after,
-                )
-        concurrency = limits.max_concurrent_requests
-        if concurrency is not None and not await _enter(
-            f"{prefix}:inflight", concurrency, request_id
-        ):
-            raise RateLimited(
-                f"This key's limit of {concurrency} concurrent requests is reached.",
-                retry_after_seconds=1,
+    client = _redis()
+    if client is None:
+        refused, retry_after = _admit_locally(prefix, limits, request_id)
+    else:
+        try:
+            refused, retry_after = await _scripts(client)[0](
+                keys=[f"{prefix}:tpm", f"{prefix}:rpm", f"{prefix}:inflight"],
+                args=[
+                    int(time.time()),
+                    time.time(),
+                    _or_unlimited(limits.tokens_per_minute),
+                    _or_unlimited(limits.requests_per_minute),
+                    _or_unlimited(limits.max_concurrent_requests),
+                    request_id,
+                    settings.BILLING_RESERVATION_SWEEP_AFTER_SECONDS,
+                ],
             )
-    except RedisError:
-        raise ServiceUnavailable(
-            "The rate limiter is unavailable; this key's limits cannot be checked."
-        ) from None
+        except RedisError:
+            raise ServiceUnavailable(
+                "The rate limiter is unavailable; this key's limits cannot be checked."
+            ) from None
+    if refused == _TPM:
+        raise RateLimited(
+            f"This key's limit of {limits.tokens_per_minute} tokens per minute is reached.",
+            retry_after_seconds=int(retry_after),
+        )
+    if refused == _RPM:
+        raise RateLimited(
+            f"This key's limit of {limits.requests_per_minute} requests per minute is reached.",
+            retry_after_seconds=int(retry_after),
+        )
+    if refused == _CONCURRENCY:
+        raise RateLimited(
+            f"This key's limit of {limits.max_concurrent_requests} concurrent requests is reached.",
+            retry_after_seconds=1,
+        )
 
 
 async def limits_release(
@@ -215,11 +256,34 @@ async def limits_release(
     if not limits.any:
         return
     prefix = _prefix(api_key_id)
-    try:
-        if limits.max_concurrent_requests is not None:
-            await _leave(f"{prefix}:inflight", request_id)
-        if limits.tokens_per_minute is not None and tokens > 0:
-            await _window(f"{prefix}:tpm", None, tokens)  # counted, never refused
-    except RedisError:
-        # Not fatal: the slot expires with the sweep bound and TPM under-counts one request.
-        pass
+    counted = tokens if limits.tokens_per_minute is not None and tokens > 0 else 0
+    client = _redis()
+    if client is None:
+        _local.in_flight.get(f"{prefix}:inflight", {}).pop(request_id, None)
+        if counted:
+            _local.window(f"{prefix}:tpm", int(time.time()), None, counted)
+        return
+    # A failure is not fatal: the slot expires with the sweep bound and TPM under-counts one
+    # request.
+    with contextlib.suppress(RedisError):
+        await _scripts(client)[1](
+            keys=[f"{prefix}:inflight", f"{prefix}:tpm"],
+            args=[request_id, int(time.time()), counted],
+        )
+
+
+def _or_unlimited(limit: int | None) -> int:
+    return -1 if limit is None else limit
+
+
+def _scripts(client: aioredis.Redis) -> tuple[AsyncScript, AsyncScript]:
+    """The admission and release scripts on `client`. They run by their SHA-1 (EVALSHA: the
+    text is sent once per server, not with every request; redis-py sends it again if the
+    server lost it)."""
+    scripts = _registered.get(client)
+    if scripts is None:
+        scripts = _registered[client] = (
+            client.register_script(_ADMIT_SCRIPT),
+            client.register_script(_RELEASE_SCRIPT),
+        )
+    return scripts

@@ -9,10 +9,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from billing.money import Price
+from gateway.database import db_call, load_once
 from gateway.models import Model, ModelAlias, Route
 
 
@@ -98,11 +98,16 @@ def _or_default(seconds: float | None, default: float) -> float:
 
 
 async def _catalog() -> dict[str, ModelEntry]:
-    global _snapshot
     expires_at, models = _snapshot
     if expires_at <= time.monotonic():
-        models = await sync_to_async(_load_catalog)()
-        _snapshot = (time.monotonic() + settings.GATEWAY_CATALOG_CACHE_SECONDS, models)
+        models = await load_once("catalog", _reloaded_catalog)
+    return models
+
+
+async def _reloaded_catalog() -> dict[str, ModelEntry]:
+    global _snapshot
+    models = await db_call(_load_catalog)()
+    _snapshot = (time.monotonic() + settings.GATEWAY_CATALOG_CACHE_SECONDS, models)
     return models
 
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, TypeVar, cast
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
@@ -33,6 +32,7 @@ from billing.services import (
 )
 from gateway import capacity, metrics
 from gateway.auth import Caller, authenticate, bearer_token, client_host_of
+from gateway.database import db_call
 from gateway.errors import (
     GatewayError,
     MethodNotAllowed,
@@ -63,10 +63,10 @@ from portal.logs import bind_request_id
 
 logger = logging.getLogger(__name__)
 
-_reserve = sync_to_async(credit_reserve)
-_void = sync_to_async(reservation_void)
-_checkpoint = sync_to_async(reservation_checkpoint)
-_settle = sync_to_async(usage_settle)
+_reserve = db_call(credit_reserve)
+_void = db_call(reservation_void)
+_checkpoint = db_call(reservation_checkpoint)
+_settle = db_call(usage_settle)
 _NO_USAGE = TokenUsage(input_tokens=0, output_tokens=0)
 _T = TypeVar("_T")
 

@@ -436,6 +436,9 @@ METRICS_TOKEN = env_str("METRICS_TOKEN", "")
 # Concurrent /v1/* requests one process serves (a stream counts for as long as it flows);
 # past it the process answers 503 at once (gateway/capacity.py).
 GATEWAY_MAX_REQUESTS_PER_PROCESS = env_int("GATEWAY_MAX_REQUESTS_PER_PROCESS", 1000, minimum=1)
+# Threads one process runs the request path's database calls in (gateway/database.py); each
+# holds at most one database connection at a time (keep it below DATABASE_POOL_MAX_SIZE).
+GATEWAY_DATABASE_THREADS = env_int("GATEWAY_DATABASE_THREADS", 8, minimum=1)
 # Upstream connections one process keeps open at most (httpx's pool, shared by all providers).
 GATEWAY_UPSTREAM_MAX_CONNECTIONS = env_int("GATEWAY_UPSTREAM_MAX_CONNECTIONS", 1000, minimum=1)
 if GATEWAY_MAX_REQUESTS_PER_PROCESS > GATEWAY_UPSTREAM_MAX_CONNECTIONS:

@@ -1,0 +1,83 @@
+"""The gateway's database calls: sync ORM work run in a fixed pool of threads.
+
+Django's ORM is synchronous, so an async view runs it in a thread. Django's own ASGI handler
+gives every request a thread of its own (and a connection taken from the pool and given back
+by the request's start and end signals); the gateway's handler (gateway/asgi.py) has neither,
+so every database call of the request path goes through `db_call` instead: a thread from a
+pool of GATEWAY_DATABASE_THREADS, which gives its connection back after each call, as the end
+of a request did (a broken connection is never reused, the pool's limits hold).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Awaitable, Callable, Coroutine, Hashable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, ParamSpec, TypeVar
+
+from asgiref.sync import AsyncToSync, sync_to_async
+from django.conf import settings
+from django.db import close_old_connections
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+_executor = ThreadPoolExecutor(
+    max_workers=settings.GATEWAY_DATABASE_THREADS, thread_name_prefix="gateway-db"
+)
+
+
+def db_call(function: Callable[_P, _R]) -> Callable[_P, Coroutine[Any, Any, _R]]:
+    """`function` as a coroutine that runs it in one of the gateway's database threads (with
+    the caller's context variables: the request id reaches its log lines).
+
+    Called from sync code through async_to_sync (a management command, a test) it runs in
+    that code's own thread instead, on its connection and inside its transaction, as Django's
+    sync_to_async does.
+    """
+
+    def returning_connection(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return function(*args, **kwargs)
+        finally:
+            close_old_connections()
+
+    pooled = sync_to_async(returning_connection, thread_sensitive=False, executor=_executor)
+    in_callers_thread = sync_to_async(function)
+
+    @functools.wraps(function)
+    async def call(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if getattr(AsyncToSync.executors, "current", None) is not None:
+            return await in_callers_thread(*args, **kwargs)
+        return await pooled(*args, **kwargs)
+
+    return call
+
+
+# (event loop id, key) -> the load in flight for that key in that loop.
+_in_flight: dict[tuple[int, Hashable], asyncio.Task[Any]] = {}
+
+
+async def load_once(key: Hashable, load: Callable[[], Awaitable[_R]]) -> _R:
+    """Await `load()`, or the load of `key` already in flight in this event loop.
+
+    When a cached entry expires under load, every request waiting for it would otherwise run
+    its own query (64 concurrent requests, 64 catalog loads every few seconds: measured in
+    issue 7's profile); this way one query refills it and the others wait for its answer.
+    """
+    loop = asyncio.get_running_loop()
+    slot = (id(loop), key)
+    task = _in_flight.get(slot)
+    if task is None or task.get_loop() is not loop:
+
+        async def run() -> _R:
+            return await load()
+
+        task = loop.create_task(run())
+        _in_flight[slot] = task
+        task.add_done_callback(
+            lambda done: _in_flight.pop(slot, None) if _in_flight.get(slot) is done else None
+        )
+    # Shielded: a waiter that is cancelled (its client went away) leaves the load to the others.
+    return await asyncio.shield(task)
