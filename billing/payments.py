@@ -43,6 +43,7 @@ from billing.money import (
 )
 from billing.services import CARD_MONEY_KINDS, BillingError, card_money_post
 from portal.models import Membership, Organization, User
+from portal.permissions import Action, can
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +58,6 @@ HANDLED_EVENT_TYPES = frozenset(
     }
 )
 
-# Roles that may pay for the organisation and change its auto top-up.
-PAYING_ROLES = frozenset({Membership.Role.OWNER, Membership.Role.ADMIN})
-
 
 class PaymentError(BillingError):
     """A payment that cannot be made; the message is safe to show the member."""
@@ -70,7 +68,8 @@ class PaymentNotKnownYet(Exception):
 
 
 def membership_may_pay(*, membership: Membership) -> bool:
-    return membership.role in PAYING_ROLES
+    """Whether the member may pay for credit and change auto top-up (portal.permissions)."""
+    return can(membership, Action.BILLING_MANAGE)
 
 
 def billing_profile_get_or_create(*, organization_id: int) -> BillingProfile:

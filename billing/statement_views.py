@@ -11,7 +11,6 @@ from urllib.parse import quote
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
@@ -33,7 +32,7 @@ from billing.statements import (
     statements_of_organization,
 )
 from portal.dashboard import current_membership
-from portal.selectors import membership_manages_all_keys
+from portal.permissions import Action, can, require
 
 
 def _statement_of_member(request: HttpRequest, statement_id: int) -> Statement:
@@ -54,7 +53,7 @@ def statement_list(request: HttpRequest) -> HttpResponse:
         {
             "organization": membership.organization,
             "statements": statements_of_organization(organization_id=membership.organization_id),
-            "manages_billing": membership_manages_all_keys(membership=membership),
+            "manages_billing": can(membership, Action.BILLING_MANAGE),
             "alert_settings": billing_alert_settings_get(
                 organization_id=membership.organization_id
             ),
@@ -68,8 +67,7 @@ def statement_list(request: HttpRequest) -> HttpResponse:
 def billing_alert_settings_view(request: HttpRequest) -> HttpResponse:
     """Save the billing e-mail and low-balance threshold (owners and admins)."""
     membership = current_membership(request)
-    if not membership_manages_all_keys(membership=membership):
-        raise PermissionDenied("only owners and admins change billing settings")
+    require(membership, Action.BILLING_MANAGE)
     try:
         billing_alert_settings_update(
             organization_id=membership.organization_id,

@@ -1,7 +1,8 @@
 """The "Add credit" and "Auto top-up" pages, and the small JSON endpoints their script calls.
 
-Only roles that may pay (`PAYING_ROLES`) reach them; others get a 403 page. Credit never comes
-from here: the page shows the payment pending until the webhook has granted it.
+Only roles that may pay (`Action.BILLING_MANAGE` in portal.permissions) reach them; others get a
+403 page. Credit never comes from here: the page shows the payment pending until the webhook has
+granted it.
 """
 
 from __future__ import annotations

@@ -7,10 +7,11 @@ outsider) and `obj` the object acted on, if any. The roles:
 - member: sees the organisation, its balance and statements, creates keys, and manages
   (renames, revokes, rotates) the keys they created and sees their usage; may leave.
 - admin: a member who manages every key of the organisation and its limits (spend cap, rates,
-  allowed models, expiry, IP allowlist), sees every key's usage, and manages the management
-  tokens scripts call the API with.
-- owner: an admin who also manages the members (invites, removes, changes roles), the
-  invitations, billing, and can hand ownership over. An organisation has exactly one owner,
+  allowed models, expiry, IP allowlist), sees every key's usage, manages the management
+  tokens scripts call the API with, and manages billing (pays for credit, sets auto top-up and
+  the balance alert): the issue's "billing-capable role".
+- owner: an admin who also manages the members (invites, removes, changes roles) and the
+  invitations, and can hand ownership over. An organisation has exactly one owner,
   who cannot leave without transferring ownership first.
 
 An object of another organisation is never allowed, whatever the role. The pages and the
@@ -33,7 +34,7 @@ class Action(StrEnum):
     ORG_LEAVE = "org.leave"
     ORG_TRANSFER = "org.transfer"
     BILLING_VIEW = "billing.view"  # the balance and the statements
-    BILLING_MANAGE = "billing.manage"
+    BILLING_MANAGE = "billing.manage"  # pay for credit, auto top-up, balance alert settings
     MEMBER_VIEW = "member.view"
     MEMBER_INVITE = "member.invite"
     MEMBER_REMOVE = "member.remove"
@@ -60,7 +61,7 @@ ROLES_ALLOWED: dict[Action, set[Membership.Role]] = {
     Action.ORG_LEAVE: {Role.MEMBER, Role.ADMIN},  # an owner transfers ownership first
     Action.ORG_TRANSFER: _OWNER,
     Action.BILLING_VIEW: _MEMBER,
-    Action.BILLING_MANAGE: _OWNER,
+    Action.BILLING_MANAGE: _ADMIN,
     Action.MEMBER_VIEW: _MEMBER,
     Action.MEMBER_INVITE: _OWNER,
     Action.MEMBER_REMOVE: _OWNER,

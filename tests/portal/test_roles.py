@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pytest
 from django.test import Client
 
-from billing.models import SpendCap
+from billing.models import BillingAlertSettings, SpendCap
 from portal.management_tokens import management_token_create
 from portal.models import ApiKey, Invitation, ManagementToken, Membership, Organization, User
 from portal.permissions import ROLES_ALLOWED, Action, can
@@ -92,6 +92,7 @@ def snapshot() -> tuple[object, ...]:
         Organization.objects.count(),
         sorted(SpendCap.objects.values_list("api_key_id", "amount_usd")),
         sorted(ManagementToken.objects.values_list("pk", "revoked_at")),
+        sorted(BillingAlertSettings.objects.values_list("organization_id", "billing_email")),
     )
 
 
@@ -201,6 +202,12 @@ MATRIX: dict[str, tuple[str, Request, dict[str, str], dict[str, object]]] = {
         "post",
         lambda w, r: f"/dashboard/tokens/{w.token.pk}/revoke",
         {},
+        {"owner": OK, "admin": OK, "member": 403, "outsider": 404},
+    ),
+    "change billing alert settings": (
+        "post",
+        lambda w, r: "/dashboard/statements/alerts",
+        {"billing_email": "books@example.com", "low_balance_threshold": "5"},
         {"owner": OK, "admin": OK, "member": 403, "outsider": 404},
     ),
     "set own key's limits": (
