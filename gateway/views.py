@@ -55,6 +55,7 @@ from gateway.providers.base import (
     estimate_prompt_tokens,
 )
 from gateway.requests import chat_request, completion_request, embedding_request, read_json_body
+from gateway.route_health import route_failed, route_succeeded
 from gateway.routing import Capability, ChosenRoute, serveable_routes
 from gateway.selectors import ModelEntry, catalog_model, catalog_models
 from gateway.streaming import client_wants_usage, paced, relay_chat_stream
@@ -409,7 +410,8 @@ async def _forwarded(
 
     A retryable failure (unreachable, timed out, 5xx, 429) moves on to the next route, except
     a 429 or 503 whose Retry-After is at most GATEWAY_MAX_RETRY_AFTER_SECONDS: the same route
-    is called again after that wait. The last failure is recorded uncharged. A refusal or a
+    is called again after that wait. Each outcome counts towards the route's health
+    (gateway/route_health.py). The last failure is recorded uncharged. A refusal or a
     cancellation releases the hold: nothing was used. Returns the answer and the metering of
     the route that gave it.
     """
@@ -419,8 +421,12 @@ async def _forwarded(
             chosen = routes[index]
             metering = dataclasses.replace(metering, chosen=chosen, attempts=metering.attempts + 1)
             try:
-                return await metrics.upstream_timed(call(chosen)), metering
+                answer = await metrics.upstream_timed(call(chosen))
+                route_succeeded(chosen.route)
+                return answer, metering
             except UpstreamFailed as failure:
+                if failure.retryable:
+                    route_failed(chosen.route)
                 wait = failure.retry_after_seconds
                 same_route = wait is not None and wait <= settings.GATEWAY_MAX_RETRY_AFTER_SECONDS
                 following = index if same_route else index + 1
