@@ -11,7 +11,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -177,14 +177,23 @@ async def chat_completions(request: HttpRequest, request_id: str) -> HttpRespons
     )
 
 
+class StreamFormat(Protocol):
+    """Turns the pipeline's OpenAI events into another API's; `prompt_tokens` is the prompt's
+    estimate, the figure the request is charged when the provider reports none."""
+
+    def __call__(
+        self, events: AsyncIterator[bytes], *, prompt_tokens: int
+    ) -> AsyncIterator[bytes]: ...
+
+
 @dataclass(frozen=True, slots=True)
 class ReplyFormat:
     """How an endpoint that runs the chat pipeline answers, when its API is not OpenAI's:
-    `whole(chat.completion, usage)` is the reply body; `stream(OpenAI events)` the client's
-    events (the usage chunk is always among them)."""
+    `whole(chat.completion, usage)` is the reply body; `stream(OpenAI events, prompt_tokens=
+    the prompt's estimate)` the client's events (the usage chunk is always among them)."""
 
     whole: Callable[[dict[str, Any], TokenUsage], dict[str, Any]]
-    stream: Callable[[AsyncIterator[bytes]], AsyncIterator[bytes]]
+    stream: StreamFormat
 
 
 async def serve_chat(
@@ -515,7 +524,7 @@ def _streamed(
         settled_cost=lambda: settled_cost_usd[0] if settled_cost_usd else None,
     )
     return StreamingHttpResponse(
-        reply_format.stream(events) if reply_format else events,
+        reply_format.stream(events, prompt_tokens=prompt_tokens) if reply_format else events,
         content_type="text/event-stream",
         headers={"x-request-id": metering.request_id, "cache-control": "no-cache"},
     )
