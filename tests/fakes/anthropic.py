@@ -36,7 +36,7 @@ from tests.fakes.base import (
     read_body,
     send_json,
 )
-from tests.fakes.provider import RecordedCall, _StreamCut
+from tests.fakes.provider import RecordedCall, cut_connection
 
 __all__ = ["REPLY_PREFIX", "TOOL_REPLY_PREFIX", "FakeAnthropic", "count_input_tokens"]
 
@@ -519,5 +519,5 @@ async def _send_stream(send: Send, reply: dict[str, Any], fault: _StreamFault) -
         await send({"type": "http.response.body", "body": data.encode(), "more_body": True})
     if fault.cut_after_deltas is not None:
         # A broken connection: the response ends without its terminating chunk.
-        raise _StreamCut
+        await cut_connection()
     await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -41,7 +41,7 @@ from tests.fakes.base import (
     read_body,
     send_json,
 )
-from tests.fakes.provider import RecordedCall, _StreamCut
+from tests.fakes.provider import RecordedCall, cut_connection
 
 __all__ = ["REPLY_PREFIX", "TOOL_REPLY_PREFIX", "FakeGemini", "count_prompt_tokens"]
 
@@ -546,5 +546,5 @@ async def _send_stream(send: Send, reply: dict[str, Any], fault: _StreamFault) -
         data = f"data: {json.dumps(event)}\r\n\r\n"
         await send({"type": "http.response.body", "body": data.encode(), "more_body": True})
     if fault.cut_after_events is not None:
-        raise _StreamCut
+        await cut_connection()
     await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 from tests.fakes.base import (
     FakeUpstream,
@@ -169,6 +169,20 @@ class _StreamCut(Exception):
     uvicorn to close the transport without the terminating chunk, which is what a crashed
     upstream looks like to a client.
     """
+
+
+# How long a cut stream stays open after its last event before the connection drops. The
+# gateway's transport (aiohttp) raises a broken connection before handing over bytes it has
+# buffered but not yet read, so a drop landing with the last events can swallow them; a crashed
+# upstream's drop rarely comes in the same instant as its last chunk, and the tests count the
+# chunks relayed before the cut.
+CUT_DELAY_SECONDS: Final = 0.2
+
+
+async def cut_connection() -> NoReturn:
+    """Drop the connection mid-response, a moment after the last event sent."""
+    await asyncio.sleep(CUT_DELAY_SECONDS)
+    raise _StreamCut
 
 
 class _HideStreamCuts(logging.Filter):
@@ -421,12 +435,12 @@ class FakeProvider(ScriptedFaults[_Behaviour], FakeUpstream):
 
         for index, content in enumerate(contents):
             if behaviour.cut_after_chunks is not None and index >= behaviour.cut_after_chunks:
-                raise _StreamCut
+                await cut_connection()
             if index == behaviour.stall_after_chunks:
                 await asyncio.sleep(behaviour.stall_seconds)
             await event(content)
         if behaviour.cut_after_chunks is not None:
-            raise _StreamCut
+            await cut_connection()
         await event(finish)
         if usage is not None and not behaviour.omit_usage:
             await event(usage)
@@ -483,7 +497,7 @@ class FakeProvider(ScriptedFaults[_Behaviour], FakeUpstream):
             await event(chunk({"role": "assistant", "content": ""}, None))
         for index, word in enumerate(words):
             if cut is not None and index >= cut:
-                raise _StreamCut
+                await cut_connection()
             if index == behaviour.stall_after_chunks:
                 await asyncio.sleep(behaviour.stall_seconds)
             delta: dict[str, Any] = {"content": word if index == 0 else f" {word}"}
@@ -491,7 +505,7 @@ class FakeProvider(ScriptedFaults[_Behaviour], FakeUpstream):
                 delta = {"role": "assistant", **delta}
             await event(chunk(delta, None))
         if cut is not None:
-            raise _StreamCut
+            await cut_connection()
         await event(chunk({}, finish_reason_for(request.messages, request.max_tokens)))
         if request.include_usage and not behaviour.omit_usage:
             usage = _usage(request.messages, len(words), self.reported_usage)
