@@ -2,10 +2,11 @@
 (GATEWAY_MAX_REQUESTS_PER_PROCESS), and a 503 rather than a 500 when the database is down.
 
 Each request counts from its first byte in to its last byte out, so a stream holds its slot
-for as long as it flows. Past the cap the process answers 503 at once, in OpenAI's error shape,
-before reading the body or touching a dependency: a load balancer (or the client's retry)
-sends the request to a process with room, instead of this one running out of memory, file
-descriptors or upstream connections. The per-key cap on concurrent requests (gateway/limits.py)
+for as long as it flows. Past the cap the process answers 503 at once, in the caller's API's
+error shape (OpenAI's; Anthropic's `overloaded_error` on /v1/messages), before reading the
+body or touching a dependency: a load balancer (or the client's retry) sends the request to a
+process with room, instead of this one running out of memory, file descriptors or upstream
+connections. The per-key cap on concurrent requests (gateway/limits.py)
 is shared by every process; this one protects one process.
 """
 
@@ -18,9 +19,11 @@ from typing import Any
 from django.conf import settings
 from django.db import DatabaseError
 
-from gateway.errors import GatewayError, ServiceUnavailable
+from gateway.errors import GatewayError, ProcessAtCapacity, ServiceUnavailable, error_body
 
 _ASGIApp = Any
+# The path of Anthropic's Messages API, whose callers get Anthropic's error shape.
+ANTHROPIC_PATH = "/v1/messages"
 
 
 class ProcessCapacity:
@@ -32,7 +35,7 @@ class ProcessCapacity:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if self.in_flight >= settings.GATEWAY_MAX_REQUESTS_PER_PROCESS:
-            await _answer_busy(send)
+            await _answer_busy(scope, send)
             return
         self.in_flight += 1
         try:
@@ -41,32 +44,23 @@ class ProcessCapacity:
             self.in_flight -= 1
 
 
-async def _answer_busy(send: Any) -> None:
-    error = ServiceUnavailable(
+async def _answer_busy(scope: dict[str, Any], send: Any) -> None:
+    error = ProcessAtCapacity(
         "This gateway process is serving as many requests as it is allowed to; retry in a moment."
     )
-    body = json.dumps(
-        {
-            "error": {
-                "message": error.message,
-                "type": error.type,
-                "param": None,
-                "code": "process_at_capacity",
-            }
-        }
-    ).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": error.status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"retry-after", b"1"),
-                (b"x-request-id", f"req_{uuid.uuid4().hex}".encode()),
-            ],
-        }
-    )
+    # The caller's API's own shape: Anthropic's SDKs read `overloaded_error` on /v1/messages.
+    anthropic = str(scope.get("path", "")).rstrip("/").endswith(ANTHROPIC_PATH)
+    body = json.dumps(error_body(error, anthropic=anthropic)).encode()
+    request_id = f"req_{uuid.uuid4().hex}"
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-request-id", request_id.encode()),
+        *((name.lower().encode(), value.encode()) for name, value in error.headers.items()),
+    ]
+    if anthropic:
+        headers.append((b"request-id", request_id.encode()))
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 

@@ -82,6 +82,16 @@ class ServiceUnavailable(GatewayError):
     code = "service_unavailable"
 
 
+class ProcessAtCapacity(ServiceUnavailable):
+    """This process serves as many requests as GATEWAY_MAX_REQUESTS_PER_PROCESS allows."""
+
+    code = "process_at_capacity"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
+
+
 class ModelNotFound(GatewayError):
     status = 404
     type = "invalid_request_error"
@@ -139,6 +149,12 @@ def _error_body(error: GatewayError) -> dict[str, object]:
             "code": error.code,
         }
     }
+
+
+def error_body(error: GatewayError, *, anthropic: bool = False) -> dict[str, object]:
+    """The error's JSON body in OpenAI's shape, or Anthropic's (on /v1/messages), for an
+    answer written outside a view (gateway/capacity.py)."""
+    return _anthropic_error_body(error) if anthropic else _error_body(error)
 
 
 def error_response(error: GatewayError, *, request_id: str) -> JsonResponse:

@@ -326,6 +326,9 @@ class MessageEvents:
     waits for the end, since the usage chunk follows the finish reason.
     """
 
+    # The prompt's tokens as estimated for the charge when the provider reports none: what
+    # message_start announces, and message_delta repeats when no usage came.
+    prompt_tokens: int = 0
     started: bool = False
     open_block: int | None = None
     blocks: int = 0
@@ -333,16 +336,22 @@ class MessageEvents:
     stop: tuple[str | None, str | None] = (None, None)
     usage: TokenUsage | None = None
     relayed: list[str] = field(default_factory=list)
+    comments: list[bytes] = field(default_factory=list)  # SSE comments held for the end
 
     def translate(self, sse: bytes) -> list[bytes]:
-        """The Messages events for one OpenAI server-sent event (`data: …\\n\\n`)."""
-        data = sse.decode().strip().removeprefix("data:").strip()
+        """The Messages events for one OpenAI server-sent event (`data: …\\n\\n`), or for a
+        comment (`: …\\n\\n`, the charge), held and passed on just before the end."""
+        text = sse.decode().strip()
+        if text.startswith(":"):
+            self.comments.append(sse)
+            return []
+        data = text.removeprefix("data:").strip()
         if data == "[DONE]":
             return [*self._start({}), *self._end()]
         chunk = json.loads(data)
         if "error" in chunk:
             message = str((chunk.get("error") or {}).get("message") or "The stream failed.")
-            return [anthropic_stream_error_event(GatewayError(message))]
+            return [*self._held_comments(), anthropic_stream_error_event(GatewayError(message))]
         events = self._start(chunk)
         if chunk.get("choices") == [] and isinstance(chunk.get("usage"), dict):
             self.usage = reported_usage(chunk["usage"])
@@ -369,8 +378,14 @@ class MessageEvents:
             "content": [],
             "stop_reason": None,
             "stop_sequence": None,
-            # The prompt's figures come from the upstream's usage at the end (message_delta).
-            "usage": {"input_tokens": 0, "output_tokens": 0},
+            # The provider's figures are known only at the end: message_delta carries them
+            # (cumulative figures there replace these in the SDKs' final message).
+            "usage": {
+                "input_tokens": self.prompt_tokens,
+                "output_tokens": 0,
+                "cache_creation_input_tokens": 0,
+                "cache_read_input_tokens": 0,
+            },
         }
         return [_event("message_start", {"message": message}), _event("ping", {})]
 
@@ -425,23 +440,32 @@ class MessageEvents:
         else:
             # No usage from the provider: the client sees an estimate, as the wallet does.
             usage = {
-                "output_tokens": max(estimate_tokens("".join(self.relayed)), len(self.relayed))
+                "input_tokens": self.prompt_tokens,
+                "output_tokens": max(estimate_tokens("".join(self.relayed)), len(self.relayed)),
             }
         delta = {"stop_reason": stop_reason or "end_turn", "stop_sequence": stop_sequence}
         return [
             *self._close(),
             _event("message_delta", {"delta": delta, "usage": usage}),
+            *self._held_comments(),
             _event("message_stop", {}),
         ]
 
+    def _held_comments(self) -> list[bytes]:
+        comments, self.comments = self.comments, []
+        return comments
 
-async def message_events(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """The Messages streaming events for the pipeline's OpenAI events, as they arrive.
+
+async def message_events(
+    events: AsyncIterator[bytes], *, prompt_tokens: int
+) -> AsyncIterator[bytes]:
+    """The Messages streaming events for the pipeline's OpenAI events, as they arrive;
+    `prompt_tokens` is the prompt's estimate, announced until the provider's figures come.
 
     Closing this iterator (the client went away) closes the pipeline's, whose settlement then
     runs as for any stream.
     """
-    translation = MessageEvents()
+    translation = MessageEvents(prompt_tokens=prompt_tokens)
     try:
         async for sse in events:
             for event in translation.translate(sse):

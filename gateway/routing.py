@@ -11,6 +11,7 @@ from gateway.errors import InvalidRequest, UpstreamFailed
 from gateway.models import Model
 from gateway.providers import ProviderAdapter, adapter_for
 from gateway.providers.base import CompletionAdapter, EmbeddingAdapter, StreamingAdapter
+from gateway.route_health import is_cooling_down
 from gateway.selectors import ModelEntry, RouteEntry
 
 # Draws the first route of weighted models; a test may seed it (`_draw.seed(n)`).
@@ -52,7 +53,8 @@ def serveable_routes(
     has no adapter able to do what the request needs (stream, legacy completions,
     embeddings): so the example catalog falls back to the demo provider offline. An ordered
     model keeps catalog order; a weighted one puts first a route drawn by weight among the
-    serveable ones (load balancing), the others following in catalog order (failover).
+    serveable ones (load balancing), the others following in catalog order (failover). Either
+    way, routes cooling down after repeated failures (gateway/route_health.py) come last.
     """
     if needs is None:
         needs = Capability.CHAT_STREAM if streaming else Capability.CHAT
@@ -71,8 +73,9 @@ def serveable_routes(
         chosen.append(ChosenRoute(route=route, adapter=adapter, secret=secret))
     if chosen:
         if model.routing == Model.Routing.WEIGHTED:
-            return _weighted_first(chosen)
-        return chosen
+            chosen = _weighted_first(chosen)
+        # Routes cooling down after repeated failures go last, in the same order (stable sort).
+        return sorted(chosen, key=lambda option: is_cooling_down(option.route))
     if can_serve_kind and needs is Capability.CHAT_STREAM:
         raise InvalidRequest(
             "Streaming is not supported for this model yet; send 'stream': false.",

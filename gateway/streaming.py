@@ -2,9 +2,9 @@
 client as they arrive, checkpoint the usage while they flow, and settle when the stream ends.
 
 The stream ends in one of four ways, and each is settled exactly once (`finish`):
-- normally: the upstream's `[DONE]`, passed on;
-- the upstream broke off midway: the client gets one last event in OpenAI's error shape
-  (`stream_error_event`) and the stream closes cleanly;
+- normally: the upstream's `[DONE]`, passed on, after a `: cost_usd=…` comment with the charge;
+- the upstream broke off midway: the client gets the charge comment and one last event in
+  OpenAI's error shape (`stream_error_event`), and the stream closes cleanly;
 - the client went away: Django cancels this iterator; the upstream request is closed;
 - the process died: nothing runs here, and the sweeper charges the last checkpoint.
 Usage is what the provider reported in its usage chunk when that arrived, otherwise an
@@ -31,6 +31,15 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_INTERVAL_SECONDS = 1.0
 
 _DONE = b"data: [DONE]\n\n"
+# The comment line that carries a stream's settled charge in USD, just before its last event.
+COST_COMMENT_PREFIX = ": cost_usd="
+
+
+def cost_comment(cost_usd: str) -> bytes:
+    """The request's settled charge as a server-sent event comment, which every SSE client
+    (the openai and anthropic SDKs included) skips: a stream's headers leave before its cost
+    is known, and a client that did not ask for the usage chunk has nowhere else to read it."""
+    return f"{COST_COMMENT_PREFIX}{cost_usd}\n\n".encode()
 
 
 def client_wants_usage(body: dict[str, Any]) -> bool:
@@ -126,7 +135,8 @@ async def relay_chat_stream(
 
     A usage chunk passed on is held until the request is settled, and then carries the
     request's charge as `usage.cost_usd` (a decimal string, from `settled_cost`): a stream
-    cannot send it as a header.
+    cannot send it as a header. Whether or not the usage chunk was asked for, the charge also
+    goes out as an SSE comment (`cost_comment`) right before the last event.
     """
     tally = _Tally(prompt_tokens=prompt_tokens)
     next_checkpoint = time.monotonic() + CHECKPOINT_INTERVAL_SECONDS
@@ -166,11 +176,13 @@ async def relay_chat_stream(
         # stream finds its usage recorded and its wallet charged.
         ending = asyncio.ensure_future(_end(upstream, finish, tally.usage(), completed))
         await asyncio.shield(ending)
+        cost = settled_cost() if settled_cost is not None else None
         if held_usage is not None:
-            cost = settled_cost() if settled_cost is not None else None
             if cost is not None:
                 held_usage["usage"]["cost_usd"] = cost
             yield f"data: {json.dumps(held_usage)}\n\n".encode()
+        if cost is not None:
+            yield cost_comment(cost)
         yield last_event
     finally:
         if ending is None:

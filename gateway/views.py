@@ -11,7 +11,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
@@ -56,6 +56,7 @@ from gateway.providers.base import (
     estimate_prompt_tokens,
 )
 from gateway.requests import chat_request, completion_request, embedding_request, read_json_body
+from gateway.route_health import route_failed, route_succeeded
 from gateway.routing import Capability, ChosenRoute, serveable_routes
 from gateway.selectors import ModelEntry, catalog_model, catalog_models
 from gateway.streaming import client_wants_usage, paced, relay_chat_stream
@@ -177,14 +178,23 @@ async def chat_completions(request: HttpRequest, request_id: str) -> HttpRespons
     )
 
 
+class StreamFormat(Protocol):
+    """Turns the pipeline's OpenAI events into another API's; `prompt_tokens` is the prompt's
+    estimate, the figure the request is charged when the provider reports none."""
+
+    def __call__(
+        self, events: AsyncIterator[bytes], *, prompt_tokens: int
+    ) -> AsyncIterator[bytes]: ...
+
+
 @dataclass(frozen=True, slots=True)
 class ReplyFormat:
     """How an endpoint that runs the chat pipeline answers, when its API is not OpenAI's:
-    `whole(chat.completion, usage)` is the reply body; `stream(OpenAI events)` the client's
-    events (the usage chunk is always among them)."""
+    `whole(chat.completion, usage)` is the reply body; `stream(OpenAI events, prompt_tokens=
+    the prompt's estimate)` the client's events (the usage chunk is always among them)."""
 
     whole: Callable[[dict[str, Any], TokenUsage], dict[str, Any]]
-    stream: Callable[[AsyncIterator[bytes]], AsyncIterator[bytes]]
+    stream: StreamFormat
 
 
 async def serve_chat(
@@ -410,7 +420,8 @@ async def _forwarded(
 
     A retryable failure (unreachable, timed out, 5xx, 429) moves on to the next route, except
     a 429 or 503 whose Retry-After is at most GATEWAY_MAX_RETRY_AFTER_SECONDS: the same route
-    is called again after that wait. The last failure is recorded uncharged. A refusal or a
+    is called again after that wait. Each outcome counts towards the route's health
+    (gateway/route_health.py). The last failure is recorded uncharged. A refusal or a
     cancellation releases the hold: nothing was used. Returns the answer and the metering of
     the route that gave it.
     """
@@ -420,8 +431,12 @@ async def _forwarded(
             chosen = routes[index]
             metering = dataclasses.replace(metering, chosen=chosen, attempts=metering.attempts + 1)
             try:
-                return await metrics.upstream_timed(call(chosen)), metering
+                answer = await metrics.upstream_timed(call(chosen))
+                route_succeeded(chosen.route)
+                return answer, metering
             except UpstreamFailed as failure:
+                if failure.retryable:
+                    route_failed(chosen.route)
                 wait = failure.retry_after_seconds
                 same_route = wait is not None and wait <= settings.GATEWAY_MAX_RETRY_AFTER_SECONDS
                 following = index if same_route else index + 1
@@ -510,7 +525,7 @@ def _streamed(
         settled_cost=lambda: settled_cost_usd[0] if settled_cost_usd else None,
     )
     return StreamingHttpResponse(
-        reply_format.stream(events) if reply_format else events,
+        reply_format.stream(events, prompt_tokens=prompt_tokens) if reply_format else events,
         content_type="text/event-stream",
         headers={"x-request-id": metering.request_id, "cache-control": "no-cache"},
     )

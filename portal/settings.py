@@ -329,6 +329,13 @@ GATEWAY_IDLE_TIMEOUT_SECONDS = env_int("GATEWAY_IDLE_TIMEOUT_SECONDS", 120, mini
 # A 429 or 503 whose Retry-After asks for at most this many seconds is retried on the same
 # route after that wait; a longer wait fails over to the next route instead.
 GATEWAY_MAX_RETRY_AFTER_SECONDS = env_int("GATEWAY_MAX_RETRY_AFTER_SECONDS", 2, minimum=0)
+# A route that failed this many times in a row (before its first byte: unreachable, timed out,
+# 5xx, 429) is tried after the model's other routes for the next GATEWAY_ROUTE_COOLDOWN_SECONDS
+# (0: never). Each gateway process keeps this in memory, from its own requests.
+GATEWAY_ROUTE_FAILURES_BEFORE_COOLDOWN = env_int(
+    "GATEWAY_ROUTE_FAILURES_BEFORE_COOLDOWN", 3, minimum=1
+)
+GATEWAY_ROUTE_COOLDOWN_SECONDS = env_int("GATEWAY_ROUTE_COOLDOWN_SECONDS", 30, minimum=0)
 
 # Production hardening (`python manage.py check --deploy` is clean with DEBUG off). Each knob
 # defaults to the safe production value when DEBUG is off and to plain HTTP in development.

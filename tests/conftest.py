@@ -9,6 +9,7 @@ import pytest
 
 from billing.selectors import ledger_violations
 from gateway.auth import forget_cached_keys
+from gateway.route_health import forget_route_health
 from gateway.selectors import forget_catalog
 from gateway.services import catalog_load
 from tests.fakes.provider import FakeProvider
@@ -23,9 +24,11 @@ def _fresh_gateway_caches() -> Iterator[None]:
     """Each test starts with cold per-process caches (its database rows are new)."""
     forget_cached_keys()
     forget_catalog()
+    forget_route_health()
     yield
     forget_cached_keys()
     forget_catalog()
+    forget_route_health()
 
 
 @pytest.fixture(autouse=True)

@@ -20,15 +20,23 @@ Like tests/fakes/provider.py it is a raw ASGI application served by uvicorn in a
 from __future__ import annotations
 
 import json
-import threading
 import uuid
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
-from tests.fakes.base import FakeUpstream, Receive, Scope, Send, read_body, send_json
-from tests.fakes.provider import RecordedCall, _StreamCut
+from tests.fakes.base import (
+    FakeUpstream,
+    Receive,
+    Scope,
+    ScriptedAnswer,
+    ScriptedFaults,
+    Send,
+    read_body,
+    send_json,
+)
+from tests.fakes.provider import RecordedCall, cut_connection
 
 __all__ = ["REPLY_PREFIX", "TOOL_REPLY_PREFIX", "FakeAnthropic", "count_input_tokens"]
 
@@ -266,13 +274,6 @@ def _check_message(message: Any, index: int, messages: list[Any]) -> None:
 
 
 @dataclass(frozen=True)
-class _Failure:
-    status: int
-    body: dict[str, Any] | None = None
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
 class _StreamFault:
     cut_after_deltas: int | None = None  # connection dropped after this many content deltas
     omit_usage: bool = False  # no `usage` in message_start nor message_delta
@@ -288,27 +289,25 @@ def _error_body(status: int, message: str) -> dict[str, Any]:
     }
 
 
-class FakeAnthropic(FakeUpstream):
+class FakeAnthropic(ScriptedFaults[ScriptedAnswer], FakeUpstream):
     """An Anthropic-compatible upstream on 127.0.0.1 at a free port, served in a thread.
 
     Point clients at `base_url` (`http://127.0.0.1:<port>/v1`). With `api_key` set, only that
     key is accepted (in `x-api-key`, or as a bearer token); otherwise any non-empty key is.
-    `fail_next` queues failures, one per request. Until `reset()`, `cache_read_input_tokens`
-    and `cache_creation_input_tokens` say how many of each request's prompt tokens the fake
-    reports as read from or written to the prompt cache (the rest are reported as
-    `input_tokens`, as Anthropic does).
+    `fail_next` and `delay_next` queue faults, one per request. Until `reset()`,
+    `cache_read_input_tokens` and `cache_creation_input_tokens` say how many of each request's
+    prompt tokens the fake reports as read from or written to the prompt cache (the rest are
+    reported as `input_tokens`, as Anthropic does).
     """
 
     def __init__(self, *, api_key: str | None = None) -> None:
         """Create a stopped fake that accepts `api_key`, or any key when None."""
+        super().__init__()
         self.api_key = api_key
         self.calls: list[RecordedCall] = []
         self.replies: list[dict[str, Any]] = []
         self.cache_read_input_tokens = 0
         self.cache_creation_input_tokens = 0
-        # The app runs on the server thread's loop while tests script from the main thread.
-        self._lock = threading.Lock()
-        self._failures: deque[_Failure] = deque()
         self._stream_faults: deque[_StreamFault] = deque()
 
     def reset(self) -> None:
@@ -316,23 +315,10 @@ class FakeAnthropic(FakeUpstream):
         with self._lock:
             self.calls.clear()
             self.replies.clear()
-            self._failures.clear()
+            self._script.clear()
             self._stream_faults.clear()
             self.cache_read_input_tokens = 0
             self.cache_creation_input_tokens = 0
-
-    def fail_next(
-        self,
-        status: int,
-        *,
-        body: dict[str, Any] | None = None,
-        headers: dict[str, str] | None = None,
-        times: int = 1,
-    ) -> None:
-        """The next `times` requests get `status` with `body` (Anthropic's error shape when
-        None) and the extra `headers`."""
-        with self._lock:
-            self._failures.extend([_Failure(status, body, dict(headers or {}))] * times)
 
     def cut_stream_after(self, deltas: int) -> None:
         """The next streamed answer loses its connection right after `deltas` content block
@@ -351,6 +337,16 @@ class FakeAnthropic(FakeUpstream):
         with self._lock:
             self._stream_faults.append(_StreamFault(error_after_deltas=deltas))
 
+    _answer_type = ScriptedAnswer
+
+    def _error_body_for(self, status: int) -> dict[str, Any]:
+        return _scripted_error(status)
+
+    async def _send_json(
+        self, send: Send, status: int, payload: Any, headers: Mapping[str, str] | None = None
+    ) -> None:
+        await _send_json(send, status, payload, headers)
+
     async def _app(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
@@ -364,10 +360,7 @@ class FakeAnthropic(FakeUpstream):
             body = None
         with self._lock:
             self.calls.append(RecordedCall(scope["method"], scope["path"], headers, body))
-            failure = self._failures.popleft() if self._failures else None
-        if failure is not None:
-            error = failure.body if failure.body is not None else _scripted_error(failure.status)
-            await _send_json(send, failure.status, error, failure.headers)
+        if await self._answered_as_scripted(send, self._next_scripted()):
             return
         # The real API's order: authentication, then routing, then the body.
         # `x-api-key` is the documented header; newer SDKs send the key as a bearer token.
@@ -439,6 +432,7 @@ class FakeAnthropic(FakeUpstream):
 
 
 def _scripted_error(status: int) -> dict[str, Any]:
+    """Anthropic's error body for a scripted failure."""
     if status == 401:
         return _error_body(status, "invalid x-api-key")
     if status == 529:
@@ -525,5 +519,5 @@ async def _send_stream(send: Send, reply: dict[str, Any], fault: _StreamFault) -
         await send({"type": "http.response.body", "body": data.encode(), "more_body": True})
     if fault.cut_after_deltas is not None:
         # A broken connection: the response ends without its terminating chunk.
-        raise _StreamCut
+        await cut_connection()
     await send({"type": "http.response.body", "body": b"", "more_body": False})

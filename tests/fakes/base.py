@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Self
+from dataclasses import dataclass, field
+from typing import Any, Generic, Self, TypeVar
 
 from tests.servers import ThreadedServer
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class ScriptedAnswer:
+    """What one request gets instead of the normal answer: a wait before its first byte, then,
+    when `status` is set, that error (`body`, or the fake's own error shape when None)."""
+
+    status: int | None = None
+    body: dict[str, Any] | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    delay_seconds: float = 0.0
 
 
 class FakeUpstream:
@@ -21,6 +36,10 @@ class FakeUpstream:
     _server: ThreadedServer | None = None
 
     async def _app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget recorded calls and whatever was scripted, for the next test."""
         raise NotImplementedError
 
     def start(self) -> Self:
@@ -86,3 +105,70 @@ async def send_json(
         }
     )
     await send({"type": "http.response.body", "body": raw, "more_body": False})
+
+
+Answer = TypeVar("Answer", bound=ScriptedAnswer)
+
+
+class ScriptedFaults(Generic[Answer]):
+    """The faults a fake upstream can be scripted with before its first byte (`fail_next`,
+    `delay_next`), queued and consumed one per request, in order, whatever the request is.
+
+    The fake's app runs on the server thread's loop while tests script from the main thread:
+    the queue is only touched under `_lock`. A subclass whose queue holds more than these (the
+    OpenAI-style fake's stream faults) sets `_answer_type` to its own ScriptedAnswer.
+    """
+
+    _answer_type: Callable[..., Answer]
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._script: deque[Answer] = deque()
+
+    def fail_next(
+        self,
+        status: int,
+        *,
+        body: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+        times: int = 1,
+    ) -> None:
+        """The next `times` requests get `status` with `body` (the provider's own error shape
+        when None) and the extra `headers`, e.g. `fail_next(429, headers={"Retry-After":
+        "1"})`."""
+        answer = self._answer_type(status=status, body=body, headers=dict(headers or {}))
+        with self._lock:
+            self._script.extend([answer] * times)
+
+    def delay_next(self, seconds: float) -> None:
+        """The next request waits `seconds` before the first byte of its (normal) answer."""
+        with self._lock:
+            self._script.append(self._answer_type(delay_seconds=seconds))
+
+    def _next_scripted(self) -> Answer | None:
+        with self._lock:
+            return self._script.popleft() if self._script else None
+
+    async def _answered_as_scripted(
+        self, send: Send, scripted: Answer | None, *, extra_delay: float = 0.0
+    ) -> bool:
+        """Wait as `scripted` says, then answer its error if it has one: True when it did."""
+        delay = (scripted.delay_seconds if scripted else 0.0) + extra_delay
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if scripted is None or scripted.status is None:
+            return False
+        body = scripted.body
+        if body is None:
+            body = self._error_body_for(scripted.status)
+        await self._send_json(send, scripted.status, body, scripted.headers)
+        return True
+
+    def _error_body_for(self, status: int) -> dict[str, Any]:
+        """The provider's own error body for a scripted `status`."""
+        raise NotImplementedError
+
+    async def _send_json(
+        self, send: Send, status: int, payload: Any, headers: Mapping[str, str] | None = None
+    ) -> None:
+        raise NotImplementedError

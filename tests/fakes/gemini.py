@@ -24,16 +24,24 @@ import base64
 import json
 import re
 import secrets
-import threading
 import uuid
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import parse_qs
 
-from tests.fakes.base import FakeUpstream, Receive, Scope, Send, read_body, send_json
-from tests.fakes.provider import RecordedCall, _StreamCut
+from tests.fakes.base import (
+    FakeUpstream,
+    Receive,
+    Scope,
+    ScriptedAnswer,
+    ScriptedFaults,
+    Send,
+    read_body,
+    send_json,
+)
+from tests.fakes.provider import RecordedCall, cut_connection
 
 __all__ = ["REPLY_PREFIX", "TOOL_REPLY_PREFIX", "FakeGemini", "count_prompt_tokens"]
 
@@ -289,13 +297,6 @@ class _StreamFault:
     omit_usage: bool = False  # no `usageMetadata` in any event
 
 
-@dataclass(frozen=True)
-class _Failure:
-    status: int
-    body: dict[str, Any] | None = None
-    headers: dict[str, str] = field(default_factory=dict)
-
-
 def _error_body(status: int, message: str, details: list[Any] | None = None) -> dict[str, Any]:
     """Google's error envelope."""
     error: dict[str, Any] = {
@@ -308,27 +309,25 @@ def _error_body(status: int, message: str, details: list[Any] | None = None) -> 
     return {"error": error}
 
 
-class FakeGemini(FakeUpstream):
+class FakeGemini(ScriptedFaults[ScriptedAnswer], FakeUpstream):
     """A Gemini-compatible upstream on 127.0.0.1 at a free port, served in a thread.
 
     Point clients at `base_url` (`http://127.0.0.1:<port>/v1beta`). With `api_key` set, only
-    that key is accepted; otherwise any non-empty key is. `fail_next` queues failures, one per
-    request. Until `reset()`, `cached_content_tokens` of each prompt are reported as served
-    from the cache and `thoughts_tokens` are reported as spent thinking.
+    that key is accepted; otherwise any non-empty key is. `fail_next` and `delay_next` queue
+    faults, one per request. Until `reset()`, `cached_content_tokens` of each prompt are
+    reported as served from the cache and `thoughts_tokens` are reported as spent thinking.
     """
 
     api_root = "/v1beta"
 
     def __init__(self, *, api_key: str | None = None) -> None:
         """Create a stopped fake that accepts `api_key`, or any key when None."""
+        super().__init__()
         self.api_key = api_key
         self.calls: list[RecordedCall] = []
         self.replies: list[dict[str, Any]] = []
         self.cached_content_tokens = 0
         self.thoughts_tokens = 0
-        # The app runs on the server thread's loop while tests script from the main thread.
-        self._lock = threading.Lock()
-        self._failures: deque[_Failure] = deque()
         self._issued_signatures: set[str] = set()
         self._stream_faults: deque[_StreamFault] = deque()
 
@@ -337,23 +336,10 @@ class FakeGemini(FakeUpstream):
         with self._lock:
             self.calls.clear()
             self.replies.clear()
-            self._failures.clear()
+            self._script.clear()
             self._stream_faults.clear()
             self.cached_content_tokens = 0
             self.thoughts_tokens = 0
-
-    def fail_next(
-        self,
-        status: int,
-        *,
-        body: dict[str, Any] | None = None,
-        headers: dict[str, str] | None = None,
-        times: int = 1,
-    ) -> None:
-        """The next `times` requests get `status` with `body` (Google's error shape when None)
-        and the extra `headers`."""
-        with self._lock:
-            self._failures.extend([_Failure(status, body, dict(headers or {}))] * times)
 
     def cut_stream_after(self, events: int) -> None:
         """The next streamed answer loses its connection after `events` events of text,
@@ -365,6 +351,16 @@ class FakeGemini(FakeUpstream):
         """The next streamed answer is complete but carries no `usageMetadata`."""
         with self._lock:
             self._stream_faults.append(_StreamFault(omit_usage=True))
+
+    _answer_type = ScriptedAnswer
+
+    def _error_body_for(self, status: int) -> dict[str, Any]:
+        return _error_body(status, _scripted_message(status))
+
+    async def _send_json(
+        self, send: Send, status: int, payload: Any, headers: Mapping[str, str] | None = None
+    ) -> None:
+        await _send_json(send, status, payload, headers)
 
     async def _app(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -379,10 +375,7 @@ class FakeGemini(FakeUpstream):
             body = None
         with self._lock:
             self.calls.append(RecordedCall(scope["method"], scope["path"], headers, body))
-            failure = self._failures.popleft() if self._failures else None
-        if failure is not None:
-            error = failure.body or _error_body(failure.status, _scripted_message(failure.status))
-            await _send_json(send, failure.status, error, failure.headers)
+        if await self._answered_as_scripted(send, self._next_scripted()):
             return
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         key = headers.get("x-goog-api-key") or (query.get("key") or [""])[0]
@@ -553,5 +546,5 @@ async def _send_stream(send: Send, reply: dict[str, Any], fault: _StreamFault) -
         data = f"data: {json.dumps(event)}\r\n\r\n"
         await send({"type": "http.response.body", "body": data.encode(), "more_body": True})
     if fault.cut_after_events is not None:
-        raise _StreamCut
+        await cut_connection()
     await send({"type": "http.response.body", "body": b"", "more_body": False})

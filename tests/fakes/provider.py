@@ -19,15 +19,22 @@ import hashlib
 import json
 import logging
 import struct
-import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Final
+from dataclasses import dataclass
+from typing import Any, Final, NoReturn
 
-from tests.fakes.base import FakeUpstream, Receive, Scope, Send, read_body, send_json
+from tests.fakes.base import (
+    FakeUpstream,
+    Receive,
+    Scope,
+    ScriptedAnswer,
+    ScriptedFaults,
+    Send,
+    read_body,
+    send_json,
+)
 
 __all__ = [
     "EMBEDDING_DIMENSIONS",
@@ -142,13 +149,10 @@ class RecordedCall:
 
 
 @dataclass(frozen=True)
-class _Behaviour:
-    """What one request gets; the default is a normal answer."""
+class _Behaviour(ScriptedAnswer):
+    """What one request gets; the default is a normal answer. Besides the faults before the
+    first byte, a stream may be cut, stalled or lose its usage chunk."""
 
-    status: int | None = None
-    body: dict[str, Any] | None = None
-    headers: dict[str, str] = field(default_factory=dict)
-    delay_seconds: float = 0.0
     cut_after_chunks: int | None = None
     omit_usage: bool = False
     stall_after_chunks: int | None = None  # pause this stream after this many content chunks
@@ -165,6 +169,20 @@ class _StreamCut(Exception):
     uvicorn to close the transport without the terminating chunk, which is what a crashed
     upstream looks like to a client.
     """
+
+
+# How long a cut stream stays open after its last event before the connection drops. The
+# gateway's transport (aiohttp) raises a broken connection before handing over bytes it has
+# buffered but not yet read, so a drop landing with the last events can swallow them; a crashed
+# upstream's drop rarely comes in the same instant as its last chunk, and the tests count the
+# chunks relayed before the cut.
+CUT_DELAY_SECONDS: Final = 0.2
+
+
+async def cut_connection() -> NoReturn:
+    """Drop the connection mid-response, a moment after the last event sent."""
+    await asyncio.sleep(CUT_DELAY_SECONDS)
+    raise _StreamCut
 
 
 class _HideStreamCuts(logging.Filter):
@@ -217,7 +235,7 @@ def _scripted_error_body(status: int) -> dict[str, Any]:
     return _error_body(f"Scripted failure {status}.", "invalid_request_error")
 
 
-class FakeProvider(FakeUpstream):
+class FakeProvider(ScriptedFaults[_Behaviour], FakeUpstream):
     """An OpenAI-compatible upstream on 127.0.0.1 at a free port, served by uvicorn in a thread.
 
     Use `start()`/`stop()` or a `with` block; point clients at `base_url`. Every request is
@@ -233,14 +251,11 @@ class FakeProvider(FakeUpstream):
 
     def __init__(self, *, chunk_interval: float = 0.0) -> None:
         """Create a stopped provider; `chunk_interval` seconds separate streamed chunks."""
+        super().__init__()
         self.chunk_interval = chunk_interval
         self.latency = 0.0
         self.reported_usage: tuple[int, int] | None = None
         self.calls: list[RecordedCall] = []
-        # The app runs on the server thread's event loop while tests script from the main
-        # thread: the queue and the call list are only touched under this lock.
-        self._lock = threading.Lock()
-        self._script: deque[_Behaviour] = deque()
 
     # --- life cycle ---------------------------------------------------------------------------
 
@@ -253,25 +268,6 @@ class FakeProvider(FakeUpstream):
             self.reported_usage = None
 
     # --- scripting ------------------------------------------------------------------------
-
-    def fail_next(
-        self,
-        status: int,
-        *,
-        body: dict[str, Any] | None = None,
-        headers: dict[str, str] | None = None,
-        times: int = 1,
-    ) -> None:
-        """The next `times` requests get `status` with `body` (OpenAI's error shape when None)
-        and the extra `headers`, e.g. `fail_next(429, headers={"Retry-After": "1"})`."""
-        behaviour = _Behaviour(status=status, body=body, headers=dict(headers or {}))
-        with self._lock:
-            self._script.extend([behaviour] * times)
-
-    def delay_next(self, seconds: float) -> None:
-        """The next request waits `seconds` before the first byte of its response."""
-        with self._lock:
-            self._script.append(_Behaviour(delay_seconds=seconds))
 
     def cut_stream_after(self, chunks: int) -> None:
         """The next request, if it streams, loses its connection right after `chunks` content
@@ -290,6 +286,16 @@ class FakeProvider(FakeUpstream):
         `stream_options.include_usage` asked for it (the stream is otherwise complete)."""
         with self._lock:
             self._script.append(_Behaviour(omit_usage=True))
+
+    _answer_type = _Behaviour
+
+    def _error_body_for(self, status: int) -> dict[str, Any]:
+        return _scripted_error_body(status)
+
+    async def _send_json(
+        self, send: Send, status: int, payload: Any, headers: Mapping[str, str] | None = None
+    ) -> None:
+        await _send_json(send, status, payload, headers)
 
     # --- the ASGI application -------------------------------------------------------------
 
@@ -311,18 +317,8 @@ class FakeProvider(FakeUpstream):
                 invalid_json = True
         with self._lock:
             self.calls.append(RecordedCall(method, path, headers, body))
-            behaviour = self._script.popleft() if self._script else _NORMAL
-
-        delay = behaviour.delay_seconds + self.latency
-        if delay > 0:
-            await asyncio.sleep(delay)
-        if behaviour.status is not None:
-            error = (
-                behaviour.body
-                if behaviour.body is not None
-                else (_scripted_error_body(behaviour.status))
-            )
-            await _send_json(send, behaviour.status, error, behaviour.headers)
+        behaviour = self._next_scripted() or _NORMAL
+        if await self._answered_as_scripted(send, behaviour, extra_delay=self.latency):
             return
         # The same order as OpenAI: authentication, then routing, then the body.
         if not _has_bearer_token(headers.get("authorization", "")):
@@ -439,12 +435,12 @@ class FakeProvider(FakeUpstream):
 
         for index, content in enumerate(contents):
             if behaviour.cut_after_chunks is not None and index >= behaviour.cut_after_chunks:
-                raise _StreamCut
+                await cut_connection()
             if index == behaviour.stall_after_chunks:
                 await asyncio.sleep(behaviour.stall_seconds)
             await event(content)
         if behaviour.cut_after_chunks is not None:
-            raise _StreamCut
+            await cut_connection()
         await event(finish)
         if usage is not None and not behaviour.omit_usage:
             await event(usage)
@@ -501,7 +497,7 @@ class FakeProvider(FakeUpstream):
             await event(chunk({"role": "assistant", "content": ""}, None))
         for index, word in enumerate(words):
             if cut is not None and index >= cut:
-                raise _StreamCut
+                await cut_connection()
             if index == behaviour.stall_after_chunks:
                 await asyncio.sleep(behaviour.stall_seconds)
             delta: dict[str, Any] = {"content": word if index == 0 else f" {word}"}
@@ -509,7 +505,7 @@ class FakeProvider(FakeUpstream):
                 delta = {"role": "assistant", **delta}
             await event(chunk(delta, None))
         if cut is not None:
-            raise _StreamCut
+            await cut_connection()
         await event(chunk({}, finish_reason_for(request.messages, request.max_tokens)))
         if request.include_usage and not behaviour.omit_usage:
             usage = _usage(request.messages, len(words), self.reported_usage)

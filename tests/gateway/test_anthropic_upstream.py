@@ -5,7 +5,6 @@ charge checked to the last unit against the usage the upstream reported."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -31,6 +30,7 @@ from tests.fakes.anthropic import (
     count_input_tokens,
 )
 from tests.gateway.metering import assert_charged_exactly, sdk
+from tests.gateway.upstreams import fake_upstream_fixtures, upstream_catalog
 
 KEY_ENV = "SWITCHBOARD_TEST_ANTHROPIC_KEY"
 SECRET = "fake-anthropic-secret"
@@ -60,48 +60,27 @@ WEATHER_TOOL: ChatCompletionToolParam = {
 }
 
 
-@pytest.fixture(scope="module")
-def _anthropic_server() -> Iterator[FakeAnthropic]:
-    with FakeAnthropic(api_key=SECRET) as fake:
-        yield fake
-
-
-@pytest.fixture
-def fake_anthropic(
-    _anthropic_server: FakeAnthropic, monkeypatch: pytest.MonkeyPatch
-) -> FakeAnthropic:
-    """The fake Anthropic upstream, with nothing recorded or scripted, and its key set."""
-    _anthropic_server.reset()
-    monkeypatch.setenv(KEY_ENV, SECRET)
-    return _anthropic_server
+_anthropic_server, fake_anthropic = fake_upstream_fixtures(
+    "fake_anthropic", lambda: FakeAnthropic(api_key=SECRET), key_env=KEY_ENV, secret=SECRET
+)
 
 
 @pytest.fixture
 def anthropic_catalog(fake_anthropic: FakeAnthropic, transactional_db: None) -> None:
     """A catalog whose model `claude-test` routes to the fake Anthropic upstream."""
-    catalog_load(
-        data={
-            "providers": [
-                {
-                    "name": "anthropic-fake",
-                    "kind": "anthropic",
-                    "base_url": fake_anthropic.base_url,
-                    "api_key_env": KEY_ENV,
-                }
-            ],
-            "models": [
-                {
-                    "name": MODEL,
-                    "routes": [{"provider": "anthropic-fake", "upstream_model": UPSTREAM_MODEL}],
-                    "price": {
-                        "input": "3.00",
-                        "output": "15.00",
-                        "cached_input": "0.30",
-                        "cache_write": "3.75",
-                    },
-                }
-            ],
-        }
+    catalog_load(data=catalog_for(fake_anthropic, UPSTREAM_MODEL))
+
+
+def catalog_for(fake: FakeAnthropic, *upstream_models: str) -> dict[str, Any]:
+    """`claude-test` routed to the fake Anthropic upstream, once per upstream model."""
+    return upstream_catalog(
+        provider="anthropic-fake",
+        kind="anthropic",
+        base_url=fake.base_url,
+        key_env=KEY_ENV,
+        model=MODEL,
+        upstream_models=list(upstream_models),
+        price={"input": "3.00", "output": "15.00", "cached_input": "0.30", "cache_write": "3.75"},
     )
 
 
@@ -614,3 +593,50 @@ def test_a_stream_without_usage_is_charged_an_estimate_labelled_as_such(
     assert record.input_tokens == estimate_prompt_tokens(MESSAGES)
     assert record.output_tokens == max(estimate_tokens(text), len(text.split()))
     assert wallet_balance_usd(organization_id=org.pk) == Decimal(10) - record.cost_usd
+
+
+# --- a stream's failover before its first byte ---------------------------------------------
+
+
+@pytest.fixture
+def two_deployments(fake_anthropic, transactional_db, settings):
+    """`claude-test` on two deployments of the fake; the first waits at most half a second for
+    its first byte, and a Retry-After of up to two seconds is waited for on the same route."""
+    settings.GATEWAY_MAX_RETRY_AFTER_SECONDS = 2
+    catalog = catalog_for(fake_anthropic, "claude-1", "claude-2")
+    catalog["models"][0]["routes"][0]["timeouts"] = {"first_byte": 0.5}
+    catalog_load(data=catalog)
+
+
+def streamed_text(gateway_url: str, key: str) -> str:
+    chunks = sdk(gateway_url, key).chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=50, stream=True
+    )
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+def test_a_stream_past_its_first_byte_timeout_fails_over(
+    gateway_url, two_deployments, fake_anthropic
+):
+    _, key = make_key(make_org(credit_usd="10"))
+    fake_anthropic.delay_next(5)
+
+    assert streamed_text(gateway_url, key)
+
+    assert [call.json["model"] for call in fake_anthropic.calls] == ["claude-1", "claude-2"]
+    record = UsageRecord.objects.get()
+    assert (record.upstream_model, record.attempts, record.status) == ("claude-2", 2, "ok")
+    assert record.usage_source == UsageRecord.UsageSource.REPORTED
+
+
+def test_a_stream_answered_429_with_a_short_retry_after_retries_the_same_route(
+    gateway_url, two_deployments, fake_anthropic
+):
+    _, key = make_key(make_org(credit_usd="10"))
+    fake_anthropic.fail_next(429, headers={"Retry-After": "1"})
+
+    assert streamed_text(gateway_url, key)
+
+    assert [call.json["model"] for call in fake_anthropic.calls] == ["claude-1", "claude-1"]
+    record = UsageRecord.objects.get()
+    assert (record.upstream_model, record.attempts, record.status) == ("claude-1", 2, "ok")

@@ -268,3 +268,72 @@ def test_a_stream_may_pause_longer_than_its_first_byte_timeout_within_its_idle_t
     assert upstream_models(fake_provider) == ["deployment-1"]
     record = UsageRecord.objects.get()
     assert (record.attempts, record.status, record.usage_source) == (1, "ok", "reported")
+
+
+# --- route health: a route failing repeatedly is tried last for a cool-down ---------------
+
+
+def fail_first_route_twice(gateway_url: str, key: str, fake_provider) -> None:
+    """Two requests, each failing over from deployment-1 (500) to deployment-2."""
+    for _ in range(2):
+        fake_provider.fail_next(500)
+        sdk(gateway_url, key).chat.completions.create(model="fake-small", messages=MESSAGES)
+    assert upstream_models(fake_provider) == ["deployment-1", "deployment-2"] * 2
+    fake_provider.calls.clear()
+
+
+def test_a_route_failing_repeatedly_is_tried_last(
+    gateway_url, three_routes, fake_provider, settings
+):
+    settings.GATEWAY_ROUTE_FAILURES_BEFORE_COOLDOWN = 2
+    settings.GATEWAY_ROUTE_COOLDOWN_SECONDS = 600
+    _, key = make_key(make_org(credit_usd="10"))
+    fail_first_route_twice(gateway_url, key, fake_provider)
+
+    raw = sdk(gateway_url, key).chat.completions.with_raw_response.create(
+        model="fake-small", messages=MESSAGES
+    )
+
+    assert upstream_models(fake_provider) == ["deployment-2"]
+    record = UsageRecord.objects.get(request_id=raw.headers["x-request-id"])
+    assert (record.upstream_model, record.attempts, record.status) == ("deployment-2", 1, "ok")
+
+
+def test_a_route_is_tried_first_again_after_its_cool_down(
+    gateway_url, three_routes, fake_provider, settings
+):
+    settings.GATEWAY_ROUTE_FAILURES_BEFORE_COOLDOWN = 2
+    settings.GATEWAY_ROUTE_COOLDOWN_SECONDS = 1
+    _, key = make_key(make_org(credit_usd="10"))
+    fail_first_route_twice(gateway_url, key, fake_provider)
+    first_tried: list[str] = []
+    deadline = time.monotonic() + 10
+
+    while time.monotonic() < deadline:
+        fake_provider.calls.clear()
+        sdk(gateway_url, key).chat.completions.create(model="fake-small", messages=MESSAGES)
+        first_tried.append(upstream_models(fake_provider)[0])
+        if first_tried[-1] == "deployment-1":
+            break
+        time.sleep(0.1)
+
+    assert first_tried[0] == "deployment-2"  # cooling down when the polling began
+    assert first_tried[-1] == "deployment-1"
+    assert upstream_models(fake_provider) == ["deployment-1"]  # and it answered
+
+
+def test_a_success_forgets_a_routes_failures(gateway_url, three_routes, fake_provider, settings):
+    settings.GATEWAY_ROUTE_FAILURES_BEFORE_COOLDOWN = 2
+    settings.GATEWAY_ROUTE_COOLDOWN_SECONDS = 600
+    _, key = make_key(make_org(credit_usd="10"))
+    client = sdk(gateway_url, key)
+    fake_provider.fail_next(500)
+    client.chat.completions.create(model="fake-small", messages=MESSAGES)  # 1 failure
+    client.chat.completions.create(model="fake-small", messages=MESSAGES)  # a success
+    fake_provider.fail_next(500)
+    client.chat.completions.create(model="fake-small", messages=MESSAGES)  # 1 failure again
+    fake_provider.calls.clear()
+
+    client.chat.completions.create(model="fake-small", messages=MESSAGES)
+
+    assert upstream_models(fake_provider) == ["deployment-1"]

@@ -5,7 +5,6 @@ charge checked to the last unit against the usage the upstream reported."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -25,6 +24,7 @@ from gateway.services import catalog_load
 from tests.factories import make_key, make_org
 from tests.fakes.gemini import REPLY_PREFIX, TOOL_REPLY_PREFIX, FakeGemini, count_prompt_tokens
 from tests.gateway.metering import assert_charged_exactly, sdk
+from tests.gateway.upstreams import fake_upstream_fixtures, upstream_catalog
 
 KEY_ENV = "SWITCHBOARD_TEST_GEMINI_KEY"
 SECRET = "fake-gemini-secret"
@@ -54,41 +54,27 @@ WEATHER_TOOL: ChatCompletionToolParam = {
 }
 
 
-@pytest.fixture(scope="module")
-def _gemini_server() -> Iterator[FakeGemini]:
-    with FakeGemini(api_key=SECRET) as fake:
-        yield fake
-
-
-@pytest.fixture
-def fake_gemini(_gemini_server: FakeGemini, monkeypatch: pytest.MonkeyPatch) -> FakeGemini:
-    """The fake Gemini upstream, with nothing recorded or scripted, and its key set."""
-    _gemini_server.reset()
-    monkeypatch.setenv(KEY_ENV, SECRET)
-    return _gemini_server
+_gemini_server, fake_gemini = fake_upstream_fixtures(
+    "fake_gemini", lambda: FakeGemini(api_key=SECRET), key_env=KEY_ENV, secret=SECRET
+)
 
 
 @pytest.fixture
 def gemini_catalog(fake_gemini: FakeGemini, transactional_db: None) -> None:
     """A catalog whose model `gemini-test` routes to the fake Gemini upstream."""
-    catalog_load(
-        data={
-            "providers": [
-                {
-                    "name": "gemini-fake",
-                    "kind": "gemini",
-                    "base_url": fake_gemini.base_url,
-                    "api_key_env": KEY_ENV,
-                }
-            ],
-            "models": [
-                {
-                    "name": MODEL,
-                    "routes": [{"provider": "gemini-fake", "upstream_model": UPSTREAM_MODEL}],
-                    "price": {"input": "1.25", "output": "10.00", "cached_input": "0.125"},
-                }
-            ],
-        }
+    catalog_load(data=catalog_for(fake_gemini, UPSTREAM_MODEL))
+
+
+def catalog_for(fake: FakeGemini, *upstream_models: str) -> dict[str, Any]:
+    """`gemini-test` routed to the fake Gemini upstream, once per upstream model."""
+    return upstream_catalog(
+        provider="gemini-fake",
+        kind="gemini",
+        base_url=fake.base_url,
+        key_env=KEY_ENV,
+        model=MODEL,
+        upstream_models=list(upstream_models),
+        price={"input": "1.25", "output": "10.00", "cached_input": "0.125"},
     )
 
 
@@ -562,3 +548,53 @@ def test_a_stream_without_usage_is_charged_an_estimate_labelled_as_such(
     assert record.input_tokens == estimate_prompt_tokens(MESSAGES)
     assert record.output_tokens == max(estimate_tokens(text), len(text.split()))
     assert wallet_balance_usd(organization_id=org.pk) == Decimal(10) - record.cost_usd
+
+
+# --- a stream's failover before its first byte ---------------------------------------------
+
+
+@pytest.fixture
+def two_deployments(fake_gemini, transactional_db, settings):
+    """`gemini-test` on two deployments of the fake; the first waits at most half a second for
+    its first byte, and a Retry-After of up to two seconds is waited for on the same route."""
+    settings.GATEWAY_MAX_RETRY_AFTER_SECONDS = 2
+    catalog = catalog_for(fake_gemini, "gemini-1", "gemini-2")
+    catalog["models"][0]["routes"][0]["timeouts"] = {"first_byte": 0.5}
+    catalog_load(data=catalog)
+
+
+def streamed_text(gateway_url: str, key: str) -> str:
+    chunks = sdk(gateway_url, key).chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=50, stream=True
+    )
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+def called_models(fake: FakeGemini) -> list[str]:
+    """The upstream model of each call, from its path (`…/models/<model>:<method>`)."""
+    return [call.path.rsplit("/", 1)[-1].split(":")[0] for call in fake.calls]
+
+
+def test_a_stream_past_its_first_byte_timeout_fails_over(gateway_url, two_deployments, fake_gemini):
+    _, key = make_key(make_org(credit_usd="10"))
+    fake_gemini.delay_next(5)
+
+    assert streamed_text(gateway_url, key)
+
+    assert called_models(fake_gemini) == ["gemini-1", "gemini-2"]
+    record = UsageRecord.objects.get()
+    assert (record.upstream_model, record.attempts, record.status) == ("gemini-2", 2, "ok")
+    assert record.usage_source == UsageRecord.UsageSource.REPORTED
+
+
+def test_a_stream_answered_429_with_a_short_retry_after_retries_the_same_route(
+    gateway_url, two_deployments, fake_gemini
+):
+    _, key = make_key(make_org(credit_usd="10"))
+    fake_gemini.fail_next(429, headers={"Retry-After": "1"})
+
+    assert streamed_text(gateway_url, key)
+
+    assert called_models(fake_gemini) == ["gemini-1", "gemini-1"]
+    record = UsageRecord.objects.get()
+    assert (record.upstream_model, record.attempts, record.status) == ("gemini-1", 2, "ok")

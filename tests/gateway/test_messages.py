@@ -5,6 +5,7 @@ fake Gemini API) over real HTTP, streamed and not, with the charge checked to th
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ import pytest
 from billing.models import Reservation, UsageRecord
 from billing.money import Price, usage_cost_usd
 from billing.selectors import wallet_balance_usd
+from gateway.messages import request_to_openai
+from gateway.providers.base import estimate_prompt_tokens
 from gateway.services import catalog_load
 from portal.models import Organization
 from tests.factories import make_key, make_org
@@ -239,6 +242,9 @@ def test_the_raw_stream_is_the_messages_event_sequence(gateway_url, upstreams):
         "message_stop",
     ]
     assert data[-2]["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}
+    # The charge, as a comment the SDKs skip, between message_delta and message_stop.
+    comment = lines.index("event: message_stop") - 1
+    assert lines[comment] == f": cost_usd={UsageRecord.objects.get().cost_usd}"
 
 
 @pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
@@ -526,3 +532,88 @@ def test_a_client_that_hangs_up_midway_is_settled_and_the_upstream_closed(gatewa
     assert record.usage_source == UsageRecord.UsageSource.ESTIMATED
     assert record.output_tokens >= 3
     assert wallet_balance_usd(organization_id=org.pk) == Decimal(10) - record.cost_usd
+
+
+# --- the usage a stream announces ------------------------------------------------------------
+
+
+def test_message_start_announces_the_prompt_estimate(gateway_url, upstreams):
+    _, key = make_key(make_org(credit_usd="10"))
+    request = {
+        "model": "gpt-test",
+        "max_tokens": 50,
+        "stream": True,
+        "messages": [{"role": "user", "content": QUESTION}],
+    }
+
+    with httpx.stream(
+        "POST",
+        f"{gateway_url}/messages",
+        headers={"x-api-key": key, "anthropic-version": "2023-06-01"},
+        json=request,
+    ) as response:
+        # Read to the end: the request is settled by then (a hang-up settles it later).
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+
+    start = json.loads(lines[0].removeprefix("data: "))
+    assert start["type"] == "message_start"
+    estimate = estimate_prompt_tokens(request_to_openai(request)["messages"])
+    assert start["message"]["usage"]["input_tokens"] == estimate > 0
+
+
+def test_a_translated_stream_without_usage_ends_with_the_usage_charged(gateway_url, upstreams):
+    """No usage from an OpenAI-style upstream: the final message reports the estimate the
+    wallet was charged, input tokens included."""
+    org = make_org(credit_usd="10")
+    _, key = make_key(org)
+    upstreams.openai.omit_usage_next()
+
+    with client(gateway_url, key).messages.stream(
+        model="gpt-test", max_tokens=50, messages=[{"role": "user", "content": QUESTION}]
+    ) as stream:
+        final = stream.get_final_message()
+
+    record = UsageRecord.objects.get()
+    assert record.usage_source == UsageRecord.UsageSource.ESTIMATED
+    assert final.usage.input_tokens == record.input_tokens > 0
+    assert final.usage.output_tokens == record.output_tokens > 0
+    assert wallet_balance_usd(organization_id=org.pk) == Decimal(10) - record.cost_usd
+
+
+def test_a_process_at_capacity_answers_anthropics_overloaded_error(
+    gateway_url, upstreams, settings
+):
+    settings.GATEWAY_MAX_REQUESTS_PER_PROCESS = 1
+    _, key = make_key(make_org(credit_usd="10"))
+    upstreams.openai.delay_next(2)
+    answers: list[anthropic.types.Message] = []
+    slow = threading.Thread(
+        target=lambda: answers.append(
+            client(gateway_url, key).messages.create(
+                model="gpt-test", max_tokens=50, messages=[{"role": "user", "content": QUESTION}]
+            )
+        )
+    )
+    slow.start()
+    deadline = time.monotonic() + 10
+    while not upstreams.openai.calls:  # the first request holds the only slot
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        client(gateway_url, key).messages.create(
+            model="gpt-test", max_tokens=50, messages=[{"role": "user", "content": QUESTION}]
+        )
+
+    slow.join(10)
+    assert caught.value.status_code == 503
+    assert caught.value.response.headers["retry-after"] == "1"
+    assert caught.value.body == {
+        "type": "error",
+        "error": {
+            "type": "overloaded_error",
+            "message": "This gateway process is serving as many requests as it is allowed to; "
+            "retry in a moment.",
+        },
+    }
+    assert len(answers) == 1  # the request holding the slot was served

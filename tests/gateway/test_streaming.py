@@ -123,9 +123,57 @@ def test_the_raw_stream_is_server_sent_events_ending_with_done(gateway_url, cata
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
     assert response.headers["x-request-id"] == UsageRecord.objects.get().request_id
-    assert all(line.startswith("data: ") for line in lines)
+    events, comments = lines[:-2], lines[-2:-1]
+    assert all(line.startswith("data: ") for line in events)
+    assert comments == [f": cost_usd={UsageRecord.objects.get().cost_usd}"]
     assert lines[-1] == "data: [DONE]"
-    assert all(json.loads(line[6:])["model"] == "fake-small" for line in lines[:-1])
+    assert all(json.loads(line[6:])["model"] == "fake-small" for line in events)
+
+
+def raw_stream_lines(gateway_url: str, key: str, **fields: object) -> list[str]:
+    """The non-blank lines of a raw streamed chat completion."""
+    with httpx.stream(
+        "POST",
+        f"{gateway_url}/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": "fake-small", "messages": MESSAGES, "stream": True, **fields},
+    ) as response:
+        assert response.status_code == 200
+        return [line for line in response.iter_lines() if line]
+
+
+def test_a_stream_ends_with_its_settled_cost_as_a_comment(gateway_url, catalog, fake_provider):
+    org = make_org(credit_usd="10")
+    _, key = make_key(org)
+
+    lines = raw_stream_lines(gateway_url, key)
+
+    record = UsageRecord.objects.get()
+    assert record.cost_usd > 0
+    assert lines[-2:] == [f": cost_usd={record.cost_usd}", "data: [DONE]"]
+    assert wallet_balance_usd(organization_id=org.pk) == Decimal("10") - record.cost_usd
+
+
+def test_a_stream_cut_midway_still_ends_with_its_settled_cost(gateway_url, catalog, fake_provider):
+    _, key = make_key(make_org(credit_usd="10"))
+    fake_provider.cut_stream_after(2)
+
+    lines = raw_stream_lines(gateway_url, key)
+
+    record = UsageRecord.objects.get()
+    assert record.status == UsageRecord.Status.INTERRUPTED
+    assert lines[-2] == f": cost_usd={record.cost_usd}"
+    assert json.loads(lines[-1].removeprefix("data: "))["error"]["code"] == "upstream_stream_failed"
+
+
+def test_the_usage_chunk_and_the_comment_carry_the_same_cost(gateway_url, catalog, fake_provider):
+    _, key = make_key(make_org(credit_usd="10"))
+
+    lines = raw_stream_lines(gateway_url, key, stream_options={"include_usage": True})
+
+    usage = json.loads(lines[-3].removeprefix("data: "))["usage"]
+    assert lines[-2] == f": cost_usd={usage['cost_usd']}"
+    assert Decimal(usage["cost_usd"]) == UsageRecord.objects.get().cost_usd
 
 
 def test_a_stream_without_a_usage_chunk_is_charged_an_estimate(gateway_url, catalog, fake_provider):
