@@ -68,6 +68,7 @@ _reserve = db_call(credit_reserve)
 _void = db_call(reservation_void)
 _checkpoint = db_call(reservation_checkpoint)
 _settle = db_call(usage_settle)
+_alert_spend_cap = db_call(spend_cap_refusal_alert)
 _NO_USAGE = TokenUsage(input_tokens=0, output_tokens=0)
 _T = TypeVar("_T")
 
@@ -550,9 +551,7 @@ async def _reserve_or_refuse(request_id: str, caller: Caller, amount_usd: Decima
             try:
                 # Once per key and window; no query once this process has seen it. The mail
                 # goes through Celery after commit, never on this path.
-                await sync_to_async(spend_cap_refusal_alert)(
-                    api_key_id=caller.api_key_id, window=caller.spend_cap.window
-                )
+                await _alert_spend_cap(api_key_id=caller.api_key_id, window=caller.spend_cap.window)
             except Exception:  # an alert must never change the answer: 402 all the same
                 logger.exception(
                     "could not record the spend-cap alert of key %s", caller.api_key_id

@@ -262,6 +262,7 @@ def test_rotating_returns_a_new_secret_once_and_the_old_key_expires_after_the_ov
     assert new_key.hashed_key == api_keys.hash_key(body["key"])
     assert (new_key.name, body["rotated_from"]) == ("k", key.pk)
     key.refresh_from_db()
+    assert key.expires_at is not None
     assert before + timedelta(hours=2) <= key.expires_at <= timezone.now() + timedelta(hours=2)
     listed = as_user(team.bob).get(f"{keys_url(team.acme)}{new_key.pk}/").json()
     assert "key" not in listed
