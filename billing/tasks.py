@@ -81,3 +81,12 @@ def check_billing_alerts() -> int:
     return low_balance_alerts_check(
         default_threshold_usd=settings.BILLING_LOW_BALANCE_THRESHOLD_USD
     ) + spend_cap_alerts_check(percent=settings.BILLING_SPEND_CAP_ALERT_PERCENT)
+
+
+@shared_task(name="billing.replay_spooled_settlements")
+def replay_spooled_settlements() -> int:
+    """Settle the requests spooled while the database was down (beat, every 30 s; the
+    gateway process that spooled them replays them too). Returns how many were settled."""
+    from billing.settlement_spool import spooled_settlements_replay
+
+    return spooled_settlements_replay().settled
