@@ -5,6 +5,7 @@ charged exactly once, and reconcile is clean."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from datetime import timedelta
 from decimal import Decimal
@@ -245,3 +246,100 @@ def test_a_checkpoint_is_charged_at_most_the_amount_held():
 
     assert UsageRecord.objects.get().cost_usd == Decimal("0.001")
     assert wallet_balance_usd(organization_id=org.pk) == Decimal("9.999")
+
+
+# --- PostgreSQL unreachable when a request settles ------------------------------------------
+
+
+@pytest.fixture
+def cuttable_gateway(catalog, tmp_path, settings):
+    """One gateway process whose only way to PostgreSQL is a proxy the test can cut (the test
+    keeps its own connection), pooled as in production, quick to give up and to replay."""
+    from billing.settlement_spool import DEAD_LETTER_KEY, SPOOL_KEY
+    from portal.redis_clients import redis_client
+    from tests.ops.tcp_proxy import TcpProxy
+    from tests.servers import GatewayProcesses, child_database_url
+
+    proxy = TcpProxy(target_port=int(settings.DATABASES["default"]["PORT"])).start()
+    database_url = child_database_url().replace(
+        f":{settings.DATABASES['default']['PORT']}/", f":{proxy.port}/"
+    )
+    spool = redis_client(settings.REDIS_URL)
+    spool.delete(SPOOL_KEY, DEAD_LETTER_KEY)
+    gateways = GatewayProcesses(
+        1,
+        env={
+            "DATABASE_URL": database_url,
+            "DATABASE_POOL": "true",
+            "DATABASE_POOL_TIMEOUT_SECONDS": "1",
+            "BILLING_SETTLE_RETRY_SECONDS": "1",
+            "BILLING_SPOOL_REPLAY_SECONDS": "1",
+            "BILLING_SETTLEMENT_SPOOL_DIR": str(tmp_path / "spool"),
+        },
+    ).start()
+    yield gateways.urls[0], proxy
+    gateways.stop()
+    proxy.cut()
+    spool.delete(SPOOL_KEY, DEAD_LETTER_KEY)
+
+
+def _poll(condition, *, timeout: float = 30.0, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    try:
+        while not condition():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.1)
+    finally:
+        connection.close()
+
+
+def test_usage_settled_while_the_database_is_down_is_charged_once_when_it_returns(
+    cuttable_gateway, fake_provider, settings
+):
+    from billing.settlement_spool import SPOOL_KEY
+    from portal.redis_clients import redis_client
+
+    url, proxy = cuttable_gateway
+    org, other = make_org(credit_usd="10"), make_org(credit_usd="10")
+    _, key = make_key(org)
+    fake_provider.delay_next(2)  # the database goes away while the provider answers
+    answers: list[httpx.Response] = []
+    asking = threading.Thread(
+        target=lambda: answers.append(
+            httpx.post(
+                f"{url}/chat/completions",
+                content=BODY,
+                headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+                timeout=30,
+            )
+        )
+    )
+    asking.start()
+    _poll(
+        lambda: Reservation.objects.filter(state=Reservation.State.HELD).exists(),
+        what="the request never reserved",
+    )
+
+    proxy.cut()
+    asking.join(30)
+
+    answer = answers[0]
+    assert answer.status_code == 200  # answered: its usage is spooled, not lost
+    request_id = answer.headers["x-request-id"]
+    assert not UsageRecord.objects.filter(request_id=request_id).exists()
+    assert redis_client(settings.REDIS_URL).llen(SPOOL_KEY) == 1
+
+    proxy.restore()  # the process replays its spool by itself
+    _poll(
+        lambda: UsageRecord.objects.filter(request_id=request_id).exists(),
+        what="the spooled settlement was never replayed",
+    )
+
+    record = UsageRecord.objects.get(request_id=request_id)
+    assert str(record.cost_usd) == answer.headers["x-switchboard-cost-usd"]
+    assert record.cost_usd > 0
+    assert wallet_balance_usd(organization_id=org.pk) == Decimal("10") - record.cost_usd
+    assert wallet_balance_usd(organization_id=other.pk) == Decimal("10")
+    assert Reservation.objects.get(request_id=request_id).state == Reservation.State.SETTLED
+    assert Account.objects.get(organization=org, kind=Account.Kind.WALLET).reserved_usd == 0
+    assert redis_client(settings.REDIS_URL).llen(SPOOL_KEY) == 0

@@ -195,15 +195,25 @@ def run_fault(fault: str, args: argparse.Namespace, workdir: Path, redis: Redis)
     from billing.models import Reservation, UsageRecord
     from billing.selectors import ledger_violations, wallet_balance_usd
     from billing.services import reservations_sweep
+    from billing.settlement_spool import spooled_settlements_replay
     from billing.tasks import sweep_stale_reservations
     from tests.factories import make_key, make_org
     from tests.servers import GatewayProcesses
 
     org = make_org(credit_usd="1000")
-    _, key = make_key(org)
+    api_key, key = make_key(org)
+    # Limits far above the load, so that every request goes through Redis (gateway/limits.py)
+    # as a limited key's does in production: a Redis fault is then on the request path.
+    api_key.requests_per_minute = 100_000
+    api_key.max_concurrent_requests = 1_000
+    api_key.save(update_fields=["requests_per_minute", "max_concurrent_requests"])
     credit = wallet_balance_usd(organization_id=org.pk)
     # The gateways pool their connections, as in production (this process does not).
-    env = {"DATABASE_POOL": "true", "DATABASE_POOL_TIMEOUT_SECONDS": "10"}
+    env = {
+        "DATABASE_POOL": "true",
+        "DATABASE_POOL_TIMEOUT_SECONDS": "10",
+        "BILLING_SPOOL_REPLAY_SECONDS": "2",
+    }
     gateways = GatewayProcesses(args.processes, env=env).start()
     worker = start_worker(dict(os.environ))
     run = Run(fault=fault)
@@ -215,6 +225,15 @@ def run_fault(fault: str, args: argparse.Namespace, workdir: Path, redis: Redis)
         kwargs={"clients": args.clients, "until": began + args.seconds},
     )
     load.start()
+    peak_spool = [0]
+
+    def watch_spool() -> None:  # the most settlements waiting in the spool at any moment
+        while load.is_alive():
+            peak_spool[0] = max(peak_spool[0], _spool_depth(workdir, redis))
+            time.sleep(0.5)
+
+    watcher = threading.Thread(target=watch_spool, daemon=True)
+    watcher.start()
     try:
         time.sleep(strike - time.monotonic())
         if fault == "kill-gateway":
@@ -237,12 +256,18 @@ def run_fault(fault: str, args: argparse.Namespace, workdir: Path, redis: Redis)
             pg_ctl(workdir, "start")
         run.fault_window = (strike, repair)
         load.join()
+        # Settlements spooled while the database was down: the gateways replay them by
+        # themselves once it is back (every BILLING_SPOOL_REPLAY_SECONDS).
+        drained = _wait_for_empty_spool(workdir, redis, timeout=60.0)
     finally:
         gateways.stop()
         worker.send_signal(signal.SIGTERM)
         worker.wait(timeout=30)
 
     connections.close_all()  # this process's connection may predate a database restart
+    # Whatever a gateway could not replay (none, when `drained`) is replayed before the sweep,
+    # as beat does: the sweeper would otherwise void holds whose usage is in the spool.
+    replayed_here = spooled_settlements_replay().settled
     # Every client has its answer: a hold still open belongs to a dead process.
     swept = reservations_sweep(older_than=timedelta(0))
     violations = ledger_violations(held_longer_than=timedelta(0))
@@ -301,6 +326,11 @@ def run_fault(fault: str, args: argparse.Namespace, workdir: Path, redis: Redis)
         f"(usage records total {spent}); reconcile: "
         + ("clean" if not violations else "; ".join(violations))
     )
+    say(
+        f"settlement spool: at most {peak_spool[0]} waiting during the run; "
+        + ("emptied by the gateways" if drained else "NOT emptied by the gateways")
+        + f"; replayed after the run {replayed_here}"
+    )
     if uncheckpointed:
         say(
             f"cut by the crash before their first checkpoint (uncharged, ≤ 1 s each): "
@@ -311,6 +341,37 @@ def run_fault(fault: str, args: argparse.Namespace, workdir: Path, redis: Redis)
     ok = not lost and not double and not overspend and not violations and not hangs
     say("result:", "OK" if ok else "GOALS MISSED")
     return ok
+
+
+def _spool_depth(workdir: Path, redis: Redis) -> int:
+    """Entries in the settlement spool: the Redis list and the spool files."""
+    import redis as redis_py
+
+    from billing.settlement_spool import SPOOL_KEY
+
+    client = redis_py.Redis.from_url(
+        f"{redis.url}/0", socket_connect_timeout=0.5, socket_timeout=0.5, retry=None
+    )
+    try:
+        waiting = int(client.llen(SPOOL_KEY))
+    except redis_py.RedisError:
+        waiting = 0
+    finally:
+        client.close()
+    folder = workdir / "var" / "settlement-spool"
+    for path in folder.glob("*.jsonl") if folder.is_dir() else ():
+        if path.name != "dead.jsonl":
+            waiting += sum(1 for line in path.read_text().splitlines() if line.strip())
+    return waiting
+
+
+def _wait_for_empty_spool(workdir: Path, redis: Redis, *, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _spool_depth(workdir, redis):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
 
 
 def main() -> int:
