@@ -24,10 +24,15 @@ from billing.services import (
     reservations_sweep,
     usage_settle,
 )
+from billing.settlement_spool import DEAD_LETTER_KEY, SPOOL_FILE, SPOOL_KEY
 from billing.tasks import sweep_stale_reservations
+from portal.redis_clients import redis_client
 from tests.billing.test_ledger import PRICE, metered
 from tests.factories import make_key, make_org
 from tests.gateway.test_limits import BODY
+from tests.ops.tcp_proxy import TcpProxy
+from tests.servers import GatewayProcesses, child_database_url
+from tests.services import free_port
 
 
 async def _post_all(urls: list[str], key: str) -> list[int | str]:
@@ -251,14 +256,11 @@ def test_a_checkpoint_is_charged_at_most_the_amount_held():
 # --- PostgreSQL unreachable when a request settles ------------------------------------------
 
 
-@pytest.fixture
-def cuttable_gateway(catalog, tmp_path, settings):
+@pytest.fixture(params=["redis", "file"])
+def cuttable_gateway(request, catalog, tmp_path, settings):
     """One gateway process whose only way to PostgreSQL is a proxy the test can cut (the test
-    keeps its own connection), pooled as in production, quick to give up and to replay."""
-    from billing.settlement_spool import DEAD_LETTER_KEY, SPOOL_KEY
-    from portal.redis_clients import redis_client
-    from tests.ops.tcp_proxy import TcpProxy
-    from tests.servers import GatewayProcesses, child_database_url
+    keeps its own connection), pooled as in production, quick to give up and to replay; its
+    spool is Redis, or (param "file") the spool folder, its Redis being unreachable."""
 
     proxy = TcpProxy(target_port=int(settings.DATABASES["default"]["PORT"])).start()
     database_url = child_database_url().replace(
@@ -275,9 +277,14 @@ def cuttable_gateway(catalog, tmp_path, settings):
             "BILLING_SETTLE_RETRY_SECONDS": "1",
             "BILLING_SPOOL_REPLAY_SECONDS": "1",
             "BILLING_SETTLEMENT_SPOOL_DIR": str(tmp_path / "spool"),
+            **(
+                {"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+                if request.param == "file"
+                else {}
+            ),
         },
     ).start()
-    yield gateways.urls[0], proxy
+    yield gateways.urls[0], proxy, request.param, tmp_path / "spool"
     gateways.stop()
     proxy.cut()
     spool.delete(SPOOL_KEY, DEAD_LETTER_KEY)
@@ -296,10 +303,8 @@ def _poll(condition, *, timeout: float = 30.0, what: str) -> None:
 def test_usage_settled_while_the_database_is_down_is_charged_once_when_it_returns(
     cuttable_gateway, fake_provider, settings
 ):
-    from billing.settlement_spool import SPOOL_KEY
-    from portal.redis_clients import redis_client
 
-    url, proxy = cuttable_gateway
+    url, proxy, spool_kind, spool_dir = cuttable_gateway
     org, other = make_org(credit_usd="10"), make_org(credit_usd="10")
     _, key = make_key(org)
     fake_provider.delay_next(2)  # the database goes away while the provider answers
@@ -327,7 +332,10 @@ def test_usage_settled_while_the_database_is_down_is_charged_once_when_it_return
     assert answer.status_code == 200  # answered: its usage is spooled, not lost
     request_id = answer.headers["x-request-id"]
     assert not UsageRecord.objects.filter(request_id=request_id).exists()
-    assert redis_client(settings.REDIS_URL).llen(SPOOL_KEY) == 1
+    if spool_kind == "redis":
+        assert redis_client(settings.REDIS_URL).llen(SPOOL_KEY) == 1
+    else:
+        assert (spool_dir / SPOOL_FILE).read_text().count(request_id) == 1
 
     proxy.restore()  # the process replays its spool by itself
     _poll(
@@ -343,3 +351,4 @@ def test_usage_settled_while_the_database_is_down_is_charged_once_when_it_return
     assert Reservation.objects.get(request_id=request_id).state == Reservation.State.SETTLED
     assert Account.objects.get(organization=org, kind=Account.Kind.WALLET).reserved_usd == 0
     assert redis_client(settings.REDIS_URL).llen(SPOOL_KEY) == 0
+    assert not list(spool_dir.glob("*.jsonl"))
