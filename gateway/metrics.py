@@ -80,6 +80,11 @@ SPEND = Counter(
     "USD charged to wallets, by catalog model (a float: for watching; the ledger is exact).",
     ["model"],
 )
+SETTLEMENTS_SPOOLED = Counter(
+    "switchboard_gateway_settlements_spooled_total",
+    "Settlements the database could not take, written to the spool for replay (redis, file).",
+    ["spool"],
+)
 
 # (upstream call started, its answer or stream began, streamed), time.monotonic() seconds;
 # set in the request's own task, so the settling of the same request reads it.

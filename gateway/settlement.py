@@ -25,6 +25,7 @@ from billing.settlement_spool import (
     spooled_settlements_replay,
     spooled_usage_record,
 )
+from gateway import metrics
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ async def usage_settle_durably(*, metered: MeteredRequest) -> UsageRecord:
             if not database_unavailable(exc):
                 raise
     where = await sync_to_async(settlement_spool, thread_sensitive=False)(metered=metered)
+    metrics.SETTLEMENTS_SPOOLED.labels(spool=where).inc()
     logger.warning(
         "request %s: database unavailable, settlement spooled (%s) for replay",
         metered.request_id,

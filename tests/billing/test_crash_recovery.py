@@ -277,6 +277,7 @@ def cuttable_gateway(request, catalog, tmp_path, settings):
             "BILLING_SETTLE_RETRY_SECONDS": "1",
             "BILLING_SPOOL_REPLAY_SECONDS": "1",
             "BILLING_SETTLEMENT_SPOOL_DIR": str(tmp_path / "spool"),
+            "METRICS_TOKEN": "chaos-metrics",
             **(
                 {"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
                 if request.param == "file"
@@ -352,3 +353,7 @@ def test_usage_settled_while_the_database_is_down_is_charged_once_when_it_return
     assert Account.objects.get(organization=org, kind=Account.Kind.WALLET).reserved_usd == 0
     assert redis_client(settings.REDIS_URL).llen(SPOOL_KEY) == 0
     assert not list(spool_dir.glob("*.jsonl"))
+    scraped = httpx.get(  # scraped now: /metrics reads the database too
+        url.removesuffix("/v1") + "/metrics", headers={"Authorization": "Bearer chaos-metrics"}
+    ).text
+    assert f'switchboard_gateway_settlements_spooled_total{{spool="{spool_kind}"}} 1.0' in scraped

@@ -1,7 +1,7 @@
 """`make chaos`: sustained load through several gateway processes while one fault strikes.
 
     python -m tests.chaos.run [--fault kill-gateway|kill-worker|restart-redis|postgres-down|all]
-                              [--seconds 20] [--clients 8] [--processes 3]
+                              [--seconds 20] [--clients 8] [--processes 3] [--pool-timeout 10]
 
 Each run starts its own PostgreSQL, Redis, fake provider, gateway processes (uvicorn) and a
 Celery worker on the Redis broker, drives a mix of whole and streamed completions through
@@ -211,7 +211,7 @@ def run_fault(fault: str, args: argparse.Namespace, workdir: Path, redis: Redis)
     # The gateways pool their connections, as in production (this process does not).
     env = {
         "DATABASE_POOL": "true",
-        "DATABASE_POOL_TIMEOUT_SECONDS": "10",
+        "DATABASE_POOL_TIMEOUT_SECONDS": str(args.pool_timeout),
         "BILLING_SPOOL_REPLAY_SECONDS": "2",
     }
     gateways = GatewayProcesses(args.processes, env=env).start()
@@ -380,6 +380,11 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--processes", type=int, default=3)
+    # Shorter than the database outage, it makes settlements fail (and be spooled) during it;
+    # longer, they wait for the database to come back.
+    parser.add_argument(
+        "--pool-timeout", type=int, default=10, help="the gateways' DATABASE_POOL_TIMEOUT_SECONDS"
+    )
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="switchboard-chaos-"))
