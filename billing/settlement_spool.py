@@ -1,7 +1,7 @@
 """The settlement spool: where a request's usage waits while the database cannot take it.
 
 The gateway settles each request with `usage_settle`. When PostgreSQL is unreachable at that
-moment (and stays so for BILLING_SETTLE_RETRY_SECONDS of retries, gateway/settlement.py), the
+moment (and stays so for BILLING_SETTLE_WAIT_SECONDS of retries, gateway/settlement.py), the
 request's `MeteredRequest` is written here instead, and replayed into `usage_settle` once the
 database answers again: by the process that spooled it (every BILLING_SPOOL_REPLAY_SECONDS
 until its spool is empty), by beat (`billing.replay_spooled_settlements`, every 30 s) and by

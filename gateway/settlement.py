@@ -52,27 +52,20 @@ def _replay_on_fresh_connection() -> ReplayOutcome:
 
 
 async def usage_settle_durably(*, metered: MeteredRequest) -> UsageRecord:
-    """Settle a request as `usage_settle` does; if the database is unreachable, retry with
-    backoff for BILLING_SETTLE_RETRY_SECONDS, then spool it and answer with the record it
-    will have (unsaved: its cost is what the replay charges). Other failures propagate."""
-    try:
-        return await _settle(metered=metered)
-    except Exception as exc:
-        if not database_unavailable(exc):
-            raise
-        logger.warning(
-            "request %s: database unavailable at settlement, retrying", metered.request_id
-        )
-    deadline = time.monotonic() + settings.BILLING_SETTLE_RETRY_SECONDS
+    """Settle a request as `usage_settle` does. While the database is unreachable, retry with
+    backoff; once the request has waited BILLING_SETTLE_WAIT_SECONDS, spool it and answer
+    with the record it will have (unsaved: its cost is what the replay charges). Other
+    failures propagate."""
+    deadline = time.monotonic() + settings.BILLING_SETTLE_WAIT_SECONDS
     backoff = _FIRST_BACKOFF_SECONDS
+    # The first try is the hot path's: the request's own thread and connection.
+    attempt = asyncio.ensure_future(_settle(metered=metered))
     retry = sync_to_async(_settle_on_fresh_connection, thread_sensitive=False)
-    while (left := deadline - time.monotonic()) > 0:
-        await asyncio.sleep(min(backoff, left))
-        backoff = min(backoff * 2, _MAX_BACKOFF_SECONDS)
-        # A try may wait for the pool's connection timeout; the request waits only until the
-        # deadline. A try still running then may yet commit: the replay then finds it settled.
-        attempt = asyncio.ensure_future(retry(metered))
+    while True:
         try:
+            # A try may wait DATABASE_POOL_TIMEOUT_SECONDS for a connection; the request waits
+            # only until the deadline. A try still running then may yet commit: the replay
+            # then finds the request settled and charges nothing more.
             return await asyncio.wait_for(
                 asyncio.shield(attempt), max(0.0, deadline - time.monotonic())
             )
@@ -82,6 +75,15 @@ async def usage_settle_durably(*, metered: MeteredRequest) -> UsageRecord:
         except Exception as exc:
             if not database_unavailable(exc):
                 raise
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        logger.warning(
+            "request %s: database unavailable at settlement, retrying", metered.request_id
+        )
+        await asyncio.sleep(min(backoff, left))
+        backoff = min(backoff * 2, _MAX_BACKOFF_SECONDS)
+        attempt = asyncio.ensure_future(retry(metered))
     where = await sync_to_async(settlement_spool, thread_sensitive=False)(metered=metered)
     metrics.SETTLEMENTS_SPOOLED.labels(spool=where).inc()
     logger.warning(

@@ -455,12 +455,13 @@ if REDIS_URL:
     }
 
 # Settlement when the database is down (billing/settlement_spool.py, gateway/settlement.py).
-# A settlement that fails because the database is unreachable is retried for this many seconds
-# (after the first attempt, which may itself wait DATABASE_POOL_TIMEOUT_SECONDS for a
-# connection), then written to the spool: a Redis list, or files in this folder when Redis is
-# down too. The process replays its spool every BILLING_SPOOL_REPLAY_SECONDS until it is
-# empty; beat replays it every 30 s too (`manage.py replay_settlements` by hand).
-BILLING_SETTLE_RETRY_SECONDS = env_int("BILLING_SETTLE_RETRY_SECONDS", 3)
+# A settlement the database cannot take (unreachable, or no pooled connection free) is retried
+# with backoff until the request has waited this many seconds for it, then written to the
+# spool: a Redis list, or files in BILLING_SETTLEMENT_SPOOL_DIR when Redis is down too. It
+# bounds how long a client waits for its answer (a stream: its last events) during an outage.
+# The process replays its spool every BILLING_SPOOL_REPLAY_SECONDS until it is empty; beat
+# replays it every 30 s too (`manage.py replay_settlements` by hand).
+BILLING_SETTLE_WAIT_SECONDS = env_int("BILLING_SETTLE_WAIT_SECONDS", 10, minimum=1)
 BILLING_SETTLEMENT_SPOOL_DIR = Path(
     env_str("BILLING_SETTLEMENT_SPOOL_DIR", str(VAR_DIR / "settlement-spool"))
 )

@@ -256,11 +256,13 @@ def test_a_checkpoint_is_charged_at_most_the_amount_held():
 # --- PostgreSQL unreachable when a request settles ------------------------------------------
 
 
-@pytest.fixture(params=["redis", "file"])
+@pytest.fixture(params=["redis", "file", "slow pool"])
 def cuttable_gateway(request, catalog, tmp_path, settings):
     """One gateway process whose only way to PostgreSQL is a proxy the test can cut (the test
     keeps its own connection), pooled as in production, quick to give up and to replay; its
-    spool is Redis, or (param "file") the spool folder, its Redis being unreachable."""
+    spool is Redis, or (param "file") the spool folder, its Redis being unreachable. With
+    "slow pool" a settlement would wait 60 s for a pooled connection: only the gateway's own
+    BILLING_SETTLE_WAIT_SECONDS keeps the client from waiting that long."""
 
     proxy = TcpProxy(target_port=int(settings.DATABASES["default"]["PORT"])).start()
     database_url = child_database_url().replace(
@@ -273,8 +275,8 @@ def cuttable_gateway(request, catalog, tmp_path, settings):
         env={
             "DATABASE_URL": database_url,
             "DATABASE_POOL": "true",
-            "DATABASE_POOL_TIMEOUT_SECONDS": "1",
-            "BILLING_SETTLE_RETRY_SECONDS": "1",
+            "DATABASE_POOL_TIMEOUT_SECONDS": "60" if request.param == "slow pool" else "1",
+            "BILLING_SETTLE_WAIT_SECONDS": "2",
             "BILLING_SPOOL_REPLAY_SECONDS": "1",
             "BILLING_SETTLEMENT_SPOOL_DIR": str(tmp_path / "spool"),
             "METRICS_TOKEN": "chaos-metrics",
@@ -285,7 +287,8 @@ def cuttable_gateway(request, catalog, tmp_path, settings):
             ),
         },
     ).start()
-    yield gateways.urls[0], proxy, request.param, tmp_path / "spool"
+    spool_kind = "file" if request.param == "file" else "redis"
+    yield gateways.urls[0], proxy, spool_kind, tmp_path / "spool"
     gateways.stop()
     proxy.cut()
     spool.delete(SPOOL_KEY, DEAD_LETTER_KEY)
@@ -316,7 +319,7 @@ def test_usage_settled_while_the_database_is_down_is_charged_once_when_it_return
                 f"{url}/chat/completions",
                 content=BODY,
                 headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
-                timeout=30,
+                timeout=20,  # far less than the slow pool's wait
             )
         )
     )
