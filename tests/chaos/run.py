@@ -100,7 +100,11 @@ class Redis:
 
 
 def pg_ctl(workdir: Path, action: str) -> None:
-    """stop (immediately, as a crash) or start the PostgreSQL that start_postgres made."""
+    """stop (immediately, as a crash) or start the PostgreSQL that start_postgres made.
+
+    Started here, it commits synchronously, as production does: the test suite's instance
+    (synchronous_commit=off) loses the last commits in a crash, which would count as usage
+    lost by Switchboard when it is the database's own setting that lost it."""
     port = json.loads((workdir / "pgport.json").read_text())
     argv = [str(_postgres_bin_dir() / "pg_ctl"), "-D", str(workdir / "pgdata"), "-w"]
     if action == "stop":
@@ -108,7 +112,7 @@ def pg_ctl(workdir: Path, action: str) -> None:
     else:
         options = (
             f"-p {port} -k {workdir} -c listen_addresses=127.0.0.1 -c fsync=off "
-            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=300"
+            "-c synchronous_commit=on -c full_page_writes=off -c max_connections=300"
         )
         argv += ["-o", options, "-l", str(workdir / "postgres.log"), "start"]
     subprocess.run(_as_postgres_user(argv), check=True, stdout=subprocess.DEVNULL)
@@ -390,6 +394,8 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="switchboard-chaos-"))
     database_url, stop_postgres = start_postgres(workdir)
     (workdir / "pgport.json").write_text(database_url.rsplit(":", 1)[1].split("/")[0])
+    pg_ctl(workdir, "stop")  # started again with synchronous commits (see pg_ctl)
+    pg_ctl(workdir, "start")
     redis = Redis(workdir)
     redis.start()
     try:
