@@ -1,11 +1,11 @@
 """The settlement spool: where a request's usage waits while the database cannot take it.
 
 The gateway settles each request with `usage_settle`. When PostgreSQL is unreachable at that
-moment (and stays so for BILLING_SETTLE_WAIT_SECONDS of retries, gateway/settlement.py), the
-request's `MeteredRequest` is written here instead, and replayed into `usage_settle` once the
-database answers again: by the process that spooled it (every BILLING_SPOOL_REPLAY_SECONDS
-until its spool is empty), by beat (`billing.replay_spooled_settlements`, every 30 s) and by
-`manage.py replay_settlements`.
+moment (and stays so while the request waits BILLING_SETTLE_WAIT_SECONDS, see
+gateway/settlement.py), the request's `MeteredRequest` is written here instead, and replayed
+into `usage_settle` once the database answers again: by the process that spooled it (every
+BILLING_SPOOL_REPLAY_SECONDS until its spool is empty), by beat
+(`billing.replay_spooled_settlements`, every 30 s) and by `manage.py replay_settlements`.
 
 Where an entry goes, first that works:
 1. the Redis list `sb:settlement-spool` (REDIS_URL): shared, so any process on any host
@@ -25,7 +25,8 @@ once the database is back) is voided like any other abandoned hold. The replay s
 the request's usage: `usage_settle` charges a request whose reservation was already resolved
 ("the usage happened"). So a long outage never loses usage; it can only, for that request,
 let the wallet go below zero by at most the request's cost (its hold was given back before
-the charge came).
+the charge came), and its key's spend-cap window does not count it (`_claim` moves the window
+only for a held reservation).
 """
 
 from __future__ import annotations
