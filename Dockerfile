@@ -12,7 +12,8 @@ COPY manage.py catalog.example.yaml ./
 RUN pip install --no-cache-dir . \
     && python manage.py collectstatic --no-input --verbosity 0 \
     && useradd --system --home /app switchboard \
-    && mkdir -p /app/var /tmp/prometheus && chown -R switchboard /app/var /tmp/prometheus
+    && mkdir -p /app/var/settlement-spool /tmp/prometheus \
+    && chown -R switchboard /app/var /tmp/prometheus
 USER switchboard
 EXPOSE 8000
 CMD ["sh", "-c", "rm -rf /tmp/prometheus/* && exec uvicorn portal.asgi:application --host 0.0.0.0 --port 8000 --workers \"${WEB_CONCURRENCY:-$(nproc)}\" --proxy-headers --forwarded-allow-ips '*' --no-access-log"]

@@ -92,3 +92,12 @@ def email_spend_cap_alert(alert_id: int) -> bool:
     """Mail a spend-cap alert the gateway recorded when the cap refused a request (once: the
     service claims it; a lost task is covered by the beat check)."""
     return spend_cap_alert_email(alert_id=alert_id)
+
+
+@shared_task(name="billing.replay_spooled_settlements")
+def replay_spooled_settlements() -> int:
+    """Settle the requests spooled while the database was down (beat, every 30 s; the
+    gateway process that spooled them replays them too). Returns how many were settled."""
+    from billing.settlement_spool import spooled_settlements_replay
+
+    return spooled_settlements_replay().settled

@@ -29,6 +29,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from gateway.errors import RateLimited, ServiceUnavailable
+from portal.redis_clients import async_redis_client
 
 WINDOW_SECONDS = 60
 
@@ -167,9 +168,9 @@ def _redis() -> aioredis.Redis | None:
     per_url = _clients.setdefault(asyncio.get_running_loop(), {})
     client = per_url.get(url)
     if client is None:
-        client = per_url[url] = aioredis.Redis.from_url(
-            url, socket_timeout=1.0, socket_connect_timeout=1.0
-        )
+        # Short timeouts and one retry (portal/redis_clients.py): while Redis is down a limited
+        # key is answered 503 at once, and served again as soon as Redis is back.
+        client = per_url[url] = async_redis_client(url)
     return client
 
 

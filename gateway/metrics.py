@@ -39,6 +39,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from billing.metrics import ReservationsCollector
 from billing.models import UsageRecord
 from gateway.providers.base import UpstreamStream
+from portal.redis_clients import redis_client
 
 _T = TypeVar("_T")
 
@@ -78,6 +79,11 @@ SPEND = Counter(
     "switchboard_gateway_spend_usd_total",
     "USD charged to wallets, by catalog model (a float: for watching; the ledger is exact).",
     ["model"],
+)
+SETTLEMENTS_SPOOLED = Counter(
+    "switchboard_gateway_settlements_spooled_total",
+    "Settlements the database could not take, written to the spool for replay (redis, file).",
+    ["spool"],
 )
 
 # (upstream call started, its answer or stream began, streamed), time.monotonic() seconds;
@@ -152,15 +158,13 @@ class _CeleryQueueCollector:
 def _queue_depth(broker_url: str) -> int | None:
     queue = getattr(settings, "CELERY_TASK_DEFAULT_QUEUE", "celery")
     if broker_url.startswith(("redis://", "rediss://")):
-        client = redis.Redis.from_url(broker_url, socket_connect_timeout=1, socket_timeout=1)
+        client = redis_client(broker_url)
         try:
             # kombu keeps a priority's messages in a list of their own ("celery\x06\x163", …).
             names = [queue, *(f"{queue}\x06\x16{step}" for step in (1, 2, 3, 4, 5, 6, 7, 8, 9))]
             return sum(int(client.llen(name)) for name in names)
         except redis.RedisError:
             return None
-        finally:
-            client.close()
     if broker_url.startswith("filesystem://"):
         folder = Path(str(settings.CELERY_BROKER_TRANSPORT_OPTIONS["data_folder_in"]))
         return sum(1 for _ in folder.glob(f"*.{queue}.msg")) if folder.is_dir() else 0

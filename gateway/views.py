@@ -28,7 +28,6 @@ from billing.services import (
     credit_reserve,
     reservation_checkpoint,
     reservation_void,
-    usage_settle,
 )
 from gateway import capacity, metrics
 from gateway.auth import Caller, authenticate, bearer_token, client_host_of
@@ -59,6 +58,7 @@ from gateway.requests import chat_request, completion_request, embedding_request
 from gateway.route_health import route_failed, route_succeeded
 from gateway.routing import Capability, ChosenRoute, serveable_routes
 from gateway.selectors import ModelEntry, catalog_model, catalog_models
+from gateway.settlement import usage_settle_durably
 from gateway.streaming import client_wants_usage, paced, relay_chat_stream
 from portal.logs import bind_request_id
 
@@ -67,7 +67,6 @@ logger = logging.getLogger(__name__)
 _reserve = db_call(credit_reserve)
 _void = db_call(reservation_void)
 _checkpoint = db_call(reservation_checkpoint)
-_settle = db_call(usage_settle)
 _alert_spend_cap = db_call(spend_cap_refusal_alert)
 _NO_USAGE = TokenUsage(input_tokens=0, output_tokens=0)
 _T = TypeVar("_T")
@@ -569,9 +568,10 @@ async def _record(
     status: UsageRecord.Status = UsageRecord.Status.OK,
     first_token_at: float | None = None,  # time.monotonic() of the first token, if one came
 ) -> UsageRecord:
-    """Settle the request: usage record, charge and release of the hold, in one transaction."""
+    """Settle the request: usage record, charge and release of the hold, in one transaction
+    (spooled for replay when the database is down: gateway/settlement.py)."""
     failed = status == UsageRecord.Status.UPSTREAM_ERROR
-    record = await _settle(
+    record = await usage_settle_durably(
         metered=MeteredRequest(
             request_id=metering.request_id,
             api_key_id=metering.caller.api_key_id,

@@ -16,11 +16,12 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-import redis.asyncio as aioredis
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connection
 from django.http import HttpRequest, JsonResponse
+
+from portal.redis_clients import async_redis_client
 
 logger = logging.getLogger(__name__)
 
@@ -66,11 +67,7 @@ async def _database_ready() -> str:
 
 
 async def _redis_ping(url: str) -> str:
-    client = aioredis.Redis.from_url(
-        url,
-        socket_connect_timeout=settings.READINESS_TIMEOUT_SECONDS,
-        socket_timeout=settings.READINESS_TIMEOUT_SECONDS,
-    )
+    client = async_redis_client(url, timeout_seconds=settings.READINESS_TIMEOUT_SECONDS)
     try:
         await client.ping()
     finally:

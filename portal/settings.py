@@ -13,6 +13,8 @@ from pathlib import Path
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("SWITCHBOARD_VAR_DIR", BASE_DIR / "var"))
@@ -454,3 +456,38 @@ if GATEWAY_MAX_REQUESTS_PER_PROCESS > GATEWAY_UPSTREAM_MAX_CONNECTIONS:
     raise ImproperlyConfigured(
         "GATEWAY_MAX_REQUESTS_PER_PROCESS must not exceed GATEWAY_UPSTREAM_MAX_CONNECTIONS"
     )
+
+# Redis clients (the cache, the rate limits, the settlement spool, the probes): seconds to
+# connect and to wait for an answer, and one immediate retry (a pooled connection that a Redis
+# restart closed is replaced on the spot). redis-py's default of ten retries with backoff held
+# requests for up to 11 s while Redis restarted; with these, a request whose key has limits
+# answers 503 within about twice the timeouts and the next one after Redis returns is served.
+REDIS_CONNECT_TIMEOUT_SECONDS = float(env_decimal("REDIS_CONNECT_TIMEOUT_SECONDS", "0.5"))
+REDIS_READ_TIMEOUT_SECONDS = float(env_decimal("REDIS_READ_TIMEOUT_SECONDS", "0.5"))
+if not (0 < REDIS_CONNECT_TIMEOUT_SECONDS <= 30 and 0 < REDIS_READ_TIMEOUT_SECONDS <= 30):
+    raise ImproperlyConfigured("REDIS_*_TIMEOUT_SECONDS must be more than 0 and at most 30")
+if REDIS_URL:
+    CACHES["default"]["OPTIONS"] = {  # type: ignore[assignment]  # CACHES' values are str
+        "socket_connect_timeout": REDIS_CONNECT_TIMEOUT_SECONDS,
+        "socket_timeout": REDIS_READ_TIMEOUT_SECONDS,
+        "retry": Retry(NoBackoff(), 1),
+    }
+
+# Settlement when the database is down (billing/settlement_spool.py, gateway/settlement.py).
+# A settlement the database cannot take (unreachable, or no pooled connection free) is retried
+# with backoff until the request has waited this many seconds for it, then written to the
+# spool: a Redis list, or files in BILLING_SETTLEMENT_SPOOL_DIR when Redis is down too. It
+# bounds how long a client waits for its answer (a stream: its last events) during an outage.
+# The process replays its spool every BILLING_SPOOL_REPLAY_SECONDS until it is empty; beat
+# replays it every 30 s too (`manage.py replay_settlements` by hand).
+BILLING_SETTLE_WAIT_SECONDS = env_int("BILLING_SETTLE_WAIT_SECONDS", 10, minimum=1)
+BILLING_SETTLEMENT_SPOOL_DIR = Path(
+    env_str("BILLING_SETTLEMENT_SPOOL_DIR", str(VAR_DIR / "settlement-spool"))
+)
+BILLING_SPOOL_REPLAY_SECONDS = env_int("BILLING_SPOOL_REPLAY_SECONDS", 5, minimum=1)
+CELERY_BEAT_SCHEDULE |= {
+    "replay-spooled-settlements": {
+        "task": "billing.replay_spooled_settlements",
+        "schedule": 30.0,
+    },
+}

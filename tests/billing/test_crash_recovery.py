@@ -5,6 +5,7 @@ charged exactly once, and reconcile is clean."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from datetime import timedelta
 from decimal import Decimal
@@ -23,10 +24,15 @@ from billing.services import (
     reservations_sweep,
     usage_settle,
 )
+from billing.settlement_spool import DEAD_LETTER_KEY, SPOOL_FILE, SPOOL_KEY
 from billing.tasks import sweep_stale_reservations
+from portal.redis_clients import redis_client
 from tests.billing.test_ledger import PRICE, metered
 from tests.factories import make_key, make_org
 from tests.gateway.test_limits import BODY
+from tests.ops.tcp_proxy import TcpProxy
+from tests.servers import GatewayProcesses, child_database_url
+from tests.services import free_port
 
 
 async def _post_all(urls: list[str], key: str) -> list[int | str]:
@@ -245,3 +251,116 @@ def test_a_checkpoint_is_charged_at_most_the_amount_held():
 
     assert UsageRecord.objects.get().cost_usd == Decimal("0.001")
     assert wallet_balance_usd(organization_id=org.pk) == Decimal("9.999")
+
+
+# --- PostgreSQL unreachable when a request settles ------------------------------------------
+
+
+@pytest.fixture(params=["redis", "file", "slow pool"])
+def cuttable_gateway(request, catalog, tmp_path, settings):
+    """One gateway process whose only way to PostgreSQL is a proxy the test can cut (the test
+    keeps its own connection), pooled as in production, quick to give up and to replay; its
+    spool is Redis, or (param "file") the spool folder, its Redis being unreachable. With
+    "slow pool" a settlement would wait 60 s for a pooled connection: only the gateway's own
+    BILLING_SETTLE_WAIT_SECONDS keeps the client from waiting that long."""
+
+    proxy = TcpProxy(target_port=int(settings.DATABASES["default"]["PORT"])).start()
+    database_url = child_database_url().replace(
+        f":{settings.DATABASES['default']['PORT']}/", f":{proxy.port}/"
+    )
+    spool = redis_client(settings.REDIS_URL)
+    spool.delete(SPOOL_KEY, DEAD_LETTER_KEY)
+    gateways = GatewayProcesses(
+        1,
+        env={
+            "DATABASE_URL": database_url,
+            "DATABASE_POOL": "true",
+            "DATABASE_POOL_TIMEOUT_SECONDS": "60" if request.param == "slow pool" else "1",
+            "BILLING_SETTLE_WAIT_SECONDS": "2",
+            "BILLING_SPOOL_REPLAY_SECONDS": "1",
+            "BILLING_SETTLEMENT_SPOOL_DIR": str(tmp_path / "spool"),
+            "METRICS_TOKEN": "chaos-metrics",
+            **(
+                {"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+                if request.param == "file"
+                else {}
+            ),
+        },
+    ).start()
+    spool_kind = "file" if request.param == "file" else "redis"
+    yield gateways.urls[0], proxy, spool_kind, tmp_path / "spool"
+    gateways.stop()
+    proxy.cut()
+    spool.delete(SPOOL_KEY, DEAD_LETTER_KEY)
+
+
+def _poll(condition, *, timeout: float = 30.0, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    try:
+        while not condition():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.1)
+    finally:
+        connection.close()
+
+
+def test_usage_settled_while_the_database_is_down_is_charged_once_when_it_returns(
+    cuttable_gateway, fake_provider, settings
+):
+
+    url, proxy, spool_kind, spool_dir = cuttable_gateway
+    org, other = make_org(credit_usd="10"), make_org(credit_usd="10")
+    _, key = make_key(org)
+    fake_provider.delay_next(2)  # the database goes away while the provider answers
+    answers: list[httpx.Response] = []
+    asking = threading.Thread(
+        target=lambda: answers.append(
+            httpx.post(
+                f"{url}/chat/completions",
+                content=BODY,
+                headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+                timeout=20,  # far less than the slow pool's wait
+            )
+        )
+    )
+    asking.start()
+    _poll(
+        lambda: Reservation.objects.filter(state=Reservation.State.HELD).exists(),
+        what="the request never reserved",
+    )
+
+    proxy.cut()
+    asking.join(30)
+
+    answer = answers[0]
+    assert answer.status_code == 200  # answered: its usage is spooled, not lost
+    request_id = answer.headers["x-request-id"]
+    assert not UsageRecord.objects.filter(request_id=request_id).exists()
+    if spool_kind == "redis":
+        assert redis_client(settings.REDIS_URL).llen(SPOOL_KEY) == 1
+    else:
+        assert (spool_dir / SPOOL_FILE).read_text().count(request_id) == 1
+
+    proxy.restore()  # the process replays its spool by itself
+    # A try still waiting for a connection when the request gave up may settle it first; the
+    # replay then finds it settled. Either way the spool ends empty.
+    _poll(
+        lambda: (
+            UsageRecord.objects.filter(request_id=request_id).exists()
+            and redis_client(settings.REDIS_URL).llen(SPOOL_KEY) == 0
+            and not list(spool_dir.glob("*.jsonl"))
+        ),
+        what="the spooled settlement was never replayed",
+    )
+
+    record = UsageRecord.objects.get(request_id=request_id)
+    assert str(record.cost_usd) == answer.headers["x-switchboard-cost-usd"]
+    assert record.cost_usd > 0
+    assert wallet_balance_usd(organization_id=org.pk) == Decimal("10") - record.cost_usd
+    assert wallet_balance_usd(organization_id=other.pk) == Decimal("10")
+    assert Reservation.objects.get(request_id=request_id).state == Reservation.State.SETTLED
+    assert Account.objects.get(organization=org, kind=Account.Kind.WALLET).reserved_usd == 0
+    scraped = httpx.get(  # scraped now: /metrics reads the database too
+        url.removesuffix("/v1") + "/metrics", headers={"Authorization": "Bearer chaos-metrics"}
+    ).text
+    assert f'switchboard_gateway_settlements_spooled_total{{spool="{spool_kind}"}} 1.0' in scraped

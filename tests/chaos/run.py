@@ -1,7 +1,7 @@
 """`make chaos`: sustained load through several gateway processes while one fault strikes.
 
     python -m tests.chaos.run [--fault kill-gateway|kill-worker|restart-redis|postgres-down|all]
-                              [--seconds 20] [--clients 8] [--processes 3]
+                              [--seconds 20] [--clients 8] [--processes 3] [--pool-timeout 10]
 
 Each run starts its own PostgreSQL, Redis, fake provider, gateway processes (uvicorn) and a
 Celery worker on the Redis broker, drives a mix of whole and streamed completions through
@@ -100,7 +100,11 @@ class Redis:
 
 
 def pg_ctl(workdir: Path, action: str) -> None:
-    """stop (immediately, as a crash) or start the PostgreSQL that start_postgres made."""
+    """stop (immediately, as a crash) or start the PostgreSQL that start_postgres made.
+
+    Started here, it commits synchronously, as production does: the test suite's instance
+    (synchronous_commit=off) loses the last commits in a crash, which would count as usage
+    lost by Switchboard when it is the database's own setting that lost it."""
     port = json.loads((workdir / "pgport.json").read_text())
     argv = [str(_postgres_bin_dir() / "pg_ctl"), "-D", str(workdir / "pgdata"), "-w"]
     if action == "stop":
@@ -108,7 +112,7 @@ def pg_ctl(workdir: Path, action: str) -> None:
     else:
         options = (
             f"-p {port} -k {workdir} -c listen_addresses=127.0.0.1 -c fsync=off "
-            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=300"
+            "-c synchronous_commit=on -c full_page_writes=off -c max_connections=300"
         )
         argv += ["-o", options, "-l", str(workdir / "postgres.log"), "start"]
     subprocess.run(_as_postgres_user(argv), check=True, stdout=subprocess.DEVNULL)
@@ -195,15 +199,25 @@ def run_fault(fault: str, args: argparse.Namespace, workdir: Path, redis: Redis)
     from billing.models import Reservation, UsageRecord
     from billing.selectors import ledger_violations, wallet_balance_usd
     from billing.services import reservations_sweep
+    from billing.settlement_spool import spooled_settlements_replay
     from billing.tasks import sweep_stale_reservations
     from tests.factories import make_key, make_org
     from tests.servers import GatewayProcesses
 
     org = make_org(credit_usd="1000")
-    _, key = make_key(org)
+    api_key, key = make_key(org)
+    # Limits far above the load, so that every request goes through Redis (gateway/limits.py)
+    # as a limited key's does in production: a Redis fault is then on the request path.
+    api_key.requests_per_minute = 100_000
+    api_key.max_concurrent_requests = 1_000
+    api_key.save(update_fields=["requests_per_minute", "max_concurrent_requests"])
     credit = wallet_balance_usd(organization_id=org.pk)
     # The gateways pool their connections, as in production (this process does not).
-    env = {"DATABASE_POOL": "true", "DATABASE_POOL_TIMEOUT_SECONDS": "10"}
+    env = {
+        "DATABASE_POOL": "true",
+        "DATABASE_POOL_TIMEOUT_SECONDS": str(args.pool_timeout),
+        "BILLING_SPOOL_REPLAY_SECONDS": "2",
+    }
     gateways = GatewayProcesses(args.processes, env=env).start()
     worker = start_worker(dict(os.environ))
     run = Run(fault=fault)
@@ -215,6 +229,15 @@ def run_fault(fault: str, args: argparse.Namespace, workdir: Path, redis: Redis)
         kwargs={"clients": args.clients, "until": began + args.seconds},
     )
     load.start()
+    peak_spool = [0]
+
+    def watch_spool() -> None:  # the most settlements waiting in the spool at any moment
+        while load.is_alive():
+            peak_spool[0] = max(peak_spool[0], _spool_depth(workdir, redis))
+            time.sleep(0.5)
+
+    watcher = threading.Thread(target=watch_spool, daemon=True)
+    watcher.start()
     try:
         time.sleep(strike - time.monotonic())
         if fault == "kill-gateway":
@@ -237,12 +260,18 @@ def run_fault(fault: str, args: argparse.Namespace, workdir: Path, redis: Redis)
             pg_ctl(workdir, "start")
         run.fault_window = (strike, repair)
         load.join()
+        # Settlements spooled while the database was down: the gateways replay them by
+        # themselves once it is back (every BILLING_SPOOL_REPLAY_SECONDS).
+        drained = _wait_for_empty_spool(workdir, redis, timeout=60.0)
     finally:
         gateways.stop()
         worker.send_signal(signal.SIGTERM)
         worker.wait(timeout=30)
 
     connections.close_all()  # this process's connection may predate a database restart
+    # Whatever a gateway could not replay (none, when `drained`) is replayed before the sweep,
+    # as beat does: the sweeper would otherwise void holds whose usage is in the spool.
+    replayed_here = spooled_settlements_replay().settled
     # Every client has its answer: a hold still open belongs to a dead process.
     swept = reservations_sweep(older_than=timedelta(0))
     violations = ledger_violations(held_longer_than=timedelta(0))
@@ -301,6 +330,11 @@ def run_fault(fault: str, args: argparse.Namespace, workdir: Path, redis: Redis)
         f"(usage records total {spent}); reconcile: "
         + ("clean" if not violations else "; ".join(violations))
     )
+    say(
+        f"settlement spool: at most {peak_spool[0]} waiting during the run; "
+        + ("emptied by the gateways" if drained else "NOT emptied by the gateways")
+        + f"; replayed after the run {replayed_here}"
+    )
     if uncheckpointed:
         say(
             f"cut by the crash before their first checkpoint (uncharged, ≤ 1 s each): "
@@ -313,17 +347,55 @@ def run_fault(fault: str, args: argparse.Namespace, workdir: Path, redis: Redis)
     return ok
 
 
+def _spool_depth(workdir: Path, redis: Redis) -> int:
+    """Entries in the settlement spool: the Redis list and the spool files."""
+    import redis as redis_py
+
+    from billing.settlement_spool import SPOOL_KEY
+
+    client = redis_py.Redis.from_url(
+        f"{redis.url}/0", socket_connect_timeout=0.5, socket_timeout=0.5, retry=None
+    )
+    try:
+        waiting = int(client.llen(SPOOL_KEY))
+    except redis_py.RedisError:
+        waiting = 0
+    finally:
+        client.close()
+    folder = workdir / "var" / "settlement-spool"
+    for path in folder.glob("*.jsonl") if folder.is_dir() else ():
+        if path.name != "dead.jsonl":
+            waiting += sum(1 for line in path.read_text().splitlines() if line.strip())
+    return waiting
+
+
+def _wait_for_empty_spool(workdir: Path, redis: Redis, *, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _spool_depth(workdir, redis):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fault", choices=(*FAULTS, "all"), default="all")
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--processes", type=int, default=3)
+    # Shorter than the database outage, it makes settlements fail (and be spooled) during it;
+    # longer, they wait for the database to come back.
+    parser.add_argument(
+        "--pool-timeout", type=int, default=10, help="the gateways' DATABASE_POOL_TIMEOUT_SECONDS"
+    )
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="switchboard-chaos-"))
     database_url, stop_postgres = start_postgres(workdir)
     (workdir / "pgport.json").write_text(database_url.rsplit(":", 1)[1].split("/")[0])
+    pg_ctl(workdir, "stop")  # started again with synchronous commits (see pg_ctl)
+    pg_ctl(workdir, "start")
     redis = Redis(workdir)
     redis.start()
     try:
