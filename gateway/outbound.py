@@ -12,18 +12,24 @@ sets TCP_NODELAY on every connection, and its errors are raised as httpx's.
 The client keeps no cookies: it is shared by every organisation's requests, so a cookie one
 upstream reply set would otherwise ride along on the next customer's call to that provider.
 Neither httpx's jar nor aiohttp's stores anything.
+
+A response body is read to its last received byte before a broken connection is reported
+(`_DrainingStream`): an upstream that sends its last events and drops the connection must not
+lose those events to a gateway that reads them a moment late.
 """
 
 from __future__ import annotations
 
 import asyncio
 import weakref
+from collections.abc import AsyncIterator
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import aiohttp
 import httpx
 from django.conf import settings
 from httpx_aiohttp import AiohttpTransport
+from httpx_aiohttp.transport import AiohttpResponseStream, map_aiohttp_exceptions
 
 _LIMITS = httpx.Limits(
     max_connections=settings.GATEWAY_UPSTREAM_MAX_CONNECTIONS, max_keepalive_connections=100
@@ -45,12 +51,52 @@ def _session() -> aiohttp.ClientSession:
     )
 
 
+class _DrainingStream(AiohttpResponseStream):
+    """httpx-aiohttp's response body, with every byte received handed over before the error.
+
+    When the connection drops, aiohttp stores the error on the body's StreamReader, and every
+    public read (`read`, `readany`, `iter_chunked`, even `read_nowait`) raises it before
+    looking at the buffer: the bytes received but not yet read, often the upstream's last
+    events, were lost whenever the drop was processed before the gateway's next read.
+    """
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        content = self._aiohttp_response.content
+        while True:
+            if content.exception() is not None:
+                buffered = _buffered(content)
+                if buffered:
+                    yield buffered
+                    continue
+            with map_aiohttp_exceptions():
+                chunk = await content.readany()
+            if not chunk:
+                return
+            yield chunk
+
+
+def _buffered(content: aiohttp.StreamReader) -> bytes:
+    """What `content` holds unread, without raising its stored error (private aiohttp API:
+    tests/gateway/test_outbound.py fails if a new aiohttp changes it)."""
+    if not content._buffer:
+        return b""
+    return content._read_nowait(-1)
+
+
+class _Transport(AiohttpTransport):
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await super().handle_async_request(request)
+        if isinstance(response.stream, AiohttpResponseStream):
+            response.stream = _DrainingStream(response.stream._aiohttp_response)
+        return response
+
+
 def client() -> httpx.AsyncClient:
     loop = asyncio.get_running_loop()
     existing = _clients.get(loop)
     if existing is None or existing.is_closed:
         existing = httpx.AsyncClient(
-            transport=AiohttpTransport(limits=_LIMITS, trust_env=False, client=_session),
+            transport=_Transport(limits=_LIMITS, trust_env=False, client=_session),
             # A jar whose policy accepts no domain: httpx stores no reply's cookies.
             cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
             timeout=httpx.Timeout(
