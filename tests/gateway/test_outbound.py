@@ -92,3 +92,22 @@ def test_it_hands_over_what_arrived_before_a_broken_connection_then_the_error() 
 
     assert lines == EVENTS
     assert error is not None and issubclass(error, httpx.ReadError)
+
+
+def test_a_loops_client_is_closed_when_the_loop_ends() -> None:
+    async def use_the_client() -> httpx.AsyncClient:
+        return outbound.client()
+
+    http = asyncio.run(use_the_client())
+
+    assert http.is_closed
+
+
+def test_a_finished_loop_is_not_kept_by_the_client_registry() -> None:
+    async def use_the_client() -> asyncio.AbstractEventLoop:
+        outbound.client()
+        return asyncio.get_running_loop()
+
+    loop = asyncio.run(use_the_client())
+
+    assert loop not in outbound._clients
