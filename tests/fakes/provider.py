@@ -171,17 +171,10 @@ class _StreamCut(Exception):
     """
 
 
-# How long a cut stream stays open after its last event before the connection drops. The
-# gateway's transport (aiohttp) raises a broken connection before handing over bytes it has
-# buffered but not yet read, so a drop landing with the last events can swallow them; a crashed
-# upstream's drop rarely comes in the same instant as its last chunk, and the tests count the
-# chunks relayed before the cut.
-CUT_DELAY_SECONDS: Final = 0.2
-
-
 async def cut_connection() -> NoReturn:
-    """Drop the connection mid-response, a moment after the last event sent."""
-    await asyncio.sleep(CUT_DELAY_SECONDS)
+    """Drop the connection mid-response, right after the last event sent: the gateway must
+    still relay every event received before the drop (gateway/outbound.py `_DrainingStream`),
+    however late it reads them."""
     raise _StreamCut
 
 
