@@ -6,8 +6,10 @@ from __future__ import annotations
 import csv
 import io
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
+from asgiref.sync import async_to_sync
 from django.test import Client
 
 from billing import usage_views
@@ -24,7 +26,10 @@ def browser(user) -> Client:
 
 
 def csv_rows(response) -> list[dict[str, str]]:
-    body = b"".join(response.streaming_content).decode()
+    async def read() -> bytes:  # the export streams as an ASGI server serves it: async
+        return b"".join([chunk async for chunk in response.streaming_content])
+
+    body = async_to_sync(read)().decode()
     return list(csv.DictReader(io.StringIO(body)))
 
 
@@ -131,6 +136,21 @@ def test_the_csv_export_streams_every_matching_request(team, usage, monkeypatch)
     assert rows[0]["cost_usd"] == "0.0012500000"
     assert rows[0]["status"] == "interrupted"
     assert rows[0]["api_key"].startswith("bob-key (")
+
+
+def test_the_csv_export_leaves_in_chunks_not_read_whole(team, usage, monkeypatch):
+    monkeypatch.setattr(usage_views, "CSV_ROWS_PER_CHUNK", 1)
+    response: Any = browser(team.alice).get("/dashboard/usage/log.csv")
+
+    async def chunks() -> list[bytes]:
+        return [chunk async for chunk in response.streaming_content]
+
+    # an ASGI server reads an async iterator as it goes; a sync one it would buffer whole
+    assert response.is_async
+    received = async_to_sync(chunks)()
+    rows = list(csv.DictReader(io.StringIO(b"".join(received).decode())))
+    assert len(rows) >= 2
+    assert len(received) == 1 + len(rows)  # the header, then one chunk a row
 
 
 def test_a_members_csv_holds_only_their_keys(team, usage):
