@@ -27,6 +27,7 @@ from rest_framework.exceptions import (
     AuthenticationFailed,
     NotAuthenticated,
     NotFound,
+    PermissionDenied,
     ValidationError,
 )
 from rest_framework.generics import ListAPIView
@@ -239,6 +240,9 @@ class ApiKeyAuthentication(BaseAuthentication):
             raise AuthenticationFailed("Invalid API key, or the key has been revoked.")
         if key.expires_at is not None and key.expires_at <= timezone.now():
             raise AuthenticationFailed("This API key has expired.")
+        networks = api_keys.allowlist_networks(key.ip_allowlist)
+        if not api_keys.address_allowed(networks, request.META.get("REMOTE_ADDR")):
+            raise PermissionDenied("This API key may not be used from your IP address.")
         return AnonymousUser(), key
 
     def authenticate_header(self, request: Request) -> str:

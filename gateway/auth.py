@@ -8,7 +8,6 @@ retrying a bad key does not cost a query per attempt.
 
 from __future__ import annotations
 
-import ipaddress
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,22 +33,14 @@ class Caller:
     allowed_models: frozenset[str] = frozenset()  # empty: every model
     expires_at: datetime | None = None
     spend_cap: CapTerms | None = None
-    ip_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # empty: any
+    ip_networks: tuple[api_keys.IpNetwork, ...] = ()  # empty: any
 
     def may_use(self, model: str) -> bool:
         return not self.allowed_models or model in self.allowed_models
 
     def may_connect_from(self, host: str | None) -> bool:
         """True when the key has no IP allowlist or the client address is inside it."""
-        if not self.ip_networks:
-            return True
-        try:
-            address = ipaddress.ip_address(host or "")
-        except ValueError:
-            return False  # no address (or a unix socket): refuse rather than guess
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.ip_networks)
+        return api_keys.address_allowed(self.ip_networks, host)
 
 
 def _caller_from(key: ApiKey) -> Caller:
@@ -69,7 +60,7 @@ def _caller_from(key: ApiKey) -> Caller:
             if cap is not None
             else None
         ),
-        ip_networks=tuple(ipaddress.ip_network(c, strict=False) for c in key.ip_allowlist or ()),
+        ip_networks=api_keys.allowlist_networks(key.ip_allowlist),
     )
 
 

@@ -10,9 +10,11 @@ enough (no password-style stretching is needed) and lookups stay a single indexe
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import secrets
 import string
 import zlib
+from collections.abc import Iterable
 
 KEY_PREFIX = "sb_"
 BODY_LENGTH = 32
@@ -61,3 +63,25 @@ def hash_key(key: str) -> str:
 
 def display_prefix(key: str) -> str:
     return key[:DISPLAY_PREFIX_LENGTH]
+
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def allowlist_networks(allowlist: Iterable[str] | None) -> tuple[IpNetwork, ...]:
+    """A key's IP allowlist (addresses or CIDR ranges, validated when saved) as networks."""
+    return tuple(ipaddress.ip_network(entry, strict=False) for entry in allowlist or ())
+
+
+def address_allowed(networks: tuple[IpNetwork, ...], host: str | None) -> bool:
+    """True when there is no allowlist or the client address is inside it. The gateway and the
+    management API's `GET /api/v1/key` both ask here."""
+    if not networks:
+        return True
+    try:
+        address = ipaddress.ip_address(host or "")
+    except ValueError:
+        return False  # no address (or a unix socket): refuse rather than guess
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)

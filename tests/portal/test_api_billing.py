@@ -285,3 +285,29 @@ def test_the_key_endpoint_refuses_anything_but_a_live_api_key(team):
     assert as_user(team.alice).get("/api/v1/key").status_code == 401
     api_key_revoke(api_key=key)
     assert key_client(secret).get("/api/v1/key").status_code == 401
+
+
+def test_the_key_endpoint_holds_the_keys_ip_allowlist_as_the_gateway_does(team):
+    key, secret = api_key_create(organization=team.acme, name="office only")
+
+    def allow(networks: list[str]) -> None:
+        api_key_update(
+            api_key=key,
+            name="office only",
+            expires_at=None,
+            allowed_models=[],
+            requests_per_minute=None,
+            tokens_per_minute=None,
+            max_concurrent_requests=None,
+            ip_allowlist=networks,
+        )
+
+    allow(["10.0.0.0/8"])  # the test client calls from 127.0.0.1
+    refused = key_client(secret).get("/api/v1/key")
+    allow(["10.0.0.0/8", "127.0.0.1"])
+    admitted = key_client(secret).get("/api/v1/key")
+
+    assert refused.status_code == 403
+    assert "IP address" in refused.json()["detail"]
+    assert "limits" not in refused.json()
+    assert admitted.status_code == 200
