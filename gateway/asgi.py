@@ -11,6 +11,8 @@ database calls run in the gateway's own threads, which give their connection bac
 call (gateway/database.py). Profiled (issue 7, bench/RESULTS.md), (a) to (c) were most of the
 handler's CPU per request.
 
+URLs resolve against the gateway's own URLconf (gateway/asgi_urls.py), not the site's.
+
 What stays Django's: the request object, URL resolution, the view's exception handling (a
 500 in OpenAI's shape from the view's own wrapper, Django's otherwise), the response, and the
 watch for a client that disconnects (it cancels the view, so a stream's hold is settled or
@@ -26,6 +28,8 @@ from typing import Any
 from django.core.exceptions import RequestAborted
 from django.core.handlers.asgi import ASGIHandler
 from django.core.handlers.exception import convert_exception_to_response
+
+_URLCONF = "gateway.asgi_urls"
 
 
 class GatewayASGIHandler(ASGIHandler):
@@ -55,6 +59,7 @@ class GatewayASGIHandler(ASGIHandler):
             await self.send_response(error_response, send)
             error_response.close()
             return
+        request.urlconf = _URLCONF  # type: ignore[attr-defined]  # (Django reads it per request)
 
         async def process_request() -> Any:
             response = await self.run_get_response(request)

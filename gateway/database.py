@@ -6,11 +6,18 @@ by the request's start and end signals); the gateway's handler (gateway/asgi.py)
 so every database call of the request path goes through `db_call` instead: a thread from a
 pool of GATEWAY_DATABASE_THREADS, which gives its connection back after each call, as the end
 of a request did (a broken connection is never reused, the pool's limits hold).
+
+The hop is the event loop's own `run_in_executor` with a copy of the caller's context, not
+asgiref's `sync_to_async`: that one's bookkeeping (thread-sensitive checks, a task and a shield
+per call, the context copied back) cost more CPU than the hop itself, on three hops a request
+(issue 7, bench/RESULTS.md). Nothing run here calls back into the event loop, and no context
+variable set in the thread is needed by the caller.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 from collections.abc import Awaitable, Callable, Coroutine, Hashable
 from concurrent.futures import ThreadPoolExecutor
@@ -43,14 +50,16 @@ def db_call(function: Callable[_P, _R]) -> Callable[_P, Coroutine[Any, Any, _R]]
         finally:
             close_old_connections()
 
-    pooled = sync_to_async(returning_connection, thread_sensitive=False, executor=_executor)
     in_callers_thread = sync_to_async(function)
 
     @functools.wraps(function)
     async def call(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         if getattr(AsyncToSync.executors, "current", None) is not None:
             return await in_callers_thread(*args, **kwargs)
-        return await pooled(*args, **kwargs)
+        run = functools.partial(
+            contextvars.copy_context().run, returning_connection, *args, **kwargs
+        )
+        return await asyncio.get_running_loop().run_in_executor(_executor, run)
 
     return call
 

@@ -5,6 +5,7 @@ everything else to Django's full stack. This module is the project's composition
 names the gateway's handler by import path rather than importing up a layer.
 """
 
+import gc
 import os
 from typing import Any
 
@@ -21,6 +22,10 @@ _v1 = import_string("gateway.capacity.ProcessCapacity")(_gateway)
 # Probes and the scraper skip the site's middleware too (no sessions, no host check: a load
 # balancer probes by address).
 _BARE = frozenset({"/healthz", "/readyz", "/metrics"})
+# What start-up loaded (modules, settings, URLconfs, the ORM's models) lives as long as the
+# process: frozen, the garbage collector's full passes no longer walk it on every request's
+# allocations (issue 7: a full pass showed up as ~5% of the gateway's CPU samples).
+gc.freeze()
 
 
 async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:

@@ -6,17 +6,26 @@ as invalid comes back as a 400 with the provider's own explanation (the caller c
 anything else (unreachable, 5xx, a rejected credential, an unreadable answer) is our failure and
 comes back as a 502 that names only the HTTP status. Neither the provider's URL nor its secret
 ever reaches a message or a log line: the log names the provider by its catalog name.
+
+A whole (non-streamed) answer is fetched with aiohttp itself, on the aiohttp session under the
+shared client (gateway/outbound.py: same pool, no cookie jar, no redirects): building httpx's
+request and response models around each call was about half of the upstream call's CPU in the
+gateway's profile (issue 7, bench/RESULTS.md). Failures still reach the helpers below as an
+httpx response, built only for them.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
+import aiohttp
 import httpx
+from multidict import CIMultiDict
 
 from gateway.errors import InvalidRequest, UpstreamFailed
 from gateway.outbound import client
@@ -98,20 +107,48 @@ async def post_json(
     JSON. `credential_rejected` picks out the refusals that are really about our credential
     (a provider that answers a bad key with 400): those are our failure, not the caller's.
     """
+    body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+    outgoing = CIMultiDict(headers)
+    outgoing.setdefault("Content-Type", "application/json")
     try:
-        response = await client().post(
-            url, json=payload, headers=dict(headers), timeout=route_timeout(route)
-        )
-    except httpx.HTTPError as exc:
+        async with _session().post(
+            url,
+            data=body,
+            headers=outgoing,
+            allow_redirects=False,
+            timeout=_aiohttp_timeout(route),
+        ) as reply:
+            status = reply.status
+            raw = await reply.read()
+            raw_headers = reply.raw_headers
+    except (TimeoutError, aiohttp.ClientError) as exc:
         logger.warning("provider %s unreachable: %s", route.provider, type(exc).__name__)
         raise UpstreamFailed("The provider could not be reached.", retryable=True) from None
-    if response.status_code in CLIENT_ERRORS and not (
-        credential_rejected is not None and credential_rejected(response)
-    ):
-        raise InvalidRequest(refusal_message(response))
-    if response.status_code != 200:
-        raise status_failure(route, response.status_code, response=response)
+    if status != 200:
+        response = httpx.Response(status, headers=list(raw_headers), content=raw)
+        if status in CLIENT_ERRORS and not (
+            credential_rejected is not None and credential_rejected(response)
+        ):
+            raise InvalidRequest(refusal_message(response))
+        raise status_failure(route, status, response=response)
     try:
-        return response.json()
+        return json.loads(raw)
     except ValueError:
         raise UpstreamFailed("The provider's answer was not valid JSON.") from None
+
+
+def _session() -> aiohttp.ClientSession:
+    """The aiohttp session the shared client sends through (created as its transport would)."""
+    # Private to httpx, but the transport is ours (outbound.py builds it).
+    transport = client()._transport
+    if not isinstance(transport.client, aiohttp.ClientSession):  # type: ignore[attr-defined]
+        transport.client = transport.get_client()  # type: ignore[attr-defined]
+    return transport.client  # type: ignore[attr-defined]
+
+
+def _aiohttp_timeout(route: RouteEntry) -> aiohttp.ClientTimeout:
+    """`route_timeout` in aiohttp's terms, mapped as httpx-aiohttp's transport maps it."""
+    timeout = route_timeout(route)
+    return aiohttp.ClientTimeout(
+        sock_connect=timeout.connect, sock_read=timeout.read, connect=timeout.pool
+    )
