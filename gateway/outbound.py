@@ -17,6 +17,9 @@ A response body is read to its last received byte before a broken connection is 
 (`_DrainingStream`): an upstream that sends its last events and drops the connection must not
 lose those events to a gateway that reads them a moment late.
 
+Whole (non-streamed) answers are fetched on the same pool with aiohttp itself (`session()`):
+httpx's request and response models were half of such a call's CPU (issue 7).
+
 Each loop's client is closed when that loop is finalized (`_close_at_loop_end`), so no aiohttp
 session or connector is left for the garbage collector to report at process exit.
 """
@@ -100,12 +103,13 @@ class _LoopClient:
     """The client of one event loop, and what closes it when that loop ends."""
 
     http: httpx.AsyncClient
+    transport: _Transport  # the client's, whose aiohttp session `session()` hands out
     closer: AsyncGenerator[None, None] | None = None
 
 
-def _new_client() -> httpx.AsyncClient:
+def _new_client(transport: _Transport) -> httpx.AsyncClient:
     return httpx.AsyncClient(
-        transport=_Transport(limits=_LIMITS, trust_env=False, client=_session),
+        transport=transport,
         # A jar whose policy accepts no domain: httpx stores no reply's cookies.
         cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
         timeout=httpx.Timeout(
@@ -149,12 +153,29 @@ def _close_at_loop_end(loop: asyncio.AbstractEventLoop, current: _LoopClient) ->
         return  # it reached its `yield`: started and registered with the running loop
 
 
-def client() -> httpx.AsyncClient:
+def _current() -> _LoopClient:
     loop = asyncio.get_running_loop()
     current = _clients.get(loop)
     if current is None:
-        current = _clients[loop] = _LoopClient(http=_new_client())
+        transport = _Transport(limits=_LIMITS, trust_env=False, client=_session)
+        current = _clients[loop] = _LoopClient(http=_new_client(transport), transport=transport)
         _close_at_loop_end(loop, current)
     elif current.http.is_closed:
-        current.http = _new_client()  # the loop's closer closes whichever client is current
-    return current.http
+        # The loop's closer closes whichever client is current.
+        current.transport = _Transport(limits=_LIMITS, trust_env=False, client=_session)
+        current.http = _new_client(current.transport)
+    return current
+
+
+def client() -> httpx.AsyncClient:
+    """This event loop's httpx client (streams are read through it)."""
+    return _current().http
+
+
+def session() -> aiohttp.ClientSession:
+    """The aiohttp session under this loop's client: the same pool, no cookie jar. Whoever
+    uses it passes `allow_redirects=False` and a timeout, as the client does."""
+    transport = _current().transport
+    if not isinstance(transport.client, aiohttp.ClientSession):
+        transport.client = transport.get_client()
+    return transport.client

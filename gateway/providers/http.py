@@ -27,8 +27,8 @@ import aiohttp
 import httpx
 from multidict import CIMultiDict
 
+from gateway import outbound
 from gateway.errors import InvalidRequest, UpstreamFailed
-from gateway.outbound import client
 from gateway.selectors import RouteEntry
 
 logger = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ async def post_json(
     outgoing = CIMultiDict(headers)
     outgoing.setdefault("Content-Type", "application/json")
     try:
-        async with _session().post(
+        async with outbound.session().post(
             url,
             data=body,
             headers=outgoing,
@@ -135,15 +135,6 @@ async def post_json(
         return json.loads(raw)
     except ValueError:
         raise UpstreamFailed("The provider's answer was not valid JSON.") from None
-
-
-def _session() -> aiohttp.ClientSession:
-    """The aiohttp session the shared client sends through (created as its transport would)."""
-    # Private to httpx, but the transport is ours (outbound.py builds it).
-    transport = client()._transport
-    if not isinstance(transport.client, aiohttp.ClientSession):  # type: ignore[attr-defined]
-        transport.client = transport.get_client()  # type: ignore[attr-defined]
-    return transport.client  # type: ignore[attr-defined]
 
 
 def _aiohttp_timeout(route: RouteEntry) -> aiohttp.ClientTimeout:

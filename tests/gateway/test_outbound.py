@@ -21,7 +21,7 @@ def test_it_sends_no_cookie_an_upstream_set_on_an_earlier_reply() -> None:
     async def echo_cookie(request: web.Request) -> web.Response:
         return web.Response(text=request.headers.get("Cookie", ""))
 
-    async def scenario() -> tuple[str, str]:
+    async def scenario() -> tuple[str, str, str]:
         app = web.Application()
         app.router.add_get("/set", set_cookie)
         app.router.add_get("/echo", echo_cookie)
@@ -34,15 +34,19 @@ def test_it_sends_no_cookie_an_upstream_set_on_an_earlier_reply() -> None:
             http = outbound.client()
             first = await http.get(f"http://127.0.0.1:{port}/set")
             second = await http.get(f"http://127.0.0.1:{port}/echo")
+            # whole answers go through the same pool's aiohttp session directly
+            async with outbound.session().get(f"http://127.0.0.1:{port}/echo") as third:
+                direct = await third.text()
             await http.aclose()
-            return first.headers.get("set-cookie", ""), second.text
+            return first.headers.get("set-cookie", ""), second.text, direct
         finally:
             await runner.cleanup()
 
-    set_header, cookie_sent = asyncio.run(scenario())
+    set_header, cookie_sent, cookie_sent_directly = asyncio.run(scenario())
 
     assert "upstream_session=first-customer" in set_header  # the upstream did set one
     assert cookie_sent == ""
+    assert cookie_sent_directly == ""
 
 
 EVENTS = [f'data: {{"n": {n}}}' for n in range(5)]
