@@ -63,6 +63,10 @@ class GatewayASGIHandler(ASGIHandler):
 
         async def process_request() -> Any:
             response = await self.run_get_response(request)
+            if not response.streaming and not response.has_header("Content-Length"):
+                # What CommonMiddleware does on Django's path: a whole answer goes out with its
+                # length, in one body frame, not chunked.
+                response.headers["Content-Length"] = str(len(response.content))
             # The client may go away while the answer is being sent.
             with contextlib.suppress(asyncio.CancelledError):
                 await self.send_response(response, send)

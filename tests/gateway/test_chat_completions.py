@@ -100,6 +100,24 @@ def test_a_key_spends_only_its_own_organisations_wallet(gateway_url, catalog, fa
     assert UsageRecord.objects.get().organization_id == org_a.pk
 
 
+def test_a_whole_answer_and_an_error_go_out_with_their_length_not_chunked(
+    gateway_url, catalog, fake_provider
+):
+    _, key = make_key(make_org())
+    answer = httpx.post(
+        f"{gateway_url}/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": "fake-small", "messages": MESSAGES},
+    )
+    refusal = httpx.post(f"{gateway_url}/chat/completions", json={"model": "fake-small"})
+
+    for response in (answer, refusal):
+        assert response.headers["content-length"] == str(len(response.content))
+        assert "transfer-encoding" not in response.headers
+    assert answer.status_code == 200
+    assert refusal.status_code == 401
+
+
 def test_a_revoked_key_gets_401(gateway_url, catalog, fake_provider):
     api_key, key = make_key(make_org())
     api_key_revoke(api_key=api_key)
