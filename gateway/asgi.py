@@ -28,6 +28,7 @@ from typing import Any
 from django.core.exceptions import RequestAborted
 from django.core.handlers.asgi import ASGIHandler
 from django.core.handlers.exception import convert_exception_to_response
+from django.http import HttpResponse
 
 _URLCONF = "gateway.asgi_urls"
 
@@ -63,7 +64,7 @@ class GatewayASGIHandler(ASGIHandler):
 
         async def process_request() -> Any:
             response = await self.run_get_response(request)
-            if not response.streaming and not response.has_header("Content-Length"):
+            if isinstance(response, HttpResponse) and not response.has_header("Content-Length"):
                 # What CommonMiddleware does on Django's path: a whole answer goes out with its
                 # length, in one body frame, not chunked.
                 response.headers["Content-Length"] = str(len(response.content))
