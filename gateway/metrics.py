@@ -23,6 +23,7 @@ from typing import TypeVar
 
 import redis
 from django.conf import settings
+from django.db import connection
 from django.http import HttpRequest, HttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from prometheus_client import (
@@ -198,4 +199,12 @@ def metrics_view(request: HttpRequest) -> HttpResponse:
             content_type="text/plain",
             headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
         )
-    return HttpResponse(_exposition(), content_type=CONTENT_TYPE_LATEST)
+    try:
+        body = _exposition()
+    finally:
+        # The gateway's handler serves this page and sends no request signals, so nothing else
+        # gives back the connection the reservation gauge used (a broken one would stay
+        # broken, a good one would stay open for good).
+        if not connection.in_atomic_block:
+            connection.close()
+    return HttpResponse(body, content_type=CONTENT_TYPE_LATEST)
