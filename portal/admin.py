@@ -76,16 +76,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
         ("Use", {"fields": ("created_at", "last_used_at", "revoked_at")}),
         (
             "Limits (empty: none; the spend cap is under Billing › Spend caps)",
-            {
-                "fields": (
-                    "expires_at",
-                    "allowed_models",
-                    "requests_per_minute",
-                    "tokens_per_minute",
-                    "max_concurrent_requests",
-                    "ip_allowlist",
-                )
-            },
+            {"fields": ApiKey.LIMIT_FIELDS},
         ),
     )
 

@@ -86,12 +86,7 @@ class ApiKeySerializer(serializers.ModelSerializer[ApiKey]):
             "created_by",
             "last_used_at",
             "revoked_at",
-            "expires_at",
-            "allowed_models",
-            "requests_per_minute",
-            "tokens_per_minute",
-            "max_concurrent_requests",
-            "ip_allowlist",
+            *ApiKey.LIMIT_FIELDS,
             "rotated_from",
         ]
         read_only_fields = fields
@@ -128,17 +123,6 @@ class ApiKeyUpdateSerializer(serializers.Serializer[Any]):
         required=False,
         help_text="Addresses or CIDR networks the key may be used from; [] for any.",
     )
-
-
-# The fields of a PATCH that are limits (admins and owners only); the rest is the name.
-LIMIT_FIELDS = (
-    "expires_at",
-    "allowed_models",
-    "requests_per_minute",
-    "tokens_per_minute",
-    "max_concurrent_requests",
-    "ip_allowlist",
-)
 
 
 class ApiKeyRotateSerializer(serializers.Serializer[Any]):
@@ -400,7 +384,7 @@ class ApiKeyDetail(OrganizationScoped):
         body = ApiKeyUpdateSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         changes = body.validated_data
-        if any(field in changes for field in LIMIT_FIELDS):
+        if any(field in changes for field in ApiKey.LIMIT_FIELDS):  # admins' and owners'
             require_api(self.membership, Action.KEY_EDIT_LIMITS, api_key)
         try:
             api_key_update(

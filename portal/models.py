@@ -124,6 +124,17 @@ class ApiKey(models.Model):
         "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
 
+    # The columns that are the key's limits (set together by portal.services'
+    # api_key_limits_update; admins' and owners' to change). The spend cap is billing's.
+    LIMIT_FIELDS = (
+        "expires_at",
+        "allowed_models",
+        "requests_per_minute",
+        "tokens_per_minute",
+        "max_concurrent_requests",
+        "ip_allowlist",
+    )
+
     class Meta:
         verbose_name = "API key"
 

@@ -329,16 +329,7 @@ def api_key_limits_update(
     api_key.tokens_per_minute = tokens_per_minute
     api_key.max_concurrent_requests = max_concurrent_requests
     api_key.ip_allowlist = ip_allowlist_normalized(ip_allowlist)
-    api_key.save(
-        update_fields=[
-            "expires_at",
-            "allowed_models",
-            "requests_per_minute",
-            "tokens_per_minute",
-            "max_concurrent_requests",
-            "ip_allowlist",
-        ]
-    )
+    api_key.save(update_fields=ApiKey.LIMIT_FIELDS)
     return api_key
 
 

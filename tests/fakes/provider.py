@@ -21,7 +21,7 @@ import logging
 import struct
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NoReturn
 
@@ -411,20 +411,7 @@ class FakeProvider(ScriptedFaults[_Behaviour], FakeUpstream):
                 ],
             }
         )
-        first = True
-
-        async def event(data: str) -> None:
-            nonlocal first
-            if not first and self.chunk_interval > 0:
-                await asyncio.sleep(self.chunk_interval)
-            first = False
-            await send(
-                {
-                    "type": "http.response.body",
-                    "body": f"data: {data}\n\n".encode(),
-                    "more_body": True,
-                }
-            )
+        event = self._event_sender(send)
 
         for index, content in enumerate(contents):
             if behaviour.cut_after_chunks is not None and index >= behaviour.cut_after_chunks:
@@ -439,6 +426,27 @@ class FakeProvider(ScriptedFaults[_Behaviour], FakeUpstream):
             await event(usage)
         await event("[DONE]")
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _event_sender(self, send: Send) -> Callable[[str], Awaitable[None]]:
+        """A stream's `data:` event writer, pausing `chunk_interval` between events."""
+        first = True
+
+        async def event(data: str) -> None:
+            # One ASGI send per event: uvicorn writes each to the socket at once, so the client
+            # sees chunks as they are produced rather than all at the end.
+            nonlocal first
+            if not first and self.chunk_interval > 0:
+                await asyncio.sleep(self.chunk_interval)
+            first = False
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": f"data: {data}\n\n".encode(),
+                    "more_body": True,
+                }
+            )
+
+        return event
 
     async def _stream_chat(self, send: Send, request: _ChatRequest, behaviour: _Behaviour) -> None:
         words = reply_for(request.messages, request.max_tokens).split()
@@ -463,22 +471,7 @@ class FakeProvider(ScriptedFaults[_Behaviour], FakeUpstream):
                 ],
             }
         )
-        first = True
-
-        async def event(data: str) -> None:
-            # One ASGI send per event: uvicorn writes each to the socket at once, so the client
-            # sees chunks as they are produced rather than all at the end.
-            nonlocal first
-            if not first and self.chunk_interval > 0:
-                await asyncio.sleep(self.chunk_interval)
-            first = False
-            await send(
-                {
-                    "type": "http.response.body",
-                    "body": f"data: {data}\n\n".encode(),
-                    "more_body": True,
-                }
-            )
+        event = self._event_sender(send)
 
         def chunk(delta: dict[str, Any], finish_reason: str | None) -> str:
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
