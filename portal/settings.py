@@ -147,6 +147,10 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and env_boo
         "max_size": env_int("DATABASE_POOL_MAX_SIZE", 20, minimum=1),
         "timeout": env_int("DATABASE_POOL_TIMEOUT_SECONDS", 30, minimum=1),
     }
+# The request path's two statements (billing/hot_path_sql.py) are prepared once per connection
+# and then only executed: PostgreSQL planned them for longer than it ran them. Turn off behind a
+# pooler that does not keep a session's prepared statements (PgBouncer in transaction mode).
+DATABASE_PREPARED_STATEMENTS = env_bool("DATABASE_PREPARED_STATEMENTS", True)
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Concurrent gateway requests write usage while others read: WAL and a busy timeout
     # keep SQLite from answering "database is locked" in the embedded mode.

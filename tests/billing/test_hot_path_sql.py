@@ -8,6 +8,7 @@ from decimal import Decimal
 
 import pytest
 from django.db import connection
+from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 
 from billing.models import Account, KeySpend, Reservation, SpendCap, UsageRecord
@@ -44,6 +45,40 @@ def test_it_reserves_and_settles_in_one_statement_each():
         usage_settle(metered=metered(key.pk, org.pk, request_id="req_1"))
 
     assert len(queries.captured_queries) == 2
+
+
+def test_it_prepares_each_statement_once_per_connection():
+    org = make_org(credit_usd="3")
+    key, _ = make_key(org)
+    make_key(make_org(credit_usd="10"))
+    for number in range(3):
+        reserve(org, key, f"req_{number}", "0.01")
+        usage_settle(metered=metered(key.pk, org.pk, request_id=f"req_{number}"))
+    for number in range(3):  # refused by the wallet after the window fitted: aborted on purpose
+        with pytest.raises(InsufficientCredit):
+            reserve(org, key, f"req_refused_{number}", "4")
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT statement FROM pg_prepared_statements")
+        prepared = [statement for (statement,) in cursor.fetchall()]
+    # One plan each, reused by every request: PostgreSQL neither parses nor plans them again.
+    assert sum("INSERT INTO billing_reservation" in statement for statement in prepared) == 1
+    assert sum("INSERT INTO billing_usagerecord" in statement for statement in prepared) == 1
+
+
+@override_settings(DATABASE_PREPARED_STATEMENTS=False)
+def test_without_prepared_statements_it_sends_each_statement_whole():
+    org = make_org(credit_usd="10")
+    key, _ = make_key(org)
+    reserve(org, key, "req_first", "0.01")  # the first uses make the window and accounts
+    usage_settle(metered=metered(key.pk, org.pk, request_id="req_first"))
+
+    with CaptureQueriesContext(connection) as queries:
+        reserve(org, key, "req_1", "0.01")
+        usage_settle(metered=metered(key.pk, org.pk, request_id="req_1"))
+
+    assert [query["sql"].lstrip()[:4] for query in queries.captured_queries] == ["WITH"] * 2
+    assert UsageRecord.objects.get(request_id="req_1").cost_usd > 0
 
 
 def test_a_capped_key_refused_by_its_wallet_holds_nothing_in_its_window():
