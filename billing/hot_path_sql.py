@@ -213,12 +213,24 @@ WITH claim AS (
     UPDATE {_RESERVATION} SET state = %(state)s, resolved_at = %(now)s
     WHERE request_id = %(request_id)s AND state = 'held'
     RETURNING organization_id, amount_usd, api_key_id, spend_window_start
+), swept AS (
+    -- A hold the sweeper voided before this settlement came (it waited in the spool through
+    -- an outage longer than the sweep bound): nothing to release, but the charge still counts
+    -- in the spend window it was reserved in. (This statement's snapshot shows a hold it
+    -- claims as still held, so a claimed hold is never counted twice.)
+    SELECT api_key_id, spend_window_start, 0 AS amount_usd FROM {_RESERVATION}
+    WHERE request_id = %(request_id)s AND state = 'voided'
 ), spend_window AS (
     UPDATE {_KEYSPEND} AS spend
-    SET reserved_usd = spend.reserved_usd - claim.amount_usd,
+    SET reserved_usd = spend.reserved_usd - resolved.amount_usd,
         spent_usd = spend.spent_usd + %(cost)s
-    FROM claim
-    WHERE spend.api_key_id = claim.api_key_id AND spend.window_start = claim.spend_window_start
+    FROM (
+        SELECT api_key_id, spend_window_start, amount_usd FROM claim
+        UNION ALL
+        SELECT api_key_id, spend_window_start, amount_usd FROM swept
+    ) AS resolved
+    WHERE spend.api_key_id = resolved.api_key_id
+      AND spend.window_start = resolved.spend_window_start
     RETURNING spend.id
 ), wallet AS (
     -- The charge and the hold's release move the wallet in one UPDATE. The hold is released

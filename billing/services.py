@@ -368,6 +368,25 @@ def _claim(
     return organization_id, amount_usd
 
 
+def _count_in_swept_window(*, request_id: str, spent_usd: Decimal) -> None:
+    """Count a charge in the key's spend window when the sweeper voided the request's hold
+    before its settlement came (it waited in the spool through an outage longer than the
+    sweep bound): nothing is released, but the usage was spent in that window. Must run
+    inside the settlement's transaction (its usage record makes it happen once)."""
+    swept = (
+        Reservation.objects.filter(request_id=request_id, state=Reservation.State.VOIDED)
+        .exclude(spend_window_start=None)
+        .values_list("api_key_id", "spend_window_start")
+        .first()
+    )
+    if swept is not None and spent_usd > ZERO_USD:
+        api_key_id, window_start = swept
+        assert window_start is not None  # noqa: S101 (excluded above)
+        KeySpend.objects.filter(api_key_id=api_key_id, window_start=window_start).update(
+            spent_usd=F("spent_usd") + spent_usd
+        )
+
+
 def reservation_void(*, request_id: str) -> bool:
     """Release a request's hold without charging (it failed before producing anything).
 
@@ -559,7 +578,9 @@ def _settle_with_orm(
         # wallet), so a settle and a reserve on the same key never deadlock.
         claim = _claim(request_id=metered.request_id, state=state, spent_usd=cost_usd)
         released_usd = ZERO_USD
-        if claim is not None:
+        if claim is None:
+            _count_in_swept_window(request_id=metered.request_id, spent_usd=cost_usd)
+        else:
             held_by, held_usd = claim
             if held_by == metered.organization_id:
                 released_usd = held_usd

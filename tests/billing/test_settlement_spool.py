@@ -11,10 +11,10 @@ from decimal import Decimal
 import pytest
 from django.core.management import call_command
 
-from billing.models import Account, Reservation, UsageRecord
+from billing.models import Account, KeySpend, Reservation, SpendCap, UsageRecord
 from billing.money import Price, usage_cost_usd
 from billing.selectors import wallet_balance_usd
-from billing.services import credit_reserve, reservations_sweep, usage_settle
+from billing.services import CapTerms, credit_reserve, reservations_sweep, usage_settle
 from billing.settlement_spool import (
     DEAD_LETTER_KEY,
     SPOOL_FILE,
@@ -122,6 +122,34 @@ def test_a_replay_after_the_sweeper_voided_the_hold_still_charges_the_usage(db):
     assert UsageRecord.objects.get(request_id="req_spooled").cost_usd == COST
     assert wallet_balance_usd(organization_id=org.pk) == Decimal("10") - COST
     assert Account.objects.get(organization=org, kind=Account.Kind.WALLET).reserved_usd == 0
+
+
+@pytest.mark.parametrize("first_use", [True, False], ids=["orm", "one-statement"])
+def test_a_replay_after_the_sweeper_voided_the_hold_still_counts_in_the_spend_window(db, first_use):
+    org = make_org(credit_usd="10")
+    key, _ = make_key(org)
+    make_key(make_org(credit_usd="10"))  # another organisation, untouched
+    cap = CapTerms(amount_usd=Decimal("5"), window=SpendCap.Window.MONTH)
+    request_ids = ["req_spooled"] if first_use else ["req_earlier", "req_spooled"]
+    for request_id in request_ids:
+        credit_reserve(
+            request_id=request_id,
+            organization_id=org.pk,
+            api_key_id=key.pk,
+            amount_usd=Decimal("1"),
+            spend_cap=cap,
+        )
+    if not first_use:  # the window and accounts exist: the one-statement settlement runs
+        usage_settle(metered=metered(key.pk, org.pk, request_id="req_earlier"))
+    settlement_spool(metered=metered(key.pk, org.pk, request_id="req_spooled"))
+    assert reservations_sweep(older_than=timedelta(0)) == 1  # voided: no usage record yet
+
+    spooled_settlements_replay()
+
+    window = KeySpend.objects.get(api_key=key)
+    assert window.spent_usd == COST * len(request_ids)
+    assert window.reserved_usd == 0
+    assert wallet_balance_usd(organization_id=org.pk) == Decimal("10") - COST * len(request_ids)
 
 
 def test_an_entry_that_cannot_settle_is_set_aside_and_the_rest_are_settled(db, settings):
