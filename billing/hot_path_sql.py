@@ -24,14 +24,16 @@ from __future__ import annotations
 
 import re
 import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, cast
+from typing import Any, Generic, TypeVar, cast
 
 from django.conf import settings
 from django.db import DataError, connection
 
+from billing.loop_database import LoopConnections, as_django_errors
 from billing.models import (
     Account,
     KeySpend,
@@ -50,6 +52,8 @@ _POSTING = Posting._meta.db_table
 _USAGE = UsageRecord._meta.db_table
 _API_KEY = ApiKey._meta.db_table
 
+_Result = TypeVar("_Result")
+
 # SQLSTATE of division_by_zero: the statements' deliberate abort.
 _DIVISION_BY_ZERO = "22012"
 
@@ -65,7 +69,7 @@ def aborted_on_purpose(error: DataError) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
-class _Statement:
+class _Prepared:
     """One of the request path's statements, prepared once per database connection.
 
     Planned afresh every time, the settlement spent 0.7 ms of PostgreSQL's time planning for
@@ -98,24 +102,46 @@ class _Statement:
 _prepared_on: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
 
 
-def _run(statement: _Statement, params: dict[str, Any]) -> tuple[Any, ...]:
-    """Run `statement` and return its one row, preparing it on this connection first if it
-    is not yet (with DATABASE_PREPARED_STATEMENTS off: the plain statement, planned every
-    time)."""
-    with connection.cursor() as cursor:
+@dataclass(frozen=True, slots=True)
+class Statement(Generic[_Result]):
+    """One of these statements with its values, and how to read its row: run by `run()` on
+    Django's connection (a sync caller, inside its transaction if it has one), or by
+    `await run_on_loop()` on the event loop's own connections (billing/loop_database.py)."""
+
+    prepared: _Prepared
+    params: dict[str, Any]
+    read: Callable[[tuple[Any, ...]], _Result]
+
+    def run(self) -> _Result:
+        with connection.cursor() as cursor:
+            for sql, params in self._sends(connection.connection):
+                cursor.execute(sql, params)
+            return self.read(cast(tuple[Any, ...], cursor.fetchone()))
+
+    async def run_on_loop(self, connections: LoopConnections) -> _Result:
+        with as_django_errors():  # connecting included
+            async with connections.connection() as session:
+                cursor = session.cursor()
+                for sql, params in self._sends(session):
+                    await cursor.execute(sql, params)
+                return self.read(cast(tuple[Any, ...], await cursor.fetchone()))
+
+    def _sends(self, session: Any) -> Iterator[tuple[str, dict[str, Any] | None]]:
+        """What to send on `session` (a psycopg connection), one after the other: the
+        statement's PREPARE first if the session has not got it yet, then its EXECUTE (with
+        DATABASE_PREPARED_STATEMENTS off: the plain statement, planned every time)."""
         if not settings.DATABASE_PREPARED_STATEMENTS:
-            cursor.execute(statement.text, params)
-            return cast(tuple[Any, ...], cursor.fetchone())
-        prepared = _prepared_on.setdefault(connection.connection, set())
-        if statement.name not in prepared:
-            # A prepared statement outlives a rollback: once per session, whatever happens.
-            cursor.execute(statement.prepare_sql())
-            prepared.add(statement.name)
-        cursor.execute(statement.execute_sql(), params)
-        return cast(tuple[Any, ...], cursor.fetchone())
+            yield self.prepared.text, self.params
+            return
+        prepared = _prepared_on.setdefault(session, set())
+        if self.prepared.name not in prepared:
+            yield self.prepared.prepare_sql(), None
+            # Reached once the PREPARE ran. It outlives a rollback: once per session.
+            prepared.add(self.prepared.name)
+        yield self.prepared.execute_sql(), self.params
 
 
-_RESERVE = _Statement(
+_RESERVE = _Prepared(
     name="sb_reserve",
     text=f"""
 WITH spend_window AS (
@@ -183,7 +209,7 @@ def reserve(
     cap_usd: Decimal | None,
     window_start: datetime | None,
     now: datetime,
-) -> Reserved:
+) -> Statement[Reserved]:
     """Hold `amount_usd` of the wallet and, when `cap_usd` is given, of the key's spend window
     starting at `window_start`; one statement. A refusal by the wallet while the window fitted
     raises DataError (`aborted_on_purpose`): the caller reports InsufficientCredit."""
@@ -198,15 +224,19 @@ def reserve(
         "cap_left_usd": (cap_usd - amount_usd) if cap_usd is not None else Decimal(0),
         "now": now,
     }
-    windows, holds, window_exists, _ = _run(_RESERVE, params)
-    return Reserved(
-        held=holds == 1,
-        window_refused=capped and windows == 0 and window_exists,
-        window_missing=capped and not window_exists,
-    )
+
+    def read(row: tuple[Any, ...]) -> Reserved:
+        windows, holds, window_exists, _ = row
+        return Reserved(
+            held=holds == 1,
+            window_refused=capped and windows == 0 and window_exists,
+            window_missing=capped and not window_exists,
+        )
+
+    return Statement(_RESERVE, params, read)
 
 
-_SETTLE = _Statement(
+_SETTLE = _Prepared(
     name="sb_settle",
     text=f"""
 WITH claim AS (
@@ -356,7 +386,7 @@ def settle(
     touch_last_used: bool,
     last_used_before: datetime,
     now: datetime,
-) -> Settled:
+) -> Statement[Settled]:
     """Claim the request's held reservation (if any) into `reservation_state`, release it,
     charge `cost_usd` (wallet to revenue, one ledger entry) and write the usage record with the
     `record` columns; one statement. IntegrityError: the request was settled already. DataError
@@ -374,5 +404,11 @@ def settle(
         "last_used_before": last_used_before,
         "now": now,
     }
-    record_id, claims, entry_id, _ = _run(_SETTLE, params)
-    return Settled(usage_record_id=record_id, claimed=claims == 1, ledger_transaction_id=entry_id)
+
+    def read(row: tuple[Any, ...]) -> Settled:
+        record_id, claims, entry_id, _ = row
+        return Settled(
+            usage_record_id=record_id, claimed=claims == 1, ledger_transaction_id=entry_id
+        )
+
+    return Statement(_SETTLE, params, read)

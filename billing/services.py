@@ -14,6 +14,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from billing import hot_path_sql
+from billing.loop_database import loop_connections
 from billing.models import (
     Account,
     KeySpend,
@@ -278,48 +279,116 @@ def _reserve_in_one_statement(
 ) -> Reservation | None:
     """credit_reserve as one PostgreSQL statement (billing/hot_path_sql.py); None when the
     key's spend window has no row yet (the ORM path makes it), having held nothing."""
-    window_start, resets_at = (
-        spend_window_bounds(spend_cap.window, now) if spend_cap is not None else (None, None)
+    reserving = _OneStatementReservation(
+        request_id=request_id,
+        organization_id=organization_id,
+        api_key_id=api_key_id,
+        amount_usd=amount_usd,
+        spend_cap=spend_cap,
+        now=now,
     )
     try:
         # A savepoint only inside a caller's transaction (see _settle_in_one_statement).
         with (
             transaction.atomic() if transaction.get_connection().in_atomic_block else nullcontext()
         ):
-            reserved = hot_path_sql.reserve(
-                request_id=request_id,
-                organization_id=organization_id,
-                api_key_id=api_key_id,
-                amount_usd=amount_usd,
-                cap_usd=spend_cap.amount_usd if spend_cap is not None else None,
-                window_start=window_start,
-                now=now,
-            )
+            reserved = reserving.statement.run()
     except DataError as error:
-        if hot_path_sql.aborted_on_purpose(error):  # the window fitted, the wallet did not
-            raise InsufficientCredit(
-                "the wallet's available credit does not cover this request"
-            ) from None
-        raise
-    if reserved.window_missing:
+        if (refusal := reserving.refusal(error)) is None:
+            raise
+        raise refusal from None
+    return reserving.reservation(reserved)
+
+
+async def credit_reserve_on_loop(
+    *,
+    request_id: str,
+    organization_id: int,
+    api_key_id: int,
+    amount_usd: Decimal,
+    spend_cap: CapTerms | None = None,
+) -> Reservation | None:
+    """credit_reserve for an event loop (the gateway): the same one statement, on the loop's
+    own connections (billing/loop_database.py), with no thread. None when only credit_reserve
+    can do it (not PostgreSQL, the loop's connections resting after a failure, or the key's
+    spend window has no row yet), having held nothing."""
+    if amount_usd < ZERO_USD:
+        raise BillingError("a reservation cannot be negative")
+    connections = loop_connections() if hot_path_sql.available() else None
+    if connections is None:
         return None
-    if reserved.window_refused:
-        raise SpendCapExceeded(
-            "this key's spend cap does not cover this request", resets_at=resets_at
-        )
-    if not reserved.held:
-        raise InsufficientCredit("the wallet's available credit does not cover this request")
-    reservation = Reservation(
+    reserving = _OneStatementReservation(
         request_id=request_id,
         organization_id=organization_id,
         api_key_id=api_key_id,
         amount_usd=amount_usd,
-        spend_window_start=window_start,
-        created_at=now,
+        spend_cap=spend_cap,
+        now=timezone.now(),
     )
-    reservation._state.adding = False
-    reservation._state.db = "default"
-    return reservation
+    try:
+        reserved = await reserving.statement.run_on_loop(connections)
+    except DataError as error:
+        if (refusal := reserving.refusal(error)) is None:
+            raise
+        raise refusal from None
+    return reserving.reservation(reserved)
+
+
+class _OneStatementReservation:
+    """A reservation by hot_path_sql's statement, and what its outcome means."""
+
+    def __init__(
+        self,
+        *,
+        request_id: str,
+        organization_id: int,
+        api_key_id: int,
+        amount_usd: Decimal,
+        spend_cap: CapTerms | None,
+        now: datetime,
+    ) -> None:
+        self.window_start: datetime | None = None
+        self.resets_at: datetime | None = None
+        if spend_cap is not None:
+            self.window_start, self.resets_at = spend_window_bounds(spend_cap.window, now)
+        self.reservation_row = Reservation(
+            request_id=request_id,
+            organization_id=organization_id,
+            api_key_id=api_key_id,
+            amount_usd=amount_usd,
+            spend_window_start=self.window_start,
+            created_at=now,
+        )
+        self.statement = hot_path_sql.reserve(
+            request_id=request_id,
+            organization_id=organization_id,
+            api_key_id=api_key_id,
+            amount_usd=amount_usd,
+            cap_usd=spend_cap.amount_usd if spend_cap is not None else None,
+            window_start=self.window_start,
+            now=now,
+        )
+
+    def refusal(self, error: DataError) -> InsufficientCredit | None:
+        """The refusal a DataError of the statement means (the wallet refused after the
+        window fitted: the statement aborted on purpose); None for a real error."""
+        if hot_path_sql.aborted_on_purpose(error):
+            return InsufficientCredit("the wallet's available credit does not cover this request")
+        return None
+
+    def reservation(self, reserved: hot_path_sql.Reserved) -> Reservation | None:
+        if reserved.window_missing:
+            return None
+        if reserved.window_refused:
+            raise SpendCapExceeded(
+                "this key's spend cap does not cover this request", resets_at=self.resets_at
+            )
+        if not reserved.held:
+            raise InsufficientCredit("the wallet's available credit does not cover this request")
+        reservation = self.reservation_row
+        reservation._state.adding = False
+        reservation._state.db = "default"
+        return reservation
 
 
 def _release(*, request_id: str, state: Reservation.State, spent_usd: Decimal = ZERO_USD) -> bool:
@@ -617,9 +686,7 @@ def _settle_in_one_statement(
 ) -> UsageRecord | None:
     """usage_settle's transaction as one PostgreSQL statement (billing/hot_path_sql.py); None
     when it cannot run it (an account's first use), having written nothing."""
-    now = timezone.now()
-    touch = _last_use_due(api_key_id=metered.api_key_id)
-    columns = _usage_columns(metered)
+    settling = _OneStatementSettlement(metered=metered, cost_usd=cost_usd, state=state)
     try:
         # Inside a caller's transaction a failed statement would abort it: a savepoint keeps
         # the failure to this statement. Alone (the gateway), the statement is its own
@@ -627,35 +694,76 @@ def _settle_in_one_statement(
         with (
             transaction.atomic() if transaction.get_connection().in_atomic_block else nullcontext()
         ):
-            settled = hot_path_sql.settle(
-                request_id=metered.request_id,
-                organization_id=metered.organization_id,
-                api_key_id=metered.api_key_id,
-                reservation_state=state,
-                cost_usd=cost_usd,
-                memo=_usage_memo(metered),
-                record=columns,
-                touch_last_used=touch,
-                last_used_before=now - LAST_USED_RESOLUTION,
-                now=now,
-            )
+            settled = settling.statement.run()
     except DataError as error:
         if hot_path_sql.aborted_on_purpose(error):
             return None
         raise
-    if touch:
+    if settling.touch:
         _remember_last_use(api_key_id=metered.api_key_id)
-    record = UsageRecord(
-        pk=settled.usage_record_id,
-        request_id=metered.request_id,
-        cost_usd=cost_usd,
-        ledger_transaction_id=settled.ledger_transaction_id,
-        created_at=now,
-        **columns,
-    )
-    record._state.adding = False
-    record._state.db = "default"
-    return record
+    return settling.usage_record(settled)
+
+
+async def usage_settle_on_loop(*, metered: MeteredRequest) -> UsageRecord | None:
+    """usage_settle for an event loop (the gateway): the same one statement, on the loop's own
+    connections (billing/loop_database.py), with no thread. None when only usage_settle can do
+    it (not PostgreSQL, the loop's connections resting after a failure, an account's first use,
+    or the request settled already: usage_settle then answers its record), having written
+    nothing."""
+    connections = loop_connections() if hot_path_sql.available() else None
+    if connections is None:
+        return None
+    cost_usd, state = _charge_of(metered)
+    settling = _OneStatementSettlement(metered=metered, cost_usd=cost_usd, state=state)
+    try:
+        settled = await settling.statement.run_on_loop(connections)
+    except IntegrityError:
+        return None
+    except DataError as error:
+        if hot_path_sql.aborted_on_purpose(error):
+            return None
+        raise
+    if settling.touch:
+        _last_use_written(api_key_id=metered.api_key_id, at=time.monotonic())
+    return settling.usage_record(settled)
+
+
+class _OneStatementSettlement:
+    """A settlement by hot_path_sql's statement, and the usage record it wrote."""
+
+    def __init__(
+        self, *, metered: MeteredRequest, cost_usd: Decimal, state: Reservation.State
+    ) -> None:
+        self.now = timezone.now()
+        self.touch = _last_use_due(api_key_id=metered.api_key_id)
+        self.metered = metered
+        self.cost_usd = cost_usd
+        self.columns = _usage_columns(metered)
+        self.statement = hot_path_sql.settle(
+            request_id=metered.request_id,
+            organization_id=metered.organization_id,
+            api_key_id=metered.api_key_id,
+            reservation_state=state,
+            cost_usd=cost_usd,
+            memo=_usage_memo(metered),
+            record=self.columns,
+            touch_last_used=self.touch,
+            last_used_before=self.now - LAST_USED_RESOLUTION,
+            now=self.now,
+        )
+
+    def usage_record(self, settled: hot_path_sql.Settled) -> UsageRecord:
+        record = UsageRecord(
+            pk=settled.usage_record_id,
+            request_id=self.metered.request_id,
+            cost_usd=self.cost_usd,
+            ledger_transaction_id=settled.ledger_transaction_id,
+            created_at=self.now,
+            **self.columns,
+        )
+        record._state.adding = False
+        record._state.db = "default"
+        return record
 
 
 def _usage_memo(metered: MeteredRequest) -> str:
@@ -693,13 +801,14 @@ def _last_use_due(*, api_key_id: int) -> bool:
 
 def _remember_last_use(*, api_key_id: int) -> None:
     now = time.monotonic()
+    # Only once the write is committed: a rollback undoes it.
+    transaction.on_commit(lambda: _last_use_written(api_key_id=api_key_id, at=now))
 
-    def remember() -> None:  # only once the write is committed: a rollback undoes it
-        if len(_last_used_written) >= _LAST_USED_CACHE_MAX:
-            _last_used_written.clear()
-        _last_used_written[api_key_id] = now
 
-    transaction.on_commit(remember)
+def _last_use_written(*, api_key_id: int, at: float) -> None:
+    if len(_last_used_written) >= _LAST_USED_CACHE_MAX:
+        _last_used_written.clear()
+    _last_used_written[api_key_id] = at
 
 
 def usage_settle(*, metered: MeteredRequest) -> UsageRecord:
@@ -710,6 +819,22 @@ def usage_settle(*, metered: MeteredRequest) -> UsageRecord:
     charges nothing more (the unique constraint decides, not a check in Python). A request
     whose reservation was already swept is still charged: the usage happened.
     """
+    cost_usd, state = _charge_of(metered)
+    try:
+        record = None
+        if hot_path_sql.available():
+            record = _settle_in_one_statement(metered=metered, cost_usd=cost_usd, state=state)
+        return record or _settle_with_orm(metered=metered, cost_usd=cost_usd, state=state)
+    except IntegrityError:
+        existing = UsageRecord.objects.filter(request_id=metered.request_id).first()
+        if existing is None:
+            raise
+        return existing
+
+
+def _charge_of(metered: MeteredRequest) -> tuple[Decimal, Reservation.State]:
+    """A request's exact cost, and the state its hold ends in (voided when the upstream
+    failed: it costs nothing)."""
     cost_usd = usage_cost_usd(
         price=metered.price,
         input_tokens=metered.input_tokens,
@@ -722,16 +847,7 @@ def usage_settle(*, metered: MeteredRequest) -> UsageRecord:
         if metered.status == UsageRecord.Status.UPSTREAM_ERROR
         else Reservation.State.SETTLED
     )
-    try:
-        record = None
-        if hot_path_sql.available():
-            record = _settle_in_one_statement(metered=metered, cost_usd=cost_usd, state=state)
-        return record or _settle_with_orm(metered=metered, cost_usd=cost_usd, state=state)
-    except IntegrityError:
-        existing = UsageRecord.objects.filter(request_id=metered.request_id).first()
-        if existing is None:
-            raise
-        return existing
+    return cost_usd, state
 
 
 # Which way each kind of card movement moves the wallet: +1 adds to it, -1 takes from it.

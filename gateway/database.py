@@ -19,14 +19,16 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import logging
 from collections.abc import Awaitable, Callable, Coroutine, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ParamSpec, TypeVar
 
 from asgiref.sync import AsyncToSync, sync_to_async
 from django.conf import settings
-from django.db import close_old_connections
+from django.db import InterfaceError, OperationalError, close_old_connections
 
+logger = logging.getLogger(__name__)
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
@@ -60,6 +62,32 @@ def db_call(function: Callable[_P, _R]) -> Callable[_P, Coroutine[Any, Any, _R]]
             contextvars.copy_context().run, returning_connection, *args, **kwargs
         )
         return await asyncio.get_running_loop().run_in_executor(_executor, run)
+
+    return call
+
+
+def on_loop_or_in_thread(
+    on_loop: Callable[_P, Awaitable[_R | None]], in_thread: Callable[_P, _R]
+) -> Callable[_P, Coroutine[Any, Any, _R]]:
+    """A billing service the gateway calls on its event loop: `on_loop(...)` (its one-statement
+    form on the loop's own connections, billing/loop_database.py), and, when that answers None
+    (only the service can do it) or cannot reach the database, `in_thread(...)` through
+    `db_call`, with Django's pool and outage handling. Called from sync code through
+    async_to_sync (a command, a test inside its transaction), only `in_thread`, in the caller's
+    own thread and transaction."""
+    threaded = db_call(in_thread)
+
+    @functools.wraps(in_thread)
+    async def call(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if getattr(AsyncToSync.executors, "current", None) is None:
+            try:
+                done = await on_loop(*args, **kwargs)
+            except (OperationalError, InterfaceError):
+                logger.warning("the event loop's database connection failed; using Django's")
+                done = None
+            if done is not None:
+                return done
+        return await threaded(*args, **kwargs)
 
     return call
 

@@ -17,7 +17,7 @@ from django.conf import settings
 from django.db import connection
 
 from billing.models import UsageRecord
-from billing.services import MeteredRequest, usage_settle
+from billing.services import MeteredRequest, usage_settle, usage_settle_on_loop
 from billing.settlement_spool import (
     ReplayOutcome,
     database_unavailable,
@@ -26,13 +26,13 @@ from billing.settlement_spool import (
     spooled_usage_record,
 )
 from gateway import metrics
-from gateway.database import db_call
+from gateway.database import on_loop_or_in_thread
 
 logger = logging.getLogger(__name__)
 
-# The hot path's settle: in one of the gateway's database threads, like reserve (a test's or
-# command's own thread when called from sync code).
-_settle = db_call(usage_settle)
+# The hot path's settle, like reserve: on the event loop's own connections, or in one of the
+# gateway's database threads (a test's or command's own thread when called from sync code).
+_settle = on_loop_or_in_thread(usage_settle_on_loop, usage_settle)
 _FIRST_BACKOFF_SECONDS = 0.1
 _MAX_BACKOFF_SECONDS = 1.0
 

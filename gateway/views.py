@@ -26,12 +26,13 @@ from billing.services import (
     MeteredRequest,
     SpendCapExceeded,
     credit_reserve,
+    credit_reserve_on_loop,
     reservation_checkpoint,
     reservation_void,
 )
 from gateway import capacity, metrics
 from gateway.auth import Caller, authenticate, bearer_token, client_host_of
-from gateway.database import db_call
+from gateway.database import db_call, on_loop_or_in_thread
 from gateway.errors import (
     GatewayError,
     MethodNotAllowed,
@@ -64,7 +65,7 @@ from portal.logs import bind_request_id
 
 logger = logging.getLogger(__name__)
 
-_reserve = db_call(credit_reserve)
+_reserve = on_loop_or_in_thread(credit_reserve_on_loop, credit_reserve)
 _void = db_call(reservation_void)
 _checkpoint = db_call(reservation_checkpoint)
 _alert_spend_cap = db_call(spend_cap_refusal_alert)

@@ -1,0 +1,105 @@
+"""PostgreSQL connections of the event loop's own, for the request path's two statements.
+
+The gateway's reservation and settlement are one statement each (billing/hot_path_sql.py).
+Through Django's connection they ran in a thread (Django's connections are synchronous), took
+a connection from Django's pool and gave it back (the pool's check: one more round trip) and
+went through Django's cursor wrapper: more of the gateway's CPU than the statements themselves
+(issue 7, bench/RESULTS.md). Here each event loop keeps a few psycopg async connections in
+autocommit, used without leaving the loop.
+
+- At most GATEWAY_DATABASE_THREADS statements run at once per loop (as many as the database
+  threads they replace); the others wait for a connection.
+- A connection whose state is unknown (a statement cancelled in flight, a broken socket) is
+  closed, never reused; one that reported an error in autocommit is idle and is reused.
+- Connecting gives up after `CONNECT_TIMEOUT_SECONDS`, and after a connection failure the
+  loop's connections are not tried for `RESTING_SECONDS`: the caller then uses Django's path,
+  whose pool timeout and outage handling (503, the settlement spool) are the ones documented.
+- The connections are closed when their loop ends (portal/event_loops.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import psycopg
+from django.conf import settings
+from django.db import connection as django_connection
+from django.db.utils import DatabaseErrorWrapper
+
+from portal.event_loops import loop_resource
+
+CONNECT_TIMEOUT_SECONDS = 2
+RESTING_SECONDS = 5.0
+
+
+class LoopConnections:
+    """One event loop's connections (see the module's docstring)."""
+
+    def __init__(self, size: int) -> None:
+        self._slots = asyncio.Semaphore(size)
+        self._idle: list[psycopg.AsyncConnection[Any]] = []
+        self.resting_until = 0.0
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        async with self._slots:
+            current = self._idle.pop() if self._idle else await self._connect()
+            try:
+                yield current
+            finally:
+                if (
+                    current.broken
+                    or current.closed
+                    or current.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+                ):
+                    await current.close()
+                else:
+                    self._idle.append(current)
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        try:
+            return await psycopg.AsyncConnection.connect(
+                **_connection_params(),
+                autocommit=True,
+                # EXECUTE's values are bound on the client, as Django's cursors bind them.
+                cursor_factory=psycopg.AsyncClientCursor,
+                prepare_threshold=None,  # the statements are prepared by name (hot_path_sql)
+                connect_timeout=CONNECT_TIMEOUT_SECONDS,
+            )
+        except psycopg.OperationalError:
+            self.resting_until = time.monotonic() + RESTING_SECONDS
+            raise
+
+    async def close(self) -> None:
+        while self._idle:
+            await self._idle.pop().close()
+
+
+def _connection_params() -> dict[str, Any]:
+    """Django's own connection parameters for the default database (name, host, credentials,
+    OPTIONS), without what only Django's connections use."""
+    params = dict(django_connection.get_connection_params())
+    for django_only in ("cursor_factory", "context", "prepare_threshold"):
+        params.pop(django_only, None)
+    return params
+
+
+def loop_connections() -> LoopConnections | None:
+    """The running loop's connections, or None while they rest after a connection failure."""
+    connections = loop_resource(
+        LoopConnections,
+        lambda: LoopConnections(settings.GATEWAY_DATABASE_THREADS),
+        LoopConnections.close,
+    )
+    return None if time.monotonic() < connections.resting_until else connections
+
+
+def as_django_errors() -> DatabaseErrorWrapper:
+    """psycopg's exceptions raised as Django's (DataError, IntegrityError, OperationalError,
+    …, with psycopg's as their cause), as Django's cursors raise them: callers handle one
+    kind."""
+    return DatabaseErrorWrapper(django_connection)
