@@ -7,8 +7,6 @@ granted it.
 
 from __future__ import annotations
 
-from decimal import Decimal, InvalidOperation
-
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -18,7 +16,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
 from billing.models import BillingProfile, CardPayment
-from billing.money import format_usd
+from billing.money import MoneyError, format_usd, parse_usd
 from billing.payments import (
     AutoTopUpTerms,
     PaymentError,
@@ -160,11 +158,11 @@ def auto_topup(request: HttpRequest) -> HttpResponse:
         try:
             terms = AutoTopUpTerms(
                 enabled=request.POST.get("enabled") == "on",
-                threshold_usd=Decimal(request.POST.get("threshold_usd", "0") or "0"),
-                amount_usd=Decimal(request.POST.get("amount_usd", "0") or "0"),
+                threshold_usd=parse_usd(request.POST.get("threshold_usd", "") or "0"),
+                amount_usd=parse_usd(request.POST.get("amount_usd", "") or "0"),
             )
             auto_topup_configure(organization=organization, terms=terms)
-        except InvalidOperation:
+        except MoneyError:
             messages.error(request, "Enter amounts in dollars, e.g. 10 or 12.50.")
         except PaymentError as error:
             messages.error(request, str(error))

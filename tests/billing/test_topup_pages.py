@@ -8,7 +8,7 @@ import pytest
 from django.test import Client
 from django.urls import reverse
 
-from billing.models import CardPayment
+from billing.models import BillingProfile, CardPayment
 from billing.selectors import wallet_balance_usd
 from portal.models import Membership, Organization, User
 from tests.billing.stripe_helpers import GOOD_CARD, collect_card, wait_for
@@ -67,6 +67,20 @@ def test_it_refuses_amounts_outside_the_bounds_before_calling_stripe() -> None:
         assert response.status_code == 400, amount
         assert "error" in response.json()
     assert not CardPayment.objects.exists()
+
+
+def test_it_refuses_auto_top_up_amounts_that_are_not_exact_dollars() -> None:
+    organization = make_org()
+    make_org()  # another organisation, whose settings stay untouched
+    client = logged_in(owner_of(organization))
+    for threshold in ("ten", "NaN", "Infinity", "5.12345678901234", "1e30"):
+        response = client.post(
+            reverse("auto_topup"),
+            {"org": organization.slug, "threshold_usd": threshold, "amount_usd": "20"},
+            follow=True,
+        )
+        assert b"Enter amounts in dollars" in response.content, threshold
+    assert not BillingProfile.objects.exclude(auto_topup_amount_usd=0).exists()
 
 
 def test_the_status_endpoint_shows_only_this_organisations_payments() -> None:
