@@ -40,6 +40,11 @@ MODEL = "fake-small"
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 64}
 STREAM_BODY = {**BODY, "stream": True}
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# A server on loopback, one worker; the port and the application follow.
+UVICORN = [
+    *(sys.executable, "-m", "uvicorn", "--no-access-log", "--lifespan", "off"),
+    *("--log-level", "warning", "--host", "127.0.0.1"),
+]
 ERRORS: dict[str, int] = {}  # failed requests per target, printed under the table
 
 
@@ -201,12 +206,10 @@ def running_targets(args: argparse.Namespace) -> Iterator[list[Target]]:
         _wait_ready(upstream_url, upstream, timeout=20, headers={})
         targets = [Target("direct", upstream_url, pids=[upstream.pid])]
 
-        uvicorn = [sys.executable, "-m", "uvicorn", "--no-access-log", "--lifespan", "off"]
-        uvicorn += ["--log-level", "warning", "--host", "127.0.0.1"]
         if not args.switchboard_only:
             bare_port = free_port()
             bare = processes.start(
-                [*uvicorn, "--port", str(bare_port), "bench.bareproxy:app"],
+                [*UVICORN, "--port", str(bare_port), "bench.bareproxy:app"],
                 env={**base_env, "BENCH_UPSTREAM_URL": f"http://127.0.0.1:{upstream_port}"},
                 log=VAR / "bareproxy.log",
             )
@@ -237,7 +240,7 @@ def running_targets(args: argparse.Namespace) -> Iterator[list[Target]]:
             text=True,
         ).stdout.strip()
         sb_port = free_port()
-        sb_command = [*uvicorn, "--port", str(sb_port), "portal.asgi:application"]
+        sb_command = [*UVICORN, "--port", str(sb_port), "portal.asgi:application"]
         if args.profile:
             sb_command = [
                 sys.executable,
