@@ -30,7 +30,7 @@ import collections
 import contextlib
 import hashlib
 import weakref
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
@@ -314,24 +314,24 @@ class PipelinedRedis:
         if isinstance(error, RedisConnectionLost):
             _in_background(self._run_once(script, keys, args))  # the one retry
         elif isinstance(error, RedisReplyError) and error.noscript:
-            _in_background(self._send(lambda _: _eval(script, keys, args)))
+            _in_background(self._send(_eval(script, keys, args)))
 
     async def _run_once(self, script: LuaScript, keys: Sequence[str], args: Sequence[Arg]) -> Reply:
-        try:
-            return await self._send(
-                lambda connection: _script_command(connection, script, keys, args)
-            )
-        except RedisReplyError as error:
-            if not error.noscript:
-                raise
-        return await self._send(lambda _: _eval(script, keys, args))
-
-    async def _send(self, command: Callable[[_Connection], bytes]) -> Reply:
-        """`command` written for the connection it goes out on, and its reply."""
         connection = self._connection
         if connection is None or connection.closed:
             connection = await self._connected()
-        return await connection.send(command(connection))
+        try:
+            return await connection.send(_script_command(connection, script, keys, args))
+        except RedisReplyError as error:
+            if not error.noscript:
+                raise
+        return await self._send(_eval(script, keys, args))
+
+    async def _send(self, command: bytes) -> Reply:
+        connection = self._connection
+        if connection is None or connection.closed:
+            connection = await self._connected()
+        return await connection.send(command)
 
     async def _connected(self) -> _Connection:
         # Callers arriving while a connection is being made wait for that one; the shield
