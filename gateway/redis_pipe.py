@@ -412,9 +412,11 @@ def _in_background(work: Coroutine[Any, Any, Any]) -> None:
 
 
 async def background_settled() -> None:
-    """Wait until every run_script_soon of this process that needed a task of its own is
-    done (tests, and an orderly shutdown)."""
-    while pending := [task for task in _background if not task.done()]:
+    """Wait until every run_script_soon of this event loop that needed a task of its own is
+    done (for tests)."""
+    loop = asyncio.get_running_loop()
+    # list(): another thread's loop may add to the set meanwhile (the copy is atomic).
+    while pending := [t for t in list(_background) if t.get_loop() is loop and not t.done()]:
         await asyncio.wait(pending)
 
 
