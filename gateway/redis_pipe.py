@@ -11,9 +11,10 @@ fifth of the gateway's CPU under load; here a call is a few bytes appended to on
   timer per connection watches the oldest unanswered command; when it is late, or the
   connection breaks, the connection is dropped and every caller waiting on it fails at once
   (none hangs, none gets another's reply). The next call connects again;
-- a call that finds its connection broken is tried once more on a new one (the connection a
-  Redis restart closed is replaced on the spot), as portal/redis_clients.py does for redis-py.
-  A late reply is not retried: the server is frozen or overloaded, and the script may have run;
+- a call whose connection broke or whose reply was late is tried once more on a new
+  connection (the connection a Redis restart closed is replaced on the spot), as
+  portal/redis_clients.py has redis-py do (a loaded host or a profiler's pauses can make a
+  reply late once);
 - a script's first run on a connection sends its text (EVAL, which also caches it in the
   server), the following ones its SHA-1 (EVALSHA); after NOSCRIPT (SCRIPT FLUSH) it is sent by
   EVAL again. So even a script's first run is one round trip, and ordered with the rest.
@@ -136,6 +137,16 @@ def parse_reply(buffer: bytes | bytearray, start: int) -> tuple[Reply, int]:
     raise ValueError(f"not a RESP2 reply: {bytes(buffer[start : start + 20])!r}")
 
 
+class _Write:
+    """One write of commands: how many of its replies are still to come, and by when."""
+
+    __slots__ = ("due", "unanswered")
+
+    def __init__(self, unanswered: int, due: float) -> None:
+        self.unanswered = unanswered
+        self.due = due  # loop time
+
+
 class _Connection(asyncio.Protocol):
     """One TCP connection to Redis: commands out in order, replies matched to them in order."""
 
@@ -144,11 +155,14 @@ class _Connection(asyncio.Protocol):
         self._read_timeout_seconds = read_timeout_seconds
         self._transport: asyncio.Transport | None = None
         self._received = bytearray()
-        # One entry per command written and not answered yet: the future that gets its reply
-        # and the loop time by which the reply is due.
-        self._waiting: collections.deque[tuple[asyncio.Future[Reply], float]] = collections.deque()
+        # The futures of the commands queued or written and not answered yet, in order.
+        self._waiting: collections.deque[asyncio.Future[Reply]] = collections.deque()
         self._unsent: list[bytes] = []
         self._flush_scheduled = False
+        # The writes not answered in full, in order: their replies are due within the read
+        # timeout of the write (as redis-py's socket timeout counts from its read, after its
+        # write), not of the call, which a busy loop may write only later.
+        self._writes: collections.deque[_Write] = collections.deque()
         self._deadline_timer: asyncio.TimerHandle | None = None
         self.closed = False
         # SHA-1s of the scripts sent by EVAL on this connection: the server caches them.
@@ -160,11 +174,7 @@ class _Connection(asyncio.Protocol):
         if self.closed:
             raise RedisConnectionLost("the connection to Redis is closed")
         reply: asyncio.Future[Reply] = self._loop.create_future()
-        self._waiting.append((reply, self._loop.time() + self._read_timeout_seconds))
-        if self._deadline_timer is None:
-            self._deadline_timer = self._loop.call_later(
-                self._read_timeout_seconds, self._check_deadline
-            )
+        self._waiting.append(reply)
         self._unsent.append(command)
         if now:
             self._flush()
@@ -175,20 +185,25 @@ class _Connection(asyncio.Protocol):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if self._unsent and not self.closed and self._transport is not None:
-            self._transport.write(b"".join(self._unsent))
+        if not self._unsent or self.closed or self._transport is None:
+            return
+        self._transport.write(b"".join(self._unsent))
+        due = self._loop.time() + self._read_timeout_seconds
+        self._writes.append(_Write(len(self._unsent), due))
         self._unsent.clear()
+        if self._deadline_timer is None:
+            self._deadline_timer = self._loop.call_at(due, self._check_deadline)
 
     def _check_deadline(self) -> None:
-        # Replies come in order, so only the oldest unanswered command can be late first.
+        # Replies come in order, so only the oldest unanswered write can be late first.
         self._deadline_timer = None
-        if not self._waiting or self.closed:
+        if not self._writes or self.closed:
             return
-        due = self._waiting[0][1]
-        if self._loop.time() >= due:
-            self.fail(RedisTimedOut(f"Redis did not answer within {self._read_timeout_seconds} s"))
-        else:
+        due = self._writes[0].due
+        if self._loop.time() < due:
             self._deadline_timer = self._loop.call_at(due, self._check_deadline)
+        else:
+            self.fail(RedisTimedOut(f"Redis did not answer within {self._read_timeout_seconds} s"))
 
     def fail(self, error: RedisPipeError) -> None:
         """Drop the connection: every command waiting on it fails with `error`."""
@@ -201,7 +216,9 @@ class _Connection(asyncio.Protocol):
             self._deadline_timer.cancel()
             self._deadline_timer = None
         waiting, self._waiting = self._waiting, collections.deque()
-        for reply, _ in waiting:
+        self._writes.clear()
+        self._unsent.clear()
+        for reply in waiting:
             if not reply.done():
                 reply.set_exception(error)
 
@@ -217,9 +234,13 @@ class _Connection(asyncio.Protocol):
         try:
             while start < len(received):
                 reply, start = parse_reply(received, start)
-                if not self._waiting:
+                if not self._writes:
                     raise ValueError("a reply to no command")
-                waiter, _ = self._waiting.popleft()
+                write = self._writes[0]
+                write.unanswered -= 1
+                if not write.unanswered:
+                    self._writes.popleft()
+                waiter = self._waiting.popleft()
                 if waiter.done():  # its caller was cancelled: the reply is nobody's
                     continue
                 if isinstance(reply, RedisReplyError):
@@ -289,13 +310,13 @@ class PipelinedRedis:
     ) -> Reply:
         try:
             return await self._run_once(script, keys, args)
-        except RedisConnectionLost:
+        except (RedisConnectionLost, RedisTimedOut):
             return await self._run_once(script, keys, args)
 
     def run_script_soon(self, script: LuaScript, keys: Sequence[str], args: Sequence[Arg]) -> None:
         """Written to the connection before this returns (when it is up), so a command the
-        caller sends after it, on any connection, reaches Redis after it. A broken connection
-        or NOSCRIPT is handled as run_script does, in a task of its own."""
+        caller sends after it, on any connection, reaches Redis after it. A broken connection,
+        a late reply or NOSCRIPT is handled as run_script does, in a task of its own."""
         connection = self._connection
         if connection is None or connection.closed:
             _in_background(self.run_script(script, keys, args))
@@ -311,7 +332,7 @@ class PipelinedRedis:
         args: Sequence[Arg],
     ) -> None:
         error = None if reply.cancelled() else reply.exception()
-        if isinstance(error, RedisConnectionLost):
+        if isinstance(error, RedisConnectionLost | RedisTimedOut):
             _in_background(self._run_once(script, keys, args))  # the one retry
         elif isinstance(error, RedisReplyError) and error.noscript:
             _in_background(self._send(_eval(script, keys, args)))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 from collections.abc import Iterator
 
 import pytest
@@ -204,10 +205,15 @@ def test_a_url_this_client_does_not_speak_runs_through_redis_py(server):
 
 def test_a_reply_split_across_reads_is_read_whole():
     async def scenario() -> object:
-        connection = _Connection(read_timeout_seconds=5)
-        reply = connection.send(encode_command("EVALSHA", "…"))
-        for byte in b"*3\r\n:12\r\n$5\r\nhello\r\n*2\r\n+OK\r\n$-1\r\n":
-            connection.data_received(bytes([byte]))
-        return await reply
+        ours, theirs = socket.socketpair()
+        with theirs:
+            _, connection = await asyncio.get_running_loop().create_connection(
+                lambda: _Connection(read_timeout_seconds=5), sock=ours
+            )
+            reply = connection.send(encode_command("EVALSHA", "…"), now=True)
+            # As the loop would hand them over if they came one byte a segment.
+            for byte in b"*3\r\n:12\r\n$5\r\nhello\r\n*2\r\n+OK\r\n$-1\r\n":
+                connection.data_received(bytes([byte]))
+            return await reply
 
     assert asyncio.run(scenario()) == [12, b"hello", ["OK", None]]
