@@ -7,10 +7,10 @@ fifth of the gateway's CPU under load; here a call is a few bytes appended to on
 - one connection per event loop and Redis URL, shared by every caller: commands written in one
   loop iteration go out in one write (auto-pipelining) and replies come back in the order the
   commands were written, so each caller takes the next reply (FIFO);
-- REDIS_CONNECT_TIMEOUT_SECONDS bounds the connect, REDIS_READ_TIMEOUT_SECONDS every reply: one
-  timer per connection watches the oldest unanswered command; when it is late, or the
-  connection breaks, the connection is dropped and every caller waiting on it fails at once
-  (none hangs, none gets another's reply). The next call connects again;
+- REDIS_CONNECT_TIMEOUT_SECONDS bounds the connect, REDIS_READ_TIMEOUT_SECONDS the replies
+  to each write: one timer per connection watches the oldest unanswered write; when it is
+  late, or the connection breaks, the connection is dropped and every caller waiting on it
+  fails at once (none hangs, none gets another's reply). The next call connects again;
 - a call whose connection broke or whose reply was late is tried once more on a new
   connection (the connection a Redis restart closed is replaced on the spot), as
   portal/redis_clients.py has redis-py do (a loaded host or a profiler's pauses can make a
