@@ -241,10 +241,10 @@ async def limits_release(
     returns (so a request that the caller's answer prompts reaches Redis after it, whichever
     process serves it), and nothing the caller does next can cancel it. A failure is not
     fatal: the slot expires with the sweep bound and TPM under-counts one request."""
-    if not limits.any:
-        return
-    prefix = _prefix(api_key_id)
     counted = tokens if limits.tokens_per_minute is not None and tokens > 0 else 0
+    if limits.max_concurrent_requests is None and not counted:
+        return  # no slot was taken (limits_admit takes one only under a concurrency limit)
+    prefix = _prefix(api_key_id)
     client = _redis()
     if client is None:
         _local.in_flight.get(f"{prefix}:inflight", {}).pop(request_id, None)
