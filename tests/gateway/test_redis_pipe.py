@@ -217,3 +217,18 @@ def test_a_reply_split_across_reads_is_read_whole():
             return await reply
 
     assert asyncio.run(scenario()) == [12, b"hello", ["OK", None]]
+
+
+@pytest.mark.parametrize(
+    ("url", "address"),
+    [
+        ("redis://10.0.0.5", RedisAddress("10.0.0.5", 6379, 0, None, None)),
+        ("redis://:p%40ss@cache:6380/2", RedisAddress("cache", 6380, 2, None, "p@ss")),
+        ("redis://limits:secret@cache/1", RedisAddress("cache", 6379, 1, "limits", "secret")),
+        ("rediss://cache:6380/0", None),  # TLS: redis-py's
+        ("unix:///run/redis.sock", None),
+        ("redis://cache:6379/0?socket_keepalive=true", None),
+    ],
+)
+def test_the_urls_this_client_speaks(url, address):
+    assert RedisAddress.from_url(url) == address
