@@ -8,8 +8,10 @@
   sweep bound are dropped, so a crashed process cannot leak capacity for ever.
 
 With REDIS_URL set, the state lives in Redis: an admission (every check) and a release are one
-atomic Lua script each, one round trip (run by its SHA-1, EVALSHA); without
-it, in this process's memory (correct only for the single-process embedded mode). Keys with no
+atomic Lua script each, one round trip (run by its SHA-1, EVALSHA, on the pipelined connection
+of gateway/redis_pipe.py). The answer does not wait for the release: it is written to Redis
+before the answer goes out, and its reply is not awaited. Without REDIS_URL, the state is in
+this process's memory (correct only for the single-process embedded mode). Keys with no
 rate limits never touch Redis. If Redis is unreachable, limited keys are refused with 503
 (failing closed): limits are not money, but an operator who set them wants them held. Money
 is never at stake here: credit and spend caps are enforced in the database.
@@ -17,19 +19,13 @@ is never at stake here: credit and spend caps are enforced in the database.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
-import weakref
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
 from django.conf import settings
-from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
 
 from gateway.errors import RateLimited, ServiceUnavailable
-from portal.redis_clients import async_redis_client
+from gateway.redis_pipe import LuaScript, RedisPipeError, ScriptRunner, script_runner
 
 WINDOW_SECONDS = 60
 
@@ -65,7 +61,7 @@ end
 # KEYS: tpm hash, rpm hash, in-flight set; ARGV: now (whole seconds), now (float seconds),
 # TPM limit, RPM limit, concurrency limit (each -1: not limited), request id, entry lifetime.
 # Returns {0, 0} when admitted, else {1 (TPM) | 2 (RPM) | 3 (concurrency), retry after}.
-_ADMIT_SCRIPT = (
+_ADMIT_SCRIPT = LuaScript(
     _WINDOW_FUNCTION
     + """
 local now = tonumber(ARGV[1])
@@ -91,7 +87,7 @@ return {0, 0}
 
 # The end of a request in one round trip. KEYS: in-flight set, tpm hash; ARGV: request id,
 # now (whole seconds), tokens to count (0: none).
-_RELEASE_SCRIPT = (
+_RELEASE_SCRIPT = LuaScript(
     _WINDOW_FUNCTION
     + """
 redis.call('ZREM', KEYS[1], ARGV[1])
@@ -150,28 +146,13 @@ class _LocalState:
 
 NO_LIMITS = RateLimits()
 _local = _LocalState()
-# One client (and its connection pool) per event loop and Redis URL.
-_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, aioredis.Redis]] = (
-    weakref.WeakKeyDictionary()
-)
 
 
-_registered: weakref.WeakKeyDictionary[aioredis.Redis, tuple[AsyncScript, AsyncScript]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _redis() -> aioredis.Redis | None:
+def _redis() -> ScriptRunner | None:
+    # Short timeouts and one retry on a broken connection (gateway/redis_pipe.py): while Redis
+    # is down a limited key is answered 503 at once, and served again as soon as Redis is back.
     url = settings.REDIS_URL
-    if not url:
-        return None
-    per_url = _clients.setdefault(asyncio.get_running_loop(), {})
-    client = per_url.get(url)
-    if client is None:
-        # Short timeouts and one retry (portal/redis_clients.py): while Redis is down a limited
-        # key is answered 503 at once, and served again as soon as Redis is back.
-        client = per_url[url] = async_redis_client(url)
-    return client
+    return script_runner(url) if url else None
 
 
 def _prefix(api_key_id: int) -> str:
@@ -217,9 +198,10 @@ async def limits_admit(*, api_key_id: int, request_id: str, limits: RateLimits) 
         refused, retry_after = _admit_locally(prefix, limits, request_id)
     else:
         try:
-            refused, retry_after = await _scripts(client)[0](
-                keys=[f"{prefix}:tpm", f"{prefix}:rpm", f"{prefix}:inflight"],
-                args=[
+            refused, retry_after = await client.run_script(
+                _ADMIT_SCRIPT,
+                [f"{prefix}:tpm", f"{prefix}:rpm", f"{prefix}:inflight"],
+                [
                     int(time.time()),
                     time.time(),
                     _or_unlimited(limits.tokens_per_minute),
@@ -229,7 +211,7 @@ async def limits_admit(*, api_key_id: int, request_id: str, limits: RateLimits) 
                     settings.BILLING_RESERVATION_SWEEP_AFTER_SECONDS,
                 ],
             )
-        except RedisError:
+        except RedisPipeError:
             raise ServiceUnavailable(
                 "The rate limiter is unavailable; this key's limits cannot be checked."
             ) from None
@@ -253,38 +235,28 @@ async def limits_admit(*, api_key_id: int, request_id: str, limits: RateLimits) 
 async def limits_release(
     *, api_key_id: int, request_id: str, limits: RateLimits, tokens: int
 ) -> None:
-    """End an admitted request: free its concurrency slot and count its tokens for TPM."""
-    if not limits.any:
-        return
-    prefix = _prefix(api_key_id)
+    """End an admitted request: free its concurrency slot and count its tokens for TPM.
+
+    Returns without waiting for Redis: the release is written to the connection before this
+    returns (so a request that the caller's answer prompts reaches Redis after it, whichever
+    process serves it), and nothing the caller does next can cancel it. A failure is not
+    fatal: the slot expires with the sweep bound and TPM under-counts one request."""
     counted = tokens if limits.tokens_per_minute is not None and tokens > 0 else 0
+    if limits.max_concurrent_requests is None and not counted:
+        return  # no slot was taken (limits_admit takes one only under a concurrency limit)
+    prefix = _prefix(api_key_id)
     client = _redis()
     if client is None:
         _local.in_flight.get(f"{prefix}:inflight", {}).pop(request_id, None)
         if counted:
             _local.window(f"{prefix}:tpm", int(time.time()), None, counted)
         return
-    # A failure is not fatal: the slot expires with the sweep bound and TPM under-counts one
-    # request.
-    with contextlib.suppress(RedisError):
-        await _scripts(client)[1](
-            keys=[f"{prefix}:inflight", f"{prefix}:tpm"],
-            args=[request_id, int(time.time()), counted],
-        )
+    client.run_script_soon(
+        _RELEASE_SCRIPT,
+        [f"{prefix}:inflight", f"{prefix}:tpm"],
+        [request_id, int(time.time()), counted],
+    )
 
 
 def _or_unlimited(limit: int | None) -> int:
     return -1 if limit is None else limit
-
-
-def _scripts(client: aioredis.Redis) -> tuple[AsyncScript, AsyncScript]:
-    """The admission and release scripts on `client`. They run by their SHA-1 (EVALSHA: the
-    text is sent once per server, not with every request; redis-py sends it again if the
-    server lost it)."""
-    scripts = _registered.get(client)
-    if scripts is None:
-        scripts = _registered[client] = (
-            client.register_script(_ADMIT_SCRIPT),
-            client.register_script(_RELEASE_SCRIPT),
-        )
-    return scripts

@@ -15,6 +15,7 @@ from django.utils import timezone
 
 from billing.models import Reservation, SpendCap
 from portal.models import ApiKey
+from portal.redis_clients import redis_client
 from tests.factories import make_key, make_org
 
 BODY = json.dumps(
@@ -105,6 +106,24 @@ def test_tokens_per_minute_refuse_once_the_window_is_used(gateway_url, catalog, 
     assert first.status_code == 200
     assert second.status_code == 429
     assert "tokens per minute" in second.json()["error"]["message"]
+
+
+def _scripts_run(redis_url: str) -> int:
+    stats = redis_client(redis_url).info("commandstats")
+    return sum(stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in ("eval", "evalsha"))
+
+
+def test_a_key_limited_by_requests_per_minute_alone_makes_one_redis_call_a_request(
+    gateway_url, catalog, fake_provider, settings
+):
+    key = limited_key(requests_per_minute=100)
+    before = _scripts_run(settings.REDIS_URL)
+
+    statuses = [asyncio.run(_burst([gateway_url], key, 1))[0].status_code for _ in range(3)]
+
+    assert statuses == [200, 200, 200]
+    # Admitted and counted; its release would have nothing to undo, so none is sent.
+    assert _scripts_run(settings.REDIS_URL) - before == 3
 
 
 def test_the_embedded_mode_limits_in_process(gateway_url, catalog, fake_provider, settings):
