@@ -9,6 +9,10 @@ The stream ends in one of four ways, and each is settled exactly once (`finish`)
 - the process died: nothing runs here, and the sweeper charges the last checkpoint.
 Usage is what the provider reported in its usage chunk when that arrived, otherwise an
 estimate from the request and the text relayed so far.
+
+The relay yields structured events (`StreamEvent`: chunk objects, the charge, the end), and
+each API's encoder writes them once: `openai_events` here, the Messages API's translation in
+gateway/messages.py, which would otherwise decode every chunk this module had just encoded.
 """
 
 from __future__ import annotations
@@ -35,11 +39,59 @@ _DONE = b"data: [DONE]\n\n"
 COST_COMMENT_PREFIX = ": cost_usd="
 
 
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """The request's settled charge, in USD (a decimal string), sent just before the last
+    event."""
+
+    cost_usd: str
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnd:
+    """A stream's last event: it completed (`error` None), or broke off with `error`."""
+
+    error: GatewayError | None = None
+
+
+# What the relay yields: OpenAI chunk objects (the usage chunk among them), then perhaps the
+# charge, then the end.
+StreamEvent = dict[str, Any] | Charge | StreamEnd
+
+
 def cost_comment(cost_usd: str) -> bytes:
     """The request's settled charge as a server-sent event comment, which every SSE client
     (the openai and anthropic SDKs included) skips: a stream's headers leave before its cost
     is known, and a client that did not ask for the usage chunk has nowhere else to read it."""
     return f"{COST_COMMENT_PREFIX}{cost_usd}\n\n".encode()
+
+
+async def openai_events(events: AsyncIterator[StreamEvent]) -> AsyncIterator[bytes]:
+    """The relay's events as OpenAI's server-sent events: `data: {chunk}`, the charge as a
+    comment, `data: [DONE]` or the error in OpenAI's shape.
+
+    Closing this iterator (the client went away) closes the relay's, whose settlement then
+    runs as for any stream.
+    """
+    dumps = json.dumps
+    try:
+        async for event in events:
+            if type(event) is dict:
+                yield b"data: " + dumps(event).encode() + b"\n\n"
+            elif isinstance(event, Charge):
+                yield cost_comment(event.cost_usd)
+            elif isinstance(event, StreamEnd):
+                yield _DONE if event.error is None else stream_error_event(event.error)
+    finally:
+        await close_events(events)
+
+
+async def close_events(events: AsyncIterator[Any]) -> None:
+    """Close the relay's iterator from an encoder's `finally`: an encoder closed at a `yield`
+    (the client went away) does not close what it was reading by itself."""
+    close = getattr(events, "aclose", None)
+    if close is not None:
+        await close()
 
 
 def client_wants_usage(body: dict[str, Any]) -> bool:
@@ -102,11 +154,17 @@ async def paced(
     iterator = aiter(chunks)
     first = True
     while True:
+        # asyncio.timeout, not wait_for: wait_for ran each read in a task of its own, a task
+        # per stream frame (issue 7).
+        silence = asyncio.timeout(idle_timeout_seconds)
         try:
-            chunk = await asyncio.wait_for(anext(iterator), idle_timeout_seconds)
+            async with silence:
+                chunk = await anext(iterator)
         except StopAsyncIteration:
             return
         except TimeoutError:
+            if not silence.expired():
+                raise
             logger.warning("an upstream stream was silent for %ss", idle_timeout_seconds)
             raise UpstreamStreamBroken("The provider's stream stalled.") from None
         if first:
@@ -124,8 +182,9 @@ async def relay_chat_stream(
     checkpoint: Callable[[TokenUsage], Awaitable[object]],
     finish: Callable[[TokenUsage, bool], Awaitable[object]],
     settled_cost: Callable[[], str | None] | None = None,
-) -> AsyncIterator[bytes]:
-    """The client's server-sent events, one per upstream chunk, as each arrives.
+) -> AsyncIterator[StreamEvent]:
+    """The client's events, one chunk per upstream chunk, as each arrives, then the charge and
+    the end (`StreamEvent`; `openai_events` writes them as OpenAI's server-sent events).
 
     Each chunk's `model` becomes the catalog name the client asked for. The usage chunk is
     passed on only when `pass_usage` (the client asked for it); it is always read. While the
@@ -136,10 +195,11 @@ async def relay_chat_stream(
     A usage chunk passed on is held until the request is settled, and then carries the
     request's charge as `usage.cost_usd` (a decimal string, from `settled_cost`): a stream
     cannot send it as a header. Whether or not the usage chunk was asked for, the charge also
-    goes out as an SSE comment (`cost_comment`) right before the last event.
+    goes out (`Charge`, a comment in SSE) right before the last event.
     """
     tally = _Tally(prompt_tokens=prompt_tokens)
-    next_checkpoint = time.monotonic() + CHECKPOINT_INTERVAL_SECONDS
+    clock = time.monotonic
+    next_checkpoint = clock() + CHECKPOINT_INTERVAL_SECONDS
     ending: asyncio.Future[None] | None = None
     held_usage: dict[str, Any] | None = None
     try:
@@ -147,7 +207,7 @@ async def relay_chat_stream(
             async for chunk in upstream.chunks:
                 if held_usage is not None:
                     # Something after the usage chunk: it was not the last after all.
-                    yield f"data: {json.dumps(held_usage)}\n\n".encode()
+                    yield held_usage
                     held_usage = None
                 if _is_usage_chunk(chunk):
                     tally.reported = reported_usage(chunk["usage"])
@@ -155,23 +215,22 @@ async def relay_chat_stream(
                         chunk["model"] = model_name
                         held_usage = chunk
                     continue
-                else:
-                    tally.count(chunk)
-                    if not pass_usage and chunk.get("usage", 0) is None:
-                        del chunk["usage"]  # the null `usage` that include_usage adds
+                tally.count(chunk)
+                if not pass_usage and chunk.get("usage", 0) is None:
+                    del chunk["usage"]  # the null `usage` that include_usage adds
                 chunk["model"] = model_name
-                yield f"data: {json.dumps(chunk)}\n\n".encode()
-                if time.monotonic() >= next_checkpoint:
+                yield chunk
+                if clock() >= next_checkpoint:
                     await _checkpoint_quietly(checkpoint, tally.usage())
-                    next_checkpoint = time.monotonic() + CHECKPOINT_INTERVAL_SECONDS
+                    next_checkpoint = clock() + CHECKPOINT_INTERVAL_SECONDS
         except UpstreamStreamBroken as error:
-            completed, last_event = False, stream_error_event(error)
+            completed, last_event = False, StreamEnd(error)
         except Exception:
             logger.exception("relaying a stream failed")
             failure = GatewayError("The gateway failed to relay this stream.")
-            completed, last_event = False, stream_error_event(failure)
+            completed, last_event = False, StreamEnd(failure)
         else:
-            completed, last_event = True, _DONE
+            completed, last_event = True, StreamEnd()
         # Settled before the last event goes out, so that a client that has read the whole
         # stream finds its usage recorded and its wallet charged.
         ending = asyncio.ensure_future(_end(upstream, finish, tally.usage(), completed))
@@ -180,9 +239,9 @@ async def relay_chat_stream(
         if held_usage is not None:
             if cost is not None:
                 held_usage["usage"]["cost_usd"] = cost
-            yield f"data: {json.dumps(held_usage)}\n\n".encode()
+            yield held_usage
         if cost is not None:
-            yield cost_comment(cost)
+            yield Charge(cost)
         yield last_event
     finally:
         if ending is None:
