@@ -468,7 +468,11 @@ async def message_events(
     translation = MessageEvents(prompt_tokens=prompt_tokens)
     try:
         async for event in events:
-            for translated in translation.translate(event):
-                yield translated
+            translated = translation.translate(event)
+            if translated:
+                # One write for all the events one chunk became (message_start, ping and the
+                # first block's start and delta come together): each write to the client is
+                # a system call, as costly as the rest of a frame's work (issue 7).
+                yield b"".join(translated)
     finally:
         await close_events(events)
