@@ -27,6 +27,7 @@ from typing import Any
 
 from gateway.errors import GatewayError, UpstreamStreamBroken, stream_error_event
 from gateway.providers.base import TokenUsage, UpstreamStream, estimate_tokens, reported_usage
+from gateway.providers.sse import EventObject
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +80,9 @@ async def openai_events(events: AsyncIterator[StreamEvent]) -> AsyncIterator[byt
     held = b""  # what goes out with the next event
     try:
         async for event in events:
-            if type(event) is dict:
-                encoded = b"data: " + dumps(event).encode() + b"\n\n"
+            if isinstance(event, dict):
+                raw = event.raw if type(event) is EventObject else None
+                encoded = b"data: " + (raw or dumps(event).encode()) + b"\n\n"
                 if _is_usage_chunk(event):
                     held += encoded
                     continue
@@ -145,6 +147,17 @@ class _Tally:
             output_tokens=max(estimate_tokens("".join(self.pieces)), len(self.pieces)),
             reported=False,
         )
+
+
+def _rewrite(chunk: dict[str, Any], key: str, value: Any) -> None:
+    """Set `chunk[key]` to `value` (delete it when None); the provider's bytes of the chunk
+    no longer say the same, and will not be sent."""
+    if value is None:
+        del chunk[key]
+    else:
+        chunk[key] = value
+    if type(chunk) is EventObject:
+        chunk.raw = None
 
 
 def _is_usage_chunk(chunk: dict[str, Any]) -> bool:
@@ -243,7 +256,9 @@ async def relay_chat_stream(
     """The client's events, one chunk per upstream chunk, as each arrives, then the charge and
     the end (`StreamEvent`; `openai_events` writes them as OpenAI's server-sent events).
 
-    Each chunk's `model` becomes the catalog name the client asked for. The usage chunk is
+    Each chunk's `model` becomes the catalog name the client asked for; a chunk that needed no
+    change keeps the provider's bytes (`EventObject`), which `openai_events` sends as they
+    came, saving an encoding per frame (issue 7). The usage chunk is
     passed on only when `pass_usage` (the client asked for it); it is always read. While the
     stream runs, `checkpoint(usage so far)` runs at most once per CHECKPOINT_INTERVAL_SECONDS.
     However the stream ends, the upstream is closed and then `finish(usage, completed)` runs
@@ -269,13 +284,14 @@ async def relay_chat_stream(
                 if _is_usage_chunk(chunk):
                     tally.reported = reported_usage(chunk["usage"])
                     if pass_usage:
-                        chunk["model"] = model_name
+                        _rewrite(chunk, "model", model_name)
                         held_usage = chunk
                     continue
                 tally.count(chunk)
                 if not pass_usage and chunk.get("usage", 0) is None:
-                    del chunk["usage"]  # the null `usage` that include_usage adds
-                chunk["model"] = model_name
+                    _rewrite(chunk, "usage", None)  # the null `usage` that include_usage adds
+                if chunk.get("model") != model_name:
+                    _rewrite(chunk, "model", model_name)
                 yield chunk
                 if clock() >= next_checkpoint:
                     await _checkpoint_quietly(checkpoint, tally.usage())
@@ -295,7 +311,7 @@ async def relay_chat_stream(
         cost = settled_cost() if settled_cost is not None else None
         if held_usage is not None:
             if cost is not None:
-                held_usage["usage"]["cost_usd"] = cost
+                _rewrite(held_usage, "usage", {**held_usage["usage"], "cost_usd": cost})
             yield held_usage
         if cost is not None:
             yield Charge(cost)

@@ -77,8 +77,10 @@ def _headers(secret: str) -> dict[str, str]:
 async def _chunks(
     route: RouteEntry, response: aiohttp.ClientResponse
 ) -> AsyncIterator[dict[str, Any]]:
-    """The JSON objects of a chat completion's server-sent events, up to `[DONE]`."""
-    async for chunk in event_data(route, response):
+    """The JSON objects of a chat completion's server-sent events, up to `[DONE]`, with their
+    bytes (gateway/providers/sse.py EventObject): a chunk the relay leaves as it is goes to
+    the client as the provider wrote it."""
+    async for chunk in event_data(route, response, keep_bytes=True):
         if not isinstance(chunk, dict) or "error" in chunk:
             # An error reported inside the stream: its text is the provider's, not ours to
             # pass on (it may name internals), so the client gets our own message.

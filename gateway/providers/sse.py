@@ -101,9 +101,23 @@ def closer(response: aiohttp.ClientResponse) -> Callable[[], Awaitable[None]]:
     return close
 
 
-async def event_data(route: RouteEntry, response: aiohttp.ClientResponse) -> AsyncIterator[Any]:
+class EventObject(dict[str, Any]):
+    """A JSON object an upstream sent as one event's data, and those bytes, on one line: a
+    relay that changes nothing in it may send the bytes on as they came instead of encoding
+    the object again (gateway/streaming.py). Whoever changes the object sets `raw` to None."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, parsed: dict[str, Any], raw: bytes | None) -> None:
+        super().__init__(parsed)
+        self.raw = raw
+
+
+async def event_data(
+    route: RouteEntry, response: aiohttp.ClientResponse, *, keep_bytes: bool = False
+) -> AsyncIterator[Any]:
     """The JSON `data` of each server-sent event, in order, until the connection ends or an
-    OpenAI-style `data: [DONE]`.
+    OpenAI-style `data: [DONE]`; with `keep_bytes`, each object as an EventObject.
 
     Event names are not needed: Anthropic and Gemini repeat the kind inside the data, OpenAI
     sends none. Raises UpstreamStreamBroken when the connection breaks or an event is not JSON.
@@ -124,13 +138,13 @@ async def event_data(route: RouteEntry, response: aiohttp.ClientResponse) -> Asy
                     continue  # `event:`, `id:` or comments (": keep-alive") only
                 if data == _END_OF_STREAM:
                     return
-                yield _parsed(data)
+                yield _parsed(data, keep_bytes)
     except (aiohttp.ClientError, TimeoutError) as exc:
         logger.warning("provider %s stream broke: %s", route.provider, type(exc).__name__)
         raise UpstreamStreamBroken("The provider's stream broke off.") from None
     data = _data_of(pending.strip(b"\r\n"))  # a last event without its blank line
     if data is not None and data != _END_OF_STREAM:
-        yield _parsed(data)
+        yield _parsed(data, keep_bytes)
 
 
 def _data_of(event: bytes) -> bytes | None:
@@ -141,8 +155,12 @@ def _data_of(event: bytes) -> bytes | None:
     return b"\n".join(lines) if lines else None
 
 
-def _parsed(data: bytes) -> Any:
+def _parsed(data: bytes, keep_bytes: bool) -> Any:
     try:
-        return json.loads(data)
+        parsed = json.loads(data)
     except ValueError:
         raise UpstreamStreamBroken("The provider's stream was not readable.") from None
+    if keep_bytes and type(parsed) is dict:
+        # Data joined from several `data:` lines holds a newline: not sendable as one line.
+        return EventObject(parsed, None if b"\n" in data else data)
+    return parsed
