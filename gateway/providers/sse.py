@@ -161,6 +161,8 @@ def _parsed(data: bytes, keep_bytes: bool) -> Any:
     except ValueError:
         raise UpstreamStreamBroken("The provider's stream was not readable.") from None
     if keep_bytes and type(parsed) is dict:
-        # Data joined from several `data:` lines holds a newline: not sendable as one line.
-        return EventObject(parsed, None if b"\n" in data else data)
+        # Data joined from several `data:` lines holds a newline, and a lone CR ends an SSE
+        # line too: such bytes are not sendable as one `data:` line.
+        one_line = b"\n" not in data and b"\r" not in data
+        return EventObject(parsed, data if one_line else None)
     return parsed
