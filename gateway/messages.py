@@ -4,7 +4,8 @@ The endpoint runs the chat completions pipeline (gateway/views.py `serve_chat`);
 only translates at its two edges, as three pure parts that can be read and tested apart:
 - `request_to_openai`: a Messages request → the internal OpenAI-shaped chat request;
 - `message_from_openai`: the pipeline's chat.completion (and the usage billed) → a `message`;
-- `MessageEvents`: the pipeline's OpenAI server-sent events → the Messages streaming events
+- `MessageEvents`: the pipeline's stream events (gateway/streaming.py `StreamEvent`: OpenAI
+  chunk objects, the charge, the end) → the Messages streaming events
   (message_start, ping, content_block_start/delta/stop, message_delta, message_stop, or an
   `error` event when the upstream broke off after the first byte).
 Field names follow the API as the official `anthropic` SDK types it (`MessageCreateParams`,
@@ -25,6 +26,7 @@ from typing import Any, Final
 
 from gateway.errors import GatewayError, InvalidRequest, anthropic_stream_error_event
 from gateway.providers.base import TokenUsage, estimate_tokens, reported_usage
+from gateway.streaming import Charge, StreamEnd, StreamEvent, close_events, cost_comment
 
 # OpenAI finish_reason → Anthropic stop_reason.
 _STOP_REASONS: Final = {
@@ -319,7 +321,7 @@ def _event(kind: str, data: dict[str, Any]) -> bytes:
 
 @dataclass(slots=True)
 class MessageEvents:
-    """Turns the pipeline's OpenAI server-sent events, one at a time, into Messages events.
+    """Turns the pipeline's stream events, one at a time, into Messages events.
 
     Content blocks open as the OpenAI deltas need them (text, then one `tool_use` block per
     tool call) and each closes when the next opens or the message ends. The `message_delta`
@@ -338,20 +340,18 @@ class MessageEvents:
     relayed: list[str] = field(default_factory=list)
     comments: list[bytes] = field(default_factory=list)  # SSE comments held for the end
 
-    def translate(self, sse: bytes) -> list[bytes]:
-        """The Messages events for one OpenAI server-sent event (`data: …\\n\\n`), or for a
-        comment (`: …\\n\\n`, the charge), held and passed on just before the end."""
-        text = sse.decode().strip()
-        if text.startswith(":"):
-            self.comments.append(sse)
+    def translate(self, event: StreamEvent) -> list[bytes]:
+        """The Messages events for one of the pipeline's events; the charge is held and passed
+        on (as an SSE comment) just before the end."""
+        if isinstance(event, Charge):
+            self.comments.append(cost_comment(event.cost_usd))
             return []
-        data = text.removeprefix("data:").strip()
-        if data == "[DONE]":
-            return [*self._start({}), *self._end()]
-        chunk = json.loads(data)
-        if "error" in chunk:
-            message = str((chunk.get("error") or {}).get("message") or "The stream failed.")
+        if isinstance(event, StreamEnd):
+            if event.error is None:
+                return [*self._start({}), *self._end()]
+            message = event.error.message or "The stream failed."
             return [*self._held_comments(), anthropic_stream_error_event(GatewayError(message))]
+        chunk = event
         events = self._start(chunk)
         if chunk.get("choices") == [] and isinstance(chunk.get("usage"), dict):
             self.usage = reported_usage(chunk["usage"])
@@ -457,9 +457,9 @@ class MessageEvents:
 
 
 async def message_events(
-    events: AsyncIterator[bytes], *, prompt_tokens: int
+    events: AsyncIterator[StreamEvent], *, prompt_tokens: int
 ) -> AsyncIterator[bytes]:
-    """The Messages streaming events for the pipeline's OpenAI events, as they arrive;
+    """The Messages streaming events for the pipeline's events, as they arrive;
     `prompt_tokens` is the prompt's estimate, announced until the provider's figures come.
 
     Closing this iterator (the client went away) closes the pipeline's, whose settlement then
@@ -467,10 +467,12 @@ async def message_events(
     """
     translation = MessageEvents(prompt_tokens=prompt_tokens)
     try:
-        async for sse in events:
-            for event in translation.translate(sse):
-                yield event
+        async for event in events:
+            translated = translation.translate(event)
+            if translated:
+                # One write for all the events one chunk became (message_start, ping and the
+                # first block's start and delta come together): each write to the client is
+                # a system call, as costly as the rest of a frame's work (issue 7).
+                yield b"".join(translated)
     finally:
-        close = getattr(events, "aclose", None)
-        if close is not None:
-            await close()
+        await close_events(events)

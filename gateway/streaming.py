@@ -9,6 +9,10 @@ The stream ends in one of four ways, and each is settled exactly once (`finish`)
 - the process died: nothing runs here, and the sweeper charges the last checkpoint.
 Usage is what the provider reported in its usage chunk when that arrived, otherwise an
 estimate from the request and the text relayed so far.
+
+The relay yields structured events (`StreamEvent`: chunk objects, the charge, the end), and
+each API's encoder writes them once: `openai_events` here, the Messages API's translation in
+gateway/messages.py, which would otherwise decode every chunk this module had just encoded.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 
 from gateway.errors import GatewayError, UpstreamStreamBroken, stream_error_event
 from gateway.providers.base import TokenUsage, UpstreamStream, estimate_tokens, reported_usage
+from gateway.providers.sse import EventObject
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +40,70 @@ _DONE = b"data: [DONE]\n\n"
 COST_COMMENT_PREFIX = ": cost_usd="
 
 
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """The request's settled charge, in USD (a decimal string), sent just before the last
+    event."""
+
+    cost_usd: str
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnd:
+    """A stream's last event: it completed (`error` None), or broke off with `error`."""
+
+    error: GatewayError | None = None
+
+
+# What the relay yields: OpenAI chunk objects (the usage chunk among them), then perhaps the
+# charge, then the end.
+StreamEvent = dict[str, Any] | Charge | StreamEnd
+
+
 def cost_comment(cost_usd: str) -> bytes:
     """The request's settled charge as a server-sent event comment, which every SSE client
     (the openai and anthropic SDKs included) skips: a stream's headers leave before its cost
     is known, and a client that did not ask for the usage chunk has nowhere else to read it."""
     return f"{COST_COMMENT_PREFIX}{cost_usd}\n\n".encode()
+
+
+async def openai_events(events: AsyncIterator[StreamEvent]) -> AsyncIterator[bytes]:
+    """The relay's events as OpenAI's server-sent events: `data: {chunk}`, the charge as a
+    comment, `data: [DONE]` or the error in OpenAI's shape.
+
+    The usage chunk and the charge, which the relay sends at the end right before the last
+    event, go out with it as one write: each write to the client is a system call, as costly
+    as the rest of a frame's work (issue 7). Closing this iterator (the client went away)
+    closes the relay's, whose settlement then runs as for any stream.
+    """
+    dumps = json.dumps
+    held = b""  # what goes out with the next event
+    try:
+        async for event in events:
+            if isinstance(event, dict):
+                raw = event.raw if type(event) is EventObject else None
+                encoded = b"data: " + (raw or dumps(event).encode()) + b"\n\n"
+                if _is_usage_chunk(event):
+                    held += encoded
+                    continue
+            elif isinstance(event, Charge):
+                held += cost_comment(event.cost_usd)
+                continue
+            elif isinstance(event, StreamEnd):
+                encoded = _DONE if event.error is None else stream_error_event(event.error)
+            if held:
+                encoded, held = held + encoded, b""
+            yield encoded
+    finally:
+        await close_events(events)
+
+
+async def close_events(events: AsyncIterator[Any]) -> None:
+    """Close the relay's iterator from an encoder's `finally`: an encoder closed at a `yield`
+    (the client went away) does not close what it was reading by itself."""
+    close = getattr(events, "aclose", None)
+    if close is not None:
+        await close()
 
 
 def client_wants_usage(body: dict[str, Any]) -> bool:
@@ -85,6 +149,17 @@ class _Tally:
         )
 
 
+def _rewrite(chunk: dict[str, Any], key: str, value: Any) -> None:
+    """Set `chunk[key]` to `value` (delete it when None); the provider's bytes of the chunk
+    no longer say the same, and will not be sent."""
+    if value is None:
+        del chunk[key]
+    else:
+        chunk[key] = value
+    if type(chunk) is EventObject:
+        chunk.raw = None
+
+
 def _is_usage_chunk(chunk: dict[str, Any]) -> bool:
     return chunk.get("choices") == [] and isinstance(chunk.get("usage"), dict)
 
@@ -98,21 +173,74 @@ async def paced(
     """`chunks` as they come, ended by UpstreamStreamBroken when the provider stays silent
     longer than `idle_timeout_seconds` between two of them (the wait for the first one is the
     route's first-byte timeout, spent before the stream was returned). `on_first_chunk` runs
-    when the first chunk arrives (the time to first token)."""
+    when the first chunk arrives (the time to first token).
+
+    One timer per stream (`_Silence`), not one per chunk: `asyncio.timeout` around each read
+    (or `wait_for`, a task per read) scheduled and cancelled a timer for every frame, a few
+    per cent of a streaming gateway's CPU (issue 7)."""
     iterator = aiter(chunks)
+    silence = _Silence(idle_timeout_seconds)
     first = True
-    while True:
-        try:
-            chunk = await asyncio.wait_for(anext(iterator), idle_timeout_seconds)
-        except StopAsyncIteration:
+    try:
+        while True:
+            silence.waiting_since = silence.loop.time()
+            try:
+                chunk = await anext(iterator)
+            except StopAsyncIteration:
+                return
+            except asyncio.CancelledError:
+                if silence.expired_here():
+                    logger.warning("an upstream stream was silent for %ss", idle_timeout_seconds)
+                    raise UpstreamStreamBroken("The provider's stream stalled.") from None
+                raise
+            finally:
+                silence.waiting_since = None
+            if first:
+                first = False
+                on_first_chunk()
+            yield chunk
+    finally:
+        silence.stop()
+
+
+class _Silence:
+    """Cancels the reading task when a wait for the upstream's next chunk has lasted
+    `seconds`, as `asyncio.timeout` would, with one timer that re-arms itself when it fires
+    rather than one scheduled per chunk. The time the client takes between two chunks is not
+    the upstream's silence, and does not count."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("a stream is read in a task")
+        self.task = task
+        self.cancelling = task.cancelling()  # cancellations already asked for, not ours
+        self.waiting_since: float | None = None  # loop time the current wait started
+        self.expired = False
+        self.timer: asyncio.TimerHandle | None = self.loop.call_later(seconds, self._check)
+
+    def _check(self) -> None:
+        now = self.loop.time()
+        since = self.waiting_since
+        # The loop may run a timer up to its clock's resolution early: a millisecond's grace.
+        if since is not None and now - since >= self.seconds - 0.001:
+            self.expired, self.timer = True, None
+            self.task.cancel()
             return
-        except TimeoutError:
-            logger.warning("an upstream stream was silent for %ss", idle_timeout_seconds)
-            raise UpstreamStreamBroken("The provider's stream stalled.") from None
-        if first:
-            first = False
-            on_first_chunk()
-        yield chunk
+        # Between two waits (the client's time, not the upstream's): a full period from now.
+        start = now if since is None else since
+        self.timer = self.loop.call_at(start + self.seconds, self._check)
+
+    def expired_here(self) -> bool:
+        """Whether the cancellation being handled is this timer's (and no one else's)."""
+        return self.expired and self.task.uncancel() <= self.cancelling
+
+    def stop(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
 
 async def relay_chat_stream(
@@ -124,10 +252,13 @@ async def relay_chat_stream(
     checkpoint: Callable[[TokenUsage], Awaitable[object]],
     finish: Callable[[TokenUsage, bool], Awaitable[object]],
     settled_cost: Callable[[], str | None] | None = None,
-) -> AsyncIterator[bytes]:
-    """The client's server-sent events, one per upstream chunk, as each arrives.
+) -> AsyncIterator[StreamEvent]:
+    """The client's events, one chunk per upstream chunk, as each arrives, then the charge and
+    the end (`StreamEvent`; `openai_events` writes them as OpenAI's server-sent events).
 
-    Each chunk's `model` becomes the catalog name the client asked for. The usage chunk is
+    Each chunk's `model` becomes the catalog name the client asked for; a chunk that needed no
+    change keeps the provider's bytes (`EventObject`), which `openai_events` sends as they
+    came, saving an encoding per frame (issue 7). The usage chunk is
     passed on only when `pass_usage` (the client asked for it); it is always read. While the
     stream runs, `checkpoint(usage so far)` runs at most once per CHECKPOINT_INTERVAL_SECONDS.
     However the stream ends, the upstream is closed and then `finish(usage, completed)` runs
@@ -136,10 +267,11 @@ async def relay_chat_stream(
     A usage chunk passed on is held until the request is settled, and then carries the
     request's charge as `usage.cost_usd` (a decimal string, from `settled_cost`): a stream
     cannot send it as a header. Whether or not the usage chunk was asked for, the charge also
-    goes out as an SSE comment (`cost_comment`) right before the last event.
+    goes out (`Charge`, a comment in SSE) right before the last event.
     """
     tally = _Tally(prompt_tokens=prompt_tokens)
-    next_checkpoint = time.monotonic() + CHECKPOINT_INTERVAL_SECONDS
+    clock = time.monotonic
+    next_checkpoint = clock() + CHECKPOINT_INTERVAL_SECONDS
     ending: asyncio.Future[None] | None = None
     held_usage: dict[str, Any] | None = None
     try:
@@ -147,31 +279,31 @@ async def relay_chat_stream(
             async for chunk in upstream.chunks:
                 if held_usage is not None:
                     # Something after the usage chunk: it was not the last after all.
-                    yield f"data: {json.dumps(held_usage)}\n\n".encode()
+                    yield held_usage
                     held_usage = None
                 if _is_usage_chunk(chunk):
                     tally.reported = reported_usage(chunk["usage"])
                     if pass_usage:
-                        chunk["model"] = model_name
+                        _rewrite(chunk, "model", model_name)
                         held_usage = chunk
                     continue
-                else:
-                    tally.count(chunk)
-                    if not pass_usage and chunk.get("usage", 0) is None:
-                        del chunk["usage"]  # the null `usage` that include_usage adds
-                chunk["model"] = model_name
-                yield f"data: {json.dumps(chunk)}\n\n".encode()
-                if time.monotonic() >= next_checkpoint:
+                tally.count(chunk)
+                if not pass_usage and chunk.get("usage", 0) is None:
+                    _rewrite(chunk, "usage", None)  # the null `usage` that include_usage adds
+                if chunk.get("model") != model_name:
+                    _rewrite(chunk, "model", model_name)
+                yield chunk
+                if clock() >= next_checkpoint:
                     await _checkpoint_quietly(checkpoint, tally.usage())
-                    next_checkpoint = time.monotonic() + CHECKPOINT_INTERVAL_SECONDS
+                    next_checkpoint = clock() + CHECKPOINT_INTERVAL_SECONDS
         except UpstreamStreamBroken as error:
-            completed, last_event = False, stream_error_event(error)
+            completed, last_event = False, StreamEnd(error)
         except Exception:
             logger.exception("relaying a stream failed")
             failure = GatewayError("The gateway failed to relay this stream.")
-            completed, last_event = False, stream_error_event(failure)
+            completed, last_event = False, StreamEnd(failure)
         else:
-            completed, last_event = True, _DONE
+            completed, last_event = True, StreamEnd()
         # Settled before the last event goes out, so that a client that has read the whole
         # stream finds its usage recorded and its wallet charged.
         ending = asyncio.ensure_future(_end(upstream, finish, tally.usage(), completed))
@@ -179,10 +311,10 @@ async def relay_chat_stream(
         cost = settled_cost() if settled_cost is not None else None
         if held_usage is not None:
             if cost is not None:
-                held_usage["usage"]["cost_usd"] = cost
-            yield f"data: {json.dumps(held_usage)}\n\n".encode()
+                _rewrite(held_usage, "usage", {**held_usage["usage"], "cost_usd": cost})
+            yield held_usage
         if cost is not None:
-            yield cost_comment(cost)
+            yield Charge(cost)
         yield last_event
     finally:
         if ending is None:

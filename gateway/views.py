@@ -60,7 +60,13 @@ from gateway.route_health import route_failed, route_succeeded
 from gateway.routing import Capability, ChosenRoute, serveable_routes
 from gateway.selectors import ModelEntry, catalog_model, catalog_models
 from gateway.settlement import usage_settle_durably
-from gateway.streaming import client_wants_usage, paced, relay_chat_stream
+from gateway.streaming import (
+    StreamEvent,
+    client_wants_usage,
+    openai_events,
+    paced,
+    relay_chat_stream,
+)
 from portal.logs import bind_request_id
 
 logger = logging.getLogger(__name__)
@@ -180,18 +186,19 @@ async def chat_completions(request: HttpRequest, request_id: str) -> HttpRespons
 
 
 class StreamFormat(Protocol):
-    """Turns the pipeline's OpenAI events into another API's; `prompt_tokens` is the prompt's
-    estimate, the figure the request is charged when the provider reports none."""
+    """Writes the pipeline's stream events (gateway/streaming.py) in another API's format;
+    `prompt_tokens` is the prompt's estimate, the figure the request is charged when the
+    provider reports none."""
 
     def __call__(
-        self, events: AsyncIterator[bytes], *, prompt_tokens: int
+        self, events: AsyncIterator[StreamEvent], *, prompt_tokens: int
     ) -> AsyncIterator[bytes]: ...
 
 
 @dataclass(frozen=True, slots=True)
 class ReplyFormat:
     """How an endpoint that runs the chat pipeline answers, when its API is not OpenAI's:
-    `whole(chat.completion, usage)` is the reply body; `stream(OpenAI events, prompt_tokens=
+    `whole(chat.completion, usage)` is the reply body; `stream(stream events, prompt_tokens=
     the prompt's estimate)` the client's events (the usage chunk is always among them)."""
 
     whole: Callable[[dict[str, Any], TokenUsage], dict[str, Any]]
@@ -526,7 +533,11 @@ def _streamed(
         settled_cost=lambda: settled_cost_usd[0] if settled_cost_usd else None,
     )
     return StreamingHttpResponse(
-        reply_format.stream(events, prompt_tokens=prompt_tokens) if reply_format else events,
+        (
+            reply_format.stream(events, prompt_tokens=prompt_tokens)
+            if reply_format
+            else openai_events(events)
+        ),
         content_type="text/event-stream",
         headers={"x-request-id": metering.request_id, "cache-control": "no-cache"},
     )

@@ -39,7 +39,7 @@ from gateway.providers.openai_request import (
     text_of,
     unsupported_part,
 )
-from gateway.providers.sse import event_data, open_event_stream
+from gateway.providers.sse import closer, event_data, open_event_stream
 from gateway.selectors import RouteEntry
 
 logger = logging.getLogger(__name__)
@@ -352,7 +352,7 @@ class AnthropicAdapter:
             headers=_headers(secret),
         )
         chunks = stream_to_openai(event_data(route, response), created=int(time.time()))
-        return UpstreamStream(chunks=chunks, close=response.aclose)
+        return UpstreamStream(chunks=chunks, close=closer(response))
 
 
 def _headers(secret: str) -> dict[str, str]:

@@ -50,7 +50,7 @@ from gateway.providers.openai_request import (
     text_of,
     unsupported_part,
 )
-from gateway.providers.sse import event_data, open_event_stream
+from gateway.providers.sse import closer, event_data, open_event_stream
 from gateway.selectors import RouteEntry
 
 logger = logging.getLogger(__name__)
@@ -429,7 +429,7 @@ class GeminiAdapter:
             credential_rejected=_credential_rejected,
         )
         chunks = stream_to_openai(event_data(route, response), created=int(time.time()))
-        return UpstreamStream(chunks=chunks, close=response.aclose)
+        return UpstreamStream(chunks=chunks, close=closer(response))
 
 
 def _headers(secret: str) -> dict[str, str]:

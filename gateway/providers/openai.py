@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
-import httpx
+import aiohttp
 
 from gateway.errors import UpstreamFailed, UpstreamStreamBroken
 from gateway.providers.base import (
@@ -18,7 +18,7 @@ from gateway.providers.base import (
     reported_usage,
 )
 from gateway.providers.http import post_json
-from gateway.providers.sse import event_data, open_event_stream
+from gateway.providers.sse import closer, event_data, open_event_stream
 from gateway.selectors import RouteEntry
 
 logger = logging.getLogger(__name__)
@@ -74,9 +74,13 @@ def _headers(secret: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {secret}"} if secret else {}
 
 
-async def _chunks(route: RouteEntry, response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
-    """The JSON objects of a chat completion's server-sent events, up to `[DONE]`."""
-    async for chunk in event_data(route, response):
+async def _chunks(
+    route: RouteEntry, response: aiohttp.ClientResponse
+) -> AsyncIterator[dict[str, Any]]:
+    """The JSON objects of a chat completion's server-sent events, up to `[DONE]`, with their
+    bytes (gateway/providers/sse.py EventObject): a chunk the relay leaves as it is goes to
+    the client as the provider wrote it."""
+    async for chunk in event_data(route, response, keep_bytes=True):
         if not isinstance(chunk, dict) or "error" in chunk:
             # An error reported inside the stream: its text is the provider's, not ours to
             # pass on (it may name internals), so the client gets our own message.
@@ -171,4 +175,4 @@ async def _open_stream(
     response = await open_event_stream(
         route=route, url=f"{route.base_url}{path}", payload=request, headers=_headers(secret)
     )
-    return UpstreamStream(chunks=_chunks(route, response), close=response.aclose)
+    return UpstreamStream(chunks=_chunks(route, response), close=closer(response))

@@ -173,7 +173,7 @@ class _StreamCut(Exception):
 
 async def cut_connection() -> NoReturn:
     """Drop the connection mid-response, right after the last event sent: the gateway must
-    still relay every event received before the drop (gateway/outbound.py `_DrainingStream`),
+    still relay every event received before the drop (gateway/outbound.py `body_chunks`),
     however late it reads them."""
     raise _StreamCut
 

@@ -1,24 +1,19 @@
 """A gateway that reads an upstream's body late: after the upstream has sent it and dropped
-the connection, and the gateway's transport has noticed (a loaded machine, made certain)."""
+the connection, and the gateway's aiohttp session has noticed (a loaded machine, made certain)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
-import httpx
+import aiohttp
 
 
-async def until_the_transport_saw_the_break(response: httpx.Response) -> None:
-    """Return once aiohttp, under the gateway's httpx client, has recorded that `response`'s
-    connection broke, so that everything the upstream sent is waiting in its buffer.
-
-    Reaches through httpx's and httpx-aiohttp's stream wrappers (private attributes): a test
-    must know the break is there before the gateway reads, or it would prove nothing.
-    """
-    stream: Any = response.stream
-    content = stream._stream._aiohttp_response.content
+async def until_the_transport_saw_the_break(response: aiohttp.ClientResponse) -> None:
+    """Return once aiohttp has recorded that `response`'s connection broke, so that everything
+    the upstream sent is waiting in its buffer: a test must know the break is there before the
+    gateway reads, or it would prove nothing."""
+    content = response.content
     deadline = time.monotonic() + 10
     while content.exception() is None:
         assert time.monotonic() < deadline, "the upstream connection never broke"

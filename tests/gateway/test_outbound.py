@@ -1,11 +1,11 @@
-"""The shared outbound client: it carries nothing from one upstream reply into the next call,
+"""The shared outbound session: it carries nothing from one upstream reply into the next call,
 and hands over every byte an upstream sent before its connection broke."""
 
 from __future__ import annotations
 
 import asyncio
 
-import httpx
+import aiohttp
 from aiohttp import web
 
 from gateway import outbound
@@ -21,7 +21,7 @@ def test_it_sends_no_cookie_an_upstream_set_on_an_earlier_reply() -> None:
     async def echo_cookie(request: web.Request) -> web.Response:
         return web.Response(text=request.headers.get("Cookie", ""))
 
-    async def scenario() -> tuple[str, str, str]:
+    async def scenario() -> tuple[str, str]:
         app = web.Application()
         app.router.add_get("/set", set_cookie)
         app.router.add_get("/echo", echo_cookie)
@@ -31,22 +31,17 @@ def test_it_sends_no_cookie_an_upstream_set_on_an_earlier_reply() -> None:
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         try:
-            http = outbound.client()
-            first = await http.get(f"http://127.0.0.1:{port}/set")
-            second = await http.get(f"http://127.0.0.1:{port}/echo")
-            # whole answers go through the same pool's aiohttp session directly
-            async with outbound.session().get(f"http://127.0.0.1:{port}/echo") as third:
-                direct = await third.text()
-            await http.aclose()
-            return first.headers.get("set-cookie", ""), second.text, direct
+            async with outbound.session().get(f"http://127.0.0.1:{port}/set") as first:
+                set_header = first.headers.get("set-cookie", "")
+            async with outbound.session().get(f"http://127.0.0.1:{port}/echo") as second:
+                return set_header, await second.text()
         finally:
             await runner.cleanup()
 
-    set_header, cookie_sent, cookie_sent_directly = asyncio.run(scenario())
+    set_header, cookie_sent = asyncio.run(scenario())
 
     assert "upstream_session=first-customer" in set_header  # the upstream did set one
     assert cookie_sent == ""
-    assert cookie_sent_directly == ""
 
 
 EVENTS = [f'data: {{"n": {n}}}' for n in range(5)]
@@ -72,46 +67,43 @@ def test_it_hands_over_what_arrived_before_a_broken_connection_then_the_error() 
     async def scenario() -> tuple[list[str], type[BaseException] | None]:
         server = await asyncio.start_server(_send_events_then_drop, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        lines: list[str] = []
+        received = b""
         error: type[BaseException] | None = None
         try:
-            http = outbound.client()
-            request = http.build_request("GET", f"http://127.0.0.1:{port}/events")
-            response = await http.send(request, stream=True)
+            response = await outbound.session().get(f"http://127.0.0.1:{port}/events")
             try:
                 await until_the_transport_saw_the_break(response)  # the reader comes late
-                async for line in response.aiter_lines():
-                    lines.append(line)
-            except httpx.HTTPError as exc:
+                async for chunk in outbound.body_chunks(response):
+                    received += chunk
+            except aiohttp.ClientError as exc:
                 error = type(exc)
             finally:
-                await response.aclose()
-                await http.aclose()
+                response.release()
         finally:
             server.close()
             await server.wait_closed()
-        return [line for line in lines if line], error
+        return [line for line in received.decode().split("\n") if line], error
 
     lines, error = asyncio.run(scenario())
 
     assert lines == EVENTS
-    assert error is not None and issubclass(error, httpx.ReadError)
+    assert error is not None and issubclass(error, aiohttp.ClientPayloadError)
 
 
-def test_a_loops_client_is_closed_when_the_loop_ends() -> None:
-    async def use_the_client() -> httpx.AsyncClient:
-        return outbound.client()
+def test_a_loops_session_is_closed_when_the_loop_ends() -> None:
+    async def use_the_session() -> aiohttp.ClientSession:
+        return outbound.session()
 
-    http = asyncio.run(use_the_client())
+    http = asyncio.run(use_the_session())
 
-    assert http.is_closed
+    assert http.closed
 
 
-def test_a_finished_loop_is_not_kept_by_the_client_registry() -> None:
-    async def use_the_client() -> asyncio.AbstractEventLoop:
-        outbound.client()
+def test_a_finished_loop_is_not_kept_by_the_session_registry() -> None:
+    async def use_the_session() -> asyncio.AbstractEventLoop:
+        outbound.session()
         return asyncio.get_running_loop()
 
-    loop = asyncio.run(use_the_client())
+    loop = asyncio.run(use_the_session())
 
-    assert loop not in outbound._clients
+    assert loop not in outbound._sessions

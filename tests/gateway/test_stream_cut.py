@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
 from typing import Any
 
-import httpx
+import aiohttp
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
@@ -30,16 +30,18 @@ MESSAGES: list[ChatCompletionMessageParam] = [
 REPLY = reply_for(MESSAGES, None)
 SENT_BEFORE_THE_CUT = 5
 
-EventReader = Callable[[RouteEntry, httpx.Response], AsyncIterator[Any]]
+EventReader = Callable[..., AsyncIterator[Any]]
 
 
 def reading_late(read: EventReader) -> EventReader:
     """`read`, starting only once the upstream's whole stream, cut included, is in the
     gateway's transport: the gateway gets to the body after the upstream has gone."""
 
-    async def late(route: RouteEntry, response: httpx.Response) -> AsyncIterator[Any]:
+    async def late(
+        route: RouteEntry, response: aiohttp.ClientResponse, **options: Any
+    ) -> AsyncIterator[Any]:
         await until_the_transport_saw_the_break(response)
-        async for data in read(route, response):
+        async for data in read(route, response, **options):
             yield data
 
     return late

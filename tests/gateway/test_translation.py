@@ -15,6 +15,7 @@ from gateway import messages
 from gateway.errors import InvalidRequest, UpstreamFailed, UpstreamStreamBroken
 from gateway.providers import anthropic, gemini
 from gateway.providers.base import TokenUsage
+from gateway.streaming import StreamEnd, StreamEvent
 
 CREATED = 1_700_000_000
 WEATHER_TOOL: dict[str, Any] = {
@@ -1191,25 +1192,21 @@ def test_messages_answer_from_a_chat_completion_splits_the_cached_prompt() -> No
     }
 
 
-def _sse(chunk: Any) -> bytes:
-    return f"data: {chunk if isinstance(chunk, str) else json.dumps(chunk)}\n\n".encode()
-
-
 def test_messages_events_from_openai_chunks() -> None:
     base = {"id": "chatcmpl-x", "model": "m", "object": "chat.completion.chunk"}
 
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
-        return _sse({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
 
     call = {"index": 0, "id": "call_1", "function": {"name": "f", "arguments": ""}}
-    stream = [
+    stream: list[StreamEvent] = [
         chunk({"role": "assistant", "content": ""}),
         chunk({"content": "Hi"}),
         chunk({"tool_calls": [call]}),
         chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"a":1}'}}]}),
         chunk({}, "tool_calls"),
-        _sse({**base, "choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 4}}),
-        _sse("[DONE]"),
+        {**base, "choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 4}},
+        StreamEnd(),
     ]
     translation = messages.MessageEvents()
 
@@ -1257,9 +1254,9 @@ def test_messages_events_from_openai_chunks() -> None:
 
 def test_messages_events_end_with_an_error_event_when_the_stream_broke() -> None:
     translation = messages.MessageEvents()
-    translation.translate(_sse({"id": "c", "choices": [{"index": 0, "delta": {"content": "a"}}]}))
+    translation.translate({"id": "c", "choices": [{"index": 0, "delta": {"content": "a"}}]})
 
-    [event] = translation.translate(_sse({"error": {"message": "It broke.", "type": "x"}}))
+    [event] = translation.translate(StreamEnd(UpstreamStreamBroken("It broke.")))
 
     assert event == (
         b'event: error\ndata: {"type": "error", "error": {"type": "api_error", '
