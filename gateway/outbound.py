@@ -17,21 +17,18 @@ upstream reply set would otherwise ride along on the next customer's call to tha
 A response body is read to its last received byte before a broken connection is reported
 (`body_chunks`): an upstream that sends its last events and drops the connection must not
 lose those events to a gateway that reads them a moment late.
-
-Each loop's session is closed when that loop is finalized (`_close_at_loop_end`), so no aiohttp
-session or connector is left for the garbage collector to report at process exit.
 """
 
 from __future__ import annotations
 
-import asyncio
-import weakref
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
 import httpx
 from django.conf import settings
+
+from portal.event_loops import loop_resource
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,9 +39,6 @@ class _PoolLimits:
 
 _LIMITS = _PoolLimits(
     max_connections=settings.GATEWAY_UPSTREAM_MAX_CONNECTIONS, keepalive_expiry=5.0
-)
-_sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopSession] = (
-    weakref.WeakKeyDictionary()
 )
 
 
@@ -62,53 +56,22 @@ def _new_session() -> aiohttp.ClientSession:
 
 @dataclass(slots=True)
 class _LoopSession:
-    """The session of one event loop, and what closes it when that loop ends."""
+    """The session of one event loop (replaced if something closed it)."""
 
     http: aiohttp.ClientSession
-    closer: AsyncGenerator[None, None] | None = None
 
 
-async def _close_when_the_loop_ends(
-    loop: asyncio.AbstractEventLoop, current: _LoopSession
-) -> AsyncGenerator[None, None]:
-    try:
-        yield
-    finally:
-        # The entry refers to its loop (aiohttp's session, this generator's finalizer), so the
-        # weak key alone would never let it go: a process that runs many loops (asgiref's
-        # async_to_sync, one a call) would keep every one of them.
-        _sessions.pop(loop, None)
-        current.closer = None
-        await current.http.close()
-
-
-def _close_at_loop_end(loop: asyncio.AbstractEventLoop, current: _LoopSession) -> None:
-    """Close `current.http` when its event loop is finalized.
-
-    asyncio has no loop-close hook, but `asyncio.run` (which uvicorn, asgiref's `async_to_sync`
-    and the tests use) runs `loop.shutdown_asyncgens()` before closing a loop, which closes
-    every async generator the loop saw start, in the loop, while it still runs. Started here
-    (its first step awaits nothing), this generator is one of those. Without it aiohttp's
-    session and connector were never closed, and were reported unclosed at process exit.
-    The generator is kept alive with the session: one collected unfinished would be closed
-    at once.
-    """
-    current.closer = _close_when_the_loop_ends(loop, current)
-    try:
-        current.closer.asend(None).send(None)
-    except StopIteration:
-        return  # it reached its `yield`: started and registered with the running loop
+async def _close(current: _LoopSession) -> None:
+    await current.http.close()
 
 
 def session() -> aiohttp.ClientSession:
     """This event loop's aiohttp session: one pool, no cookie jar. Whoever uses it passes
-    `allow_redirects=False` and the route's timeout."""
-    loop = asyncio.get_running_loop()
-    current = _sessions.get(loop)
-    if current is None:
-        current = _sessions[loop] = _LoopSession(http=_new_session())
-        _close_at_loop_end(loop, current)
-    elif current.http.closed:
+    `allow_redirects=False` and the route's timeout. Closed when the loop ends
+    (portal/event_loops.py), so no session or connector is left for the garbage collector to
+    report at process exit."""
+    current = loop_resource(_LoopSession, lambda: _LoopSession(http=_new_session()), _close)
+    if current.http.closed:
         current.http = _new_session()  # the loop's closer closes whichever session is current
     return current.http
 

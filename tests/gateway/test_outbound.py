@@ -9,6 +9,7 @@ import aiohttp
 from aiohttp import web
 
 from gateway import outbound
+from portal import event_loops
 from tests.gateway.late_reading import until_the_transport_saw_the_break
 
 
@@ -106,4 +107,4 @@ def test_a_finished_loop_is_not_kept_by_the_session_registry() -> None:
 
     loop = asyncio.run(use_the_session())
 
-    assert loop not in outbound._sessions
+    assert not event_loops._per_loop.get(loop)
