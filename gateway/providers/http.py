@@ -7,11 +7,12 @@ anything else (unreachable, 5xx, a rejected credential, an unreadable answer) is
 comes back as a 502 that names only the HTTP status. Neither the provider's URL nor its secret
 ever reaches a message or a log line: the log names the provider by its catalog name.
 
-A whole (non-streamed) answer is fetched with aiohttp itself, on the aiohttp session under the
-shared client (gateway/outbound.py: same pool, no cookie jar, no redirects): building httpx's
-request and response models around each call was about half of the upstream call's CPU in the
-gateway's profile (issue 7, bench/RESULTS.md). Failures still reach the helpers below as an
-httpx response, built only for them.
+A whole (non-streamed) answer is fetched with aiohttp, on the loop's one session
+(gateway/outbound.py: one pool, no cookie jar, no redirects), as streams are
+(gateway/providers/sse.py): building httpx's request and response models around each call was
+about half of the upstream call's CPU in the gateway's profile (issue 7, bench/RESULTS.md).
+Failures still reach the helpers below as an httpx response, built only for them, and
+`route_timeout` is written in httpx's terms (`_aiohttp_timeout` maps it).
 """
 
 from __future__ import annotations
@@ -138,7 +139,8 @@ async def post_json(
 
 
 def _aiohttp_timeout(route: RouteEntry) -> aiohttp.ClientTimeout:
-    """`route_timeout` in aiohttp's terms, mapped as httpx-aiohttp's transport maps it."""
+    """`route_timeout` in aiohttp's terms: connect and first byte per socket, the pool wait
+    as aiohttp's whole-connection timeout."""
     timeout = route_timeout(route)
     return aiohttp.ClientTimeout(
         sock_connect=timeout.connect, sock_read=timeout.read, connect=timeout.pool
