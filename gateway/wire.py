@@ -86,9 +86,10 @@ class GatewayRequest:
         return self._body
 
 
-# Decimals, datetimes and lazy strings as Django's JsonResponse writes them; called only for
-# what the json module cannot write itself.
-_django_default = DjangoJSONEncoder().default
+# json.dumps's defaults (the same bytes as Django's JsonResponse), with Decimals, datetimes and
+# lazy strings written as DjangoJSONEncoder writes them; one encoder for the process, not one
+# per answer.
+_ENCODER = json.JSONEncoder(default=DjangoJSONEncoder().default)
 
 
 class JsonAnswer:
@@ -103,8 +104,7 @@ class JsonAnswer:
     ) -> None:
         self.status_code = status
         self.headers: dict[str, str] = dict(headers) if headers else {}
-        # The same bytes as JsonResponse: json.dumps's defaults, ASCII only.
-        self.content = json.dumps(data, default=_django_default).encode()
+        self.content = _ENCODER.encode(data).encode()
 
     def __setitem__(self, name: str, value: str) -> None:
         self.headers[name] = value

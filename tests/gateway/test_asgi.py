@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from decimal import Decimal
 
 import httpx
 import pytest
+from django.http import JsonResponse
 
 from billing.models import Reservation, UsageRecord
 from billing.selectors import wallet_balance_usd
 from gateway import asgi_urls
-from gateway.wire import RequestHeaders
+from gateway.wire import JsonAnswer, RequestHeaders
 from tests.factories import make_key, make_org
 from tests.gateway.test_streaming import MESSAGES, wait_for
 
@@ -196,3 +198,9 @@ def test_request_headers_are_found_by_any_case_and_repeats_are_joined():
     assert headers.get("X-TAG") == "one,two"
     assert headers.get("x-api-key", "") == ""
     assert "AUTHORIZATION" in headers
+
+
+def test_a_json_answer_is_written_byte_for_byte_as_djangos_json_response():
+    data = {"price": Decimal("1.50"), "text": "café", "items": [1, 2.5, None, True]}
+
+    assert JsonAnswer(data).content == JsonResponse(data).content
