@@ -29,7 +29,6 @@ import uuid
 from collections.abc import AsyncGenerator
 from typing import Any, cast
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.http import StreamingHttpResponse
 from django.http.response import HttpResponseBase
@@ -57,10 +56,7 @@ class GatewayASGIHandler:
         request = GatewayRequest(scope, body if isinstance(body, bytes) else None)
         view, kwargs = view_for(request.path)
         try:
-            if asyncio.iscoroutinefunction(view):
-                answer = await view(request, **kwargs)
-            else:  # the metrics page reads the database synchronously
-                answer = await sync_to_async(view, thread_sensitive=True)(request, **kwargs)
+            answer = await view(request, **kwargs)
         except Exception as exc:
             # The /v1 views answer their own failures (gateway/views.py); this is the last
             # resort for a bug there or in a probe.

@@ -12,11 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from asgiref.sync import sync_to_async
+
 from gateway import messages_view, views
 from gateway.metrics import metrics_view
 from portal import health
 
-View = Callable[..., Any]
+View = Callable[..., Any]  # async: (request, **kwargs) -> an answer
 
 EXACT_PATHS: dict[str, View] = {
     "/v1/chat/completions": views.chat_completions,
@@ -26,7 +28,8 @@ EXACT_PATHS: dict[str, View] = {
     "/v1/models": views.models,
     "/healthz": health.healthz,
     "/readyz": health.readyz,
-    "/metrics": metrics_view,
+    # The metrics page reads the database synchronously: in a thread, as Django would run it.
+    "/metrics": sync_to_async(metrics_view, thread_sensitive=True),
 }
 MODEL_PREFIX = "/v1/models/"
 
