@@ -7,8 +7,11 @@ spools the body through a temporary file, builds META from every header, resolve
 the URLconf set in an asgiref Local, and runs two tasks per request (the view, and a watch for
 the client going away). `/v1/*` needs none of it: no sessions, CSRF, messages or static files;
 its database calls run in the gateway's own threads, which give their connection back after
-each call (gateway/database.py). Profiled (issue 7, bench/RESULTS.md), that machinery was most
-of the handler's CPU per request, twice over.
+each call (gateway/database.py). Measured (issue 7, bench/RESULTS.md): even without the
+middleware, the threads and the signals, Django's request, URL resolution and response were
+about 15% of the gateway's CPU samples at c=64, and its handler 300 µs of CPU for a probe's
+answer in-process (this one: 35 µs); every 4xx cost a thread hop more (Django logs it through
+`sync_to_async`).
 
 Here: the body is read from ASGI into bytes (up to GATEWAY_MAX_BODY_BYTES); the view gets a
 `GatewayRequest` (gateway/wire.py), found by path in gateway/asgi_urls.py; its answer goes

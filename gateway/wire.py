@@ -3,8 +3,8 @@ them: a request and a JSON answer of the gateway's own, lighter than Django's.
 
 Django's `ASGIRequest` copies every header into META and spools the body through a temporary
 file; its `JsonResponse` validates each header through a case-insensitive mapping and sends a
-request-finished signal when closed. Profiled (issue 7, bench/RESULTS.md), building and sending
-those two came to about 110 µs a request; these take a tenth of that. A view reads
+request-finished signal when closed. Measured (issue 7, bench/RESULTS.md): a chat completion's
+JsonResponse, built and its headers encoded, 84 µs; a JsonAnswer 11 µs. A view reads
 `request.method`, `.path`, `.headers` (case-insensitive, built on first use), `.body` and
 `.scope` (the client's address: gateway/auth.py's `client_host_of`).
 """
