@@ -1,99 +1,190 @@
-"""The gateway's own ASGI handler for `/v1/*`: Django's request, URL resolution and views,
-without the per-request machinery the request path does not need.
+"""The gateway's own ASGI handler for `/v1/*` (and the probes and metrics page): the request
+path without Django's per-request machinery.
 
-Django's handler (a) runs its middleware stack, which includes sync-only middleware
-(WhiteNoise): a single sync middleware makes Django run the whole request, async view
-included, through a thread; (b) gives every request a thread of its own for sync code
-(ThreadSensitiveContext), started and stopped per request; (c) sends the request-started and
--finished signals through that thread, whose receivers take and give back a database
-connection. `/v1/*` needs no middleware (no sessions, CSRF, messages or static files), and its
-database calls run in the gateway's own threads, which give their connection back after each
-call (gateway/database.py). Profiled (issue 7, bench/RESULTS.md), (a) to (c) were most of the
-handler's CPU per request.
+Django's handler runs its middleware stack (one sync middleware, WhiteNoise, runs the whole
+request through a thread), gives every request a thread of its own, sends the request signals,
+spools the body through a temporary file, builds META from every header, resolves the URL with
+the URLconf set in an asgiref Local, and runs two tasks per request (the view, and a watch for
+the client going away). `/v1/*` needs none of it: no sessions, CSRF, messages or static files;
+its database calls run in the gateway's own threads, which give their connection back after
+each call (gateway/database.py). Measured (issue 7, bench/RESULTS.md): even without the
+middleware, the threads and the signals, Django's request, URL resolution and response were
+about 15% of the gateway's CPU samples at c=64, and its handler 300 µs of CPU for a probe's
+answer in-process (this one: 35 µs); every 4xx cost a thread hop more (Django logs it through
+`sync_to_async`).
 
-URLs resolve against the gateway's own URLconf (gateway/asgi_urls.py), not the site's.
-
-What stays Django's: the request object, URL resolution, the view's exception handling (a
-500 in OpenAI's shape from the view's own wrapper, Django's otherwise), the response, and the
-watch for a client that disconnects (it cancels the view, so a stream's hold is settled or
-released, never left).
+Here: the body is read from ASGI into bytes (up to GATEWAY_MAX_BODY_BYTES); the view gets a
+`GatewayRequest` (gateway/wire.py), found by path in gateway/asgi_urls.py; its answer goes
+straight to ASGI, a whole answer with its Content-Length in one body frame. A request runs in
+the server's own task. Only a stream gets a second task, the watch for a client that hangs up:
+it cancels the stream, so the relay settles what was generated and closes the upstream (a
+whole answer runs to its end, so a request whose upstream call was made is charged for it).
+An exception that escapes a view is logged and answered with a 500 (503 when the database is
+down) in the API's error shape, never with a traceback or Django's HTML page.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+import logging
+import uuid
+from collections.abc import AsyncGenerator
+from typing import Any, cast
 
-from django.core.exceptions import RequestAborted
-from django.core.handlers.asgi import ASGIHandler
-from django.core.handlers.exception import convert_exception_to_response
-from django.http import HttpResponse
+from django.conf import settings
+from django.http import StreamingHttpResponse
+from django.http.response import HttpResponseBase
 
-_URLCONF = "gateway.asgi_urls"
+from gateway import capacity
+from gateway.asgi_urls import view_for
+from gateway.errors import error_body
+from gateway.wire import Answer, GatewayRequest, JsonAnswer
+
+logger = logging.getLogger(__name__)
+
+_ASGISend = Any
+_ASGIReceive = Any
 
 
-class GatewayASGIHandler(ASGIHandler):
-    def load_middleware(self, is_async: bool = False) -> None:
-        """Build the handler chain with no middleware at all."""
-        self._view_middleware: list[Any] = []
-        self._template_response_middleware: list[Any] = []
-        self._exception_middleware: list[Any] = []
-        get_response = self._get_response_async if is_async else self._get_response  # type: ignore[attr-defined]
-        self._middleware_chain = convert_exception_to_response(get_response)
+class GatewayASGIHandler:
+    """One instance per process (portal/asgi.py); an ASGI 3 application."""
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        # No ThreadSensitiveContext: nothing on this path runs sync code in the request's thread.
-        await self.handle(scope, receive, send)
-
-    async def handle(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        """Django's ASGIHandler.handle without the request signals (see the module's
-        docstring); the rest, the disconnect watch included, is Django's."""
+    async def __call__(self, scope: dict[str, Any], receive: _ASGIReceive, send: _ASGISend) -> None:
+        if scope["type"] != "http":
+            raise ValueError(f"The gateway serves HTTP only, not {scope['type']}.")
+        body = await _read_body(receive, limit=settings.GATEWAY_MAX_BODY_BYTES)
+        if body is _HUNG_UP:
+            return
+        request = GatewayRequest(scope, body if isinstance(body, bytes) else None)
+        view, kwargs = view_for(request.path)
         try:
-            body_file = await self.read_body(receive)
-        except RequestAborted:
-            return
-        request, error_response = self.create_request(scope, body_file)
-        if request is None or error_response is not None:
-            body_file.close()
-            assert error_response is not None  # noqa: S101 (Django returns one or the other)
-            await self.send_response(error_response, send)
-            error_response.close()
-            return
-        request.urlconf = _URLCONF  # type: ignore[attr-defined]  # (Django reads it per request)
+            answer = await view(request, **kwargs)
+        except Exception as exc:
+            # The /v1 views answer their own failures (gateway/views.py); this is the last
+            # resort for a bug there or in a probe.
+            logger.exception("%s %s failed", request.method, request.path)
+            answer = _failure_answer(exc, path=request.path)
+        if isinstance(answer, StreamingHttpResponse):
+            await _send_stream(answer, receive, send)
+        else:
+            await _send_whole(answer, send)
 
-        async def process_request() -> Any:
-            response = await self.run_get_response(request)
-            if isinstance(response, HttpResponse) and not response.has_header("Content-Length"):
-                # What CommonMiddleware does on Django's path: a whole answer goes out with its
-                # length, in one body frame, not chunked.
-                response.headers["Content-Length"] = str(len(response.content))
-            # The client may go away while the answer is being sent.
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.send_response(response, send)
-            return response
 
-        tasks = [
-            asyncio.create_task(self.listen_for_disconnect(receive)),
-            asyncio.create_task(process_request()),
+class _HungUp:
+    """The client went away before its body arrived."""
+
+
+_HUNG_UP = _HungUp()
+
+
+async def _read_body(receive: _ASGIReceive, *, limit: int) -> bytes | _HungUp | None:
+    """The request's body as bytes; None when it went past `limit` bytes (the rest is left
+    unread: the answer is a 413); _HUNG_UP when the client went away first."""
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        return _HUNG_UP
+    body: bytes = message.get("body", b"")
+    if not message.get("more_body", False):  # the usual case: the body in one message
+        return body if len(body) <= limit else None
+    parts = [body]
+    size = len(body)
+    while True:
+        if size > limit:
+            return None
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return _HUNG_UP
+        part = message.get("body", b"")
+        parts.append(part)
+        size += len(part)
+        if not message.get("more_body", False):
+            return b"".join(parts) if size <= limit else None
+
+
+def _failure_answer(exc: Exception, *, path: str) -> JsonAnswer:
+    error = capacity.unexpected_failure(exc)
+    anthropic = path.rstrip("/").endswith(capacity.ANTHROPIC_PATH)
+    request_id = f"req_{uuid.uuid4().hex}"
+    headers = {"x-request-id": request_id, **error.headers}
+    if anthropic:
+        headers["request-id"] = request_id
+    return JsonAnswer(error_body(error, anthropic=anthropic), status=error.status, headers=headers)
+
+
+def _encoded(headers: Any) -> list[tuple[bytes, bytes]]:
+    return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
+
+
+async def _send_whole(answer: Answer, send: _ASGISend) -> None:
+    """A whole answer, with its Content-Length, in one body frame."""
+    if isinstance(answer, JsonAnswer):
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(answer.content)).encode()),
+            *_encoded(answer.headers.items()),
         ]
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for task in tasks:
-            if task.done():
-                try:
-                    task.result()
-                except RequestAborted:
-                    pass
-                except AssertionError:
-                    body_file.close()
-                    raise
-            else:
-                # The view sees the cancellation (a stream settles what it relayed).
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        if not tasks[1].cancelled():
-            # Closes what the response holds; the finished signal's receivers find no
-            # connection in this thread (the database threads gave theirs back).
-            tasks[1].result().close()
-        body_file.close()
+        body = answer.content
+    else:  # Django's HttpResponse, from the probes and the metrics page
+        body = answer.content  # type: ignore[attr-defined]
+        if not answer.has_header("Content-Length"):
+            answer.headers["Content-Length"] = str(len(body))
+        headers = _cookies_added(answer, _encoded(answer.items()))
+    await send({"type": "http.response.start", "status": answer.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _cookies_added(
+    response: HttpResponseBase, headers: list[tuple[bytes, bytes]]
+) -> list[tuple[bytes, bytes]]:
+    for cookie in response.cookies.values():
+        headers.append((b"Set-Cookie", cookie.output(header="").encode("ascii").strip()))
+    return headers
+
+
+class _HangUpWatch:
+    """Waits for the client to go away during a stream, and then cancels the stream's task."""
+
+    def __init__(self, receive: _ASGIReceive, streaming: asyncio.Task[Any]) -> None:
+        self.receive = receive
+        self.streaming = streaming
+        self.relaying = True  # False once the last event is out: nothing to cancel then
+        self.hung_up = False
+
+    async def watch(self) -> None:
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                if self.relaying:
+                    self.hung_up = True
+                    self.streaming.cancel()
+                return
+
+
+async def _send_stream(
+    response: StreamingHttpResponse, receive: _ASGIReceive, send: _ASGISend
+) -> None:
+    """A stream, event by event as the relay yields them; cancelled if the client hangs up,
+    so the relay (gateway/streaming.py) settles what it relayed and closes the upstream."""
+    headers = _cookies_added(response, _encoded(response.items()))
+    await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+    task = asyncio.current_task()
+    assert task is not None  # noqa: S101 (an ASGI app runs in a task)
+    hang_up = _HangUpWatch(receive, task)
+    watching = asyncio.create_task(hang_up.watch())
+    try:
+        async with contextlib.aclosing(cast(AsyncGenerator[bytes], aiter(response))) as content:
+            async for part in content:
+                await send({"type": "http.response.body", "body": part, "more_body": True})
+        # No await between the last event and this: a hang-up from here on cancels nothing
+        # (the watch's cancellation can only land at an await above).
+        hang_up.relaying = False
+    except asyncio.CancelledError:
+        if not hang_up.hung_up:
+            raise  # the server is stopping
+        # The relay saw the cancellation and settled; the request ends here.
+        task.uncancel()
+        return
+    finally:
+        watching.cancel()
+    await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from django.http import JsonResponse
+from gateway.wire import JsonAnswer
 
 
 class GatewayError(Exception):
@@ -157,9 +157,9 @@ def error_body(error: GatewayError, *, anthropic: bool = False) -> dict[str, obj
     return _anthropic_error_body(error) if anthropic else _error_body(error)
 
 
-def error_response(error: GatewayError, *, request_id: str) -> JsonResponse:
+def error_response(error: GatewayError, *, request_id: str) -> JsonAnswer:
     """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
-    return JsonResponse(
+    return JsonAnswer(
         _error_body(error),
         status=error.status,
         headers={"x-request-id": request_id, **error.headers},
@@ -200,9 +200,9 @@ def _anthropic_error_body(error: GatewayError) -> dict[str, object]:
     }
 
 
-def anthropic_error_response(error: GatewayError, *, request_id: str) -> JsonResponse:
+def anthropic_error_response(error: GatewayError, *, request_id: str) -> JsonAnswer:
     """Anthropic's error shape: {"type": "error", "error": {"type", "message"}}."""
-    return JsonResponse(
+    return JsonAnswer(
         _anthropic_error_body(error),
         status=error.status,
         headers={"x-request-id": request_id, "request-id": request_id, **error.headers},

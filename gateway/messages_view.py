@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import time
 
-from django.http import HttpRequest
-from django.http.response import HttpResponseBase
-
 from gateway.auth import authenticate, bearer_token, client_host_of
 from gateway.errors import anthropic_error_response
 from gateway.messages import message_events, message_from_openai, request_to_openai
 from gateway.requests import chat_request, read_json_body
 from gateway.views import ReplyFormat, _openai_endpoint, serve_chat
+from gateway.wire import Answer, GatewayRequest
 
 ANTHROPIC_REPLY = ReplyFormat(whole=message_from_openai, stream=message_events)
 
 
-def _api_key(request: HttpRequest) -> str:
+def _api_key(request: GatewayRequest) -> str:
     """Anthropic's SDKs send the key as `x-api-key`; some tools send a bearer token."""
     return request.headers.get("x-api-key", "").strip() or bearer_token(
         request.headers.get("Authorization", "")
@@ -29,7 +27,7 @@ def _api_key(request: HttpRequest) -> str:
 
 
 @_openai_endpoint("POST", anthropic_error_response)
-async def messages(request: HttpRequest, request_id: str) -> HttpResponseBase:
+async def messages(request: GatewayRequest, request_id: str) -> Answer:
     """POST /v1/messages, answered with a `message` or, with `"stream": true`, its events."""
     started = time.monotonic()
     # 1. Key

@@ -7,9 +7,9 @@ from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
-from django.http import HttpRequest
 
 from gateway.errors import InvalidRequest, RequestTooLarge
+from gateway.wire import GatewayRequest
 
 # Fields that would let a caller point the gateway at another server or credential. Refused at
 # any depth: the route, never the request, decides where a call goes.
@@ -18,7 +18,7 @@ PROVIDER_ADDRESSING_FIELDS = frozenset(
 )
 
 
-def read_json_body(request: HttpRequest) -> dict[str, Any]:
+def read_json_body(request: GatewayRequest) -> dict[str, Any]:
     """The body as a JSON object, within the size cap; raises a 4xx GatewayError otherwise."""
     declared = request.headers.get("Content-Length")
     if declared and declared.isdigit() and int(declared) > settings.GATEWAY_MAX_BODY_BYTES:

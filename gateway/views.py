@@ -14,9 +14,7 @@ from decimal import Decimal
 from typing import Any, Protocol, TypeVar, cast
 
 from django.conf import settings
-from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
-from django.http.response import HttpResponseBase
-from django.views.decorators.csrf import csrf_exempt
+from django.http import StreamingHttpResponse
 
 from billing.alerts import spend_cap_refusal_alert
 from billing.models import UsageRecord
@@ -67,6 +65,7 @@ from gateway.streaming import (
     paced,
     relay_chat_stream,
 )
+from gateway.wire import Answer, GatewayRequest, JsonAnswer
 from portal.logs import bind_request_id
 
 logger = logging.getLogger(__name__)
@@ -88,20 +87,19 @@ def _new_request_id() -> str:
     return f"req_{uuid.uuid4().hex}"
 
 
-_View = Callable[..., Coroutine[Any, Any, HttpResponseBase]]
+_View = Callable[..., Coroutine[Any, Any, Answer]]
 
 
 def _openai_endpoint(
     method: str | None,
-    answer_error: Callable[..., HttpResponseBase] = error_response,
+    answer_error: Callable[..., JsonAnswer] = error_response,
 ) -> Callable[[_View], _View]:
     """Give the handler a request id, refuse HTTP methods other than `method` (None: any),
     and answer every failure with `answer_error` (OpenAI's error shape by default)."""
 
     def decorate(handler: _View) -> _View:
-        @csrf_exempt
         @functools.wraps(handler)
-        async def endpoint(request: HttpRequest, **kwargs: Any) -> HttpResponseBase:
+        async def endpoint(request: GatewayRequest, **kwargs: Any) -> Answer:
             request_id = _new_request_id()
             bind_request_id(request_id)
             try:
@@ -126,7 +124,7 @@ def _openai_endpoint(
     return decorate
 
 
-async def _caller(request: HttpRequest) -> Caller:
+async def _caller(request: GatewayRequest) -> Caller:
     """Step 1 of every endpoint: the key in the Authorization header."""
     return await authenticate(
         bearer_token(request.headers.get("Authorization", "")), client_host=client_host_of(request)
@@ -134,21 +132,21 @@ async def _caller(request: HttpRequest) -> Caller:
 
 
 @_openai_endpoint("GET")
-async def models(request: HttpRequest, request_id: str) -> HttpResponseBase:
+async def models(request: GatewayRequest, request_id: str) -> Answer:
     """GET /v1/models: the models the calling key may use, with their prices."""
     caller = await _caller(request)
     data = [_model_object(model) for model in await catalog_models() if _may_use(caller, model)]
-    return JsonResponse({"object": "list", "data": data}, headers={"x-request-id": request_id})
+    return JsonAnswer({"object": "list", "data": data}, headers={"x-request-id": request_id})
 
 
 @_openai_endpoint("GET")
-async def model(request: HttpRequest, request_id: str, model_id: str) -> HttpResponseBase:
+async def model(request: GatewayRequest, request_id: str, model_id: str) -> Answer:
     """GET /v1/models/{id}: one model, if the calling key may use it (404 otherwise)."""
     caller = await _caller(request)
     entry = await catalog_model(model_id)
     if entry is None or not _may_use(caller, entry):
         raise ModelNotFound(f"The model '{model_id}' does not exist.", param="model")
-    return JsonResponse(_model_object(entry), headers={"x-request-id": request_id})
+    return JsonAnswer(_model_object(entry), headers={"x-request-id": request_id})
 
 
 def _model_object(entry: ModelEntry) -> dict[str, Any]:
@@ -172,7 +170,7 @@ def _model_object(entry: ModelEntry) -> dict[str, Any]:
 
 
 @_openai_endpoint("POST")
-async def chat_completions(request: HttpRequest, request_id: str) -> HttpResponseBase:
+async def chat_completions(request: GatewayRequest, request_id: str) -> Answer:
     """POST /v1/chat/completions, answered whole or, with `"stream": true`, as server-sent
     events."""
     started = time.monotonic()
@@ -206,7 +204,7 @@ class ReplyFormat:
 
 
 async def serve_chat(
-    request: HttpRequest,
+    request: GatewayRequest,
     request_id: str,
     *,
     caller: Caller,
@@ -214,7 +212,7 @@ async def serve_chat(
     body: dict[str, Any],
     started: float,
     reply_format: ReplyFormat | None = None,
-) -> HttpResponseBase:
+) -> Answer:
     """Steps 2 (model) to 7 of a chat request whose key and body are read: the one pipeline
     behind /v1/chat/completions and /v1/messages (`reply_format`: the latter's answers)."""
     model = await _model_for(caller, model_name)
@@ -253,7 +251,7 @@ LEGACY_DEFAULT_MAX_TOKENS = 16
 
 
 @_openai_endpoint("POST")
-async def completions(request: HttpRequest, request_id: str) -> HttpResponseBase:
+async def completions(request: GatewayRequest, request_id: str) -> Answer:
     """POST /v1/completions (legacy: a prompt in, text out), whole or streamed; only routes
     to OpenAI-style providers can serve it."""
     started = time.monotonic()
@@ -291,7 +289,7 @@ async def completions(request: HttpRequest, request_id: str) -> HttpResponseBase
 
 
 @_openai_endpoint("POST")
-async def embeddings(request: HttpRequest, request_id: str) -> HttpResponseBase:
+async def embeddings(request: GatewayRequest, request_id: str) -> Answer:
     """POST /v1/embeddings: charged for its input tokens at the model's input price."""
     started = time.monotonic()
     # 1. Key
@@ -352,7 +350,7 @@ async def _metered(
     *,
     bound: WorstCase,
     call: _Call,
-) -> HttpResponseBase:
+) -> Answer:
     """Steps 3 to 7 of the request path, the same for every endpoint: limits, route, reserve,
     forward with failover, settle. `bound` is the most tokens the request can be billed for;
     `started` is time.monotonic() when the request arrived."""
@@ -400,7 +398,7 @@ async def _metered(
                 tokens=tokens_used,
             )
     reply.body["model"] = model.name
-    return JsonResponse(
+    return JsonAnswer(
         call.reply_format.whole(reply.body, reply.usage) if call.reply_format else reply.body,
         headers={"x-request-id": request_id, COST_HEADER: format_usd(record.cost_usd)},
     )
@@ -619,6 +617,6 @@ def _ms_since(started: float, until: float | None = None) -> int:
 
 
 @_openai_endpoint(None)
-async def unknown_endpoint(request: HttpRequest, request_id: str, path: str = "") -> HttpResponse:
+async def unknown_endpoint(request: GatewayRequest, request_id: str) -> Answer:
     """Any other `/v1/*` path: OpenAI's 404 shape rather than Django's HTML page."""
     raise UnknownEndpoint(f"Unknown endpoint: {request.method} {request.path}")

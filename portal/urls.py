@@ -51,7 +51,8 @@ urlpatterns = [
     path("api/v1/", include("billing.api_urls")),
     re_path(r"^api/", api.UnknownEndpoint.as_view()),
     path("catalog/", include("gateway.pages")),
-    path("v1/", include("gateway.urls")),
+    # /v1/* is not here: portal/asgi.py sends it to the gateway's own handler (gateway/asgi.py,
+    # its paths in gateway/asgi_urls.py).
     path("healthz", health.healthz, name="healthz"),
     path("readyz", health.readyz, name="readyz"),
     # The gateway's metrics page, named by path: portal does not import the layers above it.
