@@ -33,6 +33,8 @@ from bench.run import (
     cpu_seconds,
     latency,
     streams,
+    switchboard_env,
+    switchboard_key,
     throughput,
 )
 from tests.services import free_port, start_postgres, start_redis
@@ -64,22 +66,8 @@ def _serve(
     redis_url, stop = start_redis(workdir)
     stops.append(stop)
     services = _service_pids(workdir, redis_url)
-    env |= {
-        "DATABASE_URL": database_url,
-        "REDIS_URL": redis_url,
-        "DEBUG": "false",
-        "SECRET_KEY": "bench-only-secret-key-not-for-production-use-0123456789",
-        "ALLOWED_HOSTS": "127.0.0.1,localhost",
-        "SWITCHBOARD_VAR_DIR": str(workdir / "var"),
-    }
-    secret = subprocess.run(
-        [sys.executable, "-m", "bench.switchboard_setup", upstream_url],
-        cwd=trees[0][1],
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
+    env = switchboard_env(env, workdir, database_url, redis_url)
+    secret = switchboard_key(upstream_url, env=env, code=trees[0][1])
     auth = {"Authorization": f"Bearer {secret}"}
     targets = []
     for name, tree in trees:

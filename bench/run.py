@@ -222,23 +222,8 @@ def running_targets(args: argparse.Namespace) -> Iterator[list[Target]]:
         redis_url, stop = start_redis(workdir)
         stops.append(stop)
         service_pids = _service_pids(workdir, redis_url)
-        sb_env = {
-            **base_env,
-            "DATABASE_URL": database_url,
-            "REDIS_URL": redis_url,
-            "DEBUG": "false",
-            "SECRET_KEY": "bench-only-secret-key-not-for-production-use-0123456789",
-            "ALLOWED_HOSTS": "127.0.0.1,localhost",
-            "SWITCHBOARD_VAR_DIR": str(workdir / "var"),
-        }
-        secret = subprocess.run(
-            [sys.executable, "-m", "bench.switchboard_setup", upstream_url],
-            cwd=REPO,
-            env=sb_env,
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
+        sb_env = switchboard_env(base_env, workdir, database_url, redis_url)
+        secret = switchboard_key(upstream_url, env=sb_env, code=REPO)
         sb_port = free_port()
         sb_command = [*UVICORN, "--port", str(sb_port), "portal.asgi:application"]
         if args.profile:
@@ -317,6 +302,34 @@ def running_targets(args: argparse.Namespace) -> Iterator[list[Target]]:
         for stop in reversed(stops):
             stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def switchboard_env(
+    base_env: dict[str, str], workdir: Path, database_url: str, redis_url: str
+) -> dict[str, str]:
+    """Switchboard's environment on the benchmark's throwaway services."""
+    return {
+        **base_env,
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "DEBUG": "false",
+        "SECRET_KEY": "bench-only-secret-key-not-for-production-use-0123456789",
+        "ALLOWED_HOSTS": "127.0.0.1,localhost",
+        "SWITCHBOARD_VAR_DIR": str(workdir / "var"),
+    }
+
+
+def switchboard_key(upstream_url: str, *, env: dict[str, str], code: Path) -> str:
+    """Migrate, route the catalog to `upstream_url`, and return a metered key's secret
+    (bench/switchboard_setup.py, run with the code in `code`)."""
+    return subprocess.run(
+        [sys.executable, "-m", "bench.switchboard_setup", upstream_url],
+        cwd=code,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
 
 
 def _service_pids(workdir: Path, redis_url: str) -> list[int]:

@@ -7,14 +7,14 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, NoReturn
 
 from django.db import DataError, IntegrityError, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
 from billing import hot_path_sql
-from billing.loop_database import loop_connections
+from billing.loop_database import LoopConnections, loop_connections
 from billing.models import (
     Account,
     KeySpend,
@@ -214,14 +214,14 @@ def credit_reserve(
         raise BillingError("a reservation cannot be negative")
     now = now or timezone.now()
     if hot_path_sql.available():
-        reservation = _reserve_in_one_statement(
+        reservation = _OneStatementReservation(
             request_id=request_id,
             organization_id=organization_id,
             api_key_id=api_key_id,
             amount_usd=amount_usd,
             spend_cap=spend_cap,
             now=now,
-        )
+        ).reserve()
         if reservation is not None:
             return reservation
     window_start = None
@@ -268,38 +268,6 @@ def credit_reserve(
         )
 
 
-def _reserve_in_one_statement(
-    *,
-    request_id: str,
-    organization_id: int,
-    api_key_id: int,
-    amount_usd: Decimal,
-    spend_cap: CapTerms | None,
-    now: datetime,
-) -> Reservation | None:
-    """credit_reserve as one PostgreSQL statement (billing/hot_path_sql.py); None when the
-    key's spend window has no row yet (the ORM path makes it), having held nothing."""
-    reserving = _OneStatementReservation(
-        request_id=request_id,
-        organization_id=organization_id,
-        api_key_id=api_key_id,
-        amount_usd=amount_usd,
-        spend_cap=spend_cap,
-        now=now,
-    )
-    try:
-        # A savepoint only inside a caller's transaction (see _settle_in_one_statement).
-        with (
-            transaction.atomic() if transaction.get_connection().in_atomic_block else nullcontext()
-        ):
-            reserved = reserving.statement.run()
-    except DataError as error:
-        if (refusal := reserving.refusal(error)) is None:
-            raise
-        raise refusal from None
-    return reserving.reservation(reserved)
-
-
 async def credit_reserve_on_loop(
     *,
     request_id: str,
@@ -317,25 +285,20 @@ async def credit_reserve_on_loop(
     connections = loop_connections() if hot_path_sql.available() else None
     if connections is None:
         return None
-    reserving = _OneStatementReservation(
+    return await _OneStatementReservation(
         request_id=request_id,
         organization_id=organization_id,
         api_key_id=api_key_id,
         amount_usd=amount_usd,
         spend_cap=spend_cap,
         now=timezone.now(),
-    )
-    try:
-        reserved = await reserving.statement.run_on_loop(connections)
-    except DataError as error:
-        if (refusal := reserving.refusal(error)) is None:
-            raise
-        raise refusal from None
-    return reserving.reservation(reserved)
+    ).reserve_on_loop(connections)
 
 
 class _OneStatementReservation:
-    """A reservation by hot_path_sql's statement, and what its outcome means."""
+    """credit_reserve as one PostgreSQL statement (billing/hot_path_sql.py), and what its
+    outcome means: the Reservation, a refusal, or None when the key's spend window has no
+    row yet (the ORM path makes it), having held nothing."""
 
     def __init__(
         self,
@@ -369,12 +332,35 @@ class _OneStatementReservation:
             now=now,
         )
 
-    def refusal(self, error: DataError) -> InsufficientCredit | None:
-        """The refusal a DataError of the statement means (the wallet refused after the
-        window fitted: the statement aborted on purpose); None for a real error."""
+    def reserve(self) -> Reservation | None:
+        """On Django's connection (a sync caller, in its transaction if it has one)."""
+        try:
+            # A savepoint only inside a caller's transaction (see _settle_in_one_statement).
+            with (
+                transaction.atomic()
+                if transaction.get_connection().in_atomic_block
+                else nullcontext()
+            ):
+                reserved = self.statement.run()
+        except DataError as error:
+            self.refuse(error)
+        return self.reservation(reserved)
+
+    async def reserve_on_loop(self, connections: LoopConnections) -> Reservation | None:
+        try:
+            reserved = await self.statement.run_on_loop(connections)
+        except DataError as error:
+            self.refuse(error)
+        return self.reservation(reserved)
+
+    def refuse(self, error: DataError) -> NoReturn:
+        """Raise what a DataError of the statement means: InsufficientCredit when the wallet
+        refused after the window fitted (the statement aborted on purpose), else the error."""
         if hot_path_sql.aborted_on_purpose(error):
-            return InsufficientCredit("the wallet's available credit does not cover this request")
-        return None
+            raise InsufficientCredit(
+                "the wallet's available credit does not cover this request"
+            ) from None
+        raise error
 
     def reservation(self, reserved: hot_path_sql.Reserved) -> Reservation | None:
         if reserved.window_missing:
