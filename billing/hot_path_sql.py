@@ -22,6 +22,7 @@ or an account's first use).
 
 from __future__ import annotations
 
+import functools
 import re
 import weakref
 from collections.abc import Callable, Iterator
@@ -30,8 +31,10 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, Generic, TypeVar, cast
 
+import psycopg
 from django.conf import settings
 from django.db import DataError, connection
+from psycopg.types.numeric import Int8
 
 from billing.loop_database import LoopConnections, as_django_errors
 from billing.models import (
@@ -58,8 +61,11 @@ _Result = TypeVar("_Result")
 _DIVISION_BY_ZERO = "22012"
 
 
+@functools.cache
 def available() -> bool:
-    """Whether the default database runs these statements (PostgreSQL only)."""
+    """Whether the default database runs these statements (PostgreSQL only). Asked once: in
+    an event loop each request's task would otherwise build a Django connection object of its
+    own just to answer it."""
     return connection.vendor == "postgresql"
 
 
@@ -73,12 +79,14 @@ class _Prepared:
     """One of the request path's statements, prepared once per database connection.
 
     Planned afresh every time, the settlement spent 0.7 ms of PostgreSQL's time planning for
-    0.4 ms running, and the reservation 0.2 ms planning (issue 7, bench/RESULTS.md). A named
-    SQL `PREPARE` keeps the plan for the connection's life: later requests send only
-    `EXECUTE name(values)`, through Django's usual cursor (its error translation and query
-    log). Not psycopg's automatic preparation: it forgets a statement whose execution failed
-    without deallocating it, and these statements fail on purpose (`aborted_on_purpose`), so
-    every refusal would leave one more prepared statement behind in the server.
+    0.4 ms running, and the reservation 0.2 ms planning (issue 7, bench/RESULTS.md). On
+    Django's connection (`Statement.run`), a named SQL `PREPARE` keeps the plan for the
+    connection's life: later calls send only `EXECUTE name(values)`, through Django's usual
+    cursor (its error translation and query log). Not psycopg's automatic preparation there:
+    it forgets a statement whose execution failed without deallocating it, these statements
+    fail on purpose (`aborted_on_purpose`), and that connection cannot simply be closed (it
+    may be inside its caller's transaction). The event loop's own connections use psycopg's
+    (`Statement.run_on_loop`).
 
     `text` names its values `%(name)s`; `types` gives each one's SQL type, in the order of
     the prepared statement's parameters.
@@ -119,11 +127,27 @@ class Statement(Generic[_Result]):
             return self.read(cast(tuple[Any, ...], cursor.fetchone()))
 
     async def run_on_loop(self, connections: LoopConnections) -> _Result:
+        """On the loop's connection, the values bound on the server: psycopg prepares the
+        statement itself (at the protocol level, once per session). It forgets a prepared
+        statement whose execution failed without deallocating it, and these statements fail
+        on purpose (`aborted_on_purpose`): the session is then closed, and its statements
+        with it, so none is left behind (a refusal, or an account's first use, is rare)."""
         with as_django_errors():  # connecting included
             async with connections.connection() as session:
                 cursor = session.cursor()
-                for sql, params in self._sends(session):
-                    await cursor.execute(sql, params)
+                # Every integer as bigint: psycopg types each by its size, and each mix of
+                # types would be prepared as a statement of its own.
+                params = {
+                    name: Int8(value) if type(value) is int else value
+                    for name, value in self.params.items()
+                }
+                try:
+                    await cursor.execute(
+                        self.prepared.text, params, prepare=settings.DATABASE_PREPARED_STATEMENTS
+                    )
+                except psycopg.Error:
+                    await session.close()
+                    raise
                 return self.read(cast(tuple[Any, ...], await cursor.fetchone()))
 
     def _sends(self, session: Any) -> Iterator[tuple[str, dict[str, Any] | None]]:

@@ -94,6 +94,25 @@ def test_a_wallet_refusal_on_the_loop_holds_nothing():
     assert KeySpend.objects.get(api_key=key).reserved_usd == 0
 
 
+def test_refusals_on_the_loop_leave_no_prepared_statement_behind():
+    org, key = used_key(credit_usd="1")
+
+    async def refusals_then_a_request() -> list[str]:
+        for number in range(3):  # the window fits, the wallet refuses: aborted on purpose
+            with pytest.raises(InsufficientCredit):
+                await credit_reserve_on_loop(**reserve_kwargs(org, key, f"req_{number}", "2"))
+        await credit_reserve_on_loop(**reserve_kwargs(org, key, "req_fits", "0.1"))
+        connections = loop_database.loop_connections()
+        assert connections is not None
+        async with connections.connection() as session:
+            cursor = await session.execute("SELECT statement FROM pg_prepared_statements")
+            return [statement for (statement,) in await cursor.fetchall()]
+
+    prepared = on_a_loop(refusals_then_a_request)
+
+    assert sum("INSERT INTO billing_reservation" in statement for statement in prepared) == 1
+
+
 def test_a_spend_cap_refusal_on_the_loop_holds_nothing():
     org, key = used_key(credit_usd="100")
 
