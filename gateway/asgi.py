@@ -6,8 +6,8 @@ request through a thread), gives every request a thread of its own, sends the re
 spools the body through a temporary file, builds META from every header, resolves the URL with
 the URLconf set in an asgiref Local, and runs two tasks per request (the view, and a watch for
 the client going away). `/v1/*` needs none of it: no sessions, CSRF, messages or static files;
-its database calls run in the gateway's own threads, which give their connection back after
-each call (gateway/database.py). Measured (issue 7, bench/RESULTS.md): even without the
+its database calls run on the event loop's own connections or in the gateway's database threads
+(gateway/database.py). Measured (issue 7, bench/RESULTS.md): even without the
 middleware, the threads and the signals, Django's request, URL resolution and response were
 about 15% of the gateway's CPU samples at c=64, and its handler 300 µs of CPU for a probe's
 answer in-process (this one: 35 µs); every 4xx cost a thread hop more (Django logs it through
@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
 from collections.abc import AsyncGenerator
 from typing import Any, cast
 
@@ -38,8 +37,8 @@ from django.http.response import HttpResponseBase
 
 from gateway import capacity
 from gateway.asgi_urls import view_for
-from gateway.errors import error_body
-from gateway.wire import Answer, GatewayRequest, JsonAnswer
+from gateway.errors import error_answer_on
+from gateway.wire import Answer, GatewayRequest, JsonAnswer, asgi_headers
 
 logger = logging.getLogger(__name__)
 
@@ -103,33 +102,19 @@ async def _read_body(receive: _ASGIReceive, *, limit: int) -> bytes | _HungUp | 
 
 
 def _failure_answer(exc: Exception, *, path: str) -> JsonAnswer:
-    error = capacity.unexpected_failure(exc)
-    anthropic = path.rstrip("/").endswith(capacity.ANTHROPIC_PATH)
-    request_id = f"req_{uuid.uuid4().hex}"
-    headers = {"x-request-id": request_id, **error.headers}
-    if anthropic:
-        headers["request-id"] = request_id
-    return JsonAnswer(error_body(error, anthropic=anthropic), status=error.status, headers=headers)
-
-
-def _encoded(headers: Any) -> list[tuple[bytes, bytes]]:
-    return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
+    return error_answer_on(capacity.unexpected_failure(exc), path=path)
 
 
 async def _send_whole(answer: Answer, send: _ASGISend) -> None:
     """A whole answer, with its Content-Length, in one body frame."""
     if isinstance(answer, JsonAnswer):
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(answer.content)).encode()),
-            *_encoded(answer.headers.items()),
-        ]
-        body = answer.content
-    else:  # Django's HttpResponse, from the probes and the metrics page
-        body = answer.content  # type: ignore[attr-defined]
-        if not answer.has_header("Content-Length"):
-            answer.headers["Content-Length"] = str(len(body))
-        headers = _cookies_added(answer, _encoded(answer.items()))
+        await answer.send_to(send)
+        return
+    # Django's HttpResponse, from the probes and the metrics page
+    body = answer.content  # type: ignore[attr-defined]
+    if not answer.has_header("Content-Length"):
+        answer.headers["Content-Length"] = str(len(body))
+    headers = _cookies_added(answer, asgi_headers(answer.items()))
     await send({"type": "http.response.start", "status": answer.status_code, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -166,7 +151,7 @@ async def _send_stream(
 ) -> None:
     """A stream, event by event as the relay yields them; cancelled if the client hangs up,
     so the relay (gateway/streaming.py) settles what it relayed and closes the upstream."""
-    headers = _cookies_added(response, _encoded(response.items()))
+    headers = _cookies_added(response, asgi_headers(response.items()))
     await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
     task = asyncio.current_task()
     assert task is not None  # noqa: S101 (an ASGI app runs in a task)

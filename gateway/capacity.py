@@ -12,18 +12,14 @@ is shared by every process; this one protects one process.
 
 from __future__ import annotations
 
-import json
-import uuid
 from typing import Any
 
 from django.conf import settings
 from django.db import DatabaseError
 
-from gateway.errors import GatewayError, ProcessAtCapacity, ServiceUnavailable, error_body
+from gateway.errors import GatewayError, ProcessAtCapacity, ServiceUnavailable, error_answer_on
 
 _ASGIApp = Any
-# The path of Anthropic's Messages API, whose callers get Anthropic's error shape.
-ANTHROPIC_PATH = "/v1/messages"
 
 
 class ProcessCapacity:
@@ -49,19 +45,7 @@ async def _answer_busy(scope: dict[str, Any], send: Any) -> None:
         "This gateway process is serving as many requests as it is allowed to; retry in a moment."
     )
     # The caller's API's own shape: Anthropic's SDKs read `overloaded_error` on /v1/messages.
-    anthropic = str(scope.get("path", "")).rstrip("/").endswith(ANTHROPIC_PATH)
-    body = json.dumps(error_body(error, anthropic=anthropic)).encode()
-    request_id = f"req_{uuid.uuid4().hex}"
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"x-request-id", request_id.encode()),
-        *((name.lower().encode(), value.encode()) for name, value in error.headers.items()),
-    ]
-    if anthropic:
-        headers.append((b"request-id", request_id.encode()))
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await error_answer_on(error, path=str(scope.get("path", ""))).send_to(send)
 
 
 def unexpected_failure(exc: Exception) -> GatewayError:

@@ -7,6 +7,7 @@ are written for the API caller: they never carry upstream secrets, URLs or trace
 from __future__ import annotations
 
 import json
+import uuid
 
 from gateway.wire import JsonAnswer
 
@@ -151,10 +152,23 @@ def _error_body(error: GatewayError) -> dict[str, object]:
     }
 
 
-def error_body(error: GatewayError, *, anthropic: bool = False) -> dict[str, object]:
-    """The error's JSON body in OpenAI's shape, or Anthropic's (on /v1/messages), for an
-    answer written outside a view (gateway/capacity.py)."""
-    return _anthropic_error_body(error) if anthropic else _error_body(error)
+# The path of Anthropic's Messages API, whose callers get Anthropic's error shape.
+ANTHROPIC_PATH = "/v1/messages"
+
+
+def new_request_id() -> str:
+    """The id a request is known by: in its answer's headers, its log lines and its usage."""
+    return f"req_{uuid.uuid4().hex}"
+
+
+def error_answer_on(error: GatewayError, *, path: str) -> JsonAnswer:
+    """`error` answered outside a view (the process's capacity cap, a view that failed
+    unexpectedly), under a new request id, in the shape of the API `path` belongs to:
+    Anthropic's on /v1/messages, OpenAI's elsewhere."""
+    answer = (
+        anthropic_error_response if path.rstrip("/").endswith(ANTHROPIC_PATH) else error_response
+    )
+    return answer(error, request_id=new_request_id())
 
 
 def error_response(error: GatewayError, *, request_id: str) -> JsonAnswer:

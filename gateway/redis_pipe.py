@@ -30,7 +30,6 @@ import asyncio
 import collections
 import contextlib
 import hashlib
-import weakref
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -39,6 +38,7 @@ from urllib.parse import unquote, urlsplit
 from django.conf import settings
 from redis.exceptions import NoScriptError, RedisError
 
+from portal.event_loops import loop_resource
 from portal.redis_clients import async_redis_client
 
 # What a script's reply may hold: integers, strings (bulk: bytes; simple: str), nil, arrays.
@@ -87,6 +87,9 @@ class ScriptRunner(Protocol):
 
     def run_script_soon(self, script: LuaScript, keys: Sequence[str], args: Sequence[Arg]) -> None:
         """Send the script and return at once; its reply, or failure, is dropped."""
+
+    async def close(self) -> None:
+        """Close the connection (the event loop is ending)."""
 
 
 def encode_command(*args: Arg) -> bytes:
@@ -362,6 +365,12 @@ class PipelinedRedis:
             self._connecting.add_done_callback(self._connect_done)
         return await asyncio.shield(self._connecting)
 
+    async def close(self) -> None:
+        if self._connecting is not None:
+            self._connecting.cancel()
+        if self._connection is not None:
+            self._connection.fail(RedisConnectionLost("the event loop ended"))
+
     def _connect_done(self, connecting: asyncio.Task[_Connection]) -> None:
         self._connecting = None
         if not connecting.cancelled():
@@ -448,6 +457,9 @@ class _RedisPyScripts:
         # Short timeouts and one retry (portal/redis_clients.py).
         self._client = async_redis_client(url)
 
+    async def close(self) -> None:
+        await self._client.aclose()
+
     async def run_script(
         self, script: LuaScript, keys: Sequence[str], args: Sequence[Arg]
     ) -> Reply:
@@ -463,25 +475,22 @@ class _RedisPyScripts:
         _in_background(self.run_script(script, keys, args))
 
 
-_runners: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, ScriptRunner]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
 def script_runner(url: str) -> ScriptRunner:
     """This event loop's runner for `url`: PipelinedRedis, or redis-py for URLs it does not
-    speak."""
-    per_url = _runners.setdefault(asyncio.get_running_loop(), {})
-    runner = per_url.get(url)
-    if runner is None:
+    speak; closed when the loop ends (portal/event_loops.py)."""
+
+    def make() -> ScriptRunner:
         address = RedisAddress.from_url(url)
-        runner = per_url[url] = (
-            _RedisPyScripts(url)
-            if address is None
-            else PipelinedRedis(
-                address,
-                connect_timeout_seconds=settings.REDIS_CONNECT_TIMEOUT_SECONDS,
-                read_timeout_seconds=settings.REDIS_READ_TIMEOUT_SECONDS,
-            )
+        if address is None:
+            return _RedisPyScripts(url)
+        return PipelinedRedis(
+            address,
+            connect_timeout_seconds=settings.REDIS_CONNECT_TIMEOUT_SECONDS,
+            read_timeout_seconds=settings.REDIS_READ_TIMEOUT_SECONDS,
         )
-    return runner
+
+    return loop_resource((ScriptRunner, url), make, _close)
+
+
+async def _close(runner: ScriptRunner) -> None:
+    await runner.close()

@@ -7,7 +7,6 @@ import dataclasses
 import functools
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from decimal import Decimal
@@ -41,6 +40,7 @@ from gateway.errors import (
     UnknownEndpoint,
     UpstreamFailed,
     error_response,
+    new_request_id,
 )
 from gateway.limits import limits_admit, limits_release
 from gateway.metering import WorstCase, cap_max_tokens, worst_case
@@ -83,10 +83,6 @@ _T = TypeVar("_T")
 COST_HEADER = "x-switchboard-cost-usd"
 
 
-def _new_request_id() -> str:
-    return f"req_{uuid.uuid4().hex}"
-
-
 _View = Callable[..., Coroutine[Any, Any, Answer]]
 
 
@@ -100,7 +96,7 @@ def _openai_endpoint(
     def decorate(handler: _View) -> _View:
         @functools.wraps(handler)
         async def endpoint(request: GatewayRequest, **kwargs: Any) -> Answer:
-            request_id = _new_request_id()
+            request_id = new_request_id()
             bind_request_id(request_id)
             try:
                 if method is not None and request.method != method:

@@ -12,7 +12,7 @@ JsonResponse, built and its headers encoded, 84 µs; a JsonAnswer 11 µs. A view
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from django.core.exceptions import RequestDataTooBig
@@ -108,6 +108,21 @@ class JsonAnswer:
 
     def __setitem__(self, name: str, value: str) -> None:
         self.headers[name] = value
+
+    async def send_to(self, send: Any) -> None:
+        """Send this answer on an ASGI `send`: its Content-Length, one body frame."""
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(self.content)).encode()),
+            *asgi_headers(self.headers.items()),
+        ]
+        await send({"type": "http.response.start", "status": self.status_code, "headers": headers})
+        await send({"type": "http.response.body", "body": self.content})
+
+
+def asgi_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    """Headers as ASGI sends them (HTTP header values are Latin-1)."""
+    return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
 
 
 # What a view answers: a JsonAnswer, or one of Django's responses (a stream, the probes').
