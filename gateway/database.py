@@ -56,7 +56,7 @@ def db_call(function: Callable[_P, _R]) -> Callable[_P, Coroutine[Any, Any, _R]]
 
     @functools.wraps(function)
     async def call(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        if getattr(AsyncToSync.executors, "current", None) is not None:
+        if _called_from_sync_code():
             return await in_callers_thread(*args, **kwargs)
         run = functools.partial(
             contextvars.copy_context().run, returning_connection, *args, **kwargs
@@ -64,6 +64,12 @@ def db_call(function: Callable[_P, _R]) -> Callable[_P, Coroutine[Any, Any, _R]]
         return await asyncio.get_running_loop().run_in_executor(_executor, run)
 
     return call
+
+
+def _called_from_sync_code() -> bool:
+    """Whether this coroutine runs for sync code through async_to_sync (a command, a test
+    inside its transaction): its database work then belongs in that code's own thread."""
+    return getattr(AsyncToSync.executors, "current", None) is not None
 
 
 def on_loop_or_in_thread(
@@ -79,7 +85,7 @@ def on_loop_or_in_thread(
 
     @functools.wraps(in_thread)
     async def call(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        if getattr(AsyncToSync.executors, "current", None) is None:
+        if not _called_from_sync_code():
             try:
                 done = await on_loop(*args, **kwargs)
             except (OperationalError, InterfaceError):
