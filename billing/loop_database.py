@@ -36,6 +36,7 @@ CONNECT_TIMEOUT_SECONDS = 2
 RESTING_SECONDS = 5.0
 _NEVER_BY_COUNT = 2**31 - 1  # psycopg prepares a statement after this many executions
 _GENERIC_PLANS = "-c plan_cache_mode=force_generic_plan"
+APPLICATION_NAME = "switchboard-event-loop"
 
 
 class LoopConnections:
@@ -69,6 +70,8 @@ class LoopConnections:
             # more often than not; one generic plan serves them (they look rows up by key).
             # Measured: its CPU per request -11% (bench/RESULTS.md).
             params["options"] = f"{params.get('options', '')} {_GENERIC_PLANS}".strip()
+            # Told apart from Django's own connections in pg_stat_activity.
+            params.setdefault("application_name", APPLICATION_NAME)
             return await psycopg.AsyncConnection.connect(
                 **params,
                 autocommit=True,

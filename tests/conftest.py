@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
+from typing import Any
 
 import pytest
 
@@ -71,13 +73,38 @@ def fake_provider(
 
 
 @pytest.fixture(scope="session")
-def gateway_server(django_db_setup: None) -> Iterator[ThreadedServer]:
+def gateway_server(django_db_setup: None, django_db_blocker: Any) -> Iterator[ThreadedServer]:
     """Switchboard's real ASGI application served by uvicorn on a free port."""
     from portal.asgi import application
 
     server = ThreadedServer(application).start()
     yield server
     server.stop()
+    with django_db_blocker.unblock():
+        _event_loop_sessions_gone()
+
+
+def _event_loop_sessions_gone(*, timeout: float = 10.0) -> None:
+    """Wait until PostgreSQL has ended the sessions of the server's event loop, which were
+    closed with the loop (billing/loop_database.py) but whose server processes leave a moment
+    later: the test database cannot be dropped while one remains."""
+    from django.db import connection
+
+    from billing.loop_database import APPLICATION_NAME
+
+    if connection.vendor != "postgresql":
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                [APPLICATION_NAME],
+            )
+            (remaining,) = cursor.fetchone()
+        if not remaining:
+            return
+        time.sleep(0.05)
 
 
 @pytest.fixture
