@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, NoReturn
 
-from django.db import DataError, IntegrityError, transaction
+from django.db import DatabaseError, DataError, IntegrityError, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
@@ -295,6 +295,25 @@ async def credit_reserve_on_loop(
     ).reserve_on_loop(connections)
 
 
+async def _send_reservations(
+    connections: LoopConnections, reservations: list[dict[str, Any]]
+) -> list[hot_path_sql.Reserved]:
+    """Reservations made in one statement; one refused there is asked again alone (the
+    statement refuses every request after the first that does not fit in a wallet or window,
+    while alone a later, smaller one may fit)."""
+    reserved = await hot_path_sql.reserve(reservations).run_on_loop(connections)
+    if len(reservations) > 1:
+        for position, outcome in enumerate(reserved):
+            if not outcome.held and not outcome.window_missing:
+                # Refused by the wallet alone too (aborted on purpose), or the retry failed:
+                # the batch's answer stands (and the batch's holds are kept).
+                with suppress(DatabaseError):
+                    (reserved[position],) = await hot_path_sql.reserve(
+                        [reservations[position]]
+                    ).run_on_loop(connections)
+    return reserved
+
+
 class _OneStatementReservation:
     """credit_reserve as one PostgreSQL statement (billing/hot_path_sql.py), and what its
     outcome means: the Reservation, a refusal, or None when the key's spend window has no
@@ -322,7 +341,7 @@ class _OneStatementReservation:
             spend_window_start=self.window_start,
             created_at=now,
         )
-        self.statement = hot_path_sql.reserve(
+        self.values = hot_path_sql.reservation(
             request_id=request_id,
             organization_id=organization_id,
             api_key_id=api_key_id,
@@ -341,14 +360,15 @@ class _OneStatementReservation:
                 if transaction.get_connection().in_atomic_block
                 else nullcontext()
             ):
-                reserved = self.statement.run()
+                (reserved,) = hot_path_sql.reserve([self.values]).run()
         except DataError as error:
             self.refuse(error)
         return self.reservation(reserved)
 
     async def reserve_on_loop(self, connections: LoopConnections) -> Reservation | None:
+        """On the loop's connections, with the loop's other requests of the moment."""
         try:
-            reserved = await self.statement.run_on_loop(connections)
+            reserved = await connections.batches(_send_reservations).run(self.values)
         except DataError as error:
             self.refuse(error)
         return self.reservation(reserved)
@@ -680,7 +700,7 @@ def _settle_in_one_statement(
         with (
             transaction.atomic() if transaction.get_connection().in_atomic_block else nullcontext()
         ):
-            settled = settling.statement.run()
+            (settled,) = hot_path_sql.settle([settling.values]).run()
     except DataError as error:
         if hot_path_sql.aborted_on_purpose(error):
             return None
@@ -702,7 +722,7 @@ async def usage_settle_on_loop(*, metered: MeteredRequest) -> UsageRecord | None
     cost_usd, state = _charge_of(metered)
     settling = _OneStatementSettlement(metered=metered, cost_usd=cost_usd, state=state)
     try:
-        settled = await settling.statement.run_on_loop(connections)
+        settled = await connections.batches(_send_settlements).run(settling.values)
     except IntegrityError:
         return None
     except DataError as error:
@@ -712,6 +732,12 @@ async def usage_settle_on_loop(*, metered: MeteredRequest) -> UsageRecord | None
     if settling.touch:
         _last_use_written(api_key_id=metered.api_key_id, at=time.monotonic())
     return settling.usage_record(settled)
+
+
+async def _send_settlements(
+    connections: LoopConnections, settlements: list[dict[str, Any]]
+) -> list[hot_path_sql.Settled]:
+    return await hot_path_sql.settle(settlements).run_on_loop(connections)
 
 
 class _OneStatementSettlement:
@@ -725,7 +751,7 @@ class _OneStatementSettlement:
         self.metered = metered
         self.cost_usd = cost_usd
         self.columns = _usage_columns(metered)
-        self.statement = hot_path_sql.settle(
+        self.values = hot_path_sql.settlement(
             request_id=metered.request_id,
             organization_id=metered.organization_id,
             api_key_id=metered.api_key_id,

@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 import pytest
 from django.db import OperationalError, connection
 
-from billing import loop_database
-from billing.models import Account, KeySpend, SpendCap, UsageRecord
+from billing import hot_path_sql, loop_database
+from billing.models import Account, KeySpend, Posting, SpendCap, UsageRecord
 from billing.money import usage_cost_usd
 from billing.selectors import wallet_balance_usd
 from billing.services import (
@@ -23,10 +23,11 @@ from billing.services import (
     SpendCapExceeded,
     credit_reserve,
     credit_reserve_on_loop,
+    reservation_void,
     usage_settle,
     usage_settle_on_loop,
 )
-from tests.billing.test_ledger import PRICE, metered
+from tests.billing.test_ledger import PRICE, assert_ledger_balanced, metered
 from tests.factories import make_key, make_org
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -34,6 +35,19 @@ pytestmark = pytest.mark.django_db(transaction=True)
 CAP = CapTerms(amount_usd=Decimal("5"), window=SpendCap.Window.MONTH)
 COST = usage_cost_usd(price=PRICE, input_tokens=1000, output_tokens=2000)
 _R = TypeVar("_R")
+
+
+def batch_sizes(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
+    """The sizes of the batches that hot_path_sql's `name` ("reserve", "settle") is given."""
+    sizes: list[int] = []
+    real = getattr(hot_path_sql, name)
+
+    def counted(values: list[Any]) -> Any:
+        sizes.append(len(values))
+        return real(values)
+
+    monkeypatch.setattr(hot_path_sql, name, counted)
+    return sizes
 
 
 def on_a_loop(step: Callable[[], Awaitable[_R]]) -> _R:
@@ -184,3 +198,161 @@ def test_after_a_connection_failure_the_loop_leaves_the_work_to_the_sync_service
         return await credit_reserve_on_loop(**reserve_kwargs(org, key, "req_2", "1"))
 
     assert on_a_loop(two_requests) is None
+
+
+def test_settlements_that_meet_on_the_loop_go_together_and_each_is_exact(monkeypatch):
+    org, key = used_key(credit_usd="100")
+    uncapped_org = make_org(credit_usd="100")
+    uncapped_key, _ = make_key(uncapped_org)
+    credit_reserve(
+        **{**reserve_kwargs(uncapped_org, uncapped_key, "req_first", "0.01"), "spend_cap": None}
+    )
+    usage_settle(metered=metered(uncapped_key.pk, uncapped_org.pk, request_id="req_first"))
+    sizes = batch_sizes(monkeypatch, "settle")
+
+    requests = [(org, key, CAP), (uncapped_org, uncapped_key, None)] * 12
+
+    async def settle(numbers: range, *also: Any) -> list[Any]:
+        return await asyncio.gather(
+            *(
+                usage_settle_on_loop(metered=metered(used.pk, owner.pk, request_id=f"req_{number}"))
+                for number, (owner, used, _) in enumerate(requests)
+                if number in numbers
+            ),
+            *also,
+        )
+
+    async def scenario() -> tuple[list[Any], list[Any]]:
+        for number, (owner, used, cap) in enumerate(requests):
+            await credit_reserve_on_loop(
+                **{**reserve_kwargs(owner, used, f"req_{number}", "0.1"), "spend_cap": cap}
+            )
+        together = await settle(range(20))
+        # One settled already: its batch fails, and each of its values is sent again alone.
+        again = usage_settle_on_loop(
+            metered=metered(key.pk, org.pk, request_id=f"req_first_{org.pk}")
+        )
+        return together, await settle(range(20, 24), again)
+
+    together, (*alone, again) = on_a_loop(scenario)
+
+    # The first two go at once, each alone; the others wait for them and go together.
+    assert sizes == [1, 1, 18, 1, 1, 3, 1, 1, 1]
+    assert again is None
+    settled = together + alone
+    assert [record.request_id for record in settled] == [f"req_{number}" for number in range(24)]
+    for record in settled:
+        stored = UsageRecord.objects.get(request_id=record.request_id)
+        assert (stored.pk, stored.ledger_transaction_id) == (
+            record.pk,
+            record.ledger_transaction_id,
+        )
+        charged = Posting.objects.get(transaction_id=stored.ledger_transaction_id, amount_usd__lt=0)
+        assert charged.account.organization_id == stored.organization_id
+    for owner in (org, uncapped_org):
+        wallet = Account.objects.get(organization=owner, kind=Account.Kind.WALLET)
+        assert (wallet.balance_usd, wallet.reserved_usd) == (Decimal("100") - 13 * COST, 0)
+    window = KeySpend.objects.get(api_key=key)
+    assert (window.spent_usd, window.reserved_usd) == (13 * COST, 0)
+    assert_ledger_balanced()
+
+
+def _reservations_in_batches(
+    monkeypatch: pytest.MonkeyPatch, asks: list[tuple[Any, Any, str, CapTerms | None]]
+) -> tuple[list[Any], list[int]]:
+    """Reserve `asks` (organisation, key, amount, cap) at once on one loop, after two of
+    another organisation's (which go at once, alone, so that `asks` wait and go together);
+    the outcomes of `asks` (a Reservation, None, or the error) and the batches' sizes."""
+    other, other_key = used_key()
+    sizes = batch_sizes(monkeypatch, "reserve")
+    everything = [(other, other_key, "0.1", CAP)] * 2 + asks
+
+    async def reserve_all() -> list[Any]:
+        return await asyncio.gather(
+            *(
+                credit_reserve_on_loop(
+                    **{**reserve_kwargs(owner, key, f"req_{number}", amount), "spend_cap": cap}
+                )
+                for number, (owner, key, amount, cap) in enumerate(everything)
+            ),
+            return_exceptions=True,
+        )
+
+    return on_a_loop(reserve_all)[2:], sizes
+
+
+def test_reservations_that_meet_fit_in_their_order_and_a_refused_one_is_asked_again_alone(
+    monkeypatch,
+):
+    org, key = used_key(credit_usd="1.2")  # 1.2 - COST available
+
+    outcomes, sizes = _reservations_in_batches(
+        monkeypatch, [(org, key, "0.7", CAP), (org, key, "0.7", CAP), (org, key, "0.3", CAP)]
+    )
+
+    # Together, the second and third did not fit after the first; alone, the third does.
+    assert sizes == [1, 1, 3, 1, 1]
+    assert outcomes[0].amount_usd == Decimal("0.7")
+    assert isinstance(outcomes[1], InsufficientCredit)
+    assert outcomes[2].amount_usd == Decimal("0.3")
+    assert Account.objects.get(organization=org, kind=Account.Kind.WALLET).reserved_usd == 1
+    assert KeySpend.objects.get(api_key=key).reserved_usd == 1
+
+
+def test_windows_in_a_batch_fit_in_their_order_and_a_missing_one_is_left_to_the_sync_service(
+    monkeypatch,
+):
+    org, key = used_key(credit_usd="100")
+    small_cap = CapTerms(amount_usd=Decimal("0.5"), window=SpendCap.Window.MONTH)
+    new_key, _ = make_key(org)  # no spend window yet
+
+    outcomes, sizes = _reservations_in_batches(
+        monkeypatch,
+        [
+            (org, key, "0.3", small_cap),
+            (org, key, "0.3", small_cap),
+            (org, new_key, "0.1", small_cap),
+            (org, key, "0.1", small_cap),
+        ],
+    )
+
+    assert sizes == [1, 1, 4, 1, 1]
+    assert outcomes[0].amount_usd == Decimal("0.3")
+    assert isinstance(outcomes[1], SpendCapExceeded)
+    assert outcomes[2] is None  # held nothing: credit_reserve makes the window
+    assert outcomes[3].amount_usd == Decimal("0.1")
+    assert KeySpend.objects.get(api_key=key).reserved_usd == Decimal("0.4")
+    assert Account.objects.get(organization=org, kind=Account.Kind.WALLET).reserved_usd == (
+        Decimal("0.4")
+    )
+    assert not KeySpend.objects.filter(api_key=new_key).exists()
+
+
+def test_a_batch_settling_a_hold_the_sweeper_voided_still_counts_it_in_the_window(monkeypatch):
+    org, key = used_key()
+    other, other_key = used_key()
+    for request_id in ("req_held", "req_voided"):
+        credit_reserve(**reserve_kwargs(org, key, request_id, "1"))
+    assert reservation_void(request_id="req_voided")  # an outage outlasted the sweep bound
+    sizes = batch_sizes(monkeypatch, "settle")
+
+    async def settle_all() -> list[Any]:
+        return await asyncio.gather(
+            *(  # go at once, alone: the next two wait and go together
+                usage_settle_on_loop(metered=metered(other_key.pk, other.pk, request_id=f"o_{n}"))
+                for n in range(2)
+            ),
+            *(
+                usage_settle_on_loop(metered=metered(key.pk, org.pk, request_id=request_id))
+                for request_id in ("req_held", "req_voided")
+            ),
+        )
+
+    on_a_loop(settle_all)
+
+    assert sizes == [1, 1, 2]
+    window = KeySpend.objects.get(api_key=key)
+    assert (window.spent_usd, window.reserved_usd) == (3 * COST, 0)
+    wallet = Account.objects.get(organization=org, kind=Account.Kind.WALLET)
+    assert (wallet.balance_usd, wallet.reserved_usd) == (Decimal("10") - 3 * COST, 0)
+    assert_ledger_balanced()
