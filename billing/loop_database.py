@@ -41,8 +41,10 @@ RESTING_SECONDS = 5.0
 _NEVER_BY_COUNT = 2**31 - 1  # psycopg prepares a statement after this many executions
 _GENERIC_PLANS = "-c plan_cache_mode=force_generic_plan"
 APPLICATION_NAME = "switchboard-event-loop"
-# Batches of one kind in flight at once per loop: one filling while one runs.
-BATCHES_IN_FLIGHT = 2
+# Statements of one kind in flight at once per loop: the others wait and go together once it
+# ends. Measured at c=64 (A/B, bench/RESULTS.md), 1, 2 and 4: 526, 462 and 401 requests/s; the
+# fewer, the larger the batches and the less PostgreSQL and the gateway spend per request.
+BATCHES_IN_FLIGHT = 1
 BATCH_MAX_SIZE = 100
 
 _Values = TypeVar("_Values")
@@ -112,8 +114,8 @@ class LoopConnections:
 
 class Batches(Generic[_Values, _Result]):
     """One statement's values, sent in batches: a value asked for while BATCHES_IN_FLIGHT
-    batches are in flight waits for one of them to end and goes with every value that waited
-    with it, as one statement (`send(values)`, which answers each value's result in order).
+    statements are in flight waits for one of them to end and goes with every value that
+    waited with it, as one statement (`send(values)`, which answers each value's result in order).
     Otherwise it goes at once, alone, from its caller's task (no hop: a request alone on its
     loop waits no longer than it did for a statement of its own).
 

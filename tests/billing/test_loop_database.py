@@ -32,6 +32,13 @@ from tests.factories import make_key, make_org
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
+
+@pytest.fixture(autouse=True)
+def _one_statement_in_flight(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batches below are told apart for this setting (the one shipped)."""
+    monkeypatch.setattr(loop_database, "BATCHES_IN_FLIGHT", 1)
+
+
 CAP = CapTerms(amount_usd=Decimal("5"), window=SpendCap.Window.MONTH)
 COST = usage_cost_usd(price=PRICE, input_tokens=1000, output_tokens=2000)
 _R = TypeVar("_R")
@@ -236,8 +243,8 @@ def test_settlements_that_meet_on_the_loop_go_together_and_each_is_exact(monkeyp
 
     together, (*alone, again) = on_a_loop(scenario)
 
-    # The first two go at once, each alone; the others wait for them and go together.
-    assert sizes == [1, 1, 18, 1, 1, 3, 1, 1, 1]
+    # The first goes at once, alone; the others wait for it and go together.
+    assert sizes == [1, 19, 1, 4, 1, 1, 1, 1]
     assert again is None
     settled = together + alone
     assert [record.request_id for record in settled] == [f"req_{number}" for number in range(24)]
@@ -260,12 +267,12 @@ def test_settlements_that_meet_on_the_loop_go_together_and_each_is_exact(monkeyp
 def _reservations_in_batches(
     monkeypatch: pytest.MonkeyPatch, asks: list[tuple[Any, Any, str, CapTerms | None]]
 ) -> tuple[list[Any], list[int]]:
-    """Reserve `asks` (organisation, key, amount, cap) at once on one loop, after two of
-    another organisation's (which go at once, alone, so that `asks` wait and go together);
+    """Reserve `asks` (organisation, key, amount, cap) at once on one loop, after one of
+    another organisation's (which goes at once, alone, so that `asks` wait and go together);
     the outcomes of `asks` (a Reservation, None, or the error) and the batches' sizes."""
     other, other_key = used_key()
     sizes = batch_sizes(monkeypatch, "reserve")
-    everything = [(other, other_key, "0.1", CAP)] * 2 + asks
+    everything = [(other, other_key, "0.1", CAP), *asks]
 
     async def reserve_all() -> list[Any]:
         return await asyncio.gather(
@@ -278,7 +285,7 @@ def _reservations_in_batches(
             return_exceptions=True,
         )
 
-    return on_a_loop(reserve_all)[2:], sizes
+    return on_a_loop(reserve_all)[1:], sizes
 
 
 def test_reservations_that_meet_fit_in_their_order_and_a_refused_one_is_asked_again_alone(
@@ -291,7 +298,7 @@ def test_reservations_that_meet_fit_in_their_order_and_a_refused_one_is_asked_ag
     )
 
     # Together, the second and third did not fit after the first; alone, the third does.
-    assert sizes == [1, 1, 3, 1, 1]
+    assert sizes == [1, 3, 1, 1]
     assert outcomes[0].amount_usd == Decimal("0.7")
     assert isinstance(outcomes[1], InsufficientCredit)
     assert outcomes[2].amount_usd == Decimal("0.3")
@@ -316,7 +323,7 @@ def test_windows_in_a_batch_fit_in_their_order_and_a_missing_one_is_left_to_the_
         ],
     )
 
-    assert sizes == [1, 1, 4, 1, 1]
+    assert sizes == [1, 4, 1, 1]
     assert outcomes[0].amount_usd == Decimal("0.3")
     assert isinstance(outcomes[1], SpendCapExceeded)
     assert outcomes[2] is None  # held nothing: credit_reserve makes the window
@@ -338,10 +345,8 @@ def test_a_batch_settling_a_hold_the_sweeper_voided_still_counts_it_in_the_windo
 
     async def settle_all() -> list[Any]:
         return await asyncio.gather(
-            *(  # go at once, alone: the next two wait and go together
-                usage_settle_on_loop(metered=metered(other_key.pk, other.pk, request_id=f"o_{n}"))
-                for n in range(2)
-            ),
+            # Goes at once, alone: the next two wait for it and go together.
+            usage_settle_on_loop(metered=metered(other_key.pk, other.pk, request_id="o_1")),
             *(
                 usage_settle_on_loop(metered=metered(key.pk, org.pk, request_id=request_id))
                 for request_id in ("req_held", "req_voided")
@@ -350,7 +355,7 @@ def test_a_batch_settling_a_hold_the_sweeper_voided_still_counts_it_in_the_windo
 
     on_a_loop(settle_all)
 
-    assert sizes == [1, 1, 2]
+    assert sizes == [1, 2]
     window = KeySpend.objects.get(api_key=key)
     assert (window.spent_usd, window.reserved_usd) == (3 * COST, 0)
     wallet = Account.objects.get(organization=org, kind=Account.Kind.WALLET)
