@@ -58,8 +58,21 @@ class CapTerms:
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+# Each kind of window's bounds last asked for: the next request's `now` is almost always in it.
+_current_windows: dict[str, tuple[datetime, datetime | None]] = {}
+
+
 def spend_window_bounds(window: SpendCap.Window, now: datetime) -> tuple[datetime, datetime | None]:
     """The UTC start of the cap window containing `now`, and when it ends (None: never)."""
+    current = _current_windows.get(window)
+    if current is not None and current[0] <= now and (current[1] is None or now < current[1]):
+        return current
+    bounds = _window_bounds(window, now)
+    _current_windows[window] = bounds
+    return bounds
+
+
+def _window_bounds(window: SpendCap.Window, now: datetime) -> tuple[datetime, datetime | None]:
     now = now.astimezone(UTC)
     day = now.replace(hour=0, minute=0, second=0, microsecond=0)
     if window == SpendCap.Window.DAY:

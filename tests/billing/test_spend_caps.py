@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -96,3 +96,11 @@ def test_december_rolls_into_january():
     assert spend_window_bounds(SpendCap.Window.MONTH, december)[1] == datetime(
         2027, 1, 1, tzinfo=UTC
     )
+
+
+def test_window_bounds_follow_the_time_asked_for_back_and_forth():
+    # The bounds last asked for are kept: a time outside them is not answered with them.
+    days = [DAY_1, DAY_1 + timedelta(days=1, hours=1), DAY_1, DAY_1 - timedelta(days=40)]
+    for now in days:
+        start, end = spend_window_bounds(SpendCap.Window.DAY, now)
+        assert end is not None and start <= now < end and end - start == timedelta(days=1)
