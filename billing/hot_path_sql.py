@@ -200,7 +200,8 @@ def _batch(requests: list[dict[str, Any]]) -> str:
     )
 
 
-# One reservation's values (the statement's input columns), with their SQL types.
+# One reservation's values, with their SQL types: the single statement's parameters, and the
+# input columns of the batch.
 _RESERVATION_COLUMNS = {
     "request_id": "text",
     "organization_id": "bigint",
@@ -249,16 +250,7 @@ SELECT
         THEN 0 ELSE 1
     END
 """,  # noqa: S608 (table names come from the models; every value is a parameter)
-    types={
-        "amount": "numeric",
-        "capped": "boolean",
-        "api_key_id": "bigint",
-        "window_start": "timestamptz",
-        "cap_usd": "numeric",
-        "organization_id": "bigint",
-        "request_id": "text",
-        "now": "timestamptz",
-    },
+    types=_RESERVATION_COLUMNS,
 )
 
 
@@ -422,7 +414,8 @@ def _reserved_one(values: dict[str, Any]) -> Callable[[list[tuple[Any, ...]]], l
     return read
 
 
-# One settlement's values (the statement's input columns), with their SQL types.
+# One settlement's values, with their SQL types: the single statement's parameters, and the
+# input columns of the batch.
 _SETTLEMENT_COLUMNS = {
     "request_id": "text",
     "state": "text",
@@ -551,30 +544,7 @@ SELECT
     END
 FROM record
 """,  # noqa: S608 (table names come from the models; every value is a parameter)
-    types={
-        "state": "text",
-        "now": "timestamptz",
-        "request_id": "text",
-        "cost": "numeric",
-        "organization_id": "bigint",
-        "memo": "text",
-        "api_key_id": "bigint",
-        "model": "text",
-        "provider": "text",
-        "upstream_model": "text",
-        "attempts": "integer",
-        "status": "text",
-        "http_status": "integer",
-        "input_tokens": "bigint",
-        "output_tokens": "bigint",
-        "cached_input_tokens": "bigint",
-        "cache_write_input_tokens": "bigint",
-        "usage_source": "text",
-        "latency_ms": "integer",
-        "time_to_first_token_ms": "integer",
-        "touch_last_used": "boolean",
-        "last_used_before": "timestamptz",
-    },
+    types=_SETTLEMENT_COLUMNS,
 )
 
 
