@@ -304,7 +304,11 @@ def test_a_client_that_hangs_up_midway_is_charged_what_was_generated_and_the_ups
         ) as response,
     ):
         assert response.status_code == 200
-        for line in response.iter_lines():
+        # Kept referenced until the hang-up (leaving this block): httpx closes the connection
+        # when this iterator is collected, which the garbage collector did at random moments,
+        # now and then before the check below (the stream was then cancelled already).
+        lines = response.iter_lines()
+        for line in lines:
             if line.startswith("data: "):
                 data_lines.append(line)
             if len(data_lines) == 3:
