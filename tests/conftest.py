@@ -73,6 +73,14 @@ def fake_provider(
 
 
 @pytest.fixture(scope="session")
+def django_db_setup(django_db_setup: None, django_db_blocker: Any) -> Iterator[None]:
+    """pytest-django's, and before it drops the test database, no other session left on it."""
+    yield
+    with django_db_blocker.unblock():
+        _other_sessions_ended()
+
+
+@pytest.fixture(scope="session")
 def gateway_server(django_db_setup: None, django_db_blocker: Any) -> Iterator[ThreadedServer]:
     """Switchboard's real ASGI application served by uvicorn on a free port."""
     from portal.asgi import application
@@ -80,31 +88,29 @@ def gateway_server(django_db_setup: None, django_db_blocker: Any) -> Iterator[Th
     server = ThreadedServer(application).start()
     yield server
     server.stop()
-    with django_db_blocker.unblock():
-        _event_loop_sessions_gone()
 
 
-def _event_loop_sessions_gone(*, timeout: float = 10.0) -> None:
-    """Wait until PostgreSQL has ended the sessions of the server's event loop, which were
-    closed with the loop (billing/loop_database.py) but whose server processes leave a moment
-    later: the test database cannot be dropped while one remains."""
+def _other_sessions_ended(*, timeout: float = 5.0) -> None:
+    """Wait until PostgreSQL has ended every other session on the test database, then end
+    those left: the database cannot be dropped while one remains. The event loop's sessions
+    (billing/loop_database.py) leave a moment after their loop closed them; a pooled
+    connection of a thread still alive leaves only when told to."""
     from django.db import connection
-
-    from billing.loop_database import APPLICATION_NAME
 
     if connection.vendor != "postgresql":
         return
+    others = "FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
-                [APPLICATION_NAME],
-            )
+    with connection.cursor() as cursor:
+        while True:
+            cursor.execute(f"SELECT count(*) {others}")
             (remaining,) = cursor.fetchone()
-        if not remaining:
-            return
-        time.sleep(0.05)
+            if not remaining:
+                return
+            if time.monotonic() >= deadline:
+                cursor.execute(f"SELECT pg_terminate_backend(pid) {others}")
+                return
+            time.sleep(0.05)
 
 
 @pytest.fixture
