@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from django.db import DatabaseError, DataError, IntegrityError, transaction
-from django.db.models import F, Q
+from django.db.models import F, Field, Model, Q
 from django.utils import timezone
 
 from billing import hot_path_sql
@@ -346,14 +347,14 @@ class _OneStatementReservation:
         self.resets_at: datetime | None = None
         if spend_cap is not None:
             self.window_start, self.resets_at = spend_window_bounds(spend_cap.window, now)
-        self.reservation_row = Reservation(
-            request_id=request_id,
-            organization_id=organization_id,
-            api_key_id=api_key_id,
-            amount_usd=amount_usd,
-            spend_window_start=self.window_start,
-            created_at=now,
-        )
+        self.reservation_columns: dict[str, Any] = {
+            "request_id": request_id,
+            "organization_id": organization_id,
+            "api_key_id": api_key_id,
+            "amount_usd": amount_usd,
+            "spend_window_start": self.window_start,
+            "created_at": now,
+        }
         self.values = hot_path_sql.reservation(
             request_id=request_id,
             organization_id=organization_id,
@@ -404,10 +405,7 @@ class _OneStatementReservation:
             )
         if not reserved.held:
             raise InsufficientCredit("the wallet's available credit does not cover this request")
-        reservation = self.reservation_row
-        reservation._state.adding = False
-        reservation._state.db = "default"
-        return reservation
+        return _as_stored(Reservation, self.reservation_columns)
 
 
 def _release(*, request_id: str, state: Reservation.State, spent_usd: Decimal = ZERO_USD) -> bool:
@@ -778,17 +776,40 @@ class _OneStatementSettlement:
         )
 
     def usage_record(self, settled: hot_path_sql.Settled) -> UsageRecord:
-        record = UsageRecord(
-            pk=settled.usage_record_id,
-            request_id=self.metered.request_id,
-            cost_usd=self.cost_usd,
-            ledger_transaction_id=settled.ledger_transaction_id,
-            created_at=self.now,
-            **self.columns,
+        return _as_stored(
+            UsageRecord,
+            {
+                **self.columns,
+                "id": settled.usage_record_id,
+                "request_id": self.metered.request_id,
+                "cost_usd": self.cost_usd,
+                "ledger_transaction_id": settled.ledger_transaction_id,
+                "created_at": self.now,
+            },
         )
-        record._state.adding = False
-        record._state.db = "default"
-        return record
+
+
+_Model = TypeVar("_Model", bound=Model)
+
+
+def _as_stored(model: type[_Model], columns: dict[str, Any]) -> _Model:
+    """The `model` row a one-statement reservation or settlement wrote with `columns` (the
+    others at their defaults), made as Django makes a fetched row: its values in field order,
+    not by keyword, which took twice as long (every request makes two)."""
+    names, fields = _stored_fields(model)
+    return model.from_db(
+        "default",
+        names,
+        [columns[name] if name in columns else field.get_default() for name, field in fields],
+    )
+
+
+@functools.cache
+def _stored_fields(
+    model: type[Model],
+) -> tuple[list[str], list[tuple[str, Field[Any, Any]]]]:
+    fields = [(field.attname, field) for field in model._meta.concrete_fields]
+    return [name for name, _ in fields], fields
 
 
 def _usage_memo(metered: MeteredRequest) -> str:
