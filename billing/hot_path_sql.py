@@ -184,10 +184,15 @@ def _bigint(values: dict[str, Any]) -> dict[str, Any]:
     return {name: Int8(value) if type(value) is int else value for name, value in values.items()}
 
 
-def _input(columns: dict[str, str]) -> str:
-    """The statement's `input` rows: one per request, from the batch's JSON (`_batch`)."""
+def _batched(name: str, columns: dict[str, str], ctes: str) -> _Prepared:
+    """A statement over a batch of requests: its one parameter is their values as JSON
+    (`_batch`), read as the rows of `input` (one per request, with `columns` and its
+    `position` in the batch), which `ctes` (what follows `WITH input AS (…),`) use."""
     record = ", ".join(f"{name} {kind}" for name, kind in {"position": "bigint", **columns}.items())
-    return "SELECT * FROM jsonb_to_recordset(%(batch)s::jsonb) AS input(" + record + ")"  # noqa: S608 (our column names)
+    rows = "SELECT * FROM jsonb_to_recordset(%(batch)s::jsonb) AS input(" + record + ")"  # noqa: S608 (our column names)
+    return _Prepared(
+        name=name, text=f"\nWITH input AS (\n    {rows}\n), {ctes}", types={"batch": "jsonb"}
+    )
 
 
 # Made once: `json.dumps` with an argument builds an encoder per call.
@@ -257,12 +262,10 @@ SELECT
 )
 
 
-_RESERVE_MANY = _Prepared(
-    name="sb_reserve_many",
-    text=f"""
-WITH input AS (
-    {_input(_RESERVATION_COLUMNS)}
-), windows AS (
+_RESERVE_MANY = _batched(
+    "sb_reserve_many",
+    _RESERVATION_COLUMNS,
+    f"""windows AS (
     -- Rows shared by several requests are locked in one order (by id) by every reservation
     -- and settlement, so two statements that each hold some of them never deadlock. Locked,
     -- a row reads as last committed (READ COMMITTED), whatever this statement's snapshot.
@@ -338,7 +341,6 @@ FROM input
     LEFT JOIN window_fits USING (position)
 ORDER BY input.position
 """,  # noqa: S608 (table names come from the models; every value is a parameter)
-    types={"batch": "jsonb"},
 )
 
 
@@ -386,8 +388,20 @@ def reserve(reservations: list[dict[str, Any]]) -> Statement[list[Reserved]]:
     never aborts on purpose.
     """
     if len(reservations) == 1:
-        (values,) = reservations
-        return Statement(_RESERVE_ONE, _bigint(values), _reserved_one(values))
+        (one,) = reservations
+
+        def read_one(rows: list[tuple[Any, ...]]) -> list[Reserved]:
+            ((windows, holds, window_exists, _),) = rows
+            capped = one["capped"]
+            return [
+                Reserved(
+                    held=holds == 1,
+                    window_refused=capped and windows == 0 and window_exists,
+                    window_missing=capped and not window_exists,
+                )
+            ]
+
+        return Statement(_RESERVE_ONE, _bigint(one), read_one)
 
     def read(rows: list[tuple[Any, ...]]) -> list[Reserved]:
         return [
@@ -400,21 +414,6 @@ def reserve(reservations: list[dict[str, Any]]) -> Statement[list[Reserved]]:
         ]
 
     return Statement(_RESERVE_MANY, {"batch": _batch(reservations)}, read)
-
-
-def _reserved_one(values: dict[str, Any]) -> Callable[[list[tuple[Any, ...]]], list[Reserved]]:
-    def read(rows: list[tuple[Any, ...]]) -> list[Reserved]:
-        ((windows, holds, window_exists, _),) = rows
-        capped = values["capped"]
-        return [
-            Reserved(
-                held=holds == 1,
-                window_refused=capped and windows == 0 and window_exists,
-                window_missing=capped and not window_exists,
-            )
-        ]
-
-    return read
 
 
 # One settlement's values, with their SQL types: the single statement's parameters, and the
@@ -551,12 +550,10 @@ FROM record
 )
 
 
-_SETTLE_MANY = _Prepared(
-    name="sb_settle_many",
-    text=f"""
-WITH input AS (
-    {_input(_SETTLEMENT_COLUMNS)}
-), claim AS (
+_SETTLE_MANY = _batched(
+    "sb_settle_many",
+    _SETTLEMENT_COLUMNS,
+    f"""claim AS (
     UPDATE {_RESERVATION} AS held SET state = input.state, resolved_at = input.now
     FROM input
     WHERE held.request_id = ANY(ARRAY(SELECT request_id FROM input))
@@ -696,7 +693,6 @@ FROM record
     LEFT JOIN claim USING (request_id)
     LEFT JOIN charged USING (request_id)
 """,  # noqa: S608 (table names come from the models; every value is a parameter)
-    types={"batch": "jsonb"},
 )
 
 

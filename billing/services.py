@@ -343,25 +343,17 @@ class _OneStatementReservation:
         spend_cap: CapTerms | None,
         now: datetime,
     ) -> None:
-        self.window_start: datetime | None = None
+        window_start: datetime | None = None
         self.resets_at: datetime | None = None
         if spend_cap is not None:
-            self.window_start, self.resets_at = spend_window_bounds(spend_cap.window, now)
-        self.reservation_columns: dict[str, Any] = {
-            "request_id": request_id,
-            "organization_id": organization_id,
-            "api_key_id": api_key_id,
-            "amount_usd": amount_usd,
-            "spend_window_start": self.window_start,
-            "created_at": now,
-        }
+            window_start, self.resets_at = spend_window_bounds(spend_cap.window, now)
         self.values = hot_path_sql.reservation(
             request_id=request_id,
             organization_id=organization_id,
             api_key_id=api_key_id,
             amount_usd=amount_usd,
             cap_usd=spend_cap.amount_usd if spend_cap is not None else None,
-            window_start=self.window_start,
+            window_start=window_start,
             now=now,
         )
 
@@ -405,7 +397,18 @@ class _OneStatementReservation:
             )
         if not reserved.held:
             raise InsufficientCredit("the wallet's available credit does not cover this request")
-        return _as_stored(Reservation, self.reservation_columns)
+        values = self.values
+        return _as_stored(
+            Reservation,
+            {
+                "request_id": values["request_id"],
+                "organization_id": values["organization_id"],
+                "api_key_id": values["api_key_id"],
+                "amount_usd": values["amount"],
+                "spend_window_start": values["window_start"],
+                "created_at": values["now"],
+            },
+        )
 
 
 def _release(*, request_id: str, state: Reservation.State, spent_usd: Decimal = ZERO_USD) -> bool:
