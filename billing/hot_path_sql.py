@@ -43,7 +43,7 @@ import json
 import re
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, Generic, TypeVar
@@ -112,11 +112,16 @@ class _Prepared:
     name: str
     text: str
     types: dict[str, str]
+    # `text` with its values as `$1`, `$2`, … in the order of `types`: what the server parses.
+    numbered: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        position = {name: index for index, name in enumerate(self.types, start=1)}
+        numbered = re.sub(r"%\((\w+)\)s", lambda match: f"${position[match[1]]}", self.text)
+        object.__setattr__(self, "numbered", numbered)
 
     def prepare_sql(self) -> str:
-        position = {name: index for index, name in enumerate(self.types, start=1)}
-        body = re.sub(r"%\((\w+)\)s", lambda match: f"${position[match[1]]}", self.text)
-        return f"PREPARE {self.name} ({', '.join(self.types.values())}) AS {body}"
+        return f"PREPARE {self.name} ({', '.join(self.types.values())}) AS {self.numbered}"
 
     def execute_sql(self) -> str:
         return f"EXECUTE {self.name} ({', '.join(f'%({name})s' for name in self.types)})"
@@ -151,11 +156,14 @@ class Statement(Generic[_Result]):
         with it, so none is left behind (a refusal, or an account's first use, is rare)."""
         with as_django_errors():  # connecting included
             async with connections.connection() as session:
-                cursor = session.cursor()
+                # A raw cursor sends the numbered text as it is: psycopg's cursor would parse
+                # `%(name)s` out of the text on every call (uncached past 4 kB, as the
+                # settlement is), 0.3 ms of the gateway's CPU per request.
+                cursor = psycopg.AsyncRawCursor(session)
                 try:
                     await cursor.execute(
-                        self.prepared.text,
-                        self.params,
+                        self.prepared.numbered,
+                        [self.params[name] for name in self.prepared.types],
                         prepare=settings.DATABASE_PREPARED_STATEMENTS,
                     )
                 except psycopg.Error:
