@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+import orjson
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 
@@ -28,8 +28,10 @@ def read_json_body(request: GatewayRequest) -> dict[str, Any]:
     except RequestDataTooBig:
         raise RequestTooLarge(_too_large_message()) from None
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        # orjson reads JSON as RFC 8259 has it, where Python's json also takes NaN, Infinity
+        # and lone surrogates (which UTF-8 cannot carry on to the provider); and 3x faster.
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
         raise InvalidRequest("The request body is not valid JSON.") from None
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")

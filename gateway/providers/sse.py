@@ -26,7 +26,13 @@ from multidict import CIMultiDict
 
 from gateway import outbound
 from gateway.errors import InvalidRequest, UpstreamFailed, UpstreamStreamBroken
-from gateway.providers.http import CLIENT_ERRORS, refusal_message, route_timeout, status_failure
+from gateway.providers.http import (
+    CLIENT_ERRORS,
+    refusal_message,
+    request_body,
+    route_timeout,
+    status_failure,
+)
 from gateway.selectors import RouteEntry
 
 logger = logging.getLogger(__name__)
@@ -49,7 +55,7 @@ async def open_event_stream(
     The caller must close it (`closer(response)`). Raises what `post_json` raises for a
     non-200, and a retryable UpstreamFailed when the first byte did not come in time.
     """
-    body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+    body = request_body(payload)
     outgoing = CIMultiDict(headers)
     outgoing.setdefault("Content-Type", "application/json")
     # Each read of the body may wait a little over the idle timeout (the relay's own check,

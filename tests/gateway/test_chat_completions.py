@@ -173,6 +173,22 @@ def test_an_unknown_model_gets_404(gateway_url, catalog, fake_provider):
     [
         (b"{not json", "not valid JSON"),
         (b"[1, 2]", "JSON object"),
+        # Not JSON either (RFC 8259), though Python's json reads them: a lone surrogate
+        # cannot be sent on as UTF-8 (it was a 500), NaN would reach the provider as is.
+        (
+            b'{"model": "fake-small", "messages": [{"role": "user", "content": "a \\ud800 b"}]}',
+            "not valid JSON",
+        ),
+        (
+            b'{"model": "fake-small", "messages": [{"role": "user", "content": "hi"}],'
+            b' "temperature": NaN}',
+            "not valid JSON",
+        ),
+        (
+            b'{"model": "fake-small", "messages": [{"role": "user", "content": "hi"}],'
+            b' "top_p": -Infinity}',
+            "not valid JSON",
+        ),
         (b'{"messages": [{"role": "user", "content": "hi"}]}', "'model' is required"),
         (b'{"model": "fake-small", "messages": []}', "'messages'"),
         (b'{"model": "fake-small", "messages": ["hi"]}', "'role'"),
