@@ -16,6 +16,7 @@ from gateway.wire import GatewayRequest
 PROVIDER_ADDRESSING_FIELDS = frozenset(
     {"base_url", "api_base", "api_key", "api_version", "azure_endpoint", "custom_llm_provider"}
 )
+_UTF8_BOM = b"\xef\xbb\xbf"
 
 
 def read_json_body(request: GatewayRequest) -> dict[str, Any]:
@@ -27,6 +28,8 @@ def read_json_body(request: GatewayRequest) -> dict[str, Any]:
         raw = request.body
     except RequestDataTooBig:
         raise RequestTooLarge(_too_large_message()) from None
+    if raw.startswith(_UTF8_BOM):  # RFC 8259 lets a parser ignore it; some clients send it
+        raw = raw[len(_UTF8_BOM) :]
     try:
         # orjson reads JSON as RFC 8259 has it, where Python's json also takes NaN, Infinity
         # and lone surrogates (which UTF-8 cannot carry on to the provider); and 3x faster.

@@ -216,6 +216,21 @@ def test_a_bad_body_gets_400_in_openai_shape(gateway_url, catalog, fake_provider
     assert fake_provider.calls == []
 
 
+def test_a_body_after_a_utf8_byte_order_mark_is_read(gateway_url, catalog, fake_provider):
+    # RFC 8259 lets a parser ignore the mark, and some clients (Windows PowerShell 5) send it.
+    _, key = make_key(make_org(credit_usd="10"))
+
+    response = httpx.post(
+        f"{gateway_url}/chat/completions",
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        content=b"\xef\xbb\xbf"
+        + b'{"model": "fake-small", "messages": [{"role": "user", "content": "hi"}]}',
+    )
+
+    assert response.status_code == 200, response.text
+    assert len(fake_provider.calls) == 1
+
+
 @pytest.mark.parametrize("upstream_status", [500, 503, 401, 403])
 def test_an_upstream_failure_gets_502_and_is_recorded_uncharged(
     gateway_url, catalog, fake_provider, upstream_status
