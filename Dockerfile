@@ -1,5 +1,5 @@
 # One image for every Switchboard process (web, worker, beat, migrate); compose.yaml picks
-# the command. Static files are collected at build time and served by WhiteNoise.
+# the command. Static files are collected at build time and served by ServeStatic.
 FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 SWITCHBOARD_VAR_DIR=/app/var
 WORKDIR /app

@@ -1,8 +1,9 @@
 """The gateway's own ASGI handler for `/v1/*` (and the probes and metrics page): the request
 path without Django's per-request machinery.
 
-Django's handler runs its middleware stack (one sync middleware, WhiteNoise, runs the whole
-request through a thread), gives every request a thread of its own, sends the request signals,
+Django's handler runs its middleware stack (ten middlewares; until WhiteNoise gave way to
+ServeStatic, one sync middleware ran the whole request through a thread), gives every request
+a thread of its own, sends the request signals,
 spools the body through a temporary file, builds META from every header, resolves the URL with
 the URLconf set in an asgiref Local, and runs two tasks per request (the view, and a watch for
 the client going away). `/v1/*` needs none of it: no sessions, CSRF, messages or static files;

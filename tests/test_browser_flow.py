@@ -45,8 +45,8 @@ def off_the_loop(work: Callable[[], T]) -> T:
 @pytest.fixture
 def live_site(settings, transactional_db, catalog) -> Iterator[str]:
     """Switchboard's ASGI app, as portal/asgi.py composes it, on a free port, with static files
-    served from the apps' folders (WhiteNoise reads its settings when the handler is built)."""
-    settings.WHITENOISE_USE_FINDERS = True
+    served from the apps' folders (ServeStatic reads its settings when the handler is built)."""
+    settings.SERVESTATIC_USE_FINDERS = True
     site, gateway = ASGIHandler(), GatewayASGIHandler()
 
     async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:

@@ -1,5 +1,5 @@
 """No page loads anything from another host at run time: scripts, styles, fonts and images
-are the app's own static files (WhiteNoise serves them), and each one is really there."""
+are the app's own static files (ServeStatic serves them), and each one is really there."""
 
 from __future__ import annotations
 
@@ -29,9 +29,9 @@ ANONYMOUS_PAGES = [
 @pytest.mark.parametrize("path", [*PAGES, *ANONYMOUS_PAGES])
 def test_every_asset_of_the_page_is_served_by_the_app(acme_pages, settings, path):
     signed_in, ids = acme_pages
-    # Static files from the apps' folders, as `make run` collects them; WhiteNoise reads the
+    # Static files from the apps' folders, as `make run` collects them; ServeStatic reads the
     # setting when a client builds its middleware, so this test uses a client of its own.
-    settings.WHITENOISE_USE_FINDERS = True
+    settings.SERVESTATIC_USE_FINDERS = True
     client = Client()
     if path not in ANONYMOUS_PAGES:
         client.cookies = signed_in.cookies
