@@ -448,6 +448,14 @@ _SETTLEMENT_COLUMNS = {
     "now": "timestamptz",
 }
 
+# The usage record's insert, up to its values: the same columns for one settlement and many.
+_INSERT_USAGE_RECORD = f"""INSERT INTO {_USAGE} (
+        request_id, organization_id, api_key_id, model, provider, upstream_model, attempts,
+        status, http_status, input_tokens, output_tokens, cached_input_tokens,
+        cache_write_input_tokens, usage_source, cost_usd, latency_ms, time_to_first_token_ms,
+        ledger_transaction_id, created_at
+    )"""
+
 _SETTLE_ONE = _Prepared(
     name="sb_settle",
     text=f"""
@@ -505,12 +513,7 @@ WITH claim AS (
     SELECT entry.id, revenue.id, %(cost)s FROM entry, revenue
     RETURNING id
 ), record AS (
-    INSERT INTO {_USAGE} (
-        request_id, organization_id, api_key_id, model, provider, upstream_model, attempts,
-        status, http_status, input_tokens, output_tokens, cached_input_tokens,
-        cache_write_input_tokens, usage_source, cost_usd, latency_ms, time_to_first_token_ms,
-        ledger_transaction_id, created_at
-    )
+    {_INSERT_USAGE_RECORD}
     VALUES (
         %(request_id)s, %(organization_id)s, %(api_key_id)s, %(model)s, %(provider)s,
         %(upstream_model)s, %(attempts)s, %(status)s, %(http_status)s, %(input_tokens)s,
@@ -649,12 +652,7 @@ _SETTLE_MANY = _batched(
     SELECT charged.entry_id, revenue.id, charged.cost FROM charged, revenue
     RETURNING id
 ), record AS (
-    INSERT INTO {_USAGE} (
-        request_id, organization_id, api_key_id, model, provider, upstream_model, attempts,
-        status, http_status, input_tokens, output_tokens, cached_input_tokens,
-        cache_write_input_tokens, usage_source, cost_usd, latency_ms, time_to_first_token_ms,
-        ledger_transaction_id, created_at
-    )
+    {_INSERT_USAGE_RECORD}
     SELECT input.request_id, input.organization_id, input.api_key_id, input.model,
         input.provider, input.upstream_model, input.attempts, input.status, input.http_status,
         input.input_tokens, input.output_tokens, input.cached_input_tokens,
