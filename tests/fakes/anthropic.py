@@ -38,7 +38,7 @@ from tests.fakes.base import (
 )
 from tests.fakes.provider import RecordedCall, cut_connection
 
-__all__ = ["REPLY_PREFIX", "TOOL_REPLY_PREFIX", "FakeAnthropic", "count_input_tokens"]
+__all__ = ["REPLY_PREFIX", "TOOL_REPLY_PREFIX", "FakeAnthropic", "count_input_tokens", "error_body"]
 
 
 REPLY_PREFIX: Final = "Hello from the fake Anthropic provider. You said:"
@@ -280,7 +280,7 @@ class _StreamFault:
     error_after_deltas: int | None = None  # an `error` event (overloaded) after this many
 
 
-def _error_body(status: int, message: str) -> dict[str, Any]:
+def error_body(status: int, message: str) -> dict[str, Any]:
     """Anthropic's error envelope."""
     return {
         "type": "error",
@@ -367,18 +367,18 @@ class FakeAnthropic(ScriptedFaults[ScriptedAnswer], FakeUpstream):
         scheme, _, token = headers.get("authorization", "").partition(" ")
         key = headers.get("x-api-key") or (token.strip() if scheme.lower() == "bearer" else "")
         if not key or (self.api_key is not None and key != self.api_key):
-            await _send_json(send, 401, _error_body(401, "invalid x-api-key"))
+            await _send_json(send, 401, error_body(401, "invalid x-api-key"))
             return
         if (scope["method"], scope["path"]) != ("POST", "/v1/messages"):
-            await _send_json(send, 404, _error_body(404, "Not found"))
+            await _send_json(send, 404, error_body(404, "Not found"))
             return
         if not headers.get("anthropic-version"):
-            await _send_json(send, 400, _error_body(400, "anthropic-version: header is required"))
+            await _send_json(send, 400, error_body(400, "anthropic-version: header is required"))
             return
         try:
             request = _check_request(body)
         except _Invalid as invalid:
-            await _send_json(send, 400, _error_body(400, invalid.message))
+            await _send_json(send, 400, error_body(400, invalid.message))
             return
         reply = self._message(request)
         with self._lock:
@@ -434,12 +434,12 @@ class FakeAnthropic(ScriptedFaults[ScriptedAnswer], FakeUpstream):
 def _scripted_error(status: int) -> dict[str, Any]:
     """Anthropic's error body for a scripted failure."""
     if status == 401:
-        return _error_body(status, "invalid x-api-key")
+        return error_body(status, "invalid x-api-key")
     if status == 529:
-        return _error_body(status, "Overloaded")
+        return error_body(status, "Overloaded")
     if status >= 500:
-        return _error_body(status, f"Internal server error (scripted {status}).")
-    return _error_body(status, f"Scripted failure {status}.")
+        return error_body(status, f"Internal server error (scripted {status}).")
+    return error_body(status, f"Scripted failure {status}.")
 
 
 async def _send_json(

@@ -43,7 +43,7 @@ from tests.fakes.base import (
 )
 from tests.fakes.provider import RecordedCall, cut_connection
 
-__all__ = ["REPLY_PREFIX", "TOOL_REPLY_PREFIX", "FakeGemini", "count_prompt_tokens"]
+__all__ = ["REPLY_PREFIX", "TOOL_REPLY_PREFIX", "FakeGemini", "count_prompt_tokens", "error_body"]
 
 
 REPLY_PREFIX: Final = "Hello from the fake Gemini provider. You said:"
@@ -297,7 +297,7 @@ class _StreamFault:
     omit_usage: bool = False  # no `usageMetadata` in any event
 
 
-def _error_body(status: int, message: str, details: list[Any] | None = None) -> dict[str, Any]:
+def error_body(status: int, message: str, details: list[Any] | None = None) -> dict[str, Any]:
     """Google's error envelope."""
     error: dict[str, Any] = {
         "code": status,
@@ -355,7 +355,7 @@ class FakeGemini(ScriptedFaults[ScriptedAnswer], FakeUpstream):
     _answer_type = ScriptedAnswer
 
     def _error_body_for(self, status: int) -> dict[str, Any]:
-        return _error_body(status, _scripted_message(status))
+        return error_body(status, _scripted_message(status))
 
     async def _send_json(
         self, send: Send, status: int, payload: Any, headers: Mapping[str, str] | None = None
@@ -380,24 +380,24 @@ class FakeGemini(ScriptedFaults[ScriptedAnswer], FakeUpstream):
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         key = headers.get("x-goog-api-key") or (query.get("key") or [""])[0]
         if not key:
-            await _send_json(send, 403, _error_body(403, _NO_KEY))
+            await _send_json(send, 403, error_body(403, _NO_KEY))
             return
         if self.api_key is not None and key != self.api_key:
-            await _send_json(send, 400, _error_body(400, _BAD_KEY, _BAD_KEY_DETAILS))
+            await _send_json(send, 400, error_body(400, _BAD_KEY, _BAD_KEY_DETAILS))
             return
         matched = _PATH.match(scope["path"])
         if scope["method"] != "POST" or matched is None:
-            await _send_json(send, 404, _error_body(404, "Requested entity was not found."))
+            await _send_json(send, 404, error_body(404, "Requested entity was not found."))
             return
         try:
             request = _check_request(body, self._issued_signatures)
         except _Invalid as invalid:
-            await _send_json(send, 400, _error_body(400, invalid.message))
+            await _send_json(send, 400, error_body(400, invalid.message))
             return
         reply = self._response(request, matched["model"])
         streamed = matched["method"] == "streamGenerateContent"
         if streamed and query.get("alt") != ["sse"]:
-            await _send_json(send, 400, _error_body(400, "This fake streams with alt=sse only."))
+            await _send_json(send, 400, error_body(400, "This fake streams with alt=sse only."))
             return
         with self._lock:
             self.replies.append(reply)
