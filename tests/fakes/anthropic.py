@@ -21,22 +21,13 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from tests.fakes.base import (
-    FakeUpstream,
-    Receive,
-    Scope,
-    ScriptedAnswer,
-    ScriptedFaults,
-    Send,
-    read_body,
-    send_json,
-)
+from tests.fakes.base import Scope, Send, send_json
 from tests.fakes.provider import RecordedCall, cut_connection
+from tests.fakes.recording import RecordingFake
 
 __all__ = ["REPLY_PREFIX", "TOOL_REPLY_PREFIX", "FakeAnthropic", "count_input_tokens", "error_body"]
 
@@ -289,7 +280,7 @@ def error_body(status: int, message: str) -> dict[str, Any]:
     }
 
 
-class FakeAnthropic(ScriptedFaults[ScriptedAnswer], FakeUpstream):
+class FakeAnthropic(RecordingFake[_StreamFault]):
     """An Anthropic-compatible upstream on 127.0.0.1 at a free port, served in a thread.
 
     Point clients at `base_url` (`http://127.0.0.1:<port>/v1`). With `api_key` set, only that
@@ -300,44 +291,25 @@ class FakeAnthropic(ScriptedFaults[ScriptedAnswer], FakeUpstream):
     reported as `input_tokens`, as Anthropic does).
     """
 
-    def __init__(self, *, api_key: str | None = None) -> None:
-        """Create a stopped fake that accepts `api_key`, or any key when None."""
-        super().__init__()
-        self.api_key = api_key
-        self.calls: list[RecordedCall] = []
-        self.replies: list[dict[str, Any]] = []
+    _no_stream_fault = _StreamFault()
+
+    def _reset_settings(self) -> None:
         self.cache_read_input_tokens = 0
         self.cache_creation_input_tokens = 0
-        self._stream_faults: deque[_StreamFault] = deque()
-
-    def reset(self) -> None:
-        """Forget calls, replies, pending failures and cache settings."""
-        with self._lock:
-            self.calls.clear()
-            self.replies.clear()
-            self._script.clear()
-            self._stream_faults.clear()
-            self.cache_read_input_tokens = 0
-            self.cache_creation_input_tokens = 0
 
     def cut_stream_after(self, deltas: int) -> None:
         """The next streamed answer loses its connection right after `deltas` content block
         deltas: no content_block_stop, message_delta nor message_stop."""
-        with self._lock:
-            self._stream_faults.append(_StreamFault(cut_after_deltas=deltas))
+        self._queue_stream_fault(_StreamFault(cut_after_deltas=deltas))
 
     def omit_usage_next(self) -> None:
         """The next streamed answer is complete but reports no `usage` at all."""
-        with self._lock:
-            self._stream_faults.append(_StreamFault(omit_usage=True))
+        self._queue_stream_fault(_StreamFault(omit_usage=True))
 
     def error_stream_after(self, deltas: int) -> None:
         """The next streamed answer sends an `error` event (overloaded_error) after `deltas`
         content block deltas, as Anthropic does when it fails mid-stream, and ends."""
-        with self._lock:
-            self._stream_faults.append(_StreamFault(error_after_deltas=deltas))
-
-    _answer_type = ScriptedAnswer
+        self._queue_stream_fault(_StreamFault(error_after_deltas=deltas))
 
     def _error_body_for(self, status: int) -> dict[str, Any]:
         return _scripted_error(status)
@@ -347,47 +319,28 @@ class FakeAnthropic(ScriptedFaults[ScriptedAnswer], FakeUpstream):
     ) -> None:
         await _send_json(send, status, payload, headers)
 
-    async def _app(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return
-        raw = await read_body(receive)
-        if raw is None:
-            return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        try:
-            body: Any = json.loads(raw) if raw else None
-        except ValueError:
-            body = None
-        with self._lock:
-            self.calls.append(RecordedCall(scope["method"], scope["path"], headers, body))
-        if await self._answered_as_scripted(send, self._next_scripted()):
-            return
+    async def _answer(self, scope: Scope, call: RecordedCall, send: Send) -> None:
         # The real API's order: authentication, then routing, then the body.
         # `x-api-key` is the documented header; newer SDKs send the key as a bearer token.
+        headers = call.headers
         scheme, _, token = headers.get("authorization", "").partition(" ")
         key = headers.get("x-api-key") or (token.strip() if scheme.lower() == "bearer" else "")
         if not key or (self.api_key is not None and key != self.api_key):
             await _send_json(send, 401, error_body(401, "invalid x-api-key"))
             return
-        if (scope["method"], scope["path"]) != ("POST", "/v1/messages"):
+        if (call.method, call.path) != ("POST", "/v1/messages"):
             await _send_json(send, 404, error_body(404, "Not found"))
             return
         if not headers.get("anthropic-version"):
             await _send_json(send, 400, error_body(400, "anthropic-version: header is required"))
             return
         try:
-            request = _check_request(body)
+            request = _check_request(call.json)
         except _Invalid as invalid:
             await _send_json(send, 400, error_body(400, invalid.message))
             return
         reply = self._message(request)
-        with self._lock:
-            self.replies.append(reply)
-            fault = (
-                self._stream_faults.popleft()
-                if request.get("stream") and self._stream_faults
-                else _StreamFault()
-            )
+        fault = self._record_reply(reply, streamed=bool(request.get("stream")))
         if request.get("stream"):
             await _send_stream(send, reply, fault)
         else:

@@ -25,23 +25,14 @@ import json
 import re
 import secrets
 import uuid
-from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import parse_qs
 
-from tests.fakes.base import (
-    FakeUpstream,
-    Receive,
-    Scope,
-    ScriptedAnswer,
-    ScriptedFaults,
-    Send,
-    read_body,
-    send_json,
-)
+from tests.fakes.base import Scope, Send, send_json
 from tests.fakes.provider import RecordedCall, cut_connection
+from tests.fakes.recording import RecordingFake
 
 __all__ = ["REPLY_PREFIX", "TOOL_REPLY_PREFIX", "FakeGemini", "count_prompt_tokens", "error_body"]
 
@@ -309,7 +300,7 @@ def error_body(status: int, message: str, details: list[Any] | None = None) -> d
     return {"error": error}
 
 
-class FakeGemini(ScriptedFaults[ScriptedAnswer], FakeUpstream):
+class FakeGemini(RecordingFake[_StreamFault]):
     """A Gemini-compatible upstream on 127.0.0.1 at a free port, served in a thread.
 
     Point clients at `base_url` (`http://127.0.0.1:<port>/v1beta`). With `api_key` set, only
@@ -319,40 +310,25 @@ class FakeGemini(ScriptedFaults[ScriptedAnswer], FakeUpstream):
     """
 
     api_root = "/v1beta"
+    _no_stream_fault = _StreamFault()
 
     def __init__(self, *, api_key: str | None = None) -> None:
         """Create a stopped fake that accepts `api_key`, or any key when None."""
-        super().__init__()
-        self.api_key = api_key
-        self.calls: list[RecordedCall] = []
-        self.replies: list[dict[str, Any]] = []
+        super().__init__(api_key=api_key)
+        self._issued_signatures: set[str] = set()
+
+    def _reset_settings(self) -> None:
         self.cached_content_tokens = 0
         self.thoughts_tokens = 0
-        self._issued_signatures: set[str] = set()
-        self._stream_faults: deque[_StreamFault] = deque()
-
-    def reset(self) -> None:
-        """Forget calls, replies, pending failures and usage settings."""
-        with self._lock:
-            self.calls.clear()
-            self.replies.clear()
-            self._script.clear()
-            self._stream_faults.clear()
-            self.cached_content_tokens = 0
-            self.thoughts_tokens = 0
 
     def cut_stream_after(self, events: int) -> None:
         """The next streamed answer loses its connection after `events` events of text,
         before the event with the finishReason."""
-        with self._lock:
-            self._stream_faults.append(_StreamFault(cut_after_events=events))
+        self._queue_stream_fault(_StreamFault(cut_after_events=events))
 
     def omit_usage_next(self) -> None:
         """The next streamed answer is complete but carries no `usageMetadata`."""
-        with self._lock:
-            self._stream_faults.append(_StreamFault(omit_usage=True))
-
-    _answer_type = ScriptedAnswer
+        self._queue_stream_fault(_StreamFault(omit_usage=True))
 
     def _error_body_for(self, status: int) -> dict[str, Any]:
         return error_body(status, _scripted_message(status))
@@ -362,35 +338,21 @@ class FakeGemini(ScriptedFaults[ScriptedAnswer], FakeUpstream):
     ) -> None:
         await _send_json(send, status, payload, headers)
 
-    async def _app(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return
-        raw = await read_body(receive)
-        if raw is None:
-            return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        try:
-            body: Any = json.loads(raw) if raw else None
-        except ValueError:
-            body = None
-        with self._lock:
-            self.calls.append(RecordedCall(scope["method"], scope["path"], headers, body))
-        if await self._answered_as_scripted(send, self._next_scripted()):
-            return
+    async def _answer(self, scope: Scope, call: RecordedCall, send: Send) -> None:
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-        key = headers.get("x-goog-api-key") or (query.get("key") or [""])[0]
+        key = call.headers.get("x-goog-api-key") or (query.get("key") or [""])[0]
         if not key:
             await _send_json(send, 403, error_body(403, _NO_KEY))
             return
         if self.api_key is not None and key != self.api_key:
             await _send_json(send, 400, error_body(400, _BAD_KEY, _BAD_KEY_DETAILS))
             return
-        matched = _PATH.match(scope["path"])
-        if scope["method"] != "POST" or matched is None:
+        matched = _PATH.match(call.path)
+        if call.method != "POST" or matched is None:
             await _send_json(send, 404, error_body(404, "Requested entity was not found."))
             return
         try:
-            request = _check_request(body, self._issued_signatures)
+            request = _check_request(call.json, self._issued_signatures)
         except _Invalid as invalid:
             await _send_json(send, 400, error_body(400, invalid.message))
             return
@@ -399,13 +361,7 @@ class FakeGemini(ScriptedFaults[ScriptedAnswer], FakeUpstream):
         if streamed and query.get("alt") != ["sse"]:
             await _send_json(send, 400, error_body(400, "This fake streams with alt=sse only."))
             return
-        with self._lock:
-            self.replies.append(reply)
-            fault = (
-                self._stream_faults.popleft()
-                if streamed and self._stream_faults
-                else _StreamFault()
-            )
+        fault = self._record_reply(reply, streamed=streamed)
         if streamed:
             await _send_stream(send, reply, fault)
         else:
