@@ -432,12 +432,13 @@ LOGGING = {
         "httpx": {"level": "WARNING"},
         "httpcore": {"level": "WARNING"},
         # uvicorn configures its own loggers before Django starts; these put its lines in the
-        # same format as ours.
+        # same format as ours (its access lines only when it writes them: configure_logging).
         "uvicorn": {"handlers": ["console"], "propagate": False},
         "uvicorn.error": {"handlers": [], "propagate": True},
         "uvicorn.access": {"handlers": ["console"], "propagate": False},
     },
 }
+LOGGING_CONFIG = "portal.logs.configure_logging"
 # Celery's worker and beat log through the LOGGING above instead of replacing it.
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 

@@ -16,7 +16,8 @@ import pytest
 from portal.logs import JsonFormatter, RequestIdFilter
 from tests.conftest import FAKE_PROVIDER_SECRET
 from tests.factories import make_key, make_org
-from tests.servers import REPO
+from tests.servers import REPO, child_database_url
+from tests.services import free_port, wait_for_port
 
 PROMPT = "my secret plan is to paint the moon purple"
 
@@ -98,3 +99,32 @@ def test_it_refuses_an_unknown_log_format():
     )
     assert result.returncode != 0
     assert "LOG_FORMAT must be text or json" in result.stderr
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(("flags", "access_lines"), [(["--no-access-log"], 0), ([], 2)])
+def test_uvicorn_writes_access_lines_only_when_its_command_line_asks(flags, access_lines):
+    # LOGGING formats uvicorn's access lines as ours; it must not bring them back under
+    # --no-access-log (the Dockerfile's and `make run`'s), where each cost the gateway CPU.
+    port = free_port()
+    env = {**os.environ, "DATABASE_URL": child_database_url(), "LOG_FORMAT": "json"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "portal.asgi:application", "--port", str(port), *flags],
+        cwd=REPO,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for_port(port)
+        for _ in range(2):
+            assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+    finally:
+        server.terminate()
+        _, stderr = server.communicate(timeout=20)
+
+    lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    assert len(lines) > 0, stderr  # uvicorn's own start-up lines, in our format
+    access = [line for line in lines if line["logger"] == "uvicorn.access"]
+    assert len(access) == access_lines, stderr
+    assert all("GET /healthz" in line["message"] for line in access)
