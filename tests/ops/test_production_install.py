@@ -28,6 +28,7 @@ import httpx
 import pytest
 import yaml
 
+from tests.factories import make_key, make_org
 from tests.servers import REPO, child_database_url
 from tests.services import free_port, is_listening
 
@@ -187,6 +188,14 @@ def _wait_for_line(process: subprocess.Popen[str], pattern: str) -> None:
         time.sleep(0.1)
 
 
+def _wait_listening(process: subprocess.Popen[str], port: int) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_SECONDS
+    while not is_listening(port):
+        assert process.poll() is None, process.communicate()[0]
+        assert time.monotonic() < deadline, "the web service did not start"
+        time.sleep(0.1)
+
+
 def _compose_command(image: Image, service: str) -> list[str]:
     command = image.services[service]["command"]
     assert isinstance(command, list)
@@ -212,11 +221,7 @@ def test_the_web_service_serves_pages_static_files_and_the_api(image, started):
     command = image.command.replace("--host 0.0.0.0 --port 8000", f"--host 127.0.0.1 --port {port}")
     assert command != image.command, "the Dockerfile's CMD no longer serves on 0.0.0.0:8000"
     web = _start(started, image, "web", ["sh", "-c", command])
-    deadline = time.monotonic() + START_TIMEOUT_SECONDS
-    while not is_listening(port):
-        assert web.poll() is None, web.communicate()[0]
-        assert time.monotonic() < deadline, "the web service did not start"
-        time.sleep(0.1)
+    _wait_listening(web, port)
     site = httpx.Client(
         base_url=f"http://127.0.0.1:{port}",
         headers={"Host": "switchboard.example.com", "X-Forwarded-Proto": "https"},
@@ -235,6 +240,27 @@ def test_the_web_service_serves_pages_static_files_and_the_api(image, started):
         assert site.get(stylesheet).status_code == 200, stylesheet
     assert api.status_code == 401
     assert api.json()["error"]["type"] == "authentication_error"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_web_service_takes_the_client_address_from_the_proxys_header(image, started):
+    # compose.yaml trusts X-Forwarded-For from whatever reaches web (FORWARDED_ALLOW_IPS=*),
+    # which is safe only because it publishes web on the host's loopback, for the proxy there.
+    assert image.services["web"]["ports"] == ["127.0.0.1:8000:8000"]
+    api_key, secret = make_key(make_org())
+    api_key.ip_allowlist = ["203.0.113.7"]
+    api_key.save(update_fields=["ip_allowlist"])
+    port = free_port()
+    command = image.command.replace("--host 0.0.0.0 --port 8000", f"--host 127.0.0.1 --port {port}")
+    web = _start(started, image, "web", ["sh", "-c", command])
+    _wait_listening(web, port)
+
+    def models(client_address: str) -> int:
+        headers = {"Authorization": f"Bearer {secret}", "X-Forwarded-For": client_address}
+        return httpx.get(f"http://127.0.0.1:{port}/v1/models", headers=headers).status_code
+
+    assert models("203.0.113.7") == 200
+    assert models("198.51.100.1") == 403
 
 
 @pytest.mark.django_db(transaction=True)
