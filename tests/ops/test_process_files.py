@@ -2,7 +2,8 @@
 command in them is checked against the code: the ASGI application imports, the Celery app,
 its worker and beat exist (and every task beat schedules is registered), each management
 command and command-line option exists, every environment variable they set is read by the
-code, and the health-check path answers."""
+code, and the health-check path answers. tests/ops/test_production_install.py runs them: the
+image's install in a fresh virtualenv, and each process started."""
 
 from __future__ import annotations
 
@@ -124,7 +125,11 @@ def test_every_variable_the_process_files_set_is_read_by_the_code():
     for line in dockerfile.splitlines():
         if line.startswith("ENV "):
             environment |= dict(item.split("=", 1) for item in shlex.split(line[4:]))
-    outside = {"PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE"}  # Python's own
+    outside = {
+        "PYTHONUNBUFFERED",  # Python's own
+        "PYTHONDONTWRITEBYTECODE",
+        "FORWARDED_ALLOW_IPS",  # uvicorn's own (--forwarded-allow-ips' default)
+    }
     assert sorted(set(environment) - outside - _variables_the_code_reads()) == []
 
 
