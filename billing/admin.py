@@ -1,7 +1,6 @@
 """Operator views of the ledger. Everything is read-only: the ledger changes only through
 services (grants from the CLI, usage from the gateway), never by editing rows."""
 
-import re
 from typing import Any
 
 from django.contrib import admin
@@ -22,6 +21,7 @@ from billing.models import (
     UsageDailyRollup,
     UsageRecord,
 )
+from portal.logs import REQUEST_ID_PATTERN
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -35,10 +35,6 @@ class ReadOnlyAdmin(admin.ModelAdmin):
         return False
 
 
-# What a client gets as x-request-id (gateway/errors.py's new_request_id).
-_REQUEST_ID = re.compile(r"req_[0-9a-f]{32}")
-
-
 class RequestIdSearch(admin.ModelAdmin):
     """A search for a request id, as an operator pastes it from a client's report, is one
     lookup in the unique index on `request_id`. The admin's own search would OR a
@@ -49,7 +45,7 @@ class RequestIdSearch(admin.ModelAdmin):
         self, request: HttpRequest, queryset: QuerySet[Any], search_term: str
     ) -> tuple[QuerySet[Any], bool]:
         term = search_term.strip()
-        if _REQUEST_ID.fullmatch(term):
+        if REQUEST_ID_PATTERN.fullmatch(term):
             return queryset.filter(request_id=term), False
         return super().get_search_results(request, queryset, search_term)
 

@@ -3,16 +3,15 @@ path without Django's per-request machinery.
 
 Django's handler runs its middleware stack (ten middlewares; until WhiteNoise gave way to
 ServeStatic, one sync middleware ran the whole request through a thread), gives every request
-a thread of its own, sends the request signals,
-spools the body through a temporary file, builds META from every header, resolves the URL with
-the URLconf set in an asgiref Local, and runs two tasks per request (the view, and a watch for
-the client going away). `/v1/*` needs none of it: no sessions, CSRF, messages or static files;
-its database calls run on the event loop's own connections or in the gateway's database threads
-(gateway/database.py). Measured (issue 7, bench/RESULTS.md): even without the
-middleware, the threads and the signals, Django's request, URL resolution and response were
-about 15% of the gateway's CPU samples at c=64, and its handler 300 µs of CPU for a probe's
-answer in-process (this one: 35 µs); every 4xx cost a thread hop more (Django logs it through
-`sync_to_async`).
+a thread of its own, sends the request signals, spools the body through a temporary file,
+builds META from every header, resolves the URL with the URLconf set in an asgiref Local, and
+runs two tasks per request (the view, and a watch for the client going away). `/v1/*` needs
+none of it: no sessions, CSRF, messages or static files; its database calls run on the event
+loop's own connections or in the gateway's database threads (gateway/database.py). Measured
+(issue 7, bench/RESULTS.md): even without the middleware, the threads and the signals, Django's
+request, URL resolution and response were about 15% of the gateway's CPU samples at c=64, and
+its handler 300 µs of CPU for a probe's answer in-process (this one: 35 µs); every 4xx cost a
+thread hop more (Django logs it through `sync_to_async`).
 
 Here: the body is read from ASGI into bytes (up to GATEWAY_MAX_BODY_BYTES); the view gets a
 `GatewayRequest` (gateway/wire.py), found by path in gateway/asgi_urls.py; its answer goes

@@ -7,9 +7,9 @@ are written for the API caller: they never carry upstream secrets, URLs or trace
 from __future__ import annotations
 
 import json
-import uuid
 
 from gateway.wire import JsonAnswer
+from portal.logs import new_request_id
 
 
 class GatewayError(Exception):
@@ -154,11 +154,6 @@ def _error_body(error: GatewayError) -> dict[str, object]:
 
 # The path of Anthropic's Messages API, whose callers get Anthropic's error shape.
 ANTHROPIC_PATH = "/v1/messages"
-
-
-def new_request_id() -> str:
-    """The id a request is known by: in its answer's headers, its log lines and its usage."""
-    return f"req_{uuid.uuid4().hex}"
 
 
 def error_answer_on(error: GatewayError, *, path: str) -> JsonAnswer:

@@ -40,7 +40,6 @@ from gateway.errors import (
     UnknownEndpoint,
     UpstreamFailed,
     error_response,
-    new_request_id,
 )
 from gateway.limits import limits_admit, limits_release
 from gateway.metering import WorstCase, cap_max_tokens, worst_case
@@ -66,7 +65,7 @@ from gateway.streaming import (
     relay_chat_stream,
 )
 from gateway.wire import Answer, GatewayRequest, JsonAnswer
-from portal.logs import bind_request_id
+from portal.logs import bind_request_id, new_request_id
 
 logger = logging.getLogger(__name__)
 

@@ -94,8 +94,9 @@ _ENCODER = json.JSONEncoder(default=_DJANGO_DEFAULT)
 
 
 def json_bytes(data: Any) -> bytes:
-    """`data` as compact UTF-8 JSON, by orjson: a chat completion in 0.55 µs, against 6.1 µs
-    with json's encoder (1.4% of the gateway's samples at c=64). What orjson refuses
+    """`data` as compact UTF-8 JSON, by orjson: the gateway's answers and its requests to
+    providers. A chat completion in 0.55 µs, against 6.1 µs with json's encoder (1.4% of
+    the gateway's samples at c=64). What orjson refuses
     goes through json's encoder instead: a lone surrogate (a provider's answer may hold one:
     providers/http.py reads answers leniently), an integer past 64 bits, a key that is not a
     string. orjson writes NaN and infinities as null (JSON has no NaN; json's encoder, in the

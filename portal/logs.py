@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import logging.config
+import re
 import uuid
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
@@ -26,6 +27,13 @@ from django.http.response import HttpResponseBase
 from django.utils.decorators import sync_and_async_middleware
 
 _request_id: ContextVar[str] = ContextVar("request_id", default="")
+# The shape of every request id this module and the gateway hand out (`new_request_id`).
+REQUEST_ID_PATTERN = re.compile(r"req_[0-9a-f]{32}")
+
+
+def new_request_id() -> str:
+    """The id a request is known by: in its answer's headers, its log lines and its usage."""
+    return f"req_{uuid.uuid4().hex}"
 
 
 def bind_request_id(request_id: str) -> None:
@@ -89,7 +97,7 @@ def request_id_middleware(get_response: _GetResponse) -> _GetResponse:
     if iscoroutinefunction(get_response):
 
         async def async_middleware(request: HttpRequest) -> HttpResponseBase:
-            request_id = f"req_{uuid.uuid4().hex}"
+            request_id = new_request_id()
             bind_request_id(request_id)
             response = await get_response(request)
             response["x-request-id"] = request_id
@@ -98,7 +106,7 @@ def request_id_middleware(get_response: _GetResponse) -> _GetResponse:
         return async_middleware
 
     def middleware(request: HttpRequest) -> HttpResponseBase:
-        request_id = f"req_{uuid.uuid4().hex}"
+        request_id = new_request_id()
         bind_request_id(request_id)
         response = get_response(request)
         assert isinstance(response, HttpResponseBase)  # noqa: S101 (the sync chain)

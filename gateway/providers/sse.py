@@ -26,14 +26,9 @@ from multidict import CIMultiDict
 
 from gateway import outbound
 from gateway.errors import InvalidRequest, UpstreamFailed, UpstreamStreamBroken
-from gateway.providers.http import (
-    CLIENT_ERRORS,
-    refusal_message,
-    request_body,
-    route_timeout,
-    status_failure,
-)
+from gateway.providers.http import CLIENT_ERRORS, refusal_message, route_timeout, status_failure
 from gateway.selectors import RouteEntry
+from gateway.wire import json_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +50,7 @@ async def open_event_stream(
     The caller must close it (`closer(response)`). Raises what `post_json` raises for a
     non-200, and a retryable UpstreamFailed when the first byte did not come in time.
     """
-    body = request_body(payload)
+    body = json_bytes(payload)
     outgoing = CIMultiDict(headers)
     outgoing.setdefault("Content-Type", "application/json")
     # Each read of the body may wait a little over the idle timeout (the relay's own check,

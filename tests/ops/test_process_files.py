@@ -8,7 +8,6 @@ image's install in a fresh virtualenv, and each process started."""
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import re
 import shlex
@@ -26,18 +25,16 @@ from celery.bin.worker import worker as celery_worker
 from django.core.management import get_commands
 from django.utils.module_loading import import_string
 
+from tests.ops.process_files import COMPOSE, dockerfile_command, dockerfile_env
 from tests.servers import REPO
 
-COMPOSE = yaml.safe_load((REPO / "compose.yaml").read_text())
 # Our image's services: the ones built from the Dockerfile (the others run postgres/redis).
 OURS = {name: s for name, s in COMPOSE["services"].items() if s.get("build") == "."}
 
 
 def _dockerfile_cmd() -> list[str]:
     """The Dockerfile's CMD, from `exec` on (it is `sh -c "… && exec uvicorn …"`)."""
-    line = next(ln for ln in (REPO / "Dockerfile").read_text().splitlines() if ln.startswith("CMD"))
-    shell = json.loads(line.removeprefix("CMD").strip())[-1]
-    return shlex.split(shell.split("exec ", 1)[1])
+    return shlex.split(dockerfile_command().split("exec ", 1)[1])
 
 
 def _procfile() -> dict[str, list[str]]:
@@ -121,10 +118,7 @@ def test_every_variable_the_process_files_set_is_read_by_the_code():
     environment: dict[str, Any] = {}
     for service in OURS.values():
         environment |= service.get("environment", {})
-    dockerfile = (REPO / "Dockerfile").read_text()
-    for line in dockerfile.splitlines():
-        if line.startswith("ENV "):
-            environment |= dict(item.split("=", 1) for item in shlex.split(line[4:]))
+    environment |= dockerfile_env()
     outside = {
         "PYTHONUNBUFFERED",  # Python's own
         "PYTHONDONTWRITEBYTECODE",

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -26,9 +25,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
-import yaml
 
 from tests.factories import make_key, make_org
+from tests.ops.process_files import (
+    COMPOSE,
+    dockerfile_command,
+    dockerfile_env,
+    dockerfile_instructions,
+)
 from tests.servers import REPO, child_database_url
 from tests.services import free_port, is_listening
 
@@ -46,11 +50,6 @@ class Image:
     services: dict[str, dict[str, object]]  # compose.yaml's services, anchors resolved
 
 
-def _dockerfile() -> list[list[str]]:
-    lines = (REPO / "Dockerfile").read_text().replace("\\\n", " ").splitlines()
-    return [line.split(None, 1) for line in lines if line.strip() and not line.startswith("#")]
-
-
 def _in_image(value: str, app: Path) -> str:
     """A path of the image's, inside this test's copy of it (`app` is its /app)."""
     for root, here in ((IMAGE_ROOT, app), (PROMETHEUS_ROOT, app.parent / "prometheus")):
@@ -62,25 +61,19 @@ def _build(workdir: Path) -> Image:
     """The Dockerfile's COPY, ENV, RUN pip and collectstatic, and CMD, into `workdir`."""
     app = workdir / "app"
     app.mkdir()
-    build_env: dict[str, str] = {}
-    command = ""
-    for instruction, rest in _dockerfile():
-        if instruction == "COPY":
-            *sources, target = rest.split()
-            for source in sources:
-                destination = app / target / source if target.endswith("/") else app / target
-                if (REPO / source).is_dir():
-                    shutil.copytree(
-                        REPO / source, destination, ignore=shutil.ignore_patterns("__pycache__")
-                    )
-                else:
-                    shutil.copy(REPO / source, destination)
-        elif instruction == "ENV":
-            for assignment in shlex.split(rest):
-                name, value = assignment.split("=", 1)
-                build_env[name] = _in_image(value, app)
-        elif instruction == "CMD":
-            command = _in_image(yaml.safe_load(rest)[-1], app)  # ["sh", "-c", "<line>"]
+    for instruction, arguments in dockerfile_instructions():
+        if instruction != "COPY":
+            continue
+        *sources, target = arguments.split()
+        for source in sources:
+            destination = app / target / source if target.endswith("/") else app / target
+            if (REPO / source).is_dir():
+                shutil.copytree(
+                    REPO / source, destination, ignore=shutil.ignore_patterns("__pycache__")
+                )
+            else:
+                shutil.copy(REPO / source, destination)
+    build_env = {name: _in_image(value, app) for name, value in dockerfile_env().items()}
     venv = workdir / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     bin_dir = venv / "bin"
@@ -102,8 +95,8 @@ def _build(workdir: Path) -> Image:
         check=True,
         timeout=120,
     )
-    compose = yaml.safe_load((REPO / "compose.yaml").read_text())
-    return Image(app, bin_dir, build_env, command, compose["services"])
+    command = _in_image(dockerfile_command(), app)
+    return Image(app, bin_dir, build_env, command, COMPOSE["services"])
 
 
 @pytest.fixture(scope="module")
