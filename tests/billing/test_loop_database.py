@@ -12,9 +12,11 @@ from typing import Any, TypeVar
 
 import pytest
 from django.db import OperationalError, connection
+from django.db.models import Model
+from django.db.models.signals import post_init
 
 from billing import hot_path_sql, loop_database
-from billing.models import Account, KeySpend, Posting, SpendCap, UsageRecord
+from billing.models import Account, KeySpend, Posting, Reservation, SpendCap, UsageRecord
 from billing.money import usage_cost_usd
 from billing.selectors import wallet_balance_usd
 from billing.services import (
@@ -103,6 +105,56 @@ def test_it_reserves_and_settles_on_the_loop():
     assert (window.spent_usd, window.reserved_usd) == (2 * COST, 0)
     assert wallet_balance_usd(organization_id=other_org.pk) == Decimal("10") - COST
     assert KeySpend.objects.get(api_key=other_key).spent_usd == COST
+
+
+def field_values(instance: Model) -> dict[str, Any]:
+    fields = type(instance)._meta.concrete_fields
+    return {field.attname: getattr(instance, field.attname) for field in fields}
+
+
+def test_the_answered_rows_are_the_stored_rows(django_assert_num_queries: Any) -> None:
+    """What the one statement answers is made without a query: field by field, and in how it
+    behaves (not adding, on the default database, its relations fetched on demand), it is the
+    row the database holds."""
+    org, key = used_key()
+
+    async def request() -> tuple[Any, Any]:
+        held = await credit_reserve_on_loop(**reserve_kwargs(org, key, "req_1", "1"))
+        settled = await usage_settle_on_loop(metered=metered(key.pk, org.pk, request_id="req_1"))
+        return held, settled
+
+    held, settled = on_a_loop(request)
+    with django_assert_num_queries(0):  # a field left unset would be fetched
+        answered = field_values(held), field_values(settled)
+
+    assert answered[1] == field_values(UsageRecord.objects.get(request_id="req_1"))
+    # The reservation as it was held (its id is not read back); settling it changed it since.
+    assert answered[0] == {
+        **field_values(Reservation.objects.get(request_id="req_1")),
+        "id": None,
+        "state": Reservation.State.HELD,
+        "resolved_at": None,
+    }
+    for answered in (held, settled):
+        assert (answered._state.adding, answered._state.db) == (False, "default")
+        assert answered.organization == org and answered.api_key == key
+
+
+def test_an_answered_row_is_made_by_django_when_something_listens_to_its_creation():
+    org, key = used_key()
+    seen: list[Any] = []
+
+    def listener(sender: Any, instance: Any, **kwargs: Any) -> None:
+        seen.append(instance)
+
+    post_init.connect(listener, sender=Reservation)
+    try:
+        held = on_a_loop(lambda: credit_reserve_on_loop(**reserve_kwargs(org, key, "req_1", "1")))
+    finally:
+        post_init.disconnect(listener, sender=Reservation)
+
+    assert held is not None and seen == [held]
+    assert (held.amount_usd, held.state) == (Decimal("1"), Reservation.State.HELD)
 
 
 def test_a_wallet_refusal_on_the_loop_holds_nothing():
