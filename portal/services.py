@@ -53,7 +53,7 @@ def organization_create(*, name: str, owner_email: str) -> Organization:
         if owner is None:
             # No password yet: the owner sets one through password reset / sign-up.
             owner = User.objects.create_user(email=email, password=None)
-        return _organization_create_owned(name=name, owner=owner)
+        return _organization_create_owned(name=name[:200], owner=owner)
 
 
 def organization_create_personal(*, user: User) -> Organization:
@@ -79,7 +79,7 @@ def api_key_create(
     secret = api_keys.generate_key()
     key = ApiKey.objects.create(
         organization=organization,
-        name=name,
+        name=name[:100],  # the column's length, as a rename cuts it
         prefix=api_keys.display_prefix(secret),
         hashed_key=api_keys.hash_key(secret),
         created_by=created_by,

@@ -57,6 +57,18 @@ def test_a_key_needs_a_name():
 
 
 @pytest.mark.django_db
+def test_a_name_longer_than_the_column_is_cut_to_it_as_a_rename_is():
+    organization = make_org()
+    client = Client()
+    client.force_login(Membership.objects.get(organization=organization, role="owner").user)
+
+    response = client.post("/dashboard/keys/create", {"org": organization.slug, "name": "n" * 150})
+
+    assert response.status_code == 200
+    assert ApiKey.objects.get(organization=organization).name == "n" * 100
+
+
+@pytest.mark.django_db
 def test_revoking_twice_keeps_the_first_revocation_time():
     api_key, _ = api_key_create(organization=make_org(), name="ci")
     api_key_revoke(api_key=api_key)
