@@ -16,7 +16,7 @@ from __future__ import annotations
 from django.db import models
 from django.db.models import Q
 
-from billing.money import ZERO_USD, usd_field
+from billing.money import NOT_NEGATIVE, ZERO_USD, usd_field
 
 
 class Account(models.Model):
@@ -126,7 +126,7 @@ class SpendCap(models.Model):
     api_key = models.OneToOneField(
         "portal.ApiKey", on_delete=models.CASCADE, related_name="spend_cap"
     )
-    amount_usd = usd_field()  # USD per window
+    amount_usd = usd_field(validators=NOT_NEGATIVE)  # USD per window
     window = models.CharField(max_length=8, choices=Window.choices, default=Window.MONTH)
 
     def __str__(self) -> str:
@@ -486,7 +486,7 @@ class BillingAlertSettings(models.Model):
     # Empty: the organisation's owners get billing mail.
     billing_email = models.EmailField(blank=True, default="")
     # USD; null: settings.BILLING_LOW_BALANCE_THRESHOLD_USD.
-    low_balance_threshold_usd = usd_field(null=True, blank=True)
+    low_balance_threshold_usd = usd_field(null=True, blank=True, validators=NOT_NEGATIVE)
     low_balance_armed = models.BooleanField(default=False)
     low_balance_alerted_at = models.DateTimeField(null=True, blank=True)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 
+from django.core.validators import MinValueValidator
 from django.db import models
 
 # Ten decimal places of a dollar. A single token of a $0.01-per-1M model costs 1e-8 USD, so
@@ -28,6 +29,11 @@ class MoneyError(ValueError):
 def usd_field(**kwargs: object) -> models.DecimalField:
     """A model field holding US dollars at the project's scale."""
     return models.DecimalField(max_digits=USD_MAX_DIGITS, decimal_places=USD_PLACES, **kwargs)  # type: ignore[arg-type]
+
+
+# For fields that are never negative (prices, caps, thresholds): model forms, the admin's
+# included, refuse a negative amount, as the services and the catalog loader do.
+NOT_NEGATIVE = [MinValueValidator(ZERO_USD)]
 
 
 def parse_usd(value: str | int | Decimal) -> Decimal:

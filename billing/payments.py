@@ -38,6 +38,7 @@ from billing.money import (
     MoneyError,
     cents_from_usd,
     format_usd,
+    parse_usd,
     usd_field,
     usd_from_cents,
 )
@@ -109,9 +110,11 @@ class StartedTopUp:
 def topup_amount_parse(raw: str) -> Decimal:
     """A top-up amount typed or picked on the page: whole cents within the configured bounds."""
     try:
-        amount_usd = Decimal(raw.strip())
+        # parse_usd first: it refuses non-finite and out-of-range amounts, which
+        # cents_from_usd would turn into an int of up to a million digits (seconds of CPU).
+        amount_usd = parse_usd(raw)
         cents_from_usd(amount_usd)
-    except (ArithmeticError, MoneyError, ValueError):
+    except MoneyError:
         raise PaymentError("enter an amount in dollars and cents, e.g. 25 or 12.50") from None
     low, high = settings.BILLING_TOPUP_MIN_USD, settings.BILLING_TOPUP_MAX_USD
     if not low <= amount_usd <= high:

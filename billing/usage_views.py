@@ -213,6 +213,16 @@ async def _served_async(lines: Iterator[str]) -> AsyncIterator[str]:
         yield "".join(chunk)
 
 
+# A cell starting with one of these is run as a formula by spreadsheets (OWASP's "CSV
+# injection"); a leading apostrophe makes them show it as text.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _spreadsheet_text(value: str) -> str:
+    """A cell anyone in the organisation wrote (a key's name), safe to open in a spreadsheet."""
+    return f"'{value}" if value.startswith(_FORMULA_STARTS) else value
+
+
 @login_required
 def usage_log_csv(request: HttpRequest) -> HttpResponse | StreamingHttpResponse:
     """The request log with the page's filters, as CSV, streamed row by row (no page limit)."""
@@ -225,7 +235,7 @@ def usage_log_csv(request: HttpRequest) -> HttpResponse | StreamingHttpResponse:
             content_type="text/plain; charset=utf-8",
         )
     labels = {
-        pk: f"{name} ({prefix})"
+        pk: _spreadsheet_text(f"{name} ({prefix})")
         for pk, name, prefix in ApiKey.objects.filter(
             organization_id=membership.organization_id
         ).values_list("pk", "name", "prefix")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from django.db import models
 
-from billing.money import ZERO_USD, usd_field
+from billing.money import NOT_NEGATIVE, ZERO_USD, usd_field
 
 
 class Provider(models.Model):
@@ -37,11 +37,13 @@ class Model(models.Model):
         WEIGHTED = "weighted", "By weight (load balancing), then in order"
 
     name = models.CharField(max_length=200, unique=True)
-    input_price_per_mtok_usd = usd_field()  # USD per 1M prompt tokens
-    output_price_per_mtok_usd = usd_field()  # USD per 1M completion tokens
-    cached_input_price_per_mtok_usd = usd_field(default=ZERO_USD)  # USD per 1M cached tokens
+    input_price_per_mtok_usd = usd_field(validators=NOT_NEGATIVE)  # USD per 1M prompt tokens
+    output_price_per_mtok_usd = usd_field(validators=NOT_NEGATIVE)  # USD per 1M completion tokens
+    cached_input_price_per_mtok_usd = usd_field(
+        default=ZERO_USD, validators=NOT_NEGATIVE
+    )  # USD per 1M cached tokens
     # USD per 1M tokens written to the provider's prompt cache; empty: the input price.
-    cache_write_price_per_mtok_usd = usd_field(null=True, blank=True)
+    cache_write_price_per_mtok_usd = usd_field(null=True, blank=True, validators=NOT_NEGATIVE)
     # The most completion tokens one request may ask for; also the worst case reserved when the
     # client sends no max_tokens.
     max_output_tokens = models.PositiveIntegerField(default=4096)

@@ -30,8 +30,24 @@ class UserAdmin(DjangoUserAdmin):
     add_fieldsets = ((None, {"classes": ("wide",), "fields": ("email", "password1", "password2")}),)
 
 
+class MembershipFormSet(forms.BaseInlineFormSet):
+    def clean(self) -> None:
+        # Each row's own validation checks one_owner_per_org against the database only, so
+        # two new owner rows in one save would both pass and the insert fail (a 500).
+        super().clean()
+        owners = [
+            form
+            for form in self.forms
+            if form.cleaned_data.get("role") == Membership.Role.OWNER
+            and not form.cleaned_data.get("DELETE")
+        ]
+        if len(owners) > 1:
+            raise ValidationError("An organisation has one owner; make the others admins.")
+
+
 class MembershipInline(admin.TabularInline):
     model = Membership
+    formset = MembershipFormSet
     extra = 0
     autocomplete_fields = ("user",)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+from django.conf import settings
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
@@ -127,8 +128,17 @@ class ApiKeyUpdateSerializer(serializers.Serializer[Any]):
 
 class ApiKeyRotateSerializer(serializers.Serializer[Any]):
     overlap_hours = serializers.IntegerField(
-        min_value=0, help_text="How long the old key keeps working, in hours."
+        min_value=0,
+        help_text="How long the old key keeps working, in hours "
+        "(at most API_KEY_MAX_ROTATION_OVERLAP_HOURS).",
     )
+
+    def validate_overlap_hours(self, hours: int) -> int:
+        # Bounded here as well as by the service: timedelta(hours=10**13) overflows.
+        limit = settings.API_KEY_MAX_ROTATION_OVERLAP_HOURS
+        if hours > limit:
+            raise ValidationError(f"Ensure this value is less than or equal to {limit}.")
+        return hours
 
 
 class ApiKeyRotatedSerializer(ApiKeyCreatedSerializer):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from django import forms
+from django.conf import settings
 
 from portal.models import Membership
 
@@ -35,6 +36,13 @@ class ApiKeyRotateForm(forms.Form):
     overlap_hours = forms.IntegerField(
         min_value=0, initial=24, help_text="How long the old key keeps working, in hours."
     )
+
+    def clean_overlap_hours(self) -> int:
+        # Bounded here as well as by the service: timedelta(hours=10**13) overflows.
+        hours: int = self.cleaned_data["overlap_hours"]
+        if hours > settings.API_KEY_MAX_ROTATION_OVERLAP_HOURS:
+            raise forms.ValidationError("too long an overlap")
+        return hours
 
 
 class ApiKeyLimitsForm(forms.Form):

@@ -57,7 +57,7 @@ def management_token_create(
     secret = TOKEN_PREFIX + "".join(secrets.choice(_BASE62) for _ in range(BODY_LENGTH))
     token = ManagementToken.objects.create(
         organization_id=membership.organization_id,
-        name=name,
+        name=name[:100],  # the column's length, as an API key's name is cut
         prefix=secret[:DISPLAY_PREFIX_LENGTH],
         hashed_token=hash_token(secret),
         role=role,

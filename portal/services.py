@@ -53,7 +53,7 @@ def organization_create(*, name: str, owner_email: str) -> Organization:
         if owner is None:
             # No password yet: the owner sets one through password reset / sign-up.
             owner = User.objects.create_user(email=email, password=None)
-        return _organization_create_owned(name=name, owner=owner)
+        return _organization_create_owned(name=name[:200], owner=owner)
 
 
 def organization_create_personal(*, user: User) -> Organization:
@@ -79,7 +79,7 @@ def api_key_create(
     secret = api_keys.generate_key()
     key = ApiKey.objects.create(
         organization=organization,
-        name=name,
+        name=name[:100],  # the column's length, as a rename cuts it
         prefix=api_keys.display_prefix(secret),
         hashed_key=api_keys.hash_key(secret),
         created_by=created_by,
@@ -301,6 +301,11 @@ def ip_allowlist_normalized(entries: Iterable[str]) -> list[str]:
     return sorted(set(networks), key=networks.index)
 
 
+# The largest limit a key's limit columns hold (PositiveIntegerField: a 32-bit integer in
+# PostgreSQL); a larger one would fail in the database, not here.
+API_KEY_LIMIT_MAX = 2_147_483_647
+
+
 def api_key_limits_update(
     *,
     api_key: ApiKey,
@@ -321,8 +326,11 @@ def api_key_limits_update(
         ("tokens per minute", tokens_per_minute),
         ("concurrent requests", max_concurrent_requests),
     ):
-        if value is not None and value < 1:
-            raise OrganizationError(f"{label} must be at least 1 (or empty for unlimited)")
+        if value is not None and not 1 <= value <= API_KEY_LIMIT_MAX:
+            raise OrganizationError(
+                f"{label} must be at least 1 and at most {API_KEY_LIMIT_MAX} "
+                "(or empty for unlimited)"
+            )
     api_key.expires_at = expires_at
     api_key.allowed_models = sorted({m.strip() for m in allowed_models if m.strip()})
     api_key.requests_per_minute = requests_per_minute
@@ -362,9 +370,9 @@ def api_key_rotate(*, api_key: ApiKey, overlap: timedelta) -> tuple[ApiKey, str]
     """Replace a key: a new key with the same name and limits, while the old one keeps working
     for `overlap` (then expires), so clients can switch without downtime. Returns the new key
     and its secret, shown once."""
-    limit = timedelta(hours=settings.API_KEY_MAX_ROTATION_OVERLAP_HOURS)
-    if overlap < timedelta(0) or overlap > limit:
-        raise OrganizationError(f"the overlap must be between 0 and {limit}")
+    limit_hours = settings.API_KEY_MAX_ROTATION_OVERLAP_HOURS
+    if overlap < timedelta(0) or overlap > timedelta(hours=limit_hours):
+        raise OrganizationError(f"the overlap must be from 0 to {limit_hours} hours")
     with transaction.atomic():
         old = ApiKey.objects.select_for_update().get(pk=api_key.pk)
         now = timezone.now()

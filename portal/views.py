@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
@@ -309,7 +310,11 @@ def api_key_rotate_view(
     back = f"{reverse('api_key', args=[api_key.pk])}?org={membership.organization.slug}"
     form = ApiKeyRotateForm(request.POST)
     if not form.is_valid():
-        messages.error(request, "The overlap must be a whole number of hours, 0 or more.")
+        messages.error(
+            request,
+            "The overlap must be a whole number of hours, from 0 to "
+            f"{settings.API_KEY_MAX_ROTATION_OVERLAP_HOURS}.",
+        )
         return HttpResponseRedirect(back)
     try:
         new_key, secret = services.api_key_rotate(

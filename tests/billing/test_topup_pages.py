@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from decimal import Decimal
 
 import pytest
@@ -66,6 +67,22 @@ def test_it_refuses_amounts_outside_the_bounds_before_calling_stripe() -> None:
         )
         assert response.status_code == 400, amount
         assert "error" in response.json()
+    assert not CardPayment.objects.exists()
+
+
+def test_it_refuses_an_amount_with_a_huge_exponent_at_once() -> None:
+    # 1e999990 is a valid decimal; turning it into integer cents built a million-digit int,
+    # which took the worker's CPU for about 30 seconds before the bounds refused it.
+    organization = make_org()
+    client = logged_in(owner_of(organization))
+    started = time.monotonic()
+
+    response = client.post(
+        reverse("add_credit_pay"), {"org": organization.slug, "amount_usd": "1e999990"}
+    )
+
+    assert response.status_code == 400
+    assert time.monotonic() - started < 2
     assert not CardPayment.objects.exists()
 
 

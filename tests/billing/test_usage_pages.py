@@ -138,6 +138,17 @@ def test_the_csv_export_streams_every_matching_request(team, usage, monkeypatch)
     assert rows[0]["api_key"].startswith("bob-key (")
 
 
+@pytest.mark.parametrize("name", ['=HYPERLINK("http://x.test")', "+1+1", "-2+3", "@SUM(A1)"])
+def test_a_key_name_a_spreadsheet_would_run_as_a_formula_is_exported_as_text(team, name):
+    # Any member names their keys; an owner opens the export in a spreadsheet.
+    key, _ = api_key_create(organization=team.acme, name=name, created_by=team.bob)
+    make_usage(key, model="fake-small")
+
+    rows = csv_rows(browser(team.alice).get("/dashboard/usage/log.csv"))
+
+    assert rows[0]["api_key"] == f"'{name} ({key.prefix})"
+
+
 def test_the_csv_export_leaves_in_chunks_not_read_whole(team, usage, monkeypatch):
     monkeypatch.setattr(usage_views, "CSV_ROWS_PER_CHUNK", 1)
     response: Any = browser(team.alice).get("/dashboard/usage/log.csv")

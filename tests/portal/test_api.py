@@ -247,6 +247,30 @@ def test_a_bad_network_in_the_allowlist_is_a_400_and_changes_nothing(team):
     assert (key.ip_allowlist, key.name) == ([], "k")
 
 
+def test_a_limit_too_large_for_its_column_is_a_400_and_changes_nothing(team):
+    key, _ = api_key_create(organization=team.acme, name="k", created_by=team.bob)
+
+    response = as_user(team.adam).patch(
+        f"{keys_url(team.acme)}{key.pk}/", {"requests_per_minute": 10**20}, format="json"
+    )
+
+    assert response.status_code == 400
+    key.refresh_from_db()
+    assert key.requests_per_minute is None
+
+
+def test_rotating_with_an_overlap_beyond_the_maximum_is_a_400(team):
+    key, _ = api_key_create(organization=team.acme, name="k", created_by=team.bob)
+
+    response = as_user(team.bob).post(
+        f"{keys_url(team.acme)}{key.pk}/rotate/", {"overlap_hours": 10**13}, format="json"
+    )
+
+    assert response.status_code == 400
+    assert "overlap_hours" in response.json()
+    assert not ApiKey.objects.filter(rotated_from=key).exists()
+
+
 def test_rotating_returns_a_new_secret_once_and_the_old_key_expires_after_the_overlap(team):
     key, _ = api_key_create(organization=team.acme, name="k", created_by=team.bob)
     before = timezone.now()

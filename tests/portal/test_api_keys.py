@@ -57,6 +57,18 @@ def test_a_key_needs_a_name():
 
 
 @pytest.mark.django_db
+def test_a_name_longer_than_the_column_is_cut_to_it_as_a_rename_is():
+    organization = make_org()
+    client = Client()
+    client.force_login(Membership.objects.get(organization=organization, role="owner").user)
+
+    response = client.post("/dashboard/keys/create", {"org": organization.slug, "name": "n" * 150})
+
+    assert response.status_code == 200
+    assert ApiKey.objects.get(organization=organization).name == "n" * 100
+
+
+@pytest.mark.django_db
 def test_revoking_twice_keeps_the_first_revocation_time():
     api_key, _ = api_key_create(organization=make_org(), name="ci")
     api_key_revoke(api_key=api_key)
@@ -152,6 +164,55 @@ def test_a_bad_network_in_the_allowlist_is_refused_and_nothing_is_saved():
     assert "not an IP address or CIDR network" in response.content.decode()
     key.refresh_from_db()
     assert key.ip_allowlist == []
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "field", ["requests_per_minute", "tokens_per_minute", "max_concurrent_requests"]
+)
+@pytest.mark.parametrize("value", ["2147483648", str(10**20)])
+def test_a_limit_too_large_for_its_column_is_refused_with_a_message(field, value):
+    organization = make_org()
+    key, _ = api_key_create(organization=organization, name="ci")
+
+    response = _owner_client(organization).post(
+        f"/dashboard/keys/{key.pk}/", {**LIMITS_FORM, "org": organization.slug, field: value}
+    )
+
+    assert response.status_code == 400
+    assert "at most 2147483647" in response.content.decode()
+    key.refresh_from_db()
+    assert getattr(key, field) is None
+
+
+@pytest.mark.django_db
+def test_the_largest_limit_a_column_holds_is_saved():
+    organization = make_org()
+    key, _ = api_key_create(organization=organization, name="ci")
+
+    _owner_client(organization).post(
+        f"/dashboard/keys/{key.pk}/",
+        {**LIMITS_FORM, "org": organization.slug, "tokens_per_minute": "2147483647"},
+    )
+
+    key.refresh_from_db()
+    assert key.tokens_per_minute == 2147483647
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("hours", ["721", str(10**13)])
+def test_rotating_with_an_overlap_beyond_the_maximum_is_refused_with_a_message(hours):
+    organization = make_org()
+    old, _ = api_key_create(organization=organization, name="prod")
+
+    response = _owner_client(organization).post(
+        f"/dashboard/keys/{old.pk}/rotate",
+        {"org": organization.slug, "overlap_hours": hours},
+        follow=True,
+    )
+
+    assert "from 0 to 720" in response.content.decode()
+    assert not ApiKey.objects.filter(rotated_from=old).exists()
 
 
 @pytest.mark.django_db

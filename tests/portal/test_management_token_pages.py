@@ -35,6 +35,15 @@ def test_an_owner_creates_a_token_shown_once_that_calls_the_api(team):
     assert script.get(f"/api/v1/organizations/{team.acme.slug}/keys/").status_code == 200
 
 
+def test_a_name_longer_than_the_column_is_cut_to_it_as_a_rename_is(team):
+    response = browser(team.alice).post(
+        "/dashboard/tokens", {"org": team.acme.slug, "name": "n" * 150, "role": "member"}
+    )
+
+    assert response.status_code == 200
+    assert ManagementToken.objects.get().name == "n" * 100
+
+
 def test_an_admin_cannot_make_an_owner_token(team):
     response = browser(team.adam).post(
         "/dashboard/tokens", {"org": team.acme.slug, "name": "x", "role": "owner"}, follow=True

@@ -7,7 +7,12 @@ from django.db import IntegrityError, transaction
 from django.test import Client
 
 from portal.models import ApiKey, Membership, Organization, User
-from portal.services import OrganizationError, api_key_create, ownership_transfer
+from portal.services import (
+    OrganizationError,
+    api_key_create,
+    organization_create,
+    ownership_transfer,
+)
 from tests.factories import make_org
 
 
@@ -56,6 +61,13 @@ def test_an_organisation_needs_a_name(acme):
 
     assert response.status_code == 200
     assert Organization.objects.count() == 2
+
+
+def test_an_operator_made_organisations_name_is_cut_to_the_column_as_a_users_is(acme):
+    organization = organization_create(name="n" * 250, owner_email="ops@example.com")
+
+    organization.refresh_from_db()
+    assert organization.name == "n" * 200
 
 
 def test_the_header_switcher_changes_the_current_organisation_for_every_page(acme):

@@ -1,0 +1,57 @@
+"""The operator's admin refuses a negative price, as the catalog loader does: every request
+for the model would fail (a reservation cannot be negative)."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.models import Model
+
+pytestmark = pytest.mark.django_db
+
+NO_INLINES = {
+    f"{prefix}-{field}": value
+    for prefix in ("routes", "aliases")
+    for field, value in (("TOTAL_FORMS", "0"), ("INITIAL_FORMS", "0"))
+}
+
+
+def _model_form(**prices: str) -> dict[str, str]:
+    return {
+        "name": "priced",
+        "input_price_per_mtok_usd": "1",
+        "output_price_per_mtok_usd": "2",
+        "cached_input_price_per_mtok_usd": "0",
+        "cache_write_price_per_mtok_usd": "",
+        "max_output_tokens": "100",
+        "routing": "ordered",
+        "is_active": "on",
+        **NO_INLINES,
+        **prices,
+    }
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        "input_price_per_mtok_usd",
+        "output_price_per_mtok_usd",
+        "cached_input_price_per_mtok_usd",
+        "cache_write_price_per_mtok_usd",
+    ],
+)
+def test_a_negative_model_price_is_refused(admin_client, field):
+    response = admin_client.post("/admin/gateway/model/add/", _model_form(**{field: "-0.01"}))
+
+    assert response.status_code == 200
+    assert "greater than or equal to 0" in response.content.decode()
+    assert not Model.objects.filter(name="priced").exists()
+
+
+def test_free_models_are_still_allowed(admin_client):
+    form = _model_form(input_price_per_mtok_usd="0", output_price_per_mtok_usd="0")
+
+    response = admin_client.post("/admin/gateway/model/add/", form)
+
+    assert response.status_code == 302
+    assert Model.objects.filter(name="priced").exists()
