@@ -63,14 +63,24 @@ def cap_max_tokens(
 
 
 def _choices(body: dict[str, Any]) -> int:
-    """How many completions the request generates: `n`, or a legacy `best_of` above it."""
+    """How many completions the request generates: `n`, or a legacy `best_of` above it, for
+    each prompt of a legacy list of prompts."""
     counts = [body.get(name) for name in ("n", "best_of")]
-    return max([1, *(count for count in counts if isinstance(count, int))])
+    per_prompt = max([1, *(count for count in counts if isinstance(count, int))])
+    return per_prompt * _prompts(body.get("prompt"))
+
+
+def _prompts(prompt: Any) -> int:
+    """How many prompts a legacy `prompt` holds: a list of strings or of token arrays is one
+    each (each gets its own `n` choices); a string or one token array is one."""
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt):
+        return len(prompt)
+    return 1
 
 
 def worst_case(*, body: dict[str, Any], body_bytes: int, output_limit: int) -> WorstCase:
-    """The most tokens this request can be billed for: every choice (`n`) may use the whole
-    completion limit."""
+    """The most tokens this request can be billed for: every choice (`n` for each prompt) may
+    use the whole completion limit."""
     images = _count_image_parts(body.get("messages"))
     return WorstCase(
         input_tokens=body_bytes + images * IMAGE_TOKEN_ALLOWANCE,
