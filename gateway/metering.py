@@ -47,11 +47,14 @@ def cap_max_tokens(
 ) -> tuple[dict[str, Any], int]:
     """The body to forward with its completion limit capped, and that limit.
 
-    Keeps whichever field the client used (`max_completion_tokens` or `max_tokens`); when it
-    sent neither, sets `max_tokens` to `default` (the API's own default, such as the legacy
-    completions' 16) or else the model's cap, so the upstream stops there.
+    Takes the limit from the field the client set (`max_completion_tokens`, the newer name,
+    when it set both); when it set neither, sets `max_tokens` to `default` (the API's own
+    default, such as the legacy completions' 16) or else the model's cap, so the upstream
+    stops there. When both are set, both are sent as the limit: a provider may read either
+    (llama.cpp and older servers know only `max_tokens`), and the hold covers this one.
     """
-    field = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    given = [name for name in ("max_completion_tokens", "max_tokens") if body.get(name) is not None]
+    field = given[0] if given else "max_tokens"
     requested = body.get(field)
     if requested is None:
         limit = min(default or model.max_output_tokens, model.max_output_tokens)
@@ -59,7 +62,7 @@ def cap_max_tokens(
         limit = min(requested, model.max_output_tokens)
     else:
         raise InvalidRequest(f"'{field}' must be a positive integer.", param=field)
-    return {**body, field: limit}, limit
+    return {**body, **dict.fromkeys(given or [field], limit)}, limit
 
 
 def _choices(body: dict[str, Any]) -> int:

@@ -158,6 +158,28 @@ def test_an_org_without_credit_gets_402_and_the_provider_is_not_called(
     assert not UsageRecord.objects.exists()
 
 
+@pytest.mark.parametrize(
+    ("max_tokens", "max_completion_tokens"), [(100_000, 100_000), (100_000, 5), (5, 100_000)]
+)
+def test_both_completion_limits_are_sent_as_the_one_reserved(
+    gateway_url, catalog, fake_provider, max_tokens, max_completion_tokens
+):
+    # Clients send both names for compatibility; a provider that reads only max_tokens
+    # (llama.cpp, older servers) would otherwise generate past the limit the hold covers.
+    _, key = make_key(make_org())
+
+    sdk(gateway_url, key).chat.completions.create(
+        model="fake-small",
+        messages=MESSAGES,
+        max_tokens=max_tokens,
+        max_completion_tokens=max_completion_tokens,
+    )
+
+    sent = fake_provider.calls[0].json
+    limit = min(max_completion_tokens, 4096)  # the newer name wins, capped at the model's cap
+    assert (sent["max_tokens"], sent["max_completion_tokens"]) == (limit, limit)
+
+
 def test_an_unknown_model_gets_404(gateway_url, catalog, fake_provider):
     _, key = make_key(make_org())
 
