@@ -124,6 +124,13 @@ def completion_request(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
             "'prompt' must be a string, an array of tokens, or a non-empty array of either.",
             param="prompt",
         )
+    if body.get("max_completion_tokens") is not None:
+        # Not a field of this API: providers ignore it and generate up to their default, past
+        # the limit the gateway would reserve from it.
+        raise InvalidRequest(
+            "'max_completion_tokens' is not a legacy completions field; use 'max_tokens'.",
+            param="max_completion_tokens",
+        )
     _check_stream_fields(body)
     _check_positive_ints(body, "n", "best_of")
     return model, body

@@ -169,6 +169,10 @@ def test_a_model_served_only_by_another_api_gets_a_clear_400(gateway_url, fake_p
         ({"model": "fake-small", "prompt": []}, "prompt"),
         ({"model": "fake-small", "prompt": [1, "a"]}, "prompt"),
         ({"model": "fake-small", "prompt": "hi", "n": 0}, "n"),
+        (
+            {"model": "fake-small", "prompt": "hi", "max_completion_tokens": 2},
+            "max_completion_tokens",
+        ),
         ({"model": "fake-small", "prompt": "hi", "stream": "yes"}, "stream"),
         ({"model": "fake-small", "prompt": "hi", "api_base": "http://evil"}, "api_base"),
         ({"model": "fake-small", "prompt": "hi", "extra": {"base_url": "x"}}, "extra.base_url"),
