@@ -13,6 +13,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from billing.models import Account, Posting, UsageRecord
 from billing.money import Price, usage_cost_usd
 from billing.selectors import wallet_balance_usd
+from gateway.services import catalog_load
 from portal.services import api_key_revoke
 from tests.conftest import FAKE_PROVIDER_SECRET
 from tests.factories import make_key, make_org
@@ -178,6 +179,35 @@ def test_both_completion_limits_are_sent_as_the_one_reserved(
     sent = fake_provider.calls[0].json
     limit = min(max_completion_tokens, 4096)  # the newer name wins, capped at the model's cap
     assert (sent["max_tokens"], sent["max_completion_tokens"]) == (limit, limit)
+
+
+@pytest.mark.parametrize("n", [2**62, 2**64 - 1])
+def test_a_worst_case_no_wallet_could_hold_gets_402(gateway_url, catalog, fake_provider, n):
+    # 4096 tokens x n choices at $75/M is more than a money column holds (and, for the
+    # larger n, more digits than the decimal context's precision): it cannot be reserved.
+    catalog_load(
+        data={
+            **catalog,
+            "models": [
+                {
+                    "name": "fake-pricey",
+                    "routes": [{"provider": "fake", "upstream_model": "fake-small-upstream"}],
+                    "price": {"input": "15", "output": "75"},
+                }
+            ],
+        }
+    )
+    _, key = make_key(make_org(credit_usd="10"))
+
+    response = httpx.post(
+        f"{gateway_url}/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": "fake-pricey", "messages": MESSAGES, "n": n},
+    )
+
+    assert response.status_code == 402
+    assert response.json()["error"]["code"] == "insufficient_credit"
+    assert fake_provider.calls == []
 
 
 def test_an_unknown_model_gets_404(gateway_url, catalog, fake_provider):
