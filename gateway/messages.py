@@ -61,6 +61,9 @@ def request_to_openai(body: dict[str, Any]) -> dict[str, Any]:
     system = _system_text(body.get("system"))
     if system:
         messages.append({"role": "system", "content": system})
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise InvalidRequest("stream: must be a boolean", param="stream")
     turns = body.get("messages")
     if not isinstance(turns, list) or not turns:
         raise InvalidRequest("messages: at least one message is required", param="messages")
@@ -70,7 +73,7 @@ def request_to_openai(body: dict[str, Any]) -> dict[str, Any]:
         "model": body.get("model"),
         "messages": messages,
         "max_tokens": max_tokens,
-        "stream": body.get("stream") is True,
+        "stream": stream is True,
     }
     for name, openai_name in _PASSED.items():
         if body.get(name) is not None:
