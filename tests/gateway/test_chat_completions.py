@@ -210,6 +210,30 @@ def test_a_worst_case_no_wallet_could_hold_gets_402(gateway_url, catalog, fake_p
     assert fake_provider.calls == []
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_provider_usage_that_cannot_be_billed_is_charged_an_estimate(
+    gateway_url, catalog, fake_provider, stream
+):
+    # A negative count made the settlement fail after the provider had answered: a 500 (a
+    # stream without its charge), no usage record, and the hold left for the sweeper to void.
+    org = make_org(credit_usd="10")
+    _, key = make_key(org)
+    fake_provider.reported_usage = (-5, 3)
+
+    response = httpx.post(
+        f"{gateway_url}/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": "fake-small", "messages": MESSAGES, "stream": stream},
+    )
+
+    assert response.status_code == 200
+    assert ("cost_usd=" in response.text) if stream else response.json()["choices"]
+    record = UsageRecord.objects.get()
+    assert (record.status, record.usage_source) == ("ok", "estimated")
+    assert record.input_tokens > 0 and record.cost_usd > 0
+    assert wallet_balance_usd(organization_id=org.pk) == Decimal("10") - record.cost_usd
+
+
 def test_an_unknown_model_gets_404(gateway_url, catalog, fake_provider):
     _, key = make_key(make_org())
 
