@@ -234,6 +234,31 @@ def test_a_provider_usage_that_cannot_be_billed_is_charged_an_estimate(
     assert wallet_balance_usd(organization_id=org.pk) == Decimal("10") - record.cost_usd
 
 
+def test_tools_are_reserved_the_system_prompt_a_provider_adds_for_them(
+    gateway_url, catalog, fake_provider
+):
+    # Anthropic bills up to 530 tokens of its own tool-use system prompt, more than a small
+    # request's bytes: the hold has to cover them. This wallet holds a small request's bytes
+    # and output, not a thousand tokens more.
+    org = make_org(credit_usd="0.0003")
+    _, key = make_key(org)
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+    with pytest.raises(openai.APIStatusError) as caught:
+        sdk(gateway_url, key).chat.completions.create(
+            model="fake-small",
+            messages=MESSAGES,
+            max_tokens=1,
+            tools=[tool],  # type: ignore[list-item]
+        )
+
+    assert caught.value.status_code == 402
+    assert fake_provider.calls == []
+    sdk(gateway_url, key).chat.completions.create(
+        model="fake-small", messages=MESSAGES, max_tokens=1
+    )
+
+
 def test_an_unknown_model_gets_404(gateway_url, catalog, fake_provider):
     _, key = make_key(make_org())
 
