@@ -298,6 +298,12 @@ def test_an_unknown_model_gets_404(gateway_url, catalog, fake_provider):
             b' "extra": {"api_base": "http://evil.example"}}',
             "extra.api_base",
         ),
+        # Within orjson's depth limit, past Python's recursion limit: it was a 500.
+        (
+            b'{"model": "fake-small", "messages": [{"role": "user", "content": "hi"}],'
+            b' "metadata": ' + b"[" * 1000 + b"]" * 1000 + b"}",
+            "nested",
+        ),
     ],
 )
 def test_a_bad_body_gets_400_in_openai_shape(gateway_url, catalog, fake_provider, body, fragment):
