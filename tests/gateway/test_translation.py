@@ -1224,6 +1224,27 @@ def test_messages_answer_from_a_chat_completion_splits_the_cached_prompt() -> No
     }
 
 
+@pytest.mark.parametrize(
+    "choice",
+    [
+        {"message": "hi"},
+        {"message": {"content": "Hi", "tool_calls": [5, {"function": "f"}]}},
+        {"message": {"content": "Hi", "tool_calls": "f"}},
+    ],
+)
+def test_messages_answer_from_a_malformed_chat_completion_keeps_what_it_can(
+    choice: dict[str, Any],
+) -> None:
+    # It was translated after the request was settled: a 500 for a charged request.
+    usage = TokenUsage(input_tokens=3, output_tokens=1)
+
+    message = messages.message_from_openai({"id": "x", "choices": [choice]}, usage)
+
+    assert message["type"] == "message"
+    assert all(block["type"] in ("text", "tool_use") for block in message["content"])
+    assert message["usage"]["output_tokens"] == 1
+
+
 def test_messages_events_from_openai_chunks() -> None:
     base = {"id": "chatcmpl-x", "model": "m", "object": "chat.completion.chunk"}
 
