@@ -99,7 +99,7 @@ def _openai_endpoint(
             bind_request_id(request_id)
             try:
                 if method is not None and request.method != method:
-                    raise MethodNotAllowed(f"Use {method} for {request.path}.")
+                    raise MethodNotAllowed(f"Use {method} for {request.path}.", allowed=method)
                 return await handler(request, request_id, **kwargs)
             except GatewayError as error:
                 response = answer_error(error, request_id=request_id)

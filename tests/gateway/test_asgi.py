@@ -138,6 +138,7 @@ def test_a_wrong_method_on_messages_gets_anthropics_405(gateway_url):
     response = httpx.get(f"{gateway_url}/messages")
 
     assert response.status_code == 405
+    assert response.headers["Allow"] == "POST"
     assert response.json()["error"]["type"] == "invalid_request_error"
     assert response.json()["type"] == "error"
 
