@@ -20,6 +20,8 @@ USD_MAX_DIGITS = 22
 USD_QUANTUM = Decimal(1).scaleb(-USD_PLACES)
 ZERO_USD = Decimal(0)
 TOKENS_PER_PRICE_UNIT = 1_000_000  # prices are per 1M tokens
+# The first amount a money column cannot hold (USD_MAX_DIGITS - USD_PLACES whole digits).
+USD_LIMIT = Decimal(10) ** (USD_MAX_DIGITS - USD_PLACES)
 
 
 class MoneyError(ValueError):
@@ -50,7 +52,7 @@ def parse_usd(value: str | int | Decimal) -> Decimal:
         raise MoneyError(f"not a decimal amount: {value!r}") from None
     if not amount.is_finite():
         raise MoneyError(f"not a finite amount: {value!r}")
-    if abs(amount) >= Decimal(10) ** (USD_MAX_DIGITS - USD_PLACES):
+    if abs(amount) >= USD_LIMIT:
         raise MoneyError(f"amount too large: {value!r}")
     if amount != amount.quantize(USD_QUANTUM, rounding=ROUND_HALF_UP):
         raise MoneyError(f"at most {USD_PLACES} decimal places: {value!r}")
@@ -88,7 +90,8 @@ def usage_cost_usd(
 
     `input_tokens` counts every prompt token; the `cached_input_tokens` (read from the cache)
     and `cache_write_input_tokens` (written to it) among them are billed at their own prices
-    instead of the input price.
+    instead of the input price. Raises MoneyError for a cost no money column can hold (a
+    worst case of absurd token counts: no wallet covers it).
     """
     if min(input_tokens, output_tokens, cached_input_tokens, cache_write_input_tokens) < 0:
         raise MoneyError("token counts cannot be negative")
@@ -100,7 +103,13 @@ def usage_cost_usd(
         + cache_write_input_tokens * price.cache_write_per_mtok_usd
         + output_tokens * price.output_per_mtok_usd
     )
-    return (unscaled / TOKENS_PER_PRICE_UNIT).quantize(USD_QUANTUM, rounding=ROUND_HALF_UP)
+    try:
+        cost = (unscaled / TOKENS_PER_PRICE_UNIT).quantize(USD_QUANTUM, rounding=ROUND_HALF_UP)
+    except InvalidOperation:  # more digits than the decimal context's precision
+        raise MoneyError("the cost is too large to be an amount of money") from None
+    if cost >= USD_LIMIT:
+        raise MoneyError("the cost is too large to be an amount of money")
+    return cost
 
 
 def format_usd(amount: Decimal) -> str:

@@ -4,7 +4,7 @@ metrics page (portal/asgi.py sends it those), looked up in a dict, not resolved 
 Django's URL resolution set the URLconf in an asgiref Local per request and matched patterns
 one by one; a dict lookup is all these paths need. The one pattern is `/v1/models/<id>` (the
 id may hold slashes, as Django's `path` converter allowed). Every other `/v1/*` path gets
-OpenAI's 404.
+OpenAI's 404, and Anthropic's under `/v1/messages/`.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ EXACT_PATHS: dict[str, View] = {
     "/metrics": sync_to_async(metrics_view, thread_sensitive=True),
 }
 MODEL_PREFIX = "/v1/models/"
+MESSAGES_PREFIX = "/v1/messages/"
 
 
 def view_for(path: str) -> tuple[View, dict[str, str]]:
@@ -41,4 +42,6 @@ def view_for(path: str) -> tuple[View, dict[str, str]]:
         return view, {}
     if path.startswith(MODEL_PREFIX) and len(path) > len(MODEL_PREFIX):
         return views.model, {"model_id": path[len(MODEL_PREFIX) :]}
+    if path.startswith(MESSAGES_PREFIX):  # Anthropic's API: its SDKs read its error shape
+        return messages_view.unknown_endpoint, {}
     return views.unknown_endpoint, {}

@@ -110,6 +110,14 @@ class MethodNotAllowed(GatewayError):
     type = "invalid_request_error"
     code = "method_not_allowed"
 
+    def __init__(self, message: str, *, allowed: str) -> None:
+        super().__init__(message)
+        self.allowed = allowed
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Allow": self.allowed}  # RFC 9110: a 405 names the methods the path takes
+
 
 class RequestTooLarge(GatewayError):
     status = 413

@@ -61,6 +61,9 @@ def request_to_openai(body: dict[str, Any]) -> dict[str, Any]:
     system = _system_text(body.get("system"))
     if system:
         messages.append({"role": "system", "content": system})
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise InvalidRequest("stream: must be a boolean", param="stream")
     turns = body.get("messages")
     if not isinstance(turns, list) or not turns:
         raise InvalidRequest("messages: at least one message is required", param="messages")
@@ -70,7 +73,7 @@ def request_to_openai(body: dict[str, Any]) -> dict[str, Any]:
         "model": body.get("model"),
         "messages": messages,
         "max_tokens": max_tokens,
-        "stream": body.get("stream") is True,
+        "stream": stream is True,
     }
     for name, openai_name in _PASSED.items():
         if body.get(name) is not None:
@@ -280,17 +283,26 @@ def _tool_input(arguments: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"arguments": arguments}
 
 
+def _object(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
 def message_from_openai(completion: dict[str, Any], usage: TokenUsage) -> dict[str, Any]:
     """The Messages API `message` for a chat.completion and the usage it was billed for."""
     choices = completion.get("choices") or [{}]
     choice = choices[0] if isinstance(choices[0], dict) else {}
-    reply = choice.get("message") or {}
+    # It runs after the request is settled: a malformed answer keeps what can be read of it
+    # rather than failing a request that was charged.
+    reply = _object(choice.get("message"))
     content: list[dict[str, Any]] = []
     text = reply.get("content") or reply.get("refusal")
     if text:
         content.append({"type": "text", "text": str(text)})
-    for call in reply.get("tool_calls") or []:
-        function = call.get("function") or {}
+    calls = reply.get("tool_calls")
+    for call in calls if isinstance(calls, list) else []:
+        if not isinstance(call, dict):
+            continue
+        function = _object(call.get("function"))
         content.append(
             {
                 "type": "tool_use",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from gateway.auth import authenticate, bearer_token, client_host_of
-from gateway.errors import anthropic_error_response
+from gateway.errors import UnknownEndpoint, anthropic_error_response
 from gateway.messages import message_events, message_from_openai, request_to_openai
 from gateway.requests import chat_request, read_json_body
 from gateway.views import ReplyFormat, _openai_endpoint, serve_chat
@@ -43,3 +43,10 @@ async def messages(request: GatewayRequest, request_id: str) -> Answer:
         started=started,
         reply_format=ANTHROPIC_REPLY,
     )
+
+
+@_openai_endpoint(None, anthropic_error_response)
+async def unknown_endpoint(request: GatewayRequest, request_id: str) -> Answer:
+    """A path under /v1/messages/ (count_tokens, batches, …): a 404 in Anthropic's shape,
+    which the SDKs that call them read."""
+    raise UnknownEndpoint(f"Unknown endpoint: {request.method} {request.path}")

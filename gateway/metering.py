@@ -4,7 +4,8 @@ The reservation must cover the worst case, or concurrent requests could together
 than the wallet holds. Both bounds below are upper bounds, not guesses:
 - prompt: no tokenizer emits more tokens than the UTF-8 bytes it reads, and the body's bytes
   include every message's text plus its JSON framing (which covers per-message overhead);
-  images are not text, so each image part adds IMAGE_TOKEN_ALLOWANCE;
+  images are not text, so each image part adds IMAGE_TOKEN_ALLOWANCE; tools make the
+  provider add a system prompt of its own, which the body does not hold (TOOLS_TOKEN_ALLOWANCE);
 - completion: the request's max_tokens, capped at the model's max_output_tokens, and that cap
   is what the upstream is sent, so it cannot generate more.
 """
@@ -20,6 +21,10 @@ from gateway.selectors import ModelEntry
 # Tokens reserved per image part (a high-detail 2048px image is about 1,100 tokens on
 # OpenAI's vision models; providers that bill images higher need a larger allowance).
 IMAGE_TOKEN_ALLOWANCE = 2_000
+# Tokens reserved when a request offers tools (or legacy functions): the provider prefixes a
+# tool-use system prompt the body does not hold, billed as input (Anthropic documents up to
+# 530 tokens of it, per model and tool_choice).
+TOOLS_TOKEN_ALLOWANCE = 1_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,11 +52,14 @@ def cap_max_tokens(
 ) -> tuple[dict[str, Any], int]:
     """The body to forward with its completion limit capped, and that limit.
 
-    Keeps whichever field the client used (`max_completion_tokens` or `max_tokens`); when it
-    sent neither, sets `max_tokens` to `default` (the API's own default, such as the legacy
-    completions' 16) or else the model's cap, so the upstream stops there.
+    Takes the limit from the field the client set (`max_completion_tokens`, the newer name,
+    when it set both); when it set neither, sets `max_tokens` to `default` (the API's own
+    default, such as the legacy completions' 16) or else the model's cap, so the upstream
+    stops there. When both are set, both are sent as the limit: a provider may read either
+    (llama.cpp and older servers know only `max_tokens`), and the hold covers this one.
     """
-    field = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    given = [name for name in ("max_completion_tokens", "max_tokens") if body.get(name) is not None]
+    field = given[0] if given else "max_tokens"
     requested = body.get(field)
     if requested is None:
         limit = min(default or model.max_output_tokens, model.max_output_tokens)
@@ -59,20 +67,31 @@ def cap_max_tokens(
         limit = min(requested, model.max_output_tokens)
     else:
         raise InvalidRequest(f"'{field}' must be a positive integer.", param=field)
-    return {**body, field: limit}, limit
+    return {**body, **dict.fromkeys(given or [field], limit)}, limit
 
 
 def _choices(body: dict[str, Any]) -> int:
-    """How many completions the request generates: `n`, or a legacy `best_of` above it."""
+    """How many completions the request generates: `n`, or a legacy `best_of` above it, for
+    each prompt of a legacy list of prompts."""
     counts = [body.get(name) for name in ("n", "best_of")]
-    return max([1, *(count for count in counts if isinstance(count, int))])
+    per_prompt = max([1, *(count for count in counts if isinstance(count, int))])
+    return per_prompt * _prompts(body.get("prompt"))
+
+
+def _prompts(prompt: Any) -> int:
+    """How many prompts a legacy `prompt` holds: a list of strings or of token arrays is one
+    each (each gets its own `n` choices); a string or one token array is one."""
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt):
+        return len(prompt)
+    return 1
 
 
 def worst_case(*, body: dict[str, Any], body_bytes: int, output_limit: int) -> WorstCase:
-    """The most tokens this request can be billed for: every choice (`n`) may use the whole
-    completion limit."""
+    """The most tokens this request can be billed for: every choice (`n` for each prompt) may
+    use the whole completion limit."""
     images = _count_image_parts(body.get("messages"))
+    tools = any(body.get(name) for name in ("tools", "functions"))
     return WorstCase(
-        input_tokens=body_bytes + images * IMAGE_TOKEN_ALLOWANCE,
+        input_tokens=body_bytes + images * IMAGE_TOKEN_ALLOWANCE + tools * TOOLS_TOKEN_ALLOWANCE,
         output_tokens=output_limit * _choices(body),
     )

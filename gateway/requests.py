@@ -17,6 +17,10 @@ PROVIDER_ADDRESSING_FIELDS = frozenset(
     {"base_url", "api_base", "api_key", "api_version", "azure_endpoint", "custom_llm_provider"}
 )
 _UTF8_BOM = b"\xef\xbb\xbf"
+# How deeply a body may nest arrays and objects. orjson reads up to 1024 levels, but the
+# gateway's encoders and translations recurse, and Python's recursion stops near 1000: a
+# body nested that deep got a 500. No API field needs more than a few dozen.
+MAX_JSON_DEPTH = 256
 
 
 def read_json_body(request: GatewayRequest) -> dict[str, Any]:
@@ -38,7 +42,7 @@ def read_json_body(request: GatewayRequest) -> dict[str, Any]:
         raise InvalidRequest("The request body is not valid JSON.") from None
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
-    _refuse_provider_addressing(body, path="")
+    _refuse_provider_addressing(body)
     return body
 
 
@@ -46,18 +50,29 @@ def _too_large_message() -> str:
     return f"The request body exceeds {settings.GATEWAY_MAX_BODY_BYTES} bytes."
 
 
-def _refuse_provider_addressing(value: Any, *, path: str) -> None:
-    if isinstance(value, dict):
-        for key, item in value.items():
-            where = f"{path}.{key}" if path else str(key)
-            if key in PROVIDER_ADDRESSING_FIELDS:
-                raise InvalidRequest(
-                    f"'{where}' is not accepted: the gateway chooses the provider.", param=where
-                )
-            _refuse_provider_addressing(item, path=where)
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            _refuse_provider_addressing(item, path=f"{path}[{index}]")
+def _refuse_provider_addressing(body: dict[str, Any]) -> None:
+    """Refuse a provider-addressing field at any depth, and a body nested deeper than
+    MAX_JSON_DEPTH; walked with a stack of its own, not by recursion."""
+    pending: list[tuple[Any, str, int]] = [(body, "", 1)]
+    while pending:
+        value, path, depth = pending.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidRequest(
+                f"The request body is nested more than {MAX_JSON_DEPTH} levels deep."
+            )
+        if isinstance(value, dict):
+            for key, item in value.items():
+                where = f"{path}.{key}" if path else str(key)
+                if key in PROVIDER_ADDRESSING_FIELDS:
+                    raise InvalidRequest(
+                        f"'{where}' is not accepted: the gateway chooses the provider.",
+                        param=where,
+                    )
+                pending.append((item, where, depth + 1))
+        elif isinstance(value, list):
+            pending.extend(
+                (item, f"{path}[{index}]", depth + 1) for index, item in enumerate(value)
+            )
 
 
 def chat_request(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -123,6 +138,13 @@ def completion_request(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         raise InvalidRequest(
             "'prompt' must be a string, an array of tokens, or a non-empty array of either.",
             param="prompt",
+        )
+    if body.get("max_completion_tokens") is not None:
+        # Not a field of this API: providers ignore it and generate up to their default, past
+        # the limit the gateway would reserve from it.
+        raise InvalidRequest(
+            "'max_completion_tokens' is not a legacy completions field; use 'max_tokens'.",
+            param="max_completion_tokens",
         )
     _check_stream_fields(body)
     _check_positive_ints(body, "n", "best_of")

@@ -160,6 +160,12 @@ def _rewrite(chunk: dict[str, Any], key: str, value: Any) -> None:
         chunk.raw = None
 
 
+def _usage_chunk(chunk: dict[str, Any], usage: dict[str, Any], model_name: str) -> dict[str, Any]:
+    """OpenAI's usage chunk (`choices: []`) for a content chunk that carried `usage`."""
+    head = {name: chunk[name] for name in ("id", "object", "created") if name in chunk}
+    return {**head, "model": model_name, "choices": [], "usage": usage}
+
+
 def _is_usage_chunk(chunk: dict[str, Any]) -> bool:
     return chunk.get("choices") == [] and isinstance(chunk.get("usage"), dict)
 
@@ -288,7 +294,16 @@ async def relay_chat_stream(
                         held_usage = chunk
                     continue
                 tally.count(chunk)
-                if not pass_usage and chunk.get("usage", 0) is None:
+                usage = chunk.get("usage", 0)
+                if isinstance(usage, dict):
+                    # Mistral, Ollama and others report the usage on the last content chunk,
+                    # not on one of its own: charged from it, and passed on (when asked for)
+                    # as OpenAI's usage chunk, which the end of the stream completes.
+                    tally.reported = reported_usage(usage) or tally.reported
+                    if pass_usage:
+                        held_usage = _usage_chunk(chunk, usage, model_name)
+                    _rewrite(chunk, "usage", None)
+                elif not pass_usage and usage is None:
                     _rewrite(chunk, "usage", None)  # the null `usage` that include_usage adds
                 if chunk.get("model") != model_name:
                     _rewrite(chunk, "model", model_name)

@@ -17,7 +17,7 @@ from django.http import StreamingHttpResponse
 
 from billing.alerts import spend_cap_refusal_alert
 from billing.models import UsageRecord
-from billing.money import ZERO_USD, format_usd, usage_cost_usd
+from billing.money import ZERO_USD, MoneyError, format_usd, usage_cost_usd
 from billing.services import (
     InsufficientCredit,
     MeteredRequest,
@@ -99,7 +99,7 @@ def _openai_endpoint(
             bind_request_id(request_id)
             try:
                 if method is not None and request.method != method:
-                    raise MethodNotAllowed(f"Use {method} for {request.path}.")
+                    raise MethodNotAllowed(f"Use {method} for {request.path}.", allowed=method)
                 return await handler(request, request_id, **kwargs)
             except GatewayError as error:
                 response = answer_error(error, request_id=request_id)
@@ -357,15 +357,7 @@ async def _metered(
         # 4. Route
         routes = serveable_routes(model, needs=call.needs)
         # 5. Reserve the worst case, or 402
-        await _reserve_or_refuse(
-            request_id,
-            caller,
-            usage_cost_usd(
-                price=model.price,
-                input_tokens=bound.input_tokens,
-                output_tokens=bound.output_tokens,
-            ),
-        )
+        await _reserve_or_refuse(request_id, caller, _worst_case_cost(model, bound))
         # 6. Forward, retrying or failing over before the first byte; a stream relays and
         # then settles (7.) when it ends, in gateway/streaming.py
         metering = _Metering(request_id, caller, model, routes[0], started)
@@ -536,6 +528,21 @@ def _streamed(
     )
 
 
+def _worst_case_cost(model: ModelEntry, bound: WorstCase) -> Decimal:
+    try:
+        return usage_cost_usd(
+            price=model.price, input_tokens=bound.input_tokens, output_tokens=bound.output_tokens
+        )
+    except MoneyError:  # more than any wallet could hold (say, n in the quintillions)
+        raise PaymentRequired(_NOT_COVERED) from None
+
+
+# The 402 when the wallet's available credit does not cover the request's worst case.
+_NOT_COVERED = (
+    "Your organisation's credit does not cover this request. Add credit, or lower max_tokens."
+)
+
+
 async def _reserve_or_refuse(request_id: str, caller: Caller, amount_usd: Decimal) -> None:
     try:
         await _reserve(
@@ -546,10 +553,7 @@ async def _reserve_or_refuse(request_id: str, caller: Caller, amount_usd: Decima
             spend_cap=caller.spend_cap,
         )
     except InsufficientCredit:
-        raise PaymentRequired(
-            "Your organisation's credit does not cover this request. Add credit, or lower "
-            "max_tokens."
-        ) from None
+        raise PaymentRequired(_NOT_COVERED) from None
     except SpendCapExceeded as exc:
         if caller.spend_cap is not None:
             try:

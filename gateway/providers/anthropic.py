@@ -24,8 +24,10 @@ from gateway.providers.base import (
     TokenUsage,
     UpstreamReply,
     UpstreamStream,
+    billable_usage,
     estimated_usage,
     openai_usage,
+    token_count,
 )
 from gateway.providers.http import post_json
 from gateway.providers.openai_request import (
@@ -317,12 +319,15 @@ def _usage(usage: Any, *, request: dict[str, Any], completion: str) -> TokenUsag
 def _reported_usage(usage: Any) -> TokenUsage | None:
     if not isinstance(usage, dict) or not isinstance(usage.get("input_tokens"), int):
         return None
+    uncached = token_count(usage["input_tokens"])
     # The cache fields are absent or null when no cache was involved.
-    cache_read = int(usage.get("cache_read_input_tokens") or 0)
-    cache_write = int(usage.get("cache_creation_input_tokens") or 0)
-    return TokenUsage(
-        input_tokens=usage["input_tokens"] + cache_read + cache_write,
-        output_tokens=int(usage.get("output_tokens") or 0),
+    cache_read = token_count(usage.get("cache_read_input_tokens"))
+    cache_write = token_count(usage.get("cache_creation_input_tokens"))
+    if uncached is None or cache_read is None or cache_write is None:
+        return None
+    return billable_usage(
+        input_tokens=uncached + cache_read + cache_write,
+        output_tokens=token_count(usage.get("output_tokens")),
         cached_input_tokens=cache_read,
         cache_write_input_tokens=cache_write,
     )

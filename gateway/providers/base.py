@@ -95,18 +95,60 @@ class EmbeddingAdapter(Protocol):
         ...
 
 
+def token_count(value: Any) -> int | None:
+    """A token count as a provider reports it: a whole number, 0 or more (absent or null: 0;
+    a float such as 3.0 too). None for anything else: the usage it is part of cannot be
+    billed, and the request is charged an estimate instead (`billable_usage`)."""
+    if value is None:
+        return 0
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None
+    return value
+
+
+def billable_usage(
+    *,
+    input_tokens: int | None,
+    output_tokens: int | None,
+    cached_input_tokens: int | None = 0,
+    cache_write_input_tokens: int | None = 0,
+) -> TokenUsage | None:
+    """The reported usage from counts read with `token_count`; None when one was unreadable or
+    the cache counts exceed the prompt. Billing such figures failed after the provider had
+    answered (the client got a 500, and no usage record was written)."""
+    if (
+        input_tokens is None
+        or output_tokens is None
+        or cached_input_tokens is None
+        or cache_write_input_tokens is None
+        or cached_input_tokens + cache_write_input_tokens > input_tokens
+    ):
+        return None
+    return TokenUsage(
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cached_input_tokens=cached_input_tokens,
+        cache_write_input_tokens=cache_write_input_tokens,
+    )
+
+
 def reported_usage(usage: Any) -> TokenUsage | None:
-    """The usage an OpenAI-shaped `usage` object reports, or None when it reports none."""
+    """The usage an OpenAI-shaped `usage` object reports, or None when it reports none (or
+    none that can be billed)."""
     if not isinstance(usage, dict) or not isinstance(usage.get("prompt_tokens"), int):
         return None
     details = usage.get("prompt_tokens_details") or {}
-    return TokenUsage(
-        input_tokens=usage["prompt_tokens"],
-        output_tokens=int(usage.get("completion_tokens") or 0),
-        cached_input_tokens=int(details.get("cached_tokens") or 0),
+    if not isinstance(details, dict):
+        return None
+    return billable_usage(
+        input_tokens=token_count(usage["prompt_tokens"]),
+        output_tokens=token_count(usage.get("completion_tokens")),
+        cached_input_tokens=token_count(details.get("cached_tokens")),
         # Not OpenAI's: the translating adapters report prompt-cache writes here (as
         # OpenRouter does), so a stream bills them at their own price.
-        cache_write_input_tokens=int(details.get("cache_write_tokens") or 0),
+        cache_write_input_tokens=token_count(details.get("cache_write_tokens")),
     )
 
 

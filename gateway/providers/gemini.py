@@ -35,8 +35,10 @@ from gateway.providers.base import (
     TokenUsage,
     UpstreamReply,
     UpstreamStream,
+    billable_usage,
     estimated_usage,
     openai_usage,
+    token_count,
 )
 from gateway.providers.http import post_json
 from gateway.providers.openai_request import (
@@ -368,16 +370,25 @@ def _usage(metadata: Any, *, request: dict[str, Any], completion: str) -> tuple[
 def _reported_usage(metadata: Any) -> tuple[TokenUsage, int] | None:
     if not isinstance(metadata, dict) or not isinstance(metadata.get("promptTokenCount"), int):
         return None
-    thoughts = int(metadata.get("thoughtsTokenCount") or 0)
+    prompt, tool_prompt, candidates, thoughts = (
+        token_count(metadata.get(name))
+        for name in (
+            "promptTokenCount",
+            "toolUsePromptTokenCount",
+            "candidatesTokenCount",
+            "thoughtsTokenCount",
+        )
+    )
+    if prompt is None or tool_prompt is None or candidates is None or thoughts is None:
+        return None
     # promptTokenCount already includes the cached tokens; the prompt built by tool use (e.g.
     # search results) and the thinking are counted apart, and billed as input and output.
-    usage = TokenUsage(
-        input_tokens=metadata["promptTokenCount"]
-        + int(metadata.get("toolUsePromptTokenCount") or 0),
-        output_tokens=int(metadata.get("candidatesTokenCount") or 0) + thoughts,
-        cached_input_tokens=int(metadata.get("cachedContentTokenCount") or 0),
+    usage = billable_usage(
+        input_tokens=prompt + tool_prompt,
+        output_tokens=candidates + thoughts,
+        cached_input_tokens=token_count(metadata.get("cachedContentTokenCount")),
     )
-    return usage, thoughts
+    return None if usage is None else (usage, thoughts)
 
 
 def _credential_rejected(response: httpx.Response) -> bool:

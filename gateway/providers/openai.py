@@ -14,8 +14,10 @@ from gateway.providers.base import (
     TokenUsage,
     UpstreamReply,
     UpstreamStream,
+    billable_usage,
     estimated_usage,
     reported_usage,
+    token_count,
 )
 from gateway.providers.http import post_json
 from gateway.providers.sse import closer, event_data, open_event_stream
@@ -50,7 +52,9 @@ def _completion_usage_from(body: dict[str, Any], request: dict[str, Any]) -> Tok
 def _embedding_usage_from(body: dict[str, Any], request: dict[str, Any]) -> TokenUsage:
     usage = body.get("usage")
     if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
-        return TokenUsage(input_tokens=usage["prompt_tokens"], output_tokens=0)
+        reported = billable_usage(input_tokens=token_count(usage["prompt_tokens"]), output_tokens=0)
+        if reported is not None:
+            return reported
     estimate = estimated_usage(prompt=request.get("input", ""), completion="")
     return TokenUsage(input_tokens=estimate.input_tokens, output_tokens=0, reported=False)
 

@@ -85,3 +85,13 @@ def test_impossible_token_counts_are_refused(tokens):
             cached_input_tokens=tokens[2],
             cache_write_input_tokens=tokens[3] if len(tokens) > 3 else 0,
         )
+
+
+@pytest.mark.parametrize("output_tokens", [10**18, 4096 * (2**64 - 1)])
+def test_a_cost_too_large_for_a_money_column_is_refused(output_tokens):
+    # 10**18 tokens at $75/M is 7.5e13 dollars, past the 12 whole-dollar digits a column
+    # holds; 4096 x 2**64 tokens has more digits than the decimal context's precision.
+    price = Price(input_per_mtok_usd=Decimal("15"), output_per_mtok_usd=Decimal("75"))
+
+    with pytest.raises(MoneyError):
+        usage_cost_usd(price=price, input_tokens=0, output_tokens=output_tokens)

@@ -123,10 +123,22 @@ def test_a_path_no_view_serves_gets_openais_404(gateway_url, path):
     assert response.json()["error"]["code"] == "unknown_endpoint"
 
 
+@pytest.mark.parametrize("path", ["/messages/", "/messages/count_tokens", "/messages/batches"])
+def test_a_path_under_messages_no_view_serves_gets_anthropics_404(gateway_url, path):
+    # The anthropic SDK calls these (count_tokens, batches); it reads Anthropic's shape.
+    response = httpx.post(f"{gateway_url}{path}", json={})
+
+    assert response.status_code == 404
+    assert response.json()["type"] == "error"
+    assert response.json()["error"]["type"] == "not_found_error"
+    assert response.headers["x-request-id"].startswith("req_")
+
+
 def test_a_wrong_method_on_messages_gets_anthropics_405(gateway_url):
     response = httpx.get(f"{gateway_url}/messages")
 
     assert response.status_code == 405
+    assert response.headers["Allow"] == "POST"
     assert response.json()["error"]["type"] == "invalid_request_error"
     assert response.json()["type"] == "error"
 

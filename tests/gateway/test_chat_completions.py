@@ -13,6 +13,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from billing.models import Account, Posting, UsageRecord
 from billing.money import Price, usage_cost_usd
 from billing.selectors import wallet_balance_usd
+from gateway.services import catalog_load
 from portal.services import api_key_revoke
 from tests.conftest import FAKE_PROVIDER_SECRET
 from tests.factories import make_key, make_org
@@ -158,6 +159,106 @@ def test_an_org_without_credit_gets_402_and_the_provider_is_not_called(
     assert not UsageRecord.objects.exists()
 
 
+@pytest.mark.parametrize(
+    ("max_tokens", "max_completion_tokens"), [(100_000, 100_000), (100_000, 5), (5, 100_000)]
+)
+def test_both_completion_limits_are_sent_as_the_one_reserved(
+    gateway_url, catalog, fake_provider, max_tokens, max_completion_tokens
+):
+    # Clients send both names for compatibility; a provider that reads only max_tokens
+    # (llama.cpp, older servers) would otherwise generate past the limit the hold covers.
+    _, key = make_key(make_org())
+
+    sdk(gateway_url, key).chat.completions.create(
+        model="fake-small",
+        messages=MESSAGES,
+        max_tokens=max_tokens,
+        max_completion_tokens=max_completion_tokens,
+    )
+
+    sent = fake_provider.calls[0].json
+    limit = min(max_completion_tokens, 4096)  # the newer name wins, capped at the model's cap
+    assert (sent["max_tokens"], sent["max_completion_tokens"]) == (limit, limit)
+
+
+@pytest.mark.parametrize("n", [2**62, 2**64 - 1])
+def test_a_worst_case_no_wallet_could_hold_gets_402(gateway_url, catalog, fake_provider, n):
+    # 4096 tokens x n choices at $75/M is more than a money column holds (and, for the
+    # larger n, more digits than the decimal context's precision): it cannot be reserved.
+    catalog_load(
+        data={
+            **catalog,
+            "models": [
+                {
+                    "name": "fake-pricey",
+                    "routes": [{"provider": "fake", "upstream_model": "fake-small-upstream"}],
+                    "price": {"input": "15", "output": "75"},
+                }
+            ],
+        }
+    )
+    _, key = make_key(make_org(credit_usd="10"))
+
+    response = httpx.post(
+        f"{gateway_url}/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": "fake-pricey", "messages": MESSAGES, "n": n},
+    )
+
+    assert response.status_code == 402
+    assert response.json()["error"]["code"] == "insufficient_credit"
+    assert fake_provider.calls == []
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_provider_usage_that_cannot_be_billed_is_charged_an_estimate(
+    gateway_url, catalog, fake_provider, stream
+):
+    # A negative count made the settlement fail after the provider had answered: a 500 (a
+    # stream without its charge), no usage record, and the hold left for the sweeper to void.
+    org = make_org(credit_usd="10")
+    _, key = make_key(org)
+    fake_provider.reported_usage = (-5, 3)
+
+    response = httpx.post(
+        f"{gateway_url}/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": "fake-small", "messages": MESSAGES, "stream": stream},
+    )
+
+    assert response.status_code == 200
+    assert ("cost_usd=" in response.text) if stream else response.json()["choices"]
+    record = UsageRecord.objects.get()
+    assert (record.status, record.usage_source) == ("ok", "estimated")
+    assert record.input_tokens > 0 and record.cost_usd > 0
+    assert wallet_balance_usd(organization_id=org.pk) == Decimal("10") - record.cost_usd
+
+
+def test_tools_are_reserved_the_system_prompt_a_provider_adds_for_them(
+    gateway_url, catalog, fake_provider
+):
+    # Anthropic bills up to 530 tokens of its own tool-use system prompt, more than a small
+    # request's bytes: the hold has to cover them. This wallet holds a small request's bytes
+    # and output, not a thousand tokens more.
+    org = make_org(credit_usd="0.0003")
+    _, key = make_key(org)
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+    with pytest.raises(openai.APIStatusError) as caught:
+        sdk(gateway_url, key).chat.completions.create(
+            model="fake-small",
+            messages=MESSAGES,
+            max_tokens=1,
+            tools=[tool],  # type: ignore[list-item]
+        )
+
+    assert caught.value.status_code == 402
+    assert fake_provider.calls == []
+    sdk(gateway_url, key).chat.completions.create(
+        model="fake-small", messages=MESSAGES, max_tokens=1
+    )
+
+
 def test_an_unknown_model_gets_404(gateway_url, catalog, fake_provider):
     _, key = make_key(make_org())
 
@@ -196,6 +297,12 @@ def test_an_unknown_model_gets_404(gateway_url, catalog, fake_provider):
             b'{"model": "fake-small", "messages": [{"role": "user", "content": "hi"}],'
             b' "extra": {"api_base": "http://evil.example"}}',
             "extra.api_base",
+        ),
+        # Within orjson's depth limit, past Python's recursion limit: it was a 500.
+        (
+            b'{"model": "fake-small", "messages": [{"role": "user", "content": "hi"}],'
+            b' "metadata": ' + b"[" * 1000 + b"]" * 1000 + b"}",
+            "nested",
         ),
     ],
 )

@@ -169,6 +169,10 @@ def test_a_model_served_only_by_another_api_gets_a_clear_400(gateway_url, fake_p
         ({"model": "fake-small", "prompt": []}, "prompt"),
         ({"model": "fake-small", "prompt": [1, "a"]}, "prompt"),
         ({"model": "fake-small", "prompt": "hi", "n": 0}, "n"),
+        (
+            {"model": "fake-small", "prompt": "hi", "max_completion_tokens": 2},
+            "max_completion_tokens",
+        ),
         ({"model": "fake-small", "prompt": "hi", "stream": "yes"}, "stream"),
         ({"model": "fake-small", "prompt": "hi", "api_base": "http://evil"}, "api_base"),
         ({"model": "fake-small", "prompt": "hi", "extra": {"base_url": "x"}}, "extra.base_url"),
@@ -196,6 +200,22 @@ def test_n_is_reserved_for_every_choice(gateway_url, catalog, fake_provider):
 
     assert caught.value.status_code == 402
     sdk(gateway_url, key).completions.create(model="fake-small", prompt="hi")
+
+
+def test_every_prompt_of_a_list_is_reserved_for_every_choice(gateway_url, catalog, fake_provider):
+    # A list of prompts gets n choices each: 3 prompts x 16 tokens at 1.50/M does not fit in
+    # this wallet, one prompt does. Reserving one prompt's worth let a request of many
+    # prompts overdraw the wallet by the rest.
+    org = make_org(credit_usd="0.00006")
+    _, key = make_key(org)
+
+    with pytest.raises(openai.APIStatusError) as caught:
+        sdk(gateway_url, key).completions.create(model="fake-small", prompt=["hi", "hi", "hi"])
+
+    assert caught.value.status_code == 402
+    assert fake_provider.calls == []
+    sdk(gateway_url, key).completions.create(model="fake-small", prompt=["hi"])
+    assert wallet_balance_usd(organization_id=org.pk) >= 0
 
 
 def test_the_demo_provider_completes_offline_streamed_and_not(gateway_url, fake_provider):

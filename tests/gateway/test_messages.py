@@ -418,6 +418,30 @@ def test_a_missing_max_tokens_gets_anthropics_invalid_request_error(gateway_url,
     assert not UsageRecord.objects.exists()
 
 
+@pytest.mark.parametrize("stream", ["true", 1, {}])
+def test_a_stream_flag_that_is_not_a_boolean_gets_anthropics_invalid_request_error(
+    gateway_url, upstreams, stream
+):
+    # It was read as false: a client that meant to stream got a whole answer, and was charged.
+    _, key = make_key(make_org(credit_usd="10"))
+
+    response = httpx.post(
+        f"{gateway_url}/messages",
+        headers={"x-api-key": key},
+        json={
+            "model": "gpt-test",
+            "max_tokens": 20,
+            "stream": stream,
+            "messages": [{"role": "user", "content": "hi"}],
+        },
+    )
+
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert "stream" in response.json()["error"]["message"]
+    assert upstreams.openai.calls == []
+
+
 def test_insufficient_credit_gets_402_in_anthropics_shape(gateway_url, upstreams):
     org = make_org(credit_usd=None)
     _, key = make_key(org)

@@ -73,3 +73,4 @@ def test_posting_to_models_is_405(gateway_url, two_models):
 
     assert response.status_code == 405
     assert response.json()["error"]["code"] == "method_not_allowed"
+    assert response.headers["Allow"] == "GET"  # RFC 9110: a 405 must say what is allowed

@@ -20,10 +20,18 @@ NULL_USAGE = (
     b'"usage":null}'
 )
 USAGE = b'{"id":"c","model":"catalog-name","choices":[],"usage":{"prompt_tokens":3}}'
+# Mistral, Ollama and others report the usage on the last content chunk, not on one of its own.
+LAST_WITH_USAGE = (
+    b'{"id":"c","model":"catalog-name","choices":[{"index":0,"delta":{"content":"c"},'
+    b'"finish_reason":"stop"}],"usage":{"prompt_tokens":1000,"completion_tokens":500}}'
+)
 
 
-def relayed(upstream_events: list[bytes], *, pass_usage: bool) -> list[bytes]:
-    """The client's events for an upstream that sent `upstream_events`, settled at $0.01."""
+def relayed(
+    upstream_events: list[bytes], *, pass_usage: bool, settled: list[TokenUsage] | None = None
+) -> list[bytes]:
+    """The client's events for an upstream that sent `upstream_events`, settled at $0.01 (the
+    usage settled is appended to `settled`)."""
 
     async def chunks() -> AsyncIterator[dict[str, Any]]:
         for raw in upstream_events:
@@ -36,7 +44,8 @@ def relayed(upstream_events: list[bytes], *, pass_usage: bool) -> list[bytes]:
         pass
 
     async def finish(usage: TokenUsage, completed: bool) -> None:
-        pass
+        if settled is not None:
+            settled.append(usage)
 
     async def scenario() -> list[bytes]:
         events = relay_chat_stream(
@@ -84,3 +93,32 @@ def test_the_usage_chunk_carries_the_charge_and_leaves_with_the_last_event() -> 
         + b": cost_usd=0.01\n\n"
         + b"data: [DONE]\n\n"
     )
+
+
+def test_usage_on_the_last_content_chunk_is_charged_and_not_passed_unasked() -> None:
+    settled: list[TokenUsage] = []
+
+    [_, last, end] = relayed([AS_IS, LAST_WITH_USAGE], pass_usage=False, settled=settled)
+
+    assert settled == [TokenUsage(input_tokens=1000, output_tokens=500)]  # reported, not guessed
+    expected = json.loads(LAST_WITH_USAGE)
+    del expected["usage"]
+    assert last == f"data: {json.dumps(expected)}\n\n".encode()
+    assert end == b": cost_usd=0.01\n\ndata: [DONE]\n\n"
+
+
+def test_usage_on_the_last_content_chunk_reaches_the_client_as_openais_usage_chunk() -> None:
+    settled: list[TokenUsage] = []
+
+    [_, last, end] = relayed([AS_IS, LAST_WITH_USAGE], pass_usage=True, settled=settled)
+
+    assert settled == [TokenUsage(input_tokens=1000, output_tokens=500)]
+    content = json.loads(last.removeprefix(b"data: "))
+    assert content["choices"][0]["finish_reason"] == "stop" and "usage" not in content
+    usage_chunk = json.loads(end.split(b"\n\n")[0].removeprefix(b"data: "))
+    assert usage_chunk["choices"] == []
+    assert usage_chunk["usage"] == {
+        "prompt_tokens": 1000,
+        "completion_tokens": 500,
+        "cost_usd": "0.01",
+    }

@@ -14,7 +14,7 @@ import pytest
 from gateway import messages
 from gateway.errors import InvalidRequest, UpstreamFailed, UpstreamStreamBroken
 from gateway.providers import anthropic, gemini
-from gateway.providers.base import TokenUsage
+from gateway.providers.base import TokenUsage, reported_usage
 from gateway.streaming import StreamEnd, StreamEvent
 
 CREATED = 1_700_000_000
@@ -450,6 +450,23 @@ def test_anthropic_null_cache_fields_count_as_zero() -> None:
     assert (reply.usage.input_tokens, reply.usage.cached_input_tokens) == (5, 0)
 
 
+@pytest.mark.parametrize(
+    "usage",
+    [
+        {"input_tokens": -5, "output_tokens": 3},
+        {"input_tokens": 5, "output_tokens": -3},
+        {"input_tokens": 5, "output_tokens": "3"},
+        {"input_tokens": 5, "output_tokens": 3, "cache_read_input_tokens": {"n": 1}},
+    ],
+)
+def test_anthropic_usage_that_cannot_be_billed_is_estimated(usage: dict[str, Any]) -> None:
+    # Charging it failed after the provider had answered: a 500, and no usage record.
+    reply = to_openai_from_anthropic(anthropic_message(usage=usage))
+
+    assert not reply.usage.reported
+    assert min(reply.usage.input_tokens, reply.usage.output_tokens) >= 0
+
+
 def test_anthropic_answer_without_usage_is_estimated() -> None:
     message = anthropic_message()
     del message["usage"]
@@ -732,6 +749,21 @@ def test_gemini_a_candidate_blocked_for_safety_has_no_content() -> None:
 
     assert choice["message"]["content"] is None
     assert choice["finish_reason"] == "content_filter"
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {"promptTokenCount": -12, "candidatesTokenCount": 3},
+        {"promptTokenCount": 12, "candidatesTokenCount": 3, "cachedContentTokenCount": 50},
+        {"promptTokenCount": 12, "candidatesTokenCount": [3]},
+    ],
+)
+def test_gemini_usage_that_cannot_be_billed_is_estimated(metadata: dict[str, Any]) -> None:
+    reply = to_openai_from_gemini(gemini_response([{"text": "Hi"}], usageMetadata=metadata))
+
+    assert not reply.usage.reported
+    assert min(reply.usage.input_tokens, reply.usage.output_tokens) >= 0
 
 
 def test_gemini_a_blocked_prompt_is_an_empty_filtered_answer() -> None:
@@ -1192,6 +1224,27 @@ def test_messages_answer_from_a_chat_completion_splits_the_cached_prompt() -> No
     }
 
 
+@pytest.mark.parametrize(
+    "choice",
+    [
+        {"message": "hi"},
+        {"message": {"content": "Hi", "tool_calls": [5, {"function": "f"}]}},
+        {"message": {"content": "Hi", "tool_calls": "f"}},
+    ],
+)
+def test_messages_answer_from_a_malformed_chat_completion_keeps_what_it_can(
+    choice: dict[str, Any],
+) -> None:
+    # It was translated after the request was settled: a 500 for a charged request.
+    usage = TokenUsage(input_tokens=3, output_tokens=1)
+
+    message = messages.message_from_openai({"id": "x", "choices": [choice]}, usage)
+
+    assert message["type"] == "message"
+    assert all(block["type"] in ("text", "tool_use") for block in message["content"])
+    assert message["usage"]["output_tokens"] == 1
+
+
 def test_messages_events_from_openai_chunks() -> None:
     base = {"id": "chatcmpl-x", "model": "m", "object": "chat.completion.chunk"}
 
@@ -1262,3 +1315,21 @@ def test_messages_events_end_with_an_error_event_when_the_stream_broke() -> None
         b'event: error\ndata: {"type": "error", "error": {"type": "api_error", '
         b'"message": "It broke."}}\n\n'
     )
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        {"prompt_tokens": -5, "completion_tokens": 3},
+        {"prompt_tokens": 5, "completion_tokens": -3},
+        {"prompt_tokens": 5, "completion_tokens": "abc"},
+        {"prompt_tokens": 5, "prompt_tokens_details": "x"},
+        {"prompt_tokens": 5, "prompt_tokens_details": {"cached_tokens": 50}},
+    ],
+)
+def test_openai_usage_that_cannot_be_billed_reports_none(usage: dict[str, Any]) -> None:
+    assert reported_usage(usage) is None
+
+
+def test_openai_usage_in_whole_numbers_written_as_floats_is_read() -> None:
+    assert reported_usage({"prompt_tokens": 5, "completion_tokens": 3.0}) == TokenUsage(5, 3)
