@@ -95,15 +95,21 @@ class EmbeddingAdapter(Protocol):
         ...
 
 
+# The most tokens a usage record's count holds (a 32-bit integer column), thousands of times
+# any model's context: a provider reporting more is reporting nonsense.
+MAX_TOKEN_COUNT = 2**31 - 1
+
+
 def token_count(value: Any) -> int | None:
-    """A token count as a provider reports it: a whole number, 0 or more (absent or null: 0;
-    a float such as 3.0 too). None for anything else: the usage it is part of cannot be
-    billed, and the request is charged an estimate instead (`billable_usage`)."""
+    """A token count as a provider reports it: a whole number from 0 to MAX_TOKEN_COUNT
+    (absent or null: 0; a float such as 3.0 too). None for anything else: the usage it is
+    part of cannot be billed, and the request is charged an estimate instead
+    (`billable_usage`)."""
     if value is None:
         return 0
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOKEN_COUNT:
         return None
     return value
 

@@ -211,14 +211,16 @@ def test_a_worst_case_no_wallet_could_hold_gets_402(gateway_url, catalog, fake_p
 
 
 @pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("prompt_tokens", [-5, 10**30, 2**31])
 def test_a_provider_usage_that_cannot_be_billed_is_charged_an_estimate(
-    gateway_url, catalog, fake_provider, stream
+    gateway_url, catalog, fake_provider, stream, prompt_tokens
 ):
-    # A negative count made the settlement fail after the provider had answered: a 500 (a
-    # stream without its charge), no usage record, and the hold left for the sweeper to void.
+    # A negative count, or one no usage record can hold, made the settlement fail after the
+    # provider had answered: a 500 (a stream without its charge), no usage record, and the
+    # hold left for the sweeper to void.
     org = make_org(credit_usd="10")
     _, key = make_key(org)
-    fake_provider.reported_usage = (-5, 3)
+    fake_provider.reported_usage = (prompt_tokens, 3)
 
     response = httpx.post(
         f"{gateway_url}/chat/completions",

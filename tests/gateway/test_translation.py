@@ -1322,6 +1322,8 @@ def test_messages_events_end_with_an_error_event_when_the_stream_broke() -> None
     [
         {"prompt_tokens": -5, "completion_tokens": 3},
         {"prompt_tokens": 5, "completion_tokens": -3},
+        {"prompt_tokens": 2**31, "completion_tokens": 3},
+        {"prompt_tokens": 5, "completion_tokens": 10**30},
         {"prompt_tokens": 5, "completion_tokens": "abc"},
         {"prompt_tokens": 5, "prompt_tokens_details": "x"},
         {"prompt_tokens": 5, "prompt_tokens_details": {"cached_tokens": 50}},
