@@ -34,7 +34,7 @@ async def messages(request: GatewayRequest, request_id: str) -> Answer:
     caller = await authenticate(_api_key(request), client_host=client_host_of(request))
     # 2. Request, translated to the chat pipeline's
     model_name, body = chat_request(request_to_openai(read_json_body(request)))
-    return await serve_chat(
+    answer = await serve_chat(
         request,
         request_id,
         caller=caller,
@@ -43,6 +43,8 @@ async def messages(request: GatewayRequest, request_id: str) -> Answer:
         started=started,
         reply_format=ANTHROPIC_REPLY,
     )
+    answer["request-id"] = request_id  # Anthropic's own header, which its SDKs read (errors too)
+    return answer
 
 
 @_openai_endpoint(None, anthropic_error_response)

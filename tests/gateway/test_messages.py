@@ -163,6 +163,8 @@ def test_it_answers_a_message_and_charges_exactly(gateway_url, upstreams, model)
     message = raw.parse()
 
     text, input_tokens, output_tokens = upstreams.answered(model)
+    # The SDK's `_request_id` is read from Anthropic's own header, as on an error.
+    assert message._request_id == raw.headers["x-request-id"]
     assert message.type == "message" and message.role == "assistant"
     assert message.id.startswith("msg_")
     assert message.model == model
@@ -227,7 +229,8 @@ def test_the_raw_stream_is_the_messages_event_sequence(gateway_url, upstreams):
 
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
-    assert response.headers["x-request-id"] == UsageRecord.objects.get().request_id
+    request_id = UsageRecord.objects.get().request_id
+    assert response.headers["x-request-id"] == response.headers["request-id"] == request_id
     names = [line.removeprefix("event: ") for line in lines if line.startswith("event: ")]
     data = [json.loads(line.removeprefix("data: ")) for line in lines if line.startswith("data: ")]
     assert [event["type"] for event in data] == names
