@@ -1,8 +1,9 @@
 """The ASGI entry point: `uvicorn portal.asgi:application` serves the dashboard and `/v1/*`.
 
-`/v1/*` goes to the gateway's middleware-free handler (gateway/asgi.py explains why);
-everything else to Django's full stack. This module is the project's composition root, so it
-names the gateway's handler by import path rather than importing up a layer.
+`/v1/*` (and `/v1`, for its 404 in OpenAI's shape) goes to the gateway's middleware-free
+handler (gateway/asgi.py explains why); everything else to Django's full stack. This module is
+the project's composition root, so it names the gateway's handler by import path rather than
+importing up a layer.
 """
 
 import gc
@@ -34,7 +35,7 @@ gc.set_threshold(20_000, *gc.get_threshold()[1:])
 
 
 async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+    if scope["type"] == "http" and (scope["path"].startswith("/v1/") or scope["path"] == "/v1"):
         await _v1(scope, receive, send)
     elif scope["type"] == "http" and scope["path"] in _BARE:
         await _gateway(scope, receive, send)

@@ -115,7 +115,7 @@ def test_a_model_id_may_hold_slashes(gateway_url, catalog):
     assert "'acme/fake-small'" in response.json()["error"]["message"]
 
 
-@pytest.mark.parametrize("path", ["/models/", "/chat/completions/", "/"])
+@pytest.mark.parametrize("path", ["/models/", "/chat/completions/", "/", ""])
 def test_a_path_no_view_serves_gets_openais_404(gateway_url, path):
     response = httpx.get(f"{gateway_url}{path}")
 
