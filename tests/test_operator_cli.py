@@ -75,6 +75,7 @@ def test_the_round_trip_leaves_the_exact_remainder(gateway_url, catalog, fake_pr
         (["grant_credits", "{slug}", "-5", "--reason", "x"], "positive"),
         (["create_api_key", "no-such-org", "--name", "x"], "no organisation"),
         (["show_balance", "no-such-org"], "no organisation"),
+        (["reconcile", "--held-longer-than", "-5"], "0 or more seconds"),
     ],
 )
 def test_bad_input_exits_non_zero_with_one_line(args, message):

@@ -21,6 +21,8 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, held_longer_than: int, **options: Any) -> None:
+        if held_longer_than < 0:
+            raise CommandError("--held-longer-than must be 0 or more seconds")
         violations = ledger_violations(held_longer_than=timedelta(seconds=held_longer_than))
         for violation in violations:
             self.stdout.write(violation)
