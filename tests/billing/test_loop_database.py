@@ -85,16 +85,18 @@ def used_key(credit_usd: str = "10") -> tuple[Any, Any]:
     return org, key
 
 
+async def reserved_and_settled(org: Any, key: Any, request_id: str) -> tuple[Any, Any]:
+    """A request's reservation of $1 and its settlement, on the running loop."""
+    held = await credit_reserve_on_loop(**reserve_kwargs(org, key, request_id, "1"))
+    settled = await usage_settle_on_loop(metered=metered(key.pk, org.pk, request_id=request_id))
+    return held, settled
+
+
 def test_it_reserves_and_settles_on_the_loop():
     org, key = used_key()
     other_org, other_key = used_key()
 
-    async def request() -> tuple[Any, Any]:
-        held = await credit_reserve_on_loop(**reserve_kwargs(org, key, "req_1", "1"))
-        settled = await usage_settle_on_loop(metered=metered(key.pk, org.pk, request_id="req_1"))
-        return held, settled
-
-    held, settled = on_a_loop(request)
+    held, settled = on_a_loop(lambda: reserved_and_settled(org, key, "req_1"))
 
     assert held is not None and held.amount_usd == Decimal("1")
     assert settled is not None and settled.cost_usd == COST
@@ -118,12 +120,7 @@ def test_the_answered_rows_are_the_stored_rows(django_assert_num_queries: Any) -
     row the database holds."""
     org, key = used_key()
 
-    async def request() -> tuple[Any, Any]:
-        held = await credit_reserve_on_loop(**reserve_kwargs(org, key, "req_1", "1"))
-        settled = await usage_settle_on_loop(metered=metered(key.pk, org.pk, request_id="req_1"))
-        return held, settled
-
-    held, settled = on_a_loop(request)
+    held, settled = on_a_loop(lambda: reserved_and_settled(org, key, "req_1"))
     with django_assert_num_queries(0):  # a field left unset would be fetched
         answered = field_values(held), field_values(settled)
 
