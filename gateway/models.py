@@ -6,9 +6,17 @@ reads it through a short per-process cache (selectors.catalog_snapshot).
 
 from __future__ import annotations
 
+from django.core.exceptions import ValidationError
 from django.db import models
 
 from billing.money import NOT_NEGATIVE, ZERO_USD, usd_field
+
+
+def positive_seconds(value: float) -> None:
+    """A route's timeout, refused at 0 or below as the catalog loader refuses it: the HTTP
+    client reads such a timeout as none, so a hung provider would hold requests forever."""
+    if value <= 0:
+        raise ValidationError("Enter a positive number of seconds.", code="min_value")
 
 
 class Provider(models.Model):
@@ -72,11 +80,15 @@ class Route(models.Model):
     # Share of first attempts under weighted routing (0: only ever a fallback).
     weight = models.PositiveIntegerField(default=1)
     # Upstream timeouts in seconds; empty: the GATEWAY_*_TIMEOUT_SECONDS defaults.
-    connect_timeout_seconds = models.FloatField(null=True, blank=True)
+    connect_timeout_seconds = models.FloatField(
+        null=True, blank=True, validators=[positive_seconds]
+    )
     # Until the provider's answer starts (the whole answer, when not streamed); then fails over.
-    first_byte_timeout_seconds = models.FloatField(null=True, blank=True)
+    first_byte_timeout_seconds = models.FloatField(
+        null=True, blank=True, validators=[positive_seconds]
+    )
     # Longest silence between two chunks of a stream; then the stream ends as interrupted.
-    idle_timeout_seconds = models.FloatField(null=True, blank=True)
+    idle_timeout_seconds = models.FloatField(null=True, blank=True, validators=[positive_seconds])
 
     class Meta:
         ordering = ["model", "position"]

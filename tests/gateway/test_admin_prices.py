@@ -1,11 +1,12 @@
-"""The operator's admin refuses a negative price, as the catalog loader does: every request
-for the model would fail (a reservation cannot be negative)."""
+"""The operator's admin refuses what the catalog loader refuses: a negative price (every
+request for the model would fail: a reservation cannot be negative) and a route timeout of 0
+or less (the HTTP client reads it as no timeout at all)."""
 
 from __future__ import annotations
 
 import pytest
 
-from gateway.models import Model
+from gateway.models import Model, Provider
 
 pytestmark = pytest.mark.django_db
 
@@ -55,3 +56,23 @@ def test_free_models_are_still_allowed(admin_client):
 
     assert response.status_code == 302
     assert Model.objects.filter(name="priced").exists()
+
+
+@pytest.mark.parametrize("field", ["connect", "first_byte", "idle"])
+@pytest.mark.parametrize(("seconds", "saved"), [("0", False), ("-1", False), ("0.5", True)])
+def test_a_route_timeout_must_be_positive(admin_client, field, seconds, saved):
+    provider = Provider.objects.create(name="acme", kind=Provider.Kind.DEMO)
+    route = {
+        "routes-TOTAL_FORMS": "1",
+        "routes-0-position": "0",
+        "routes-0-provider": str(provider.pk),
+        "routes-0-upstream_model": "m",
+        "routes-0-weight": "1",
+        f"routes-0-{field}_timeout_seconds": seconds,
+    }
+
+    response = admin_client.post("/admin/gateway/model/add/", _model_form(**route))
+
+    assert Model.objects.filter(name="priced").exists() == saved
+    if not saved:
+        assert "Enter a positive number of seconds." in response.content.decode()
