@@ -4,8 +4,9 @@ The reservation must cover the worst case, or concurrent requests could together
 than the wallet holds. Both bounds below are upper bounds, not guesses:
 - prompt: no tokenizer emits more tokens than the UTF-8 bytes it reads, and the body's bytes
   include every message's text plus its JSON framing (which covers per-message overhead);
-  images are not text, so each image part adds IMAGE_TOKEN_ALLOWANCE; tools make the
-  provider add a system prompt of its own, which the body does not hold (TOOLS_TOKEN_ALLOWANCE);
+  images are not text, so each image part adds the model's `image_input_tokens` (the most its
+  provider bills for one image, from the catalog); tools make the provider add a system prompt
+  of its own, which the body does not hold (TOOLS_TOKEN_ALLOWANCE);
 - completion: the request's max_tokens, capped at the model's max_output_tokens, and that cap
   is what the upstream is sent, so it cannot generate more.
 """
@@ -18,9 +19,6 @@ from typing import Any
 from gateway.errors import InvalidRequest
 from gateway.selectors import ModelEntry
 
-# Tokens reserved per image part (a high-detail 2048px image is about 1,100 tokens on
-# OpenAI's vision models; providers that bill images higher need a larger allowance).
-IMAGE_TOKEN_ALLOWANCE = 2_000
 # Tokens reserved when a request offers tools (or legacy functions): the provider prefixes a
 # tool-use system prompt the body does not hold, billed as input (Anthropic documents up to
 # 530 tokens of it, per model and tool_choice).
@@ -86,12 +84,14 @@ def _prompts(prompt: Any) -> int:
     return 1
 
 
-def worst_case(*, body: dict[str, Any], body_bytes: int, output_limit: int) -> WorstCase:
-    """The most tokens this request can be billed for: every choice (`n` for each prompt) may
-    use the whole completion limit."""
+def worst_case(
+    *, body: dict[str, Any], body_bytes: int, output_limit: int, image_tokens: int
+) -> WorstCase:
+    """The most tokens this request can be billed for: every image may cost `image_tokens`, and
+    every choice (`n` for each prompt) may use the whole completion limit."""
     images = _count_image_parts(body.get("messages"))
     tools = any(body.get(name) for name in ("tools", "functions"))
     return WorstCase(
-        input_tokens=body_bytes + images * IMAGE_TOKEN_ALLOWANCE + tools * TOOLS_TOKEN_ALLOWANCE,
+        input_tokens=body_bytes + images * image_tokens + tools * TOOLS_TOKEN_ALLOWANCE,
         output_tokens=output_limit * _choices(body),
     )

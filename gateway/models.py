@@ -55,6 +55,9 @@ class Model(models.Model):
     # The most completion tokens one request may ask for; also the worst case reserved when the
     # client sends no max_tokens.
     max_output_tokens = models.PositiveIntegerField(default=4096)
+    # Input tokens reserved for each image a request sends: the most the provider bills for one
+    # (about 1,100 for a high-detail image on most vision models; gpt-4o-mini bills ~48,000).
+    image_input_tokens = models.PositiveIntegerField(default=2000)
     # Tokens of prompt and completion together the model accepts; shown to clients.
     context_length = models.PositiveIntegerField(null=True, blank=True)
     routing = models.CharField(

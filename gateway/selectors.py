@@ -37,6 +37,7 @@ class ModelEntry:
     max_output_tokens: int
     context_length: int | None
     routes: tuple[RouteEntry, ...]
+    image_input_tokens: int = 2000  # reserved per image a request sends
     routing: str = Model.Routing.ORDERED
     aliases: tuple[str, ...] = ()
 
@@ -79,6 +80,7 @@ def _load_catalog() -> dict[str, ModelEntry]:
                 cache_write_input_per_mtok_usd=model.cache_write_price_per_mtok_usd,
             ),
             max_output_tokens=model.max_output_tokens,
+            image_input_tokens=model.image_input_tokens,
             context_length=model.context_length,
             routes=tuple(routes.get(model.pk, ())),
             routing=model.routing,

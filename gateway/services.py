@@ -143,6 +143,7 @@ def catalog_load(*, data: Any) -> CatalogLoadReport:
                     else None
                 ),
                 "max_output_tokens": _positive_int(entry, "max_output_tokens", where, 4096),
+                "image_input_tokens": _positive_int(entry, "image_tokens", where, 2000),
                 "context_length": (
                     _positive_int(entry, "context_length", where, 1)
                     if entry.get("context_length") is not None

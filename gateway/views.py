@@ -218,7 +218,12 @@ async def serve_chat(
         caller,
         model,
         started,
-        bound=worst_case(body=body, body_bytes=len(request.body), output_limit=output_limit),
+        bound=worst_case(
+            body=body,
+            body_bytes=len(request.body),
+            output_limit=output_limit,
+            image_tokens=model.image_input_tokens,
+        ),
         call=_Call(
             needs=Capability.CHAT_STREAM if streaming else Capability.CHAT,
             answer=lambda chosen: chosen.adapter.chat_completion(
@@ -262,7 +267,12 @@ async def completions(request: GatewayRequest, request_id: str) -> Answer:
         caller,
         model,
         started,
-        bound=worst_case(body=body, body_bytes=len(request.body), output_limit=output_limit),
+        bound=worst_case(
+            body=body,
+            body_bytes=len(request.body),
+            output_limit=output_limit,
+            image_tokens=model.image_input_tokens,
+        ),
         call=_Call(
             needs=Capability.COMPLETIONS,
             answer=lambda chosen: cast(CompletionAdapter, chosen.adapter).completion(

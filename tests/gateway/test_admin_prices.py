@@ -25,6 +25,7 @@ def _model_form(**prices: str) -> dict[str, str]:
         "cached_input_price_per_mtok_usd": "0",
         "cache_write_price_per_mtok_usd": "",
         "max_output_tokens": "100",
+        "image_input_tokens": "2000",
         "routing": "ordered",
         "is_active": "on",
         **NO_INLINES,

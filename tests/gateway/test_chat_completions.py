@@ -13,6 +13,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from billing.models import Account, Posting, UsageRecord
 from billing.money import Price, usage_cost_usd
 from billing.selectors import wallet_balance_usd
+from gateway.selectors import forget_catalog
 from gateway.services import catalog_load
 from portal.services import api_key_revoke
 from tests.conftest import FAKE_PROVIDER_SECRET
@@ -259,6 +260,33 @@ def test_tools_are_reserved_the_system_prompt_a_provider_adds_for_them(
     sdk(gateway_url, key).chat.completions.create(
         model="fake-small", messages=MESSAGES, max_tokens=1
     )
+
+
+@pytest.mark.parametrize(("image_tokens", "status"), [(None, 200), (48_169, 402)])
+def test_each_image_is_reserved_what_the_models_provider_bills_for_one(
+    gateway_url, catalog, fake_provider, image_tokens, status
+):
+    # gpt-4o-mini bills up to 48,169 tokens an image: a hold of the default 2,000 let a few
+    # images overdraw a wallet. This wallet covers one image at 2,000 tokens, not at 48,169.
+    if image_tokens is not None:
+        catalog["models"][0]["image_tokens"] = image_tokens
+        catalog_load(data=catalog)
+        forget_catalog()
+    _, key = make_key(make_org(credit_usd="0.01"))
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+
+    response = httpx.post(
+        f"{gateway_url}/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={
+            "model": "fake-small",
+            "max_tokens": 1,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, image]}],
+        },
+    )
+
+    assert response.status_code == status
+    assert len(fake_provider.calls) == (status == 200)
 
 
 def test_an_unknown_model_gets_404(gateway_url, catalog, fake_provider):
