@@ -1,9 +1,12 @@
 """Operator views of the ledger. Everything is read-only: the ledger changes only through
 services (grants from the CLI, usage from the gateway), never by editing rows."""
 
+from decimal import Decimal
 from typing import Any
 
+from django import forms
 from django.contrib import admin
+from django.db import models
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
@@ -21,6 +24,7 @@ from billing.models import (
     UsageDailyRollup,
     UsageRecord,
 )
+from billing.money import format_usd
 from portal.logs import REQUEST_ID_PATTERN
 
 
@@ -33,6 +37,22 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+
+class UsdInput(forms.NumberInput):
+    """A money amount in a form as plain decimal text ('0.0000000000'), not as str(Decimal)
+    writes it, which shows a zero at the money scale as '0E-10'."""
+
+    def format_value(self, value: Any) -> str | None:
+        if isinstance(value, Decimal):
+            return format_usd(value)
+        return super().format_value(value)
+
+
+class UsdInputs(admin.ModelAdmin):
+    """An admin whose editable money fields are written plainly (UsdInput)."""
+
+    formfield_overrides = {models.DecimalField: {"widget": UsdInput}}
 
 
 class RequestIdSearch(admin.ModelAdmin):
@@ -103,7 +123,7 @@ class ReservationAdmin(RequestIdSearch, ReadOnlyAdmin):
 
 
 @admin.register(SpendCap)
-class SpendCapAdmin(admin.ModelAdmin):
+class SpendCapAdmin(UsdInputs):
     """Operators set a key's spend cap here; the gateway picks it up within seconds."""
 
     list_display = ("api_key", "amount_usd", "window")
@@ -210,7 +230,7 @@ class UsageDailyRollupAdmin(ReadOnlyAdmin):
 
 
 @admin.register(BillingAlertSettings)
-class BillingAlertSettingsAdmin(admin.ModelAdmin):
+class BillingAlertSettingsAdmin(UsdInputs):
     """Operators set an organisation's billing e-mail and low-balance threshold here."""
 
     list_display = (

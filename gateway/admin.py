@@ -1,5 +1,6 @@
 from django.contrib import admin
 
+from billing.admin import UsdInputs
 from gateway.models import Model, ModelAlias, Provider, Route
 
 
@@ -30,7 +31,7 @@ class ModelAliasInline(admin.TabularInline):
 
 
 @admin.register(Model)
-class ModelAdmin(admin.ModelAdmin):
+class ModelAdmin(UsdInputs):
     list_display = (
         "name",
         "input_price_per_mtok_usd",

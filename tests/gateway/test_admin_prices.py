@@ -1,8 +1,10 @@
 """The operator's admin refuses what the catalog loader refuses: a negative price (every
 request for the model would fail: a reservation cannot be negative) and a route timeout of 0
-or less (the HTTP client reads it as no timeout at all)."""
+or less (the HTTP client reads it as no timeout at all). It shows prices as plain decimals."""
 
 from __future__ import annotations
+
+from decimal import Decimal
 
 import pytest
 
@@ -77,3 +79,15 @@ def test_a_route_timeout_must_be_positive(admin_client, field, seconds, saved):
     assert Model.objects.filter(name="priced").exists() == saved
     if not saved:
         assert "Enter a positive number of seconds." in response.content.decode()
+
+
+def test_prices_are_shown_plainly(admin_client):
+    model = Model.objects.create(
+        name="free", input_price_per_mtok_usd=Decimal("0"), output_price_per_mtok_usd=Decimal("1.5")
+    )
+    model.refresh_from_db()  # at the money scale, as the admin reads it: 0 is Decimal('0E-10')
+
+    page = admin_client.get(f"/admin/gateway/model/{model.pk}/change/").content.decode()
+
+    assert 'value="0.0000000000"' in page and 'value="1.5000000000"' in page
+    assert "0E-10" not in page
