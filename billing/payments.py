@@ -318,6 +318,14 @@ def _ledger_entry_apply(
     return True
 
 
+def _not_usd(stripe_object: dict[str, Any]) -> str | None:
+    """Why a payment, charge or dispute moves no money here: wallets hold USD, so an object in
+    another currency was never credited and is never taken back (its cents are not cents of a
+    dollar); None for a USD one."""
+    currency = stripe_object.get("currency")
+    return None if currency == "usd" else f"ignored: currency {currency!r} is not usd"
+
+
 def _on_payment_succeeded(intent: dict[str, Any]) -> str:
     payment = _payment_locked(
         payment_intent_id=intent.get("id"), metadata=intent.get("metadata") or {}
@@ -326,8 +334,8 @@ def _on_payment_succeeded(intent: dict[str, Any]) -> str:
         return "ignored: not a payment made through this portal"
     if intent.get("status") != "succeeded":
         return f"ignored: Stripe says the payment is {intent.get('status')}"
-    if intent.get("currency") != "usd":
-        return f"ignored: currency {intent.get('currency')!r} is not usd"
+    if ignored := _not_usd(intent):
+        return ignored
     amount_usd = usd_from_cents(int(intent.get("amount_received") or intent["amount"]))
     posted = _ledger_entry_apply(
         key=f"{payment.stripe_payment_intent_id}:credit",
@@ -410,6 +418,8 @@ def _on_charge_refunded(charge: dict[str, Any]) -> str:
     )
     if payment is None:
         raise PaymentNotKnownYet(f"no payment for {charge.get('payment_intent')}")
+    if ignored := _not_usd(charge):
+        return ignored
     charge_id = str(charge["id"])
     refunded_cents = int(charge.get("amount_refunded") or 0)
     missing_usd = usd_from_cents(refunded_cents) - _refunded_so_far_usd(charge_id=charge_id)
@@ -471,6 +481,8 @@ def _on_dispute_withdrawn(dispute: dict[str, Any]) -> str:
     payment = _dispute_payment(dispute)
     if payment is None:
         raise PaymentNotKnownYet(f"no payment for {dispute.get('payment_intent')}")
+    if ignored := _not_usd(dispute):
+        return ignored
     return (
         "disputed amount taken back"
         if _dispute_withdraw(payment, dispute)
@@ -484,6 +496,8 @@ def _on_dispute_reinstated(dispute: dict[str, Any]) -> str:
     payment = _dispute_payment(dispute)
     if payment is None:
         raise PaymentNotKnownYet(f"no payment for {dispute.get('payment_intent')}")
+    if ignored := _not_usd(dispute):
+        return ignored
     _dispute_withdraw(payment, dispute)
     posted = _ledger_entry_apply(
         key=f"{dispute['id']}:reinstated",

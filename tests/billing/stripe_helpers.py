@@ -17,6 +17,7 @@ from billing.payments import (
     auto_topup_card_save,
     card_setup_start,
     new_request_token,
+    stripe_customer_ensure,
     topup_start,
 )
 from portal.models import Membership, Organization
@@ -115,3 +116,28 @@ def wait_for(probe: Callable[[], T], *, timeout: float = 20) -> T:
         if time.monotonic() > deadline:
             raise AssertionError(f"still {value!r} after {timeout} s")
         time.sleep(0.05)
+
+
+def paid_in_currency(
+    localstripe: LocalStripe, organization: Organization, *, cents: int, currency: str
+) -> tuple[str, str]:
+    """A PaymentIntent paid in `currency` with this portal's metadata, as one made in the
+    Stripe dashboard would be (the portal only ever asks for USD); its id and its charge's."""
+    customer_id = stripe_customer_ensure(organization=organization)
+    setup_intent_id = collect_card(localstripe, organization, GOOD_CARD)
+    card = _stripe(localstripe, "GET", f"/v1/setup_intents/{setup_intent_id}")["payment_method"]
+    metadata = {"organization_id": str(organization.pk), "switchboard_origin": "dashboard"}
+    intent = _stripe(
+        localstripe,
+        "POST",
+        "/v1/payment_intents",
+        amount=cents,
+        currency=currency,
+        customer=customer_id,
+        payment_method=card,
+        confirm="true",
+        **{f"metadata[{key}]": value for key, value in metadata.items()},
+    )
+    pi = str(intent["id"])
+    charge = _stripe(localstripe, "GET", f"/v1/payment_intents/{pi}")["latest_charge"]
+    return pi, str(charge["id"])

@@ -42,7 +42,14 @@ def corpus(localstripe: LocalStripe, prefix: str, organization: Organization) ->
     metadata = {"organization_id": str(organization.pk), "switchboard_origin": "dashboard"}
     intent = {"id": pi, "object": "payment_intent", "amount": 10000, "metadata": metadata}
     charge = {"id": ch, "object": "charge", "payment_intent": pi, "currency": "usd"}
-    dispute = {"id": dp, "object": "dispute", "charge": ch, "payment_intent": pi, "amount": 3000}
+    dispute = {
+        "id": dp,
+        "object": "dispute",
+        "charge": ch,
+        "payment_intent": pi,
+        "amount": 3000,
+        "currency": "usd",
+    }
     return Corpus(
         events=[
             event(f"evt_{prefix}_1", "payment_intent.succeeded", intent),

@@ -21,7 +21,14 @@ from billing.services import card_money_post
 from billing.tasks import retry_stripe_events
 from portal.models import Organization
 from tests.billing.conftest import event
-from tests.billing.stripe_helpers import DECLINED_ON_CHARGE, card_paid, charge_of, refund, wait_for
+from tests.billing.stripe_helpers import (
+    DECLINED_ON_CHARGE,
+    card_paid,
+    charge_of,
+    paid_in_currency,
+    refund,
+    wait_for,
+)
 from tests.factories import make_key, make_org
 from tests.stripe_server import LocalStripe
 
@@ -187,7 +194,7 @@ def test_an_event_waits_unprocessed_while_stripe_cannot_be_reached() -> None:
 @pytest.mark.django_db
 def test_an_event_about_an_unknown_payment_waits_unprocessed() -> None:
     make_org()
-    dispute = {"id": "dp_x", "payment_intent": "pi_nobody", "amount": 100}
+    dispute = {"id": "dp_x", "payment_intent": "pi_nobody", "amount": 100, "currency": "usd"}
     outcome = deliver(event("evt_dp_x", "charge.dispute.created", dispute))
     assert outcome.startswith("waiting")
     stored = StripeEvent.objects.get(event_id="evt_dp_x")
@@ -209,7 +216,7 @@ def test_a_wallet_pushed_negative_by_a_dispute_stops_its_keys_until_topped_up(
         )
 
     ask()  # $10 of credit: served
-    dispute = {"id": "dp_neg", "payment_intent": "pi_spent", "amount": 1000}
+    dispute = {"id": "dp_neg", "payment_intent": "pi_spent", "amount": 1000, "currency": "usd"}
     deliver(event("evt_dp_neg", "charge.dispute.funds_withdrawn", dispute))
     assert wallet_balance_usd(organization_id=organization.pk) < 0
     with pytest.raises(openai.APIStatusError) as caught:
@@ -224,7 +231,7 @@ def test_a_wallet_pushed_negative_by_a_dispute_stops_its_keys_until_topped_up(
 @pytest.mark.django_db
 def test_a_waiting_event_is_applied_by_the_retry_once_its_payment_is_known() -> None:
     organization = make_org(credit_usd=None)
-    dispute = {"id": "dp_early", "payment_intent": "pi_late", "amount": 3000}
+    dispute = {"id": "dp_early", "payment_intent": "pi_late", "amount": 3000, "currency": "usd"}
     assert deliver(event("evt_dp_early", "charge.dispute.created", dispute)).startswith("waiting")
     recorded_payment(organization, "pi_late")
     StripeEvent.objects.filter(event_id="evt_dp_early").update(
@@ -234,3 +241,35 @@ def test_a_waiting_event_is_applied_by_the_retry_once_its_payment_is_known() -> 
     assert StripeEvent.objects.get(event_id="evt_dp_early").outcome == "disputed amount taken back"
     assert wallet_balance_usd(organization_id=organization.pk) == Decimal(70)
     assert retry_stripe_events() == 0
+
+
+def test_a_refund_of_a_payment_in_another_currency_takes_nothing_back(
+    localstripe: LocalStripe,
+) -> None:
+    organization = make_org(credit_usd="50")
+    make_org()  # another organisation, untouched
+    pi, charge_id = paid_in_currency(localstripe, organization, cents=3000, currency="eur")
+    assert deliver(event("evt_eur_paid", "payment_intent.succeeded", {"id": pi})) == (
+        "ignored: currency 'eur' is not usd"
+    )
+    refund(localstripe, charge_id, 3000)
+
+    outcome = deliver(
+        event("evt_eur_refund", "charge.refunded", {"id": charge_id, "payment_intent": pi})
+    )
+
+    assert outcome == "ignored: currency 'eur' is not usd"
+    assert wallet_balance_usd(organization_id=organization.pk) == Decimal(50)
+    assert not StripeLedgerEntry.objects.exists()
+
+
+@pytest.mark.django_db
+def test_a_dispute_in_another_currency_takes_nothing_back() -> None:
+    organization = make_org(credit_usd=None)
+    recorded_payment(organization, "pi_eur_dispute")
+    dispute = {"id": "dp_eur", "payment_intent": "pi_eur_dispute", "amount": 3000}
+
+    outcome = deliver(event("evt_dp_eur", "charge.dispute.created", dispute | {"currency": "eur"}))
+
+    assert outcome == "ignored: currency 'eur' is not usd"
+    assert wallet_balance_usd(organization_id=organization.pk) == Decimal(100)
