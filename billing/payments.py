@@ -662,6 +662,15 @@ def auto_topup_charge(*, organization_id: int) -> str:
         # Counted once, by the `payment_intent.payment_failed` event that Stripe sends for the
         # declined intent (it also releases the claim).
         return f"declined: {error}"
+    except stripe_api.StripeUnavailable as error:
+        # Not a failed card, and the intent may exist (only Stripe's answer was lost): give the
+        # claim and its attempt number back, so the next run asks again with the same
+        # idempotency key and Stripe answers with that intent instead of charging twice. Only
+        # while the claim is ours: a webhook that cleared it has told the intent's outcome.
+        BillingProfile.objects.filter(
+            organization_id=organization_id, auto_topup_in_flight_since=now
+        ).update(auto_topup_in_flight_since=None, auto_topup_attempts=F("auto_topup_attempts") - 1)
+        return f"waiting: {error}"
     except stripe_api.StripeCallFailed as error:
         with transaction.atomic():
             _auto_topup_failure_record(

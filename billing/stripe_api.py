@@ -32,6 +32,11 @@ class CardDeclined(StripeCallFailed):
     """Stripe refused the card; its PaymentIntent exists and a `payment_failed` event follows."""
 
 
+class StripeUnavailable(StripeCallFailed):
+    """No usable answer from Stripe (unreachable, timed out, its own error, rate limited): not
+    the card's fault, and a write may have happened even so (only its answer was lost)."""
+
+
 class WebhookSignatureInvalid(Exception):
     """A webhook whose signature is missing, wrong, or whose timestamp is out of tolerance."""
 
@@ -90,7 +95,7 @@ def payment_intent_create(
 
     On-session (the dashboard) it may come back `requires_action` for the browser to finish
     3-D Secure with `confirmCardPayment`; off-session (auto top-up) it succeeds or fails.
-    Card errors raise StripeCallFailed."""
+    A declined card raises CardDeclined, no answer from Stripe StripeUnavailable."""
     params: Any = {
         "amount": amount_cents,
         "currency": "usd",
@@ -108,6 +113,8 @@ def payment_intent_create(
         )
     except stripe.CardError as error:
         raise CardDeclined(_safe_message(error)) from None
+    except (stripe.APIConnectionError, stripe.APIError, stripe.RateLimitError) as error:
+        raise StripeUnavailable(_safe_message(error)) from None
     except stripe.StripeError as error:
         raise StripeCallFailed(_safe_message(error)) from None
     return CreatedIntent(

@@ -120,3 +120,26 @@ def test_concurrent_runs_charge_one_top_up(localstripe: LocalStripe) -> None:
     ]
     wait_for(lambda: wallet_balance_usd(organization_id=organization.pk) == 20)
     assert CardPayment.objects.filter(organization=organization).count() == 1
+
+
+def test_stripe_out_of_reach_is_not_a_failed_card_and_the_retry_reuses_the_key(
+    localstripe: LocalStripe,
+) -> None:
+    organization = make_org(credit_usd=None)
+    save_card(localstripe, organization, GOOD_CARD)
+    configure(organization, threshold="5", amount="20")
+    unreachable = "http://127.0.0.1:9"  # the discard port: connection refused
+
+    with override_settings(STRIPE_API_BASE=unreachable):
+        for _ in range(4):  # more runs than BILLING_AUTO_TOPUP_MAX_FAILURES
+            assert auto_topup_charge(organization_id=organization.pk).startswith("waiting: ")
+
+    profile = profile_of(organization)
+    # The intent may exist in Stripe (only the answer was lost): the next run asks again with
+    # the same idempotency key, so Stripe answers with that intent instead of charging twice.
+    assert (profile.auto_topup_attempts, profile.auto_topup_in_flight_since) == (0, None)
+    assert (profile.auto_topup_enabled, profile.auto_topup_failures) == (True, 0)
+    assert mail.outbox == []  # no card failed
+    assert auto_topup_charge(organization_id=organization.pk).startswith("charged ")
+    wait_for(lambda: wallet_balance_usd(organization_id=organization.pk) == 20)
+    assert profile_of(organization).auto_topup_attempts == 1
