@@ -477,12 +477,16 @@ def _dispute_withdraw(payment: CardPayment, dispute: dict[str, Any]) -> bool:
 
 def _on_dispute_withdrawn(dispute: dict[str, Any]) -> str:
     """`created` and `funds_withdrawn` are the same movement: the disputed amount leaves the
-    wallet while the dispute is open (Stripe withdraws it from us at once)."""
+    wallet while the dispute is open (Stripe withdraws it from us at once). An inquiry
+    (`warning_*` status) withdraws nothing and, closed, gives nothing back; should it become
+    a chargeback, its `funds_withdrawn` event takes the amount then."""
     payment = _dispute_payment(dispute)
     if payment is None:
         raise PaymentNotKnownYet(f"no payment for {dispute.get('payment_intent')}")
     if ignored := _not_usd(dispute):
         return ignored
+    if str(dispute.get("status", "")).startswith("warning_"):
+        return "ignored: an inquiry withdraws no funds"
     return (
         "disputed amount taken back"
         if _dispute_withdraw(payment, dispute)

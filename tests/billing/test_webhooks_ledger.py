@@ -273,3 +273,21 @@ def test_a_dispute_in_another_currency_takes_nothing_back() -> None:
 
     assert outcome == "ignored: currency 'eur' is not usd"
     assert wallet_balance_usd(organization_id=organization.pk) == Decimal(100)
+
+
+@pytest.mark.django_db
+def test_an_inquiry_takes_nothing_back_until_stripe_withdraws_its_funds() -> None:
+    organization = make_org(credit_usd=None)
+    recorded_payment(organization, "pi_inquired")
+    dispute = {"id": "dp_inq", "payment_intent": "pi_inquired", "amount": 3000, "currency": "usd"}
+
+    inquiry = dispute | {"status": "warning_needs_response"}
+    outcome = deliver(event("evt_dp_inq", "charge.dispute.created", inquiry))
+
+    assert outcome == "ignored: an inquiry withdraws no funds"
+    assert wallet_balance_usd(organization_id=organization.pk) == Decimal(100)
+    escalated = dispute | {"status": "needs_response"}
+    assert deliver(event("evt_dp_inq_2", "charge.dispute.funds_withdrawn", escalated)) == (
+        "disputed amount taken back"
+    )
+    assert wallet_balance_usd(organization_id=organization.pk) == Decimal(70)
