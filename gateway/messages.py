@@ -290,7 +290,7 @@ def _object(value: Any) -> dict[str, Any]:
 def message_from_openai(completion: dict[str, Any], usage: TokenUsage) -> dict[str, Any]:
     """The Messages API `message` for a chat.completion and the usage it was billed for."""
     choices = completion.get("choices") or [{}]
-    choice = choices[0] if isinstance(choices[0], dict) else {}
+    choice = _object(choices[0])
     # It runs after the request is settled: a malformed answer keeps what can be read of it
     # rather than failing a request that was charged.
     reply = _object(choice.get("message"))

@@ -85,13 +85,13 @@ def _prompts(prompt: Any) -> int:
 
 
 def worst_case(
-    *, body: dict[str, Any], body_bytes: int, output_limit: int, image_tokens: int
+    *, body: dict[str, Any], body_bytes: int, output_limit: int, model: ModelEntry
 ) -> WorstCase:
-    """The most tokens this request can be billed for: every image may cost `image_tokens`, and
-    every choice (`n` for each prompt) may use the whole completion limit."""
+    """The most tokens this request can be billed for: every image may cost the model's
+    `image_input_tokens`, and every choice (`n` for each prompt) the whole completion limit."""
     images = _count_image_parts(body.get("messages"))
     tools = any(body.get(name) for name in ("tools", "functions"))
     return WorstCase(
-        input_tokens=body_bytes + images * image_tokens + tools * TOOLS_TOKEN_ALLOWANCE,
+        input_tokens=body_bytes + images * model.image_input_tokens + tools * TOOLS_TOKEN_ALLOWANCE,
         output_tokens=output_limit * _choices(body),
     )

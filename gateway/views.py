@@ -219,10 +219,7 @@ async def serve_chat(
         model,
         started,
         bound=worst_case(
-            body=body,
-            body_bytes=len(request.body),
-            output_limit=output_limit,
-            image_tokens=model.image_input_tokens,
+            body=body, body_bytes=len(request.body), output_limit=output_limit, model=model
         ),
         call=_Call(
             needs=Capability.CHAT_STREAM if streaming else Capability.CHAT,
@@ -268,10 +265,7 @@ async def completions(request: GatewayRequest, request_id: str) -> Answer:
         model,
         started,
         bound=worst_case(
-            body=body,
-            body_bytes=len(request.body),
-            output_limit=output_limit,
-            image_tokens=model.image_input_tokens,
+            body=body, body_bytes=len(request.body), output_limit=output_limit, model=model
         ),
         call=_Call(
             needs=Capability.COMPLETIONS,

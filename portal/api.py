@@ -127,18 +127,13 @@ class ApiKeyUpdateSerializer(serializers.Serializer[Any]):
 
 
 class ApiKeyRotateSerializer(serializers.Serializer[Any]):
+    # Bounded here as well as by the service: timedelta(hours=10**13) overflows.
     overlap_hours = serializers.IntegerField(
         min_value=0,
+        max_value=settings.API_KEY_MAX_ROTATION_OVERLAP_HOURS,
         help_text="How long the old key keeps working, in hours "
         "(at most API_KEY_MAX_ROTATION_OVERLAP_HOURS).",
     )
-
-    def validate_overlap_hours(self, hours: int) -> int:
-        # Bounded here as well as by the service: timedelta(hours=10**13) overflows.
-        limit = settings.API_KEY_MAX_ROTATION_OVERLAP_HOURS
-        if hours > limit:
-            raise ValidationError(f"Ensure this value is less than or equal to {limit}.")
-        return hours
 
 
 class ApiKeyRotatedSerializer(ApiKeyCreatedSerializer):

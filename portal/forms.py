@@ -33,16 +33,13 @@ class RoleForm(forms.Form):
 
 
 class ApiKeyRotateForm(forms.Form):
+    # Bounded here as well as by the service: timedelta(hours=10**13) overflows.
     overlap_hours = forms.IntegerField(
-        min_value=0, initial=24, help_text="How long the old key keeps working, in hours."
+        min_value=0,
+        max_value=settings.API_KEY_MAX_ROTATION_OVERLAP_HOURS,
+        initial=24,
+        help_text="How long the old key keeps working, in hours.",
     )
-
-    def clean_overlap_hours(self) -> int:
-        # Bounded here as well as by the service: timedelta(hours=10**13) overflows.
-        hours: int = self.cleaned_data["overlap_hours"]
-        if hours > settings.API_KEY_MAX_ROTATION_OVERLAP_HOURS:
-            raise forms.ValidationError("too long an overlap")
-        return hours
 
 
 class ApiKeyLimitsForm(forms.Form):

@@ -132,6 +132,21 @@ def client(gateway_url: str, key: str) -> anthropic.Anthropic:
     return anthropic.Anthropic(base_url=gateway_url.removesuffix("/v1"), api_key=key, max_retries=0)
 
 
+def post_message(gateway_url: str, key: str, **fields: Any) -> httpx.Response:
+    """A raw POST /v1/messages with its key as x-api-key: one short turn to gpt-test, with
+    `fields` added."""
+    return httpx.post(
+        f"{gateway_url}/messages",
+        headers={"x-api-key": key},
+        json={
+            "model": "gpt-test",
+            "max_tokens": 20,
+            "messages": [{"role": "user", "content": "hi"}],
+            **fields,
+        },
+    )
+
+
 def assert_stream_settled(
     organization: Organization, *, input_tokens: int, output_tokens: int, model: str
 ) -> UsageRecord:
@@ -428,16 +443,7 @@ def test_a_stream_flag_that_is_not_a_boolean_gets_anthropics_invalid_request_err
     # It was read as false: a client that meant to stream got a whole answer, and was charged.
     _, key = make_key(make_org(credit_usd="10"))
 
-    response = httpx.post(
-        f"{gateway_url}/messages",
-        headers={"x-api-key": key},
-        json={
-            "model": "gpt-test",
-            "max_tokens": 20,
-            "stream": stream,
-            "messages": [{"role": "user", "content": "hi"}],
-        },
-    )
+    response = post_message(gateway_url, key, stream=stream)
 
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "invalid_request_error"
@@ -466,16 +472,7 @@ def test_insufficient_credit_gets_402_in_anthropics_shape(gateway_url, upstreams
 def test_a_provider_addressing_field_is_refused(gateway_url, upstreams):
     _, key = make_key(make_org(credit_usd="10"))
 
-    response = httpx.post(
-        f"{gateway_url}/messages",
-        headers={"x-api-key": key},
-        json={
-            "model": "gpt-test",
-            "max_tokens": 20,
-            "metadata": {"base_url": "http://example.com"},
-            "messages": [{"role": "user", "content": "hi"}],
-        },
-    )
+    response = post_message(gateway_url, key, metadata={"base_url": "http://example.com"})
 
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "invalid_request_error"
