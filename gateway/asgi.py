@@ -20,7 +20,9 @@ the server's own task. Only a stream gets a second task, the watch for a client 
 it cancels the stream, so the relay settles what was generated and closes the upstream (a
 whole answer runs to its end, so a request whose upstream call was made is charged for it).
 An exception that escapes a view is logged and answered with a 500 (503 when the database is
-down) in the API's error shape, never with a traceback or Django's HTML page.
+down) in the API's error shape, never with a traceback or Django's HTML page. A CORS preflight
+on `/v1/*` is answered here, before the body is read, and every `/v1/*` answer carries the CORS
+headers (gateway/cors.py).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from django.conf import settings
 from django.http import StreamingHttpResponse
 from django.http.response import HttpResponseBase
 
-from gateway import capacity
+from gateway import capacity, cors
 from gateway.asgi_urls import view_for
 from gateway.errors import error_answer_on
 from gateway.wire import Answer, GatewayRequest, JsonAnswer, asgi_headers
@@ -52,6 +54,15 @@ class GatewayASGIHandler:
     async def __call__(self, scope: dict[str, Any], receive: _ASGIReceive, send: _ASGISend) -> None:
         if scope["type"] != "http":
             raise ValueError(f"The gateway serves HTTP only, not {scope['type']}.")
+        # /v1/* answers carry the CORS headers; the probes and the metrics page do not.
+        api = scope["path"].startswith("/v1")
+        cors_headers = cors.answer_headers(scope) if api else ()
+        if api and scope["method"] == "OPTIONS":
+            preflight = cors.preflight_headers(scope)
+            if preflight is not None:
+                await send({"type": "http.response.start", "status": 204, "headers": preflight})
+                await send({"type": "http.response.body", "body": b""})
+                return
         body = await _read_body(receive, limit=settings.GATEWAY_MAX_BODY_BYTES)
         if body is _HUNG_UP:
             return
@@ -65,9 +76,9 @@ class GatewayASGIHandler:
             logger.exception("%s %s failed", request.method, request.path)
             answer = _failure_answer(exc, path=request.path)
         if isinstance(answer, StreamingHttpResponse):
-            await _send_stream(answer, receive, send)
+            await _send_stream(answer, receive, send, cors_headers)
         else:
-            await _send_whole(answer, send)
+            await _send_whole(answer, send, cors_headers)
 
 
 class _HungUp:
@@ -105,16 +116,17 @@ def _failure_answer(exc: Exception, *, path: str) -> JsonAnswer:
     return error_answer_on(capacity.unexpected_failure(exc), path=path)
 
 
-async def _send_whole(answer: Answer, send: _ASGISend) -> None:
+async def _send_whole(answer: Answer, send: _ASGISend, cors_headers: cors.Headers) -> None:
     """A whole answer, with its Content-Length, in one body frame."""
     if isinstance(answer, JsonAnswer):
-        await answer.send_to(send)
+        await answer.send_to(send, cors_headers)
         return
     # Django's HttpResponse, from the probes and the metrics page
     body = answer.content  # type: ignore[attr-defined]
     if not answer.has_header("Content-Length"):
         answer.headers["Content-Length"] = str(len(body))
     headers = _cookies_added(answer, asgi_headers(answer.items()))
+    headers.extend(cors_headers)
     await send({"type": "http.response.start", "status": answer.status_code, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -147,11 +159,15 @@ class _HangUpWatch:
 
 
 async def _send_stream(
-    response: StreamingHttpResponse, receive: _ASGIReceive, send: _ASGISend
+    response: StreamingHttpResponse,
+    receive: _ASGIReceive,
+    send: _ASGISend,
+    cors_headers: cors.Headers,
 ) -> None:
     """A stream, event by event as the relay yields them; cancelled if the client hangs up,
     so the relay (gateway/streaming.py) settles what it relayed and closes the upstream."""
     headers = _cookies_added(response, asgi_headers(response.items()))
+    headers.extend(cors_headers)
     await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
     task = asyncio.current_task()
     assert task is not None  # noqa: S101 (an ASGI app runs in a task)

@@ -17,6 +17,7 @@ from typing import Any
 from django.conf import settings
 from django.db import DatabaseError
 
+from gateway import cors
 from gateway.errors import GatewayError, ProcessAtCapacity, ServiceUnavailable, error_answer_on
 
 _ASGIApp = Any
@@ -45,7 +46,9 @@ async def _answer_busy(scope: dict[str, Any], send: Any) -> None:
         "This gateway process is serving as many requests as it is allowed to; retry in a moment."
     )
     # The caller's API's own shape: Anthropic's SDKs read `overloaded_error` on /v1/messages.
-    await error_answer_on(error, path=str(scope.get("path", ""))).send_to(send)
+    await error_answer_on(error, path=str(scope.get("path", ""))).send_to(
+        send, cors.answer_headers(scope)
+    )
 
 
 def unexpected_failure(exc: Exception) -> GatewayError:

@@ -64,7 +64,7 @@ from gateway.streaming import (
     paced,
     relay_chat_stream,
 )
-from gateway.wire import Answer, GatewayRequest, JsonAnswer
+from gateway.wire import COST_HEADER, Answer, GatewayRequest, JsonAnswer
 from portal.logs import bind_request_id, new_request_id
 
 logger = logging.getLogger(__name__)
@@ -75,11 +75,6 @@ _checkpoint = db_call(reservation_checkpoint)
 _alert_spend_cap = db_call(spend_cap_refusal_alert)
 _NO_USAGE = TokenUsage(input_tokens=0, output_tokens=0)
 _T = TypeVar("_T")
-
-
-# The request's charge in USD, on every answer that is not a stream (a stream's charge is
-# known only at its end: its usage record has it).
-COST_HEADER = "x-switchboard-cost-usd"
 
 
 _View = Callable[..., Coroutine[Any, Any, Answer]]

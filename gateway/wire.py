@@ -107,6 +107,11 @@ def json_bytes(data: Any) -> bytes:
         return _ENCODER.encode(data).encode()
 
 
+# The request's charge in USD, on every answer that is not a stream (a stream's charge is
+# known only at its end: its usage record has it).
+COST_HEADER = "x-switchboard-cost-usd"
+
+
 class JsonAnswer:
     """A whole JSON answer: status, headers (set more with `answer[name] = value`) and the
     encoded body, sent by the handler with its Content-Length in one body frame."""
@@ -124,12 +129,14 @@ class JsonAnswer:
     def __setitem__(self, name: str, value: str) -> None:
         self.headers[name] = value
 
-    async def send_to(self, send: Any) -> None:
-        """Send this answer on an ASGI `send`: its Content-Length, one body frame."""
+    async def send_to(self, send: Any, extra_headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+        """Send this answer on an ASGI `send`: its Content-Length, one body frame;
+        `extra_headers` (the CORS headers: gateway/cors.py) as they are."""
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(self.content)).encode()),
             *asgi_headers(self.headers.items()),
+            *extra_headers,
         ]
         await send({"type": "http.response.start", "status": self.status_code, "headers": headers})
         await send({"type": "http.response.body", "body": self.content})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
@@ -58,6 +59,25 @@ def env_decimal(name: str, default: str) -> Decimal:
 
 def env_list(name: str, default: str) -> list[str]:
     return [item.strip() for item in env_str(name, default).split(",") if item.strip()]
+
+
+def env_origins(name: str, default: str) -> tuple[str, ...]:
+    """`*`, or a comma-separated list of web origins (scheme and host, no path)."""
+    origins = tuple(env_list(name, default))
+    for origin in origins:
+        parts = urlsplit(origin)
+        if origin != "*" and (
+            parts.scheme not in {"http", "https"}
+            or not parts.netloc
+            or f"{parts.scheme}://{parts.netloc}" != origin
+        ):
+            raise ImproperlyConfigured(
+                f"{name} must be * or origins such as https://app.example.com (scheme and "
+                f"host, no path), got {origin!r}"
+            )
+    if "*" in origins and len(origins) > 1:
+        raise ImproperlyConfigured(f"{name} is either * or a list of origins, not both")
+    return origins
 
 
 DEBUG = env_bool("DEBUG", True)
@@ -323,6 +343,10 @@ GATEWAY_CATALOG_CACHE_SECONDS = env_int("GATEWAY_CATALOG_CACHE_SECONDS", 5)
 GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 8 * 1024 * 1024, minimum=1024)
 # Django refuses larger bodies before any view runs; keep it in step with the gateway's cap.
 DATA_UPLOAD_MAX_MEMORY_SIZE = GATEWAY_MAX_BODY_BYTES
+# Browser origins that may call /v1/* (CORS, gateway/cors.py): `*` (any: keys are bearer
+# tokens, never cookies, so no site can borrow a visitor's credentials), a comma-separated list
+# of origins (`https://app.example.com`), or empty to answer no CORS at all.
+GATEWAY_CORS_ALLOWED_ORIGINS = env_origins("GATEWAY_CORS_ALLOWED_ORIGINS", "*")
 # How many of a model's routes one request may try (failing over on connect errors, 5xx, 429).
 GATEWAY_MAX_ATTEMPTS = env_int("GATEWAY_MAX_ATTEMPTS", 3, minimum=1)
 # Upstream timeouts, in seconds.
