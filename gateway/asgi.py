@@ -78,7 +78,7 @@ class GatewayASGIHandler:
         if isinstance(answer, StreamingHttpResponse):
             await _send_stream(answer, receive, send, cors_headers)
         else:
-            await _send_whole(answer, send, cors_headers)
+            await _send_whole(answer, send, cors_headers, head=request.method == "HEAD")
 
 
 class _HungUp:
@@ -116,10 +116,12 @@ def _failure_answer(exc: Exception, *, path: str) -> JsonAnswer:
     return error_answer_on(capacity.unexpected_failure(exc), path=path)
 
 
-async def _send_whole(answer: Answer, send: _ASGISend, cors_headers: cors.Headers) -> None:
-    """A whole answer, with its Content-Length, in one body frame."""
+async def _send_whole(
+    answer: Answer, send: _ASGISend, cors_headers: cors.Headers, *, head: bool
+) -> None:
+    """A whole answer, with its Content-Length, in one body frame (none for a HEAD)."""
     if isinstance(answer, JsonAnswer):
-        await answer.send_to(send, cors_headers)
+        await answer.send_to(send, cors_headers, head=head)
         return
     # Django's HttpResponse, from the probes and the metrics page
     body = answer.content  # type: ignore[attr-defined]
@@ -128,7 +130,7 @@ async def _send_whole(answer: Answer, send: _ASGISend, cors_headers: cors.Header
     headers = _cookies_added(answer, asgi_headers(answer.items()))
     headers.extend(cors_headers)
     await send({"type": "http.response.start", "status": answer.status_code, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": "http.response.body", "body": b"" if head else body})
 
 
 def _cookies_added(

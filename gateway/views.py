@@ -84,8 +84,11 @@ def _openai_endpoint(
     method: str | None,
     answer_error: Callable[..., JsonAnswer] = error_response,
 ) -> Callable[[_View], _View]:
-    """Give the handler a request id, refuse HTTP methods other than `method` (None: any),
-    and answer every failure with `answer_error` (OpenAI's error shape by default)."""
+    """Give the handler a request id, refuse HTTP methods other than `method` (None: any;
+    HEAD too where it is GET: the handler leaves the body out, gateway/asgi.py), and answer
+    every failure with `answer_error` (OpenAI's error shape by default)."""
+    allowed = (method, "HEAD") if method == "GET" else (method,)
+    allow = ", ".join(m for m in allowed if m)
 
     def decorate(handler: _View) -> _View:
         @functools.wraps(handler)
@@ -93,8 +96,8 @@ def _openai_endpoint(
             request_id = new_request_id()
             bind_request_id(request_id)
             try:
-                if method is not None and request.method != method:
-                    raise MethodNotAllowed(f"Use {method} for {request.path}.", allowed=method)
+                if method is not None and request.method not in allowed:
+                    raise MethodNotAllowed(f"Use {method} for {request.path}.", allowed=allow)
                 return await handler(request, request_id, **kwargs)
             except GatewayError as error:
                 response = answer_error(error, request_id=request_id)

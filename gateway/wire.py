@@ -129,9 +129,12 @@ class JsonAnswer:
     def __setitem__(self, name: str, value: str) -> None:
         self.headers[name] = value
 
-    async def send_to(self, send: Any, extra_headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+    async def send_to(
+        self, send: Any, extra_headers: Iterable[tuple[bytes, bytes]] = (), *, head: bool = False
+    ) -> None:
         """Send this answer on an ASGI `send`: its Content-Length, one body frame;
-        `extra_headers` (the CORS headers: gateway/cors.py) as they are."""
+        `extra_headers` (the CORS headers: gateway/cors.py) as they are. The answer to a HEAD
+        (`head`) has the same headers, Content-Length included, and no body (RFC 9110)."""
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(self.content)).encode()),
@@ -139,7 +142,7 @@ class JsonAnswer:
             *extra_headers,
         ]
         await send({"type": "http.response.start", "status": self.status_code, "headers": headers})
-        await send({"type": "http.response.body", "body": self.content})
+        await send({"type": "http.response.body", "body": b"" if head else self.content})
 
 
 def asgi_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:

@@ -4,9 +4,11 @@ hangs up during a whole answer is charged."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from decimal import Decimal
+from typing import Any
 
 import httpx
 import pytest
@@ -15,6 +17,7 @@ from django.http import JsonResponse
 from billing.models import Reservation, UsageRecord
 from billing.selectors import wallet_balance_usd
 from gateway import asgi_urls
+from gateway.asgi import GatewayASGIHandler
 from gateway.wire import JsonAnswer, RequestHeaders
 from tests.factories import make_key, make_org
 from tests.gateway.test_streaming import MESSAGES, wait_for
@@ -217,3 +220,22 @@ def test_a_json_answer_says_what_djangos_json_response_says():
     data = {"price": Decimal("1.50"), "text": "café", "items": [1, 2.5, None, True]}
 
     assert json.loads(JsonAnswer(data).content) == json.loads(JsonResponse(data).content)
+
+
+def test_the_handler_itself_leaves_the_body_out_of_an_answer_to_head():
+    # uvicorn drops a HEAD answer's body by itself; the handler must not count on its server.
+    scope = {"type": "http", "method": "HEAD", "path": "/v1/models", "headers": []}
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    asyncio.run(GatewayASGIHandler()(scope, receive, send))
+
+    start, body = sent
+    assert start["status"] == 401  # no key: refused before any lookup
+    assert int(dict(start["headers"])[b"content-length"]) > 0
+    assert body["body"] == b""

@@ -73,4 +73,37 @@ def test_posting_to_models_is_405(gateway_url, two_models):
 
     assert response.status_code == 405
     assert response.json()["error"]["code"] == "method_not_allowed"
-    assert response.headers["Allow"] == "GET"  # RFC 9110: a 405 must say what is allowed
+    assert response.headers["Allow"] == "GET, HEAD"  # RFC 9110: a 405 says what is allowed
+
+
+@pytest.mark.parametrize("path", ["/models", "/models/fake-small", "/models/no-such-model"])
+def test_head_answers_as_get_does_without_the_body(gateway_url, two_models, path):
+    # RFC 9110: HEAD on a GET resource gets GET's status and headers, Content-Length included.
+    _, key = make_key(make_org())
+    headers = {"Authorization": f"Bearer {key}"}
+
+    got = httpx.get(f"{gateway_url}{path}", headers=headers)
+    head = httpx.head(f"{gateway_url}{path}", headers=headers)
+
+    assert head.status_code == got.status_code
+    assert head.content == b""
+    assert head.headers["content-length"] == str(len(got.content)) != "0"
+    assert head.headers["content-type"] == got.headers["content-type"] == "application/json"
+    assert head.headers["x-request-id"].startswith("req_")
+
+
+def test_head_with_a_bad_key_is_401_without_a_body(gateway_url, two_models):
+    response = httpx.head(f"{gateway_url}/models", headers={"Authorization": "Bearer sb_nope"})
+
+    assert response.status_code == 401
+    assert response.content == b""
+    assert int(response.headers["content-length"]) > 0
+
+
+@pytest.mark.parametrize("path", ["/chat/completions", "/messages", "/embeddings"])
+def test_head_elsewhere_is_405_naming_the_method(gateway_url, path):
+    response = httpx.head(f"{gateway_url}{path}")
+
+    assert response.status_code == 405
+    assert response.headers["Allow"] == "POST"
+    assert response.content == b""
