@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from gateway.wire import JsonAnswer
+from gateway.wire import COST_HEADER, JsonAnswer
 from portal.logs import new_request_id
 
 
@@ -147,6 +147,29 @@ class UpstreamStreamBroken(UpstreamFailed):
     status code, so the client gets `stream_error_event` as the stream's last event."""
 
     code = "upstream_stream_failed"
+
+
+class AnswerNotDelivered(GatewayError):
+    """The provider answered and the request was settled, but its answer could not be written
+    for the client (a provider's answer the translation cannot read; a bug). The usage stays
+    charged, as the provider charged for it: the error carries the charge, and tells the SDKs
+    not to retry (the retry would be charged again)."""
+
+    status = 502
+    type = "upstream_error"
+    code = "answer_not_delivered"
+
+    def __init__(self, *, cost_usd: str) -> None:
+        super().__init__(
+            "The provider answered, but its answer could not be passed on. The request was "
+            f"charged {cost_usd} USD for the usage the provider reported (x-request-id names "
+            "it); a retry is charged again."
+        )
+        self.cost_usd = cost_usd
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {COST_HEADER: self.cost_usd, "x-should-retry": "false"}
 
 
 def _error_body(error: GatewayError) -> dict[str, object]:

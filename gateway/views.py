@@ -31,6 +31,7 @@ from gateway import capacity, metrics
 from gateway.auth import Caller, authenticate, bearer_token, client_host_of
 from gateway.database import db_call, on_loop_or_in_thread
 from gateway.errors import (
+    AnswerNotDelivered,
     GatewayError,
     MethodNotAllowed,
     ModelNotAllowed,
@@ -78,6 +79,7 @@ _T = TypeVar("_T")
 
 
 _View = Callable[..., Coroutine[Any, Any, Answer]]
+_NOT_CHARGED = format_usd(ZERO_USD)
 
 
 def _openai_endpoint(
@@ -108,8 +110,9 @@ def _openai_endpoint(
                     capacity.unexpected_failure(exc),
                     request_id=request_id,
                 )
-            # A failed request is never charged (an upstream failure is recorded at 0).
-            response[COST_HEADER] = format_usd(ZERO_USD)
+            # A failed request is never charged (an upstream failure is recorded at 0), unless
+            # it failed after it was settled: that error carries its charge (AnswerNotDelivered).
+            response.headers.setdefault(COST_HEADER, _NOT_CHARGED)
             return response
 
         return endpoint
@@ -386,11 +389,30 @@ async def _metered(
                 limits=caller.limits,
                 tokens=tokens_used,
             )
-    reply.body["model"] = model.name
-    return JsonAnswer(
-        call.reply_format.whole(reply.body, reply.usage) if call.reply_format else reply.body,
-        headers={"x-request-id": request_id, COST_HEADER: format_usd(record.cost_usd)},
-    )
+    return _settled_answer(request_id, model, reply, record, call.reply_format)
+
+
+def _settled_answer(
+    request_id: str,
+    model: ModelEntry,
+    reply: UpstreamReply,
+    record: UsageRecord,
+    reply_format: ReplyFormat | None,
+) -> JsonAnswer:
+    """The client's answer to a request already settled: written after the settlement, which
+    must come first (a crash between an answer and its settlement would leave it uncharged).
+    Whatever fails in writing it is answered as AnswerNotDelivered, with the charge, never as
+    a 500 that says 0."""
+    cost_usd = format_usd(record.cost_usd)
+    try:
+        reply.body["model"] = model.name
+        return JsonAnswer(
+            reply_format.whole(reply.body, reply.usage) if reply_format else reply.body,
+            headers={"x-request-id": request_id, COST_HEADER: cost_usd},
+        )
+    except Exception:
+        logger.exception("request %s: its answer could not be written once settled", request_id)
+        raise AnswerNotDelivered(cost_usd=cost_usd) from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -469,6 +469,57 @@ def test_insufficient_credit_gets_402_in_anthropics_shape(gateway_url, upstreams
     assert not Reservation.objects.exists()
 
 
+def test_an_answer_that_cannot_be_written_after_the_charge_is_a_502_carrying_the_charge(
+    gateway_url, upstreams
+):
+    # The answer is translated after the request is settled. Tool arguments nested deeper than
+    # Python's json can read fail that translation: the usage is charged all the same (the
+    # provider charged for it), so the client learns the charge, and that a retry would be
+    # charged again, rather than a 500 saying 0.
+    org = make_org(credit_usd="10")
+    _, key = make_key(org)
+    make_key(make_org(credit_usd="10"))  # another organisation, never charged
+    call = {"id": "call_1", "type": "function"}
+    call["function"] = {"name": "get_weather", "arguments": "[" * 100_000}
+    upstreams.openai.fail_next(
+        200,
+        body={
+            "id": "chatcmpl-deep",
+            "object": "chat.completion",
+            "model": "gpt-test-upstream",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": None, "tool_calls": [call]},
+                    "finish_reason": "tool_calls",
+                }
+            ],
+            "usage": {"prompt_tokens": 12, "completion_tokens": 30, "total_tokens": 42},
+        },
+    )
+    sdk = anthropic.Anthropic(base_url=gateway_url.removesuffix("/v1"), api_key=key)
+
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        sdk.messages.create(
+            model="gpt-test", max_tokens=50, messages=[{"role": "user", "content": QUESTION}]
+        )
+
+    response = caught.value.response
+    record = UsageRecord.objects.get()  # one call: the SDK was told not to retry
+    assert len(upstreams.openai.calls) == 1
+    assert response.status_code == 502
+    assert response.headers["x-should-retry"] == "false"
+    body: Any = caught.value.body
+    assert (body["type"], body["error"]["type"]) == ("error", "api_error")
+    assert "charged" in body["error"]["message"]
+    assert response.headers["request-id"] == response.headers["x-request-id"] == record.request_id
+    expected = usage_cost_usd(price=PRICE, input_tokens=12, output_tokens=30)
+    assert record.cost_usd == expected > 0
+    assert record.status == UsageRecord.Status.OK
+    assert Decimal(response.headers["x-switchboard-cost-usd"]) == expected
+    assert wallet_balance_usd(organization_id=org.pk) == Decimal(10) - expected
+
+
 def test_a_provider_addressing_field_is_refused(gateway_url, upstreams):
     _, key = make_key(make_org(credit_usd="10"))
 
