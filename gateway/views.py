@@ -631,7 +631,10 @@ async def _record(
             price=metering.model.price,
         )
     )
-    metrics.request_finished(record, started=metering.started)
+    try:
+        metrics.request_finished(record, started=metering.started)
+    except Exception:  # the request is settled: a metric must never change its answer
+        logger.exception("request %s: counting it in the metrics failed", metering.request_id)
     return record
 
 

@@ -13,6 +13,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from billing.models import Account, Posting, UsageRecord
 from billing.money import Price, usage_cost_usd
 from billing.selectors import wallet_balance_usd
+from gateway import metrics
 from gateway.selectors import forget_catalog
 from gateway.services import catalog_load
 from portal.services import api_key_revoke
@@ -409,3 +410,26 @@ def test_an_unknown_endpoint_answers_404_in_openai_shape(gateway_url):
 
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "unknown_endpoint"
+
+
+def _failing_metric(*args, **kwargs):
+    raise RuntimeError("a bug in a metric")
+
+
+def test_a_metric_that_fails_after_the_settlement_leaves_the_answer_alone(
+    gateway_url, catalog, fake_provider, monkeypatch
+):
+    # No metric fails on purpose: one that does stands in for a bug. It runs once the request
+    # is settled; the caller, charged, must get the answer and the charge, not a 500 saying 0.
+    org = make_org(credit_usd="10")
+    _, key = make_key(org)
+    monkeypatch.setattr(metrics, "request_finished", _failing_metric)
+
+    raw = sdk(gateway_url, key).chat.completions.with_raw_response.create(
+        model="fake-small", messages=MESSAGES
+    )
+
+    record = UsageRecord.objects.get()
+    assert raw.parse().choices[0].message.content
+    assert Decimal(raw.headers["x-switchboard-cost-usd"]) == record.cost_usd > 0
+    assert wallet_balance_usd(organization_id=org.pk) == Decimal("10") - record.cost_usd
