@@ -39,7 +39,7 @@ from django.http.response import HttpResponseBase
 
 from gateway import capacity, cors
 from gateway.asgi_urls import view_for
-from gateway.errors import error_answer_on
+from gateway.errors import STREAM_FAILED, GatewayError, error_answer_on, stream_error_event_on
 from gateway.wire import Answer, GatewayRequest, JsonAnswer, asgi_headers
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class GatewayASGIHandler:
             logger.exception("%s %s failed", request.method, request.path)
             answer = _failure_answer(exc, path=request.path)
         if isinstance(answer, StreamingHttpResponse):
-            await _send_stream(answer, receive, send, cors_headers)
+            await _send_stream(answer, receive, send, cors_headers, path=request.path)
         else:
             await _send_whole(answer, send, cors_headers, head=request.method == "HEAD")
 
@@ -165,9 +165,13 @@ async def _send_stream(
     receive: _ASGIReceive,
     send: _ASGISend,
     cors_headers: cors.Headers,
+    *,
+    path: str,
 ) -> None:
     """A stream, event by event as the relay yields them; cancelled if the client hangs up,
-    so the relay (gateway/streaming.py) settles what it relayed and closes the upstream."""
+    so the relay (gateway/streaming.py) settles what it relayed and closes the upstream. A
+    failure in writing the events (an API's encoder, after its status went out) ends the
+    stream with an error event in the API's shape, once the relay has settled."""
     headers = _cookies_added(response, asgi_headers(response.items()))
     headers.extend(cors_headers)
     await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
@@ -188,6 +192,13 @@ async def _send_stream(
         # The relay saw the cancellation and settled; the request ends here.
         task.uncancel()
         return
+    except Exception:
+        # Closing the events (aclosing, above) closed the relay, which settled what went out.
+        hang_up.relaying = False
+        logger.exception("writing the stream of %s failed", path)
+        failure = GatewayError(STREAM_FAILED)
+        last = stream_error_event_on(failure, path=path)
+        await send({"type": "http.response.body", "body": last, "more_body": True})
     finally:
         watching.cancel()
     await send({"type": "http.response.body", "body": b"", "more_body": False})

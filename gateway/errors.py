@@ -142,6 +142,10 @@ class UpstreamFailed(GatewayError):
         self.retry_after_seconds = retry_after_seconds
 
 
+# The last event of a stream that failed in the gateway (a bug, or a chunk it cannot write).
+STREAM_FAILED = "The gateway failed to relay this stream."
+
+
 class UpstreamStreamBroken(UpstreamFailed):
     """The upstream stream broke after its first byte had gone to the client: too late for a
     status code, so the client gets `stream_error_event` as the stream's last event."""
@@ -195,6 +199,14 @@ def error_answer_on(error: GatewayError, *, path: str) -> JsonAnswer:
         anthropic_error_response if path.rstrip("/").endswith(ANTHROPIC_PATH) else error_response
     )
     return answer(error, request_id=new_request_id())
+
+
+def stream_error_event_on(error: GatewayError, *, path: str) -> bytes:
+    """`error` as the last event of a stream that failed outside its relay (gateway/asgi.py),
+    in the shape of the API `path` belongs to, as error_answer_on."""
+    if path.rstrip("/").endswith(ANTHROPIC_PATH):
+        return anthropic_stream_error_event(error)
+    return stream_error_event(error)
 
 
 def error_response(error: GatewayError, *, request_id: str) -> JsonAnswer:

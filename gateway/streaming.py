@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.errors import GatewayError, UpstreamStreamBroken, stream_error_event
+from gateway.errors import STREAM_FAILED, GatewayError, UpstreamStreamBroken, stream_error_event
 from gateway.providers.base import TokenUsage, UpstreamStream, estimate_tokens, reported_usage
 from gateway.providers.sse import EventObject
 
@@ -315,7 +315,7 @@ async def relay_chat_stream(
             completed, last_event = False, StreamEnd(error)
         except Exception:
             logger.exception("relaying a stream failed")
-            failure = GatewayError("The gateway failed to relay this stream.")
+            failure = GatewayError(STREAM_FAILED)
             completed, last_event = False, StreamEnd(failure)
         else:
             completed, last_event = True, StreamEnd()

@@ -157,6 +157,7 @@ class _Behaviour(ScriptedAnswer):
     omit_usage: bool = False
     stall_after_chunks: int | None = None  # pause this stream after this many content chunks
     stall_seconds: float = 0.0
+    extra_chunk: dict[str, Any] | None = None  # sent as is after the first content chunk
 
 
 _NORMAL: Final = _Behaviour()
@@ -233,8 +234,8 @@ class FakeProvider(ScriptedFaults[_Behaviour], FakeUpstream):
 
     Use `start()`/`stop()` or a `with` block; point clients at `base_url`. Every request is
     appended to `calls`. Scripted behaviours (`fail_next`, `delay_next`, `cut_stream_after`,
-    `omit_usage_next`) queue up and are consumed one per request, in order, whatever the
-    request is; requests that find the queue empty get a normal answer.
+    `omit_usage_next`, `send_chunk_next`) queue up and are consumed one per request, in order,
+    whatever the request is; requests that find the queue empty get a normal answer.
 
     Two settings apply to every request until `reset()`: `latency` (seconds before the first
     byte, added to any scripted delay) and `reported_usage` (a (prompt, completion) pair to report
@@ -279,6 +280,12 @@ class FakeProvider(ScriptedFaults[_Behaviour], FakeUpstream):
         `stream_options.include_usage` asked for it (the stream is otherwise complete)."""
         with self._lock:
             self._script.append(_Behaviour(omit_usage=True))
+
+    def send_chunk_next(self, chunk: dict[str, Any]) -> None:
+        """The next request, if it streams a chat, gets `chunk` as it is right after its first
+        content chunk (a chunk of a shape a provider should not send, say)."""
+        with self._lock:
+            self._script.append(_Behaviour(extra_chunk=chunk))
 
     _answer_type = _Behaviour
 
@@ -490,6 +497,8 @@ class FakeProvider(ScriptedFaults[_Behaviour], FakeUpstream):
             if index == 0:
                 delta = {"role": "assistant", **delta}
             await event(chunk(delta, None))
+            if index == 0 and behaviour.extra_chunk is not None:
+                await event(json.dumps(behaviour.extra_chunk))
         if cut is not None:
             await cut_connection()
         await event(chunk({}, finish_reason_for(request.messages, request.max_tokens)))

@@ -370,6 +370,38 @@ def test_an_anthropic_stream_cut_midway_ends_with_an_error_event_and_settles_int
     assert Reservation.objects.get().state == Reservation.State.SETTLED
 
 
+def test_a_stream_chunk_the_translation_cannot_read_ends_with_an_error_event_and_settles(
+    gateway_url, upstreams
+):
+    # The stream's status went with its first event: a failure in the translation after that
+    # ends it with Anthropic's error event, not with a connection dropped mid-body.
+    org = make_org(credit_usd="10")
+    _, key = make_key(org)
+    make_key(make_org(credit_usd="10"))  # another organisation, never charged
+    upstreams.openai.send_chunk_next({"object": "chat.completion.chunk", "choices": ["?"]})
+    received: list[str] = []
+
+    with (
+        pytest.raises(anthropic.APIStatusError) as caught,
+        client(gateway_url, key).messages.stream(
+            model="gpt-test", max_tokens=50, messages=[{"role": "user", "content": QUESTION}]
+        ) as stream,
+    ):
+        received.extend(stream.text_stream)
+
+    assert len(received) == 1
+    assert caught.value.body == {
+        "type": "error",
+        "error": {"type": "api_error", "message": "The gateway failed to relay this stream."},
+    }
+    record = UsageRecord.objects.get()
+    assert record.status == UsageRecord.Status.INTERRUPTED
+    assert record.organization_id == org.pk
+    assert record.cost_usd > 0
+    assert wallet_balance_usd(organization_id=org.pk) == Decimal(10) - record.cost_usd
+    assert Reservation.objects.get().state == Reservation.State.SETTLED
+
+
 def test_the_key_may_come_as_a_bearer_token(gateway_url, upstreams):
     _, key = make_key(make_org(credit_usd="10"))
 
