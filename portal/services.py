@@ -37,6 +37,21 @@ def _unique_slug(name: str) -> str:
     return slug
 
 
+# The longest address the user and invitation columns hold (RFC 5321's path limit).
+EMAIL_MAX_LENGTH = 254
+
+
+def _email_normalized(email: str) -> str:
+    """An address as stored (trimmed, lower case); OrganizationError if it is not one the
+    columns can hold, rather than a database error at the insert."""
+    normalized = email.strip().lower()
+    if "@" not in normalized:
+        raise OrganizationError(f"not an e-mail address: {email!r}")
+    if len(normalized) > EMAIL_MAX_LENGTH:
+        raise OrganizationError(f"an e-mail address has at most {EMAIL_MAX_LENGTH} characters")
+    return normalized
+
+
 def organization_create(*, name: str, owner_email: str) -> Organization:
     """Create an organisation owned by the user with `owner_email` (created if new).
 
@@ -45,9 +60,7 @@ def organization_create(*, name: str, owner_email: str) -> Organization:
     name = name.strip()
     if not name:
         raise OrganizationError("an organisation needs a name")
-    email = owner_email.strip().lower()
-    if "@" not in email:
-        raise OrganizationError(f"not an e-mail address: {owner_email!r}")
+    email = _email_normalized(owner_email)
     with transaction.atomic():
         owner = User.objects.filter(email=email).first()
         if owner is None:
@@ -122,9 +135,7 @@ def invitation_create(
     `site_url` is the site's root URL (the link is built on it). Returns the invitation and its
     token; only the token's hash is stored. A pending invitation to the same address is replaced.
     """
-    email = email.strip().lower()
-    if "@" not in email:
-        raise OrganizationError(f"not an e-mail address: {email!r}")
+    email = _email_normalized(email)
     if role not in {Membership.Role.MEMBER, Membership.Role.ADMIN}:
         raise OrganizationError("invite as member or admin; ownership is transferred instead")
     if Membership.objects.filter(organization=organization, user__email=email).exists():

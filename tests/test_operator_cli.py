@@ -69,6 +69,7 @@ def test_the_round_trip_leaves_the_exact_remainder(gateway_url, catalog, fake_pr
     [
         (["create_org", "", "--owner", "a@b.test"], "needs a name"),
         (["create_org", "X", "--owner", "not-an-email"], "not an e-mail address"),
+        (["create_org", "X", "--owner", "a" * 250 + "@b.test"], "at most 254 characters"),
         (["grant_credits", "no-such-org", "5", "--reason", "x"], "no organisation"),
         (["grant_credits", "{slug}", "five", "--reason", "x"], "not a decimal"),
         (["grant_credits", "{slug}", "0.1234567890123", "--reason", "x"], "decimal places"),

@@ -146,6 +146,19 @@ def test_inviting_a_member_again_is_a_400(team):
     assert not Invitation.objects.exists()
 
 
+def test_an_address_longer_than_an_e_mail_column_is_a_400(team):
+    # 250 + "@b.test": valid to the e-mail validator, longer than the 254 the columns hold.
+    too_long = "a" * 250 + "@b.test"
+
+    response = as_user(team.alice).post(
+        org_url(team.acme, "invitations/"), {"email": too_long}, format="json"
+    )
+
+    assert response.status_code == 400
+    assert "254" in response.json()["detail"]
+    assert not Invitation.objects.exists()
+
+
 def test_withdrawing_an_invitation_stops_its_link(team):
     invitation = invite(team)
 
