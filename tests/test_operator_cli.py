@@ -77,6 +77,7 @@ def test_the_round_trip_leaves_the_exact_remainder(gateway_url, catalog, fake_pr
         (["create_api_key", "no-such-org", "--name", "x"], "no organisation"),
         (["show_balance", "no-such-org"], "no organisation"),
         (["reconcile", "--held-longer-than", "-5"], "0 or more seconds"),
+        (["reconcile", "--held-longer-than", str(10**20)], "at most"),
     ],
 )
 def test_bad_input_exits_non_zero_with_one_line(args, message):
@@ -87,3 +88,4 @@ def test_bad_input_exits_non_zero_with_one_line(args, message):
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert result.stdout == ""
+

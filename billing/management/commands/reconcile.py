@@ -7,6 +7,9 @@ from django.core.management.base import BaseCommand, CommandError
 
 from billing.selectors import ledger_violations
 
+# A bound far beyond any sweeper setting that still leaves `now - bound` a valid datetime.
+MAX_HELD_SECONDS = 100 * 365 * 24 * 3600
+
 
 class Command(BaseCommand):
     help = "Check every money invariant; print each violation and exit non-zero if any."
@@ -23,6 +26,8 @@ class Command(BaseCommand):
     def handle(self, *args: Any, held_longer_than: int, **options: Any) -> None:
         if held_longer_than < 0:
             raise CommandError("--held-longer-than must be 0 or more seconds")
+        if held_longer_than > MAX_HELD_SECONDS:
+            raise CommandError(f"--held-longer-than is at most {MAX_HELD_SECONDS} seconds")
         violations = ledger_violations(held_longer_than=timedelta(seconds=held_longer_than))
         for violation in violations:
             self.stdout.write(violation)
