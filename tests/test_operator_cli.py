@@ -89,3 +89,14 @@ def test_bad_input_exits_non_zero_with_one_line(args, message):
     assert len(result.stderr.strip().splitlines()) == 1
     assert result.stdout == ""
 
+
+@pytest.mark.django_db(transaction=True)
+def test_a_catalog_that_is_not_utf8_text_exits_non_zero_with_one_line(tmp_path):
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_bytes(b"\xff\xfeproviders: []\n")
+
+    result = manage("load_catalog", str(catalog))
+
+    assert result.returncode != 0
+    assert "not UTF-8 text" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

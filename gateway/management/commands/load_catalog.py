@@ -32,6 +32,8 @@ class Command(BaseCommand):
             data = yaml.load(path.read_text(encoding="utf-8"), Loader=_ExactLoader)  # noqa: S506
         except OSError as exc:
             raise CommandError(f"cannot read {path}: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise CommandError(f"{path} is not UTF-8 text (byte {exc.start})") from None
         except (yaml.YAMLError, ArithmeticError) as exc:
             raise CommandError(f"{path} is not valid YAML: {exc}") from None
         try:
