@@ -15,6 +15,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.contrib.auth.models import AnonymousUser
+from django.core.exceptions import NON_FIELD_ERRORS
 from django.db.models import QuerySet
 from django.http import HttpResponse
 from django.utils import timezone
@@ -35,6 +36,7 @@ from rest_framework.pagination import CursorPagination
 from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.settings import api_settings
 from rest_framework.views import APIView
 
 from billing.models import Account, SpendCap, Statement, UsageRecord
@@ -84,7 +86,12 @@ def visible_keys(membership: Membership) -> QuerySet[ApiKey] | None:
 def _valid_query(request: Request) -> UsageQueryForm:
     form = usage_query(request.query_params)
     if not form.is_valid():
-        raise ValidationError(form.errors.get_json_data())
+        # In DRF's shape, as the serializers' errors: each field's messages as strings, and the
+        # form's own under DRF's non-field key (not Django's "__all__").
+        drf_key = {NON_FIELD_ERRORS: api_settings.NON_FIELD_ERRORS_KEY}
+        raise ValidationError(
+            {drf_key.get(field, field): list(errors) for field, errors in form.errors.items()}
+        )
     return form
 
 
