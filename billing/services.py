@@ -27,7 +27,7 @@ from billing.models import (
     SpendCap,
     UsageRecord,
 )
-from billing.money import ZERO_USD, Price, usage_cost_usd
+from billing.money import USD_LIMIT, ZERO_USD, Price, usage_cost_usd
 from portal.models import ApiKey, Organization
 
 # An API key's last_used_at is precise to this much.
@@ -116,6 +116,10 @@ def _post(
     """
     if sum((amount for _, amount in legs), ZERO_USD) != ZERO_USD:
         raise BillingError("postings of a transaction must sum to zero")
+    # Refused here rather than by the database (a DataError at the UPDATE below). The balances
+    # were read moments ago: a concurrent posting that wins the race is still refused there.
+    if any(abs(account.balance_usd + amount) >= USD_LIMIT for account, amount in legs):
+        raise BillingError("this would move a balance past the largest amount the ledger holds")
     entry = LedgerTransaction.objects.create(kind=kind, memo=memo[:300])
     Posting.objects.bulk_create(
         Posting(transaction=entry, account=account, amount_usd=amount) for account, amount in legs

@@ -5,7 +5,7 @@ from decimal import Decimal
 import pytest
 
 from billing.models import Account, LedgerTransaction, Posting, UsageRecord
-from billing.money import Price
+from billing.money import USD_LIMIT, Price
 from billing.selectors import wallet_balance_usd
 from billing.services import BillingError, MeteredRequest, credit_grant, usage_settle
 from tests.factories import make_key, make_org
@@ -62,6 +62,21 @@ def test_a_grant_must_be_positive_and_explained(amount, reason):
             organization=make_org(credit_usd=None), amount_usd=Decimal(amount), reason=reason
         )
     assert not LedgerTransaction.objects.exists()
+
+
+def test_a_grant_that_would_overflow_a_balance_is_refused_and_writes_nothing():
+    # The money columns hold less than USD_LIMIT; the database would refuse the UPDATE with a
+    # DataError (a traceback at the CLI, a 500 in the admin).
+    organization = make_org(credit_usd=None)
+    credit_grant(organization=organization, amount_usd=USD_LIMIT - 1, reason="huge")
+    written = LedgerTransaction.objects.count()
+
+    with pytest.raises(BillingError, match="largest amount"):
+        credit_grant(organization=organization, amount_usd=Decimal(1), reason="one more")
+
+    assert LedgerTransaction.objects.count() == written
+    assert wallet_balance_usd(organization_id=organization.pk) == USD_LIMIT - 1
+    assert_ledger_balanced()
 
 
 def test_settling_charges_the_exact_cost_to_revenue():
