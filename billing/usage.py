@@ -111,13 +111,18 @@ def usage_series(
     ]
 
 
+def period_start(*, period: Period, day: date) -> date:
+    """The first day of the period (UTC day, Monday-started week, month) containing `day`."""
+    if period == "week":
+        return day - timedelta(days=day.weekday())
+    if period == "month":
+        return day.replace(day=1)
+    return day
+
+
 def period_starts(*, period: Period, since: datetime, until: datetime) -> list[date]:
     """Every period start (UTC) from the one containing `since` to the one before `until`."""
-    day = since.astimezone(UTC).date()
-    if period == "week":
-        day -= timedelta(days=day.weekday())
-    elif period == "month":
-        day = day.replace(day=1)
+    day = period_start(period=period, day=since.astimezone(UTC).date())
     last = (until - timedelta(microseconds=1)).astimezone(UTC).date()
     starts: list[date] = []
     while day <= last:

@@ -10,7 +10,7 @@ from django.http import QueryDict
 from django.utils import timezone
 
 from billing.models import UsageRecord
-from billing.usage import GROUPS, PERIODS, GroupBy, Period, UsageFilter
+from billing.usage import GROUPS, PERIODS, GroupBy, Period, UsageFilter, period_start
 
 # How far back a chart looks when no `since` is given.
 DEFAULT_SPAN = {
@@ -68,11 +68,18 @@ def usage_filter(form: UsageQueryForm) -> UsageFilter:
     )
 
 
-def chart_range(form: UsageQueryForm, period: Period) -> tuple[datetime, datetime]:
+def chart_range(
+    form: UsageQueryForm, period: Period, *, now: datetime | None = None
+) -> tuple[datetime, datetime]:
     """The span a chart shows: the form's dates, or the default span up to today."""
     chosen = usage_filter(form)
-    until = chosen.until or _day_start(timezone.now().astimezone(UTC).date()) + timedelta(days=1)
-    since = chosen.since or until - DEFAULT_SPAN[period]
+    today = (now or timezone.now()).astimezone(UTC).date()
+    until = chosen.until or _day_start(today) + timedelta(days=1)
+    # A default start is moved back to its period's first day: the first bucket, labelled with
+    # that day, then sums the whole period, as every other bucket does.
+    since = chosen.since or _day_start(
+        period_start(period=period, day=(until - DEFAULT_SPAN[period]).date())
+    )
     return since, until
 
 
