@@ -88,9 +88,12 @@ def _valid_query(request: Request) -> UsageQueryForm:
     if not form.is_valid():
         # In DRF's shape, as the serializers' errors: each field's messages as strings, and the
         # form's own under DRF's non-field key (not Django's "__all__").
-        drf_key = {NON_FIELD_ERRORS: api_settings.NON_FIELD_ERRORS_KEY}
+        non_field_key: str = api_settings.NON_FIELD_ERRORS_KEY
         raise ValidationError(
-            {drf_key.get(field, field): list(errors) for field, errors in form.errors.items()}
+            {
+                non_field_key if field == NON_FIELD_ERRORS else field: [str(m) for m in errors]
+                for field, errors in form.errors.items()
+            }
         )
     return form
 
