@@ -507,8 +507,22 @@ class StatementPdf(_OneStatement):
         )
 
 
+class DecimalTextField(serializers.CharField):
+    """An exact decimal as text (a JSON integer is taken too). A JSON number with a fraction
+    has been parsed into a float before any serializer sees it, and may already have lost
+    digits, so it is refused rather than turned back into text."""
+
+    def to_internal_value(self, data: Any) -> str:
+        if isinstance(data, float):
+            raise serializers.ValidationError(
+                'Send the amount as a decimal string, e.g. "2.50": a JSON number is read as a '
+                "float and may lose digits."
+            )
+        return super().to_internal_value(data)
+
+
 class SpendCapSetSerializer(serializers.Serializer[Any]):
-    amount_usd = serializers.CharField(help_text="USD per window, an exact decimal string.")
+    amount_usd = DecimalTextField(help_text="USD per window, an exact decimal string.")
     window = serializers.ChoiceField(choices=SpendCap.Window.values, default=SpendCap.Window.MONTH)
 
     def validate_amount_usd(self, value: str) -> Any:

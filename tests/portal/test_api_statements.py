@@ -111,6 +111,30 @@ def test_a_float_like_or_negative_cap_is_a_400(team):
     assert not SpendCap.objects.exists()
 
 
+def test_a_cap_sent_as_a_json_number_with_a_fraction_is_a_400_not_rounded_through_a_float(team):
+    key, _ = api_key_create(organization=team.acme, name="k", created_by=team.bob)
+    url = org_url(team.acme.slug, f"keys/{key.pk}/spend-cap/")
+
+    # 19 significant digits: a float keeps 17, so this would become 123456789.01234567.
+    response = as_user(team.adam).put(
+        url, '{"amount_usd": 123456789.0123456789}', content_type="application/json"
+    )
+
+    assert response.status_code == 400
+    assert "decimal string" in response.json()["amount_usd"][0]
+    assert not SpendCap.objects.exists()
+
+
+def test_a_cap_sent_as_a_json_integer_is_exact(team):
+    key, _ = api_key_create(organization=team.acme, name="k", created_by=team.bob)
+    url = org_url(team.acme.slug, f"keys/{key.pk}/spend-cap/")
+
+    response = as_user(team.adam).put(url, '{"amount_usd": 25}', content_type="application/json")
+
+    assert response.status_code == 200
+    assert SpendCap.objects.get(api_key=key).amount_usd == Decimal(25)
+
+
 def test_removing_the_cap_lets_the_key_spend_the_wallet(team):
     key, _ = api_key_create(organization=team.acme, name="k", created_by=team.bob)
     spend_cap_set(api_key=key, amount_usd=Decimal("1"), window=SpendCap.Window.MONTH)
