@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from django.db import models
 from django.db.models import Q
+from django.utils import timezone
 
 from billing.money import NOT_NEGATIVE, ZERO_USD, usd_field
 
@@ -226,7 +227,10 @@ class UsageRecord(models.Model):
     ledger_transaction = models.OneToOneField(
         LedgerTransaction, null=True, blank=True, on_delete=models.PROTECT, related_name="usage"
     )
-    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    # A charged record's is its ledger transaction's, to the microsecond (the settlements set
+    # it): the statement puts the charge in that transaction's month, the usage API and the
+    # rollups put the request in this one's, and they must agree.
+    created_at = models.DateTimeField(default=timezone.now, editable=False, db_index=True)
 
     class Meta:
         constraints = [

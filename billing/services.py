@@ -594,6 +594,7 @@ def _settle_from_checkpoint(reservation: Reservation, *, checkpoint_cost_usd: De
         cost_usd=cost_usd,
         latency_ms=int((checkpointed_at - reservation.created_at).total_seconds() * 1000),
         ledger_transaction=entry,
+        created_at=entry.created_at if entry else timezone.now(),
     )
     return True
 
@@ -696,6 +697,7 @@ def _settle_with_orm(
             request_id=metered.request_id,
             ledger_transaction=entry,
             cost_usd=cost_usd,
+            created_at=entry.created_at if entry else timezone.now(),
             **_usage_columns(metered),
         )
         if _last_use_due(api_key_id=metered.api_key_id):

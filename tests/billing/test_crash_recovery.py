@@ -253,6 +253,21 @@ def test_a_checkpoint_is_charged_at_most_the_amount_held():
     assert wallet_balance_usd(organization_id=org.pk) == Decimal("9.999")
 
 
+@pytest.mark.django_db
+def test_a_swept_checkpoints_record_and_charge_carry_one_timestamp():
+    # As a settled request's (tests/billing/test_ledger.py): the statement and the usage API
+    # must put the swept charge in the same month.
+    org = make_org(credit_usd="10")
+    key, _ = make_key(org)
+    _checkpointed(org, key, "req_swept", hold_usd="1", output_tokens=2000)
+
+    assert reservations_sweep(older_than=timedelta(minutes=15)) == 1
+
+    record = UsageRecord.objects.select_related("ledger_transaction").get()
+    assert record.ledger_transaction is not None
+    assert record.created_at == record.ledger_transaction.created_at
+
+
 # --- PostgreSQL unreachable when a request settles ------------------------------------------
 
 

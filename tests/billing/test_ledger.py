@@ -7,7 +7,14 @@ import pytest
 from billing.models import Account, LedgerTransaction, Posting, UsageRecord
 from billing.money import USD_LIMIT, Price
 from billing.selectors import wallet_balance_usd
-from billing.services import BillingError, MeteredRequest, credit_grant, usage_settle
+from billing.services import (
+    BillingError,
+    MeteredRequest,
+    _charge_of,
+    _settle_with_orm,
+    credit_grant,
+    usage_settle,
+)
 from tests.factories import make_key, make_org
 
 pytestmark = pytest.mark.django_db
@@ -90,6 +97,26 @@ def test_settling_charges_the_exact_cost_to_revenue():
     assert Account.objects.get(kind=Account.Kind.REVENUE).balance_usd == Decimal("0.0035")
     assert record.ledger_transaction is not None
     assert_ledger_balanced()
+
+
+@pytest.mark.parametrize("path", ["one statement", "orm"])
+def test_a_charge_and_its_usage_record_carry_one_timestamp(path):
+    # The statement puts a charge in the month of its ledger transaction, the usage API and the
+    # rollups put the request in the month of its record: a request settled at 23:59:59.999999
+    # must not land in October on one and November on the other.
+    organization = make_org(credit_usd="1")
+    api_key, _ = make_key(organization)
+    request = metered(api_key.pk, organization.pk)
+
+    if path == "orm":  # SQLite, an account's first use
+        cost_usd, state = _charge_of(request)
+        _settle_with_orm(metered=request, cost_usd=cost_usd, state=state)
+    else:
+        usage_settle(metered=request)
+
+    record = UsageRecord.objects.select_related("ledger_transaction").get()
+    assert record.ledger_transaction is not None
+    assert record.created_at == record.ledger_transaction.created_at
 
 
 def test_settling_the_same_request_twice_charges_once():
