@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -42,6 +43,7 @@ from billing.money import ZERO_USD, format_usd
 from portal.models import Organization
 
 CURSOR = "statements"
+logger = logging.getLogger(__name__)
 
 _Kind = LedgerTransaction.Kind
 _Counterpart = Account.Kind
@@ -355,11 +357,27 @@ def statement_email(*, statement_id: int, now: datetime | None = None) -> bool:
 
 
 def statements_email_pending(*, now: datetime | None = None) -> int:
-    """E-mail every issued statement not yet sent; returns how many were sent."""
+    """E-mail every issued statement not yet sent; returns how many were sent.
+
+    A statement the mail server refuses (one organisation's bad address, a server hiccup) stays
+    claimed and is tried again after BILLING_STATEMENT_EMAIL_RETRY_SECONDS; the others are sent
+    meanwhile, not held back behind it.
+    """
     pending = Statement.objects.exclude(email_status=Statement.EmailStatus.SENT).values_list(
         "pk", flat=True
     )
-    return sum(statement_email(statement_id=pk, now=now) for pk in list(pending))
+    sent = 0
+    for pk in list(pending):
+        try:
+            sent += statement_email(statement_id=pk, now=now)
+        except OSError as exc:  # smtplib's errors and connection failures
+            # The type only: a mail server's message may quote the address.
+            logger.error(
+                "statement #%s could not be e-mailed (%s); it will be retried",
+                pk,
+                type(exc).__name__,
+            )
+    return sent
 
 
 def statement_filename(*, statement: Statement, ext: str) -> str:

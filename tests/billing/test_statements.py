@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import smtplib
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 import pytest
+from django.core.mail.backends import locmem
 from django.db import transaction
 
 from billing.models import (
@@ -276,6 +278,38 @@ def test_a_statement_whose_sender_died_is_sent_again_after_the_retry_delay(busy_
     assert statements_email_pending(now=claimed_at + timedelta(minutes=5)) == 0
     assert statements_email_pending(now=claimed_at + timedelta(hours=2)) == 1
     assert len(mailoutbox) == 1
+
+
+class RefusingBackend(locmem.EmailBackend):
+    """The test outbox, with a mail server that refuses one address (as SMTP does)."""
+
+    REFUSED = "bounce@example.com"
+
+    def send_messages(self, messages):
+        for message in messages:
+            if self.REFUSED in message.to:
+                raise smtplib.SMTPRecipientsRefused({self.REFUSED: (550, b"no such user")})
+        return super().send_messages(messages)
+
+
+def test_an_address_the_mail_server_refuses_holds_back_no_other_statement(
+    busy_org, mailoutbox, settings
+):
+    bouncing = make_old_org("Bouncing")
+    credit_grant(organization=bouncing, amount_usd=Decimal(1), reason="x")
+    BillingAlertSettings.objects.create(
+        organization=bouncing, billing_email=RefusingBackend.REFUSED
+    )
+    settings.EMAIL_BACKEND = "tests.billing.test_statements.RefusingBackend"
+    statements_issue_due(now=ISSUE_AT, grace=GRACE)
+
+    assert statements_email_pending(now=ISSUE_AT) == 1
+
+    assert [m.to for m in mailoutbox] == [[busy_org.membership_set.get().user.email]]
+    refused = Statement.objects.get(organization=bouncing)
+    assert refused.email_status == Statement.EmailStatus.SENDING  # retried after the delay
+    assert statements_email_pending(now=ISSUE_AT + timedelta(hours=2)) == 0
+    assert Statement.objects.get(organization=bouncing).email_claimed_at > refused.email_claimed_at
 
 
 def test_the_owner_of_an_org_created_after_the_period_gets_no_statement_for_it():
