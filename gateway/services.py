@@ -25,10 +25,28 @@ class CatalogLoadReport:
     not_in_file: list[str] = field(default_factory=list)
 
 
-def _require(entry: dict[str, Any], key: str, where: str) -> str:
+# The largest whole number the catalog's PositiveIntegerField columns hold (PostgreSQL's
+# integer); a larger one would fail the write with a DataError instead of naming the entry.
+MAX_WHOLE_NUMBER = 2**31 - 1
+
+
+def _fitting(value: str, where: str, model_class: Any, field_name: str) -> str:
+    """`value`, if the column it goes to (`model_class.field_name`) is long enough for it."""
+    max_length: int = model_class._meta.get_field(field_name).max_length
+    if len(value) > max_length:
+        raise CatalogError(f"{where} is too long: at most {max_length} characters")
+    return value
+
+
+def _require(
+    entry: dict[str, Any], key: str, where: str, *, column: tuple[Any, str] | None = None
+) -> str:
+    """A non-empty string; `column` (model class, field name): the column it is stored in."""
     value = entry.get(key)
     if not isinstance(value, str) or not value.strip():
         raise CatalogError(f"{where}.{key} is required (a non-empty string)")
+    if column is not None:
+        return _fitting(value.strip(), f"{where}.{key}", *column)
     return value.strip()
 
 
@@ -58,6 +76,8 @@ def _positive_int(entry: dict[str, Any], key: str, where: str, default: int) -> 
     value = entry.get(key, default)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise CatalogError(f"{where}.{key} must be a positive whole number")
+    if value > MAX_WHOLE_NUMBER:
+        raise CatalogError(f"{where}.{key} is too large: at most {MAX_WHOLE_NUMBER}")
     return value
 
 
@@ -70,8 +90,13 @@ def _provider_fields(entry: dict[str, Any], where: str) -> dict[str, Any]:
         raise CatalogError(f"{where}.base_url is required (an http(s) URL)")
     return {
         "kind": kind,
-        "base_url": base_url,
-        "api_key_env": str(entry.get("api_key_env") or "").strip(),
+        "base_url": _fitting(base_url, f"{where}.base_url", Provider, "base_url"),
+        "api_key_env": _fitting(
+            str(entry.get("api_key_env") or "").strip(),
+            f"{where}.api_key_env",
+            Provider,
+            "api_key_env",
+        ),
         "is_active": bool(entry.get("active", True)),
     }
 
@@ -110,7 +135,7 @@ def catalog_load(*, data: Any) -> CatalogLoadReport:
         providers: dict[str, Provider] = {}
         for i, entry in enumerate(_list_of_mappings(data, "providers")):
             where = f"providers[{i}]"
-            name = _require(entry, "name", where)
+            name = _require(entry, "name", where, column=(Provider, "name"))
             if name in providers:
                 raise CatalogError(f"{where}: provider {name!r} is defined twice")
             provider, created, changed = _upsert(Provider, name, _provider_fields(entry, where))
@@ -122,7 +147,7 @@ def catalog_load(*, data: Any) -> CatalogLoadReport:
         pending_aliases: list[ModelAlias] = []
         for i, entry in enumerate(_list_of_mappings(data, "models")):
             where = f"models[{i}]"
-            name = _require(entry, "name", where)
+            name = _require(entry, "name", where, column=(Model, "name"))
             if name in model_names:
                 raise CatalogError(f"{where}: model {name!r} is defined twice")
             model_names.add(name)
@@ -239,7 +264,9 @@ def _aliases(entry: dict[str, Any], where: str) -> list[str]:
         isinstance(alias, str) and alias.strip() for alias in aliases
     ):
         raise CatalogError(f"{where}.aliases must be a list of names")
-    return sorted({alias.strip() for alias in aliases})
+    return sorted(
+        {_fitting(alias.strip(), f"{where}.aliases", ModelAlias, "name") for alias in aliases}
+    )
 
 
 def _check_aliases(aliases: dict[str, str], model_names: set[str]) -> None:
@@ -284,6 +311,8 @@ def _routes(entry: dict[str, Any], where: str, providers: dict[str, Provider]) -
         weight = route.get("weight", 1)
         if not isinstance(weight, int) or isinstance(weight, bool) or weight < 0:
             raise CatalogError(f"{route_where}.weight must be a whole number, 0 or more")
+        if weight > MAX_WHOLE_NUMBER:
+            raise CatalogError(f"{route_where}.weight is too large: at most {MAX_WHOLE_NUMBER}")
         timeouts = route.get("timeouts") or {}
         if not isinstance(timeouts, dict) or set(timeouts) - set(_TIMEOUTS):
             raise CatalogError(
@@ -292,7 +321,9 @@ def _routes(entry: dict[str, Any], where: str, providers: dict[str, Provider]) -
         result.append(
             _RouteSpec(
                 provider=providers[provider_name],
-                upstream_model=_require(route, "upstream_model", route_where),
+                upstream_model=_require(
+                    route, "upstream_model", route_where, column=(Route, "upstream_model")
+                ),
                 weight=weight,
                 timeouts={
                     field_name: _timeout(timeouts.get(key), f"{route_where}.timeouts.{key}")

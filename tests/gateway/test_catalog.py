@@ -122,6 +122,32 @@ def test_it_updates_in_place_and_keeps_what_the_file_no_longer_names():
             ),
             "used twice",
         ),
+        # Longer or larger than the column holding it: refused by name, not a DataError.
+        (lambda c: c["models"][0].update(name="m" * 201), r"models\[0\]\.name.*at most 200"),
+        (
+            lambda c: c["models"][0]["routes"][0].update(upstream_model="u" * 201),
+            r"routes\[0\]\.upstream_model.*at most 200",
+        ),
+        (lambda c: c["models"][0].update(aliases=["a" * 201]), r"aliases.*at most 200"),
+        (
+            lambda c: (
+                c["providers"][0].update(name="p" * 101),
+                c["models"][0]["routes"][0].update(provider="p" * 101),
+            ),
+            r"providers\[0\]\.name.*at most 100",
+        ),
+        (
+            lambda c: c["providers"][0].update(api_key_env="K" * 101),
+            r"providers\[0\]\.api_key_env.*at most 100",
+        ),
+        (
+            lambda c: c["providers"][0].update(base_url="http://x/" + "p" * 500),
+            r"providers\[0\]\.base_url.*at most 500",
+        ),
+        (lambda c: c["models"][0].update(context_length=2**31), "context_length.*at most"),
+        (lambda c: c["models"][0].update(max_output_tokens=2**31), "max_output_tokens.*at most"),
+        (lambda c: c["models"][0].update(image_tokens=2**31), "image_tokens.*at most"),
+        (lambda c: c["models"][0]["routes"][0].update(weight=2**31), "weight.*at most"),
     ],
 )
 def test_an_invalid_catalog_names_the_entry_and_changes_nothing(mutate, message):
