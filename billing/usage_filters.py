@@ -40,9 +40,13 @@ class UsageQueryForm(forms.Form):
         for day in (since, until):
             if day and not EARLIEST <= day <= LATEST:
                 raise forms.ValidationError(f"Dates must be from {EARLIEST} to {LATEST}.")
-        if since and until and since > until:
-            raise forms.ValidationError("'since' must not be after 'until'.")
-        if since and until and (until - since).days > MAX_SPAN_DAYS:
+        # A range without `until` ends today (chart_range), and is held to the same bounds.
+        last = until or timezone.now().astimezone(UTC).date()
+        if since and since > last:
+            raise forms.ValidationError(
+                "'since' must not be after 'until' (today when it is not given)."
+            )
+        if since and (last - since).days > MAX_SPAN_DAYS:
             raise forms.ValidationError(f"At most {MAX_SPAN_DAYS} days at a time.")
         return data
 

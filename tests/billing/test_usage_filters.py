@@ -43,3 +43,31 @@ def test_a_given_since_is_kept_as_asked():
         datetime(2026, 3, 5, tzinfo=UTC),
         datetime(2026, 4, 1, tzinfo=UTC),
     )
+
+
+@pytest.mark.parametrize(
+    ("query", "error"),
+    [
+        # Without `until` the range ends today: the same bounds hold as with one.
+        ("since=2000-01-01", "At most 3660 days at a time."),
+        ("since=2999-12-31", "'since' must not be after 'until' (today when it is not given)."),
+        (
+            "since=2026-03-05&until=2026-03-01",
+            "'since' must not be after 'until' (today when it is not given).",
+        ),
+        ("since=2000-01-01&until=2026-11-18", "At most 3660 days at a time."),
+    ],
+)
+def test_an_open_until_is_today_for_the_range_checks(query, error, monkeypatch):
+    monkeypatch.setattr("django.utils.timezone.now", lambda: WEDNESDAY_NOV_18)
+    form = usage_query(QueryDict(query))
+
+    assert not form.is_valid()
+    assert form.errors["__all__"] == [error]
+
+
+def test_a_since_up_to_today_without_until_is_valid(monkeypatch):
+    monkeypatch.setattr("django.utils.timezone.now", lambda: WEDNESDAY_NOV_18)
+
+    assert usage_query(QueryDict("since=2026-11-18")).is_valid()
+    assert usage_query(QueryDict("since=2016-11-20")).is_valid()
