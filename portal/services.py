@@ -69,6 +69,25 @@ def organization_create(*, name: str, owner_email: str) -> Organization:
         return _organization_create_owned(name=name[:200], owner=owner)
 
 
+def organization_provision(*, name: str, owner_email: str) -> tuple[Organization, bool]:
+    """The organisation named `name` that the user with `owner_email` owns, created (as
+    organization_create does) if there is none; True when created. What a provisioning
+    script calls, so that running it twice leaves one organisation, not two."""
+    email = _email_normalized(owner_email)
+    existing = (
+        Organization.objects.filter(
+            name=name.strip()[:200],
+            membership__user__email=email,
+            membership__role=Membership.Role.OWNER,
+        )
+        .order_by("pk")
+        .first()
+    )
+    if existing is not None:
+        return existing, False
+    return organization_create(name=name, owner_email=email), True
+
+
 def organization_create_personal(*, user: User) -> Organization:
     """Create the organisation a user gets on sign-up, named after their e-mail address."""
     local_part = user.email.split("@", 1)[0]

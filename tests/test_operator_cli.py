@@ -91,6 +91,22 @@ def test_bad_input_exits_non_zero_with_one_line(args, message):
 
 
 @pytest.mark.django_db(transaction=True)
+def test_create_org_run_again_answers_the_organisation_it_made():
+    from portal.models import Organization
+
+    first = ok("create_org", "Acme Research", "--owner", "ops@acme.test")
+    again = manage("create_org", "Acme Research", "--owner", "OPS@acme.test")
+    other_owner = ok("create_org", "Acme Research", "--owner", "someone@else.test")
+
+    # A provisioning script that runs twice must not make a second organisation to top up.
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == first
+    assert "already exists" in again.stderr
+    assert other_owner != first
+    assert Organization.objects.filter(name="Acme Research").count() == 2
+
+
+@pytest.mark.django_db(transaction=True)
 def test_a_catalog_that_is_not_utf8_text_exits_non_zero_with_one_line(tmp_path):
     catalog = tmp_path / "catalog.yaml"
     catalog.write_bytes(b"\xff\xfeproviders: []\n")

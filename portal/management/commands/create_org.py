@@ -3,11 +3,14 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from portal.services import OrganizationError, organization_create
+from portal.services import OrganizationError, organization_provision
 
 
 class Command(BaseCommand):
-    help = "Create an organisation owned by EMAIL (created if new); prints the slug alone."
+    help = (
+        "Create an organisation owned by EMAIL (created if new); prints the slug alone. Run "
+        "again with the same name and owner, it prints the slug of the one it made."
+    )
 
     def add_arguments(self, parser: ArgumentParser) -> None:
         parser.add_argument("name")
@@ -15,7 +18,9 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, name: str, owner: str, **options: Any) -> None:
         try:
-            organization = organization_create(name=name, owner_email=owner)
+            organization, created = organization_provision(name=name, owner_email=owner)
         except OrganizationError as exc:
             raise CommandError(str(exc)) from None
+        if not created:
+            self.stderr.write(f"{organization.slug} already exists, owned by {owner}")
         self.stdout.write(organization.slug)
