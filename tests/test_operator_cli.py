@@ -107,6 +107,20 @@ def test_create_org_run_again_answers_the_organisation_it_made():
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("number", [".nan", ".inf", "-.inf"])
+def test_a_catalog_number_that_is_not_finite_is_named_with_its_line(tmp_path, number):
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(f"providers: []\nmodels:\n  - name: m\n    price: {number}\n")
+
+    result = manage("load_catalog", str(catalog))
+
+    assert result.returncode != 0
+    assert f"{number!r} is not a finite decimal number" in result.stderr
+    assert "line 4" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.django_db(transaction=True)
 def test_a_catalog_that_is_not_utf8_text_exits_non_zero_with_one_line(tmp_path):
     catalog = tmp_path / "catalog.yaml"
     catalog.write_bytes(b"\xff\xfeproviders: []\n")

@@ -14,8 +14,20 @@ class _ExactLoader(yaml.SafeLoader):
     unquoted price like 0.50 keeps its exact value."""
 
 
+class _NotFinite(ValueError):
+    """A YAML float that is no decimal number (.nan, .inf), named with its line."""
+
+
 def _construct_decimal(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Decimal:
-    return Decimal(str(loader.construct_scalar(node)).replace("_", ""))
+    text = str(loader.construct_scalar(node)).replace("_", "")
+    try:
+        value = Decimal(text)
+    except ArithmeticError:  # YAML's .nan and .inf are no Decimal literals
+        value = None
+    if value is None or not value.is_finite():
+        line = node.start_mark.line + 1
+        raise _NotFinite(f"line {line}: {text!r} is not a finite decimal number")
+    return value
 
 
 _ExactLoader.add_constructor("tag:yaml.org,2002:float", _construct_decimal)
@@ -34,6 +46,8 @@ class Command(BaseCommand):
             raise CommandError(f"cannot read {path}: {exc.strerror}") from None
         except UnicodeDecodeError as exc:
             raise CommandError(f"{path} is not UTF-8 text (byte {exc.start})") from None
+        except _NotFinite as exc:
+            raise CommandError(f"{path}: {exc}") from None
         except (yaml.YAMLError, ArithmeticError) as exc:
             raise CommandError(f"{path} is not valid YAML: {exc}") from None
         try:
