@@ -329,6 +329,9 @@ class InvitationList(OrganizationScoped):
 
 
 class InvitationRevoke(OrganizationScoped):
+    # Refused for the role before the lookup, so a member learns nothing of which ids exist.
+    required_actions = {"POST": Action.INVITATION_REVOKE}
+
     @extend_schema(request=None, responses=InvitationSerializer)
     def post(self, request: Request, organization: str, invitation_id: int) -> Response:
         """Withdraw a pending invitation: its link stops working."""

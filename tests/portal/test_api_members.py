@@ -171,6 +171,20 @@ def test_withdrawing_an_invitation_stops_its_link(team):
     assert as_user(team.alice).get(org_url(team.acme, "invitations/")).json() == []
 
 
+def test_a_member_cannot_tell_which_invitation_ids_exist(team):
+    invitation = invite(team)
+    missing = invitation.pk + 1000
+
+    existing = as_user(team.bob).post(org_url(team.acme, f"invitations/{invitation.pk}/revoke/"))
+    absent = as_user(team.bob).post(org_url(team.acme, f"invitations/{missing}/revoke/"))
+
+    # Refused for the role before any lookup: the same answer whether the id exists or not.
+    assert (existing.status_code, absent.status_code) == (403, 403)
+    assert existing.json() == absent.json()
+    invitation.refresh_from_db()
+    assert invitation.state == Invitation.State.PENDING
+
+
 def test_another_organisations_invitations_are_not_listed(team):
     invitation_create(
         organization=team.rival,
