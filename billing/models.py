@@ -262,7 +262,9 @@ class BillingProfile(models.Model):
     # Set by the conditional UPDATE that claims a top-up; cleared when its outcome is known.
     # At most one auto top-up is in flight per organisation.
     auto_topup_in_flight_since = models.DateTimeField(null=True, blank=True)
-    auto_topup_attempts = models.PositiveIntegerField(default=0)  # numbers idempotency keys
+    # Numbers each claim: its idempotency key, and its intent's metadata, so that only the
+    # latest attempt's events release the claim (billing.payments._auto_topup_latest).
+    auto_topup_attempts = models.PositiveIntegerField(default=0)
 
     def __str__(self) -> str:
         return f"billing profile of {self.organization}"

@@ -19,7 +19,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import F, OuterRef, Q, Subquery, Sum
+from django.db.models import F, OuterRef, Q, QuerySet, Subquery, Sum
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -352,9 +352,9 @@ def _on_payment_succeeded(intent: dict[str, Any]) -> str:
         updated_at=timezone.now(),
     )
     if payment.origin == CardPayment.Origin.AUTO_TOPUP:
-        BillingProfile.objects.filter(organization_id=payment.organization_id).update(
-            auto_topup_in_flight_since=None, auto_topup_failures=0
-        )
+        _auto_topup_latest(
+            organization_id=payment.organization_id, attempt=_auto_topup_attempt(intent)
+        ).update(auto_topup_in_flight_since=None, auto_topup_failures=0)
     return f"credited {format_usd(amount_usd)} USD" if posted else "already credited"
 
 
@@ -388,7 +388,10 @@ def _on_payment_failed(intent: dict[str, Any]) -> str:
     amount_usd = payment.amount_usd or usd_from_cents(int(intent.get("amount") or 0))
     if payment.origin == CardPayment.Origin.AUTO_TOPUP:
         _auto_topup_failure_record(
-            organization_id=payment.organization_id, amount_usd=amount_usd, message=message
+            organization_id=payment.organization_id,
+            attempt=_auto_topup_attempt(intent),
+            amount_usd=amount_usd,
+            message=message,
         )
     else:
         _payment_failed_notify(
@@ -640,7 +643,8 @@ def auto_topup_charge(*, organization_id: int) -> str:
     The conditional UPDATE that sets `auto_topup_in_flight_since` is the claim: of concurrent
     runs for one organisation, one changes the row and the others find it in flight. The
     claim is cleared by the payment's webhook (or by the failure here), and ignored after
-    BILLING_AUTO_TOPUP_STALE_SECONDS if no answer ever comes.
+    BILLING_AUTO_TOPUP_STALE_SECONDS if no answer ever comes; the intent carries its attempt
+    number, so a late answer about an older attempt leaves a newer claim alone.
     """
     now = timezone.now()
     claimed = (
@@ -660,7 +664,7 @@ def auto_topup_charge(*, organization_id: int) -> str:
             origin=CardPayment.Origin.AUTO_TOPUP,
             idempotency_key=f"auto-topup-{organization_id}-{profile.auto_topup_attempts}",
             payment_method_id=profile.auto_topup_payment_method_id,
-            off_session=True,
+            auto_topup_attempt=profile.auto_topup_attempts,
         )
     except stripe_api.CardDeclined as error:
         # Counted once, by the `payment_intent.payment_failed` event that Stripe sends for the
@@ -679,6 +683,7 @@ def auto_topup_charge(*, organization_id: int) -> str:
         with transaction.atomic():
             _auto_topup_failure_record(
                 organization_id=organization_id,
+                attempt=profile.auto_topup_attempts,
                 amount_usd=profile.auto_topup_amount_usd,
                 message=str(error),
             )
@@ -694,13 +699,40 @@ def auto_topup_charge(*, organization_id: int) -> str:
     return f"charged {intent.id} ({intent.status})"
 
 
-def _auto_topup_failure_record(*, organization_id: int, amount_usd: Decimal, message: str) -> None:
-    """Count a failed auto top-up, release the claim, notify the owners and switch auto
-    top-up off after BILLING_AUTO_TOPUP_MAX_FAILURES in a row. Inside `transaction.atomic()`."""
-    BillingProfile.objects.filter(organization_id=organization_id).update(
+def _auto_topup_attempt(intent: dict[str, Any]) -> int | None:
+    """The attempt number an auto top-up's PaymentIntent was made under (signed back in its
+    metadata); None for an intent made before intents carried it."""
+    attempt = str((intent.get("metadata") or {}).get("auto_topup_attempt", ""))
+    return int(attempt) if attempt.isdigit() else None
+
+
+def _auto_topup_latest(*, organization_id: int, attempt: int | None) -> QuerySet[BillingProfile]:
+    """The organisation's profile, if `attempt` is its latest auto top-up: the one whose
+    claim is in flight, or the one whose attempt number was given back (Stripe out of reach).
+
+    Only the latest attempt's outcome releases the claim and counts or resets failures: an
+    older top-up whose claim expired (no answer within BILLING_AUTO_TOPUP_STALE_SECONDS) may
+    answer after a newer one was claimed and charged, and releasing that newer claim would
+    let a third top-up be charged while it is still pending. Matched by the same UPDATE that
+    changes the row, so a concurrent claim either comes first (and the event matches nothing)
+    or after (and finds the claim released)."""
+    if attempt is None:
+        return BillingProfile.objects.none()
+    return BillingProfile.objects.filter(
+        organization_id=organization_id, auto_topup_attempts__lte=attempt
+    )
+
+
+def _auto_topup_failure_record(
+    *, organization_id: int, attempt: int | None, amount_usd: Decimal, message: str
+) -> None:
+    """Notify the owners of a failed auto top-up; if it is the latest attempt, count it,
+    release the claim and switch auto top-up off after BILLING_AUTO_TOPUP_MAX_FAILURES in a
+    row. Inside `transaction.atomic()`."""
+    counted = _auto_topup_latest(organization_id=organization_id, attempt=attempt).update(
         auto_topup_failures=F("auto_topup_failures") + 1, auto_topup_in_flight_since=None
     )
-    switched_off = BillingProfile.objects.filter(
+    switched_off = counted and BillingProfile.objects.filter(
         organization_id=organization_id,
         auto_topup_enabled=True,
         auto_topup_failures__gte=settings.BILLING_AUTO_TOPUP_MAX_FAILURES,

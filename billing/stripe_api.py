@@ -89,23 +89,27 @@ def payment_intent_create(
     origin: str,
     idempotency_key: str,
     payment_method_id: str,
-    off_session: bool = False,
+    auto_topup_attempt: int | None = None,
 ) -> CreatedIntent:
     """A USD PaymentIntent for the customer, confirmed at once against `payment_method_id`.
 
     On-session (the dashboard) it may come back `requires_action` for the browser to finish
-    3-D Secure with `confirmCardPayment`; off-session (auto top-up) it succeeds or fails.
+    3-D Secure with `confirmCardPayment`; off-session (an auto top-up, numbered by
+    `auto_topup_attempt`) it succeeds or fails.
     A declined card raises CardDeclined, no answer from Stripe StripeUnavailable."""
+    # Signed back to us in every event about the intent (and copied onto its charges).
+    metadata = {"organization_id": str(organization_id), "switchboard_origin": origin}
     params: Any = {
         "amount": amount_cents,
         "currency": "usd",
         "customer": customer_id,
         "payment_method_types": ["card"],
-        # Signed back to us in every event about the intent (and copied onto its charges).
-        "metadata": {"organization_id": str(organization_id), "switchboard_origin": origin},
+        "metadata": metadata,
+        "payment_method": payment_method_id,
+        "confirm": True,
     }
-    params |= {"payment_method": payment_method_id, "confirm": True}
-    if off_session:
+    if auto_topup_attempt is not None:
+        metadata["auto_topup_attempt"] = str(auto_topup_attempt)
         params["off_session"] = True
     try:
         intent = stripe_client().v1.payment_intents.create(

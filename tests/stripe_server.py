@@ -60,6 +60,15 @@ class LocalStripe:
             timeout=10,
         ).raise_for_status()
 
+    def silence_webhooks(self) -> None:
+        """Send no more webhooks (until the next reset): Stripe's answer is late, and the
+        test delivers the events itself when it chooses."""
+        httpx.post(
+            f"{self.url}/_config/webhooks/switchboard",
+            data={"url": "http://127.0.0.1:9/", "secret": "unused"},  # the discard port
+            timeout=10,
+        ).raise_for_status()
+
     def stop(self) -> None:
         if self._process is not None:
             self._process.terminate()

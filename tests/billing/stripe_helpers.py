@@ -4,6 +4,7 @@ Stripe objects without a browser."""
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Callable
 from decimal import Decimal
@@ -18,6 +19,8 @@ from billing.payments import (
     card_setup_start,
     new_request_token,
     stripe_customer_ensure,
+    stripe_event_process,
+    stripe_event_record,
     topup_start,
 )
 from portal.models import Membership, Organization
@@ -101,6 +104,18 @@ def charge_of(localstripe: LocalStripe, payment: CardPayment) -> str:
     return str(intent["latest_charge"]["id"])
 
 
+def auto_topup_intents(localstripe: LocalStripe, organization: Organization) -> list[str]:
+    """The organisation's auto top-up PaymentIntents in Stripe, oldest first (a declined one
+    has no CardPayment row until its `payment_failed` event is applied)."""
+    listed = _stripe(localstripe, "GET", "/v1/payment_intents")["data"]  # 10 at most
+    return [
+        str(intent["id"])
+        for intent in listed
+        if intent["metadata"].get("organization_id") == str(organization.pk)
+        and intent["metadata"].get("switchboard_origin") == CardPayment.Origin.AUTO_TOPUP
+    ]
+
+
 def refund(localstripe: LocalStripe, charge_id: str, cents: int) -> str:
     """Refund part of a charge in Stripe (localstripe sends no `charge.refunded` event)."""
     return str(_stripe(localstripe, "POST", "/v1/refunds", charge=charge_id, amount=cents)["id"])
@@ -141,3 +156,10 @@ def paid_in_currency(
     pi = str(intent["id"])
     charge = _stripe(localstripe, "GET", f"/v1/payment_intents/{pi}")["latest_charge"]
     return pi, str(charge["id"])
+
+
+def deliver(payload: bytes) -> str:
+    """Store and process an event as the webhook and its task do (task called directly)."""
+    stored = stripe_event_record(event=json.loads(payload))
+    assert stored is not None
+    return stripe_event_process(event_id=stored.event_id)

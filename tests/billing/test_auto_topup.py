@@ -4,20 +4,31 @@ flight, credited by the signed webhook, switched off after repeated declines."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from decimal import Decimal
 
 import openai
 import pytest
+from django.conf import settings
 from django.core import mail
 from django.db import connection
 from django.test import override_settings
+from django.utils import timezone
 
 from billing.models import BillingProfile, CardPayment
 from billing.payments import AutoTopUpTerms, PaymentError, auto_topup_charge, auto_topup_configure
 from billing.selectors import wallet_balance_usd
 from billing.tasks import start_auto_topups
 from portal.models import Organization
-from tests.billing.stripe_helpers import DECLINED_ON_CHARGE, GOOD_CARD, save_card, wait_for
+from tests.billing.conftest import event
+from tests.billing.stripe_helpers import (
+    DECLINED_ON_CHARGE,
+    GOOD_CARD,
+    auto_topup_intents,
+    deliver,
+    save_card,
+    wait_for,
+)
 from tests.factories import make_key, make_org
 from tests.stripe_server import LocalStripe
 
@@ -143,3 +154,62 @@ def test_stripe_out_of_reach_is_not_a_failed_card_and_the_retry_reuses_the_key(
     assert auto_topup_charge(organization_id=organization.pk).startswith("charged ")
     wait_for(lambda: wallet_balance_usd(organization_id=organization.pk) == 20)
     assert profile_of(organization).auto_topup_attempts == 1
+
+
+def expire_the_claim(organization: Organization) -> None:
+    """As if the top-up in flight had had no answer for longer than the claim lasts."""
+    long_ago = timezone.now() - timedelta(seconds=settings.BILLING_AUTO_TOPUP_STALE_SECONDS + 60)
+    BillingProfile.objects.filter(organization=organization).update(
+        auto_topup_in_flight_since=long_ago
+    )
+
+
+def test_a_stale_top_ups_late_success_is_credited_but_keeps_the_newer_ones_claim(
+    localstripe: LocalStripe,
+) -> None:
+    organization = make_org(credit_usd=None)
+    other = make_org(credit_usd="3")
+    save_card(localstripe, organization, GOOD_CARD)
+    configure(organization, threshold="50", amount="20")  # one top-up does not reach 50
+    localstripe.silence_webhooks()  # Stripe's answers come when the test delivers them
+    assert auto_topup_charge(organization_id=organization.pk).startswith("charged ")
+    expire_the_claim(organization)
+    assert auto_topup_charge(organization_id=organization.pk).startswith("charged ")
+    late, current = auto_topup_intents(localstripe, organization)
+
+    outcome = deliver(event("evt_late_success", "payment_intent.succeeded", {"id": late}))
+
+    assert outcome == "credited 20.0000000000 USD"  # money received is always credited
+    assert wallet_balance_usd(organization_id=organization.pk) == 20
+    assert profile_of(organization).auto_topup_in_flight_since is not None  # still the newer's
+    assert auto_topup_charge(organization_id=organization.pk) == "not due"  # no third charge
+    assert deliver(event("evt_current_success", "payment_intent.succeeded", {"id": current})) == (
+        "credited 20.0000000000 USD"
+    )
+    assert profile_of(organization).auto_topup_in_flight_since is None
+    assert len(auto_topup_intents(localstripe, organization)) == 2
+    assert wallet_balance_usd(organization_id=other.pk) == 3
+
+
+def test_a_stale_top_ups_late_failure_is_not_counted_against_the_newer_one(
+    localstripe: LocalStripe,
+) -> None:
+    organization = make_org(credit_usd=None)
+    save_card(localstripe, organization, DECLINED_ON_CHARGE)
+    configure(organization, threshold="5", amount="20")
+    localstripe.silence_webhooks()
+    assert auto_topup_charge(organization_id=organization.pk).startswith("declined")
+    expire_the_claim(organization)
+    assert auto_topup_charge(organization_id=organization.pk).startswith("declined")
+    late, current = auto_topup_intents(localstripe, organization)
+
+    outcome = deliver(event("evt_late_failure", "payment_intent.payment_failed", {"id": late}))
+
+    assert outcome == "marked failed"
+    profile = profile_of(organization)
+    assert profile.auto_topup_failures == 0
+    assert profile.auto_topup_in_flight_since is not None  # the newer top-up's claim stands
+    assert auto_topup_charge(organization_id=organization.pk) == "not due"
+    deliver(event("evt_current_failure", "payment_intent.payment_failed", {"id": current}))
+    profile = profile_of(organization)
+    assert (profile.auto_topup_failures, profile.auto_topup_in_flight_since) == (1, None)

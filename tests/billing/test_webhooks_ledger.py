@@ -3,7 +3,6 @@ money moves, and what a negative wallet does to the keys."""
 
 from __future__ import annotations
 
-import json
 from datetime import timedelta
 from decimal import Decimal
 
@@ -15,7 +14,6 @@ from django.test import override_settings
 from django.utils import timezone
 
 from billing.models import CardPayment, LedgerTransaction, StripeEvent, StripeLedgerEntry
-from billing.payments import stripe_event_process, stripe_event_record
 from billing.selectors import wallet_balance_usd
 from billing.services import card_money_post
 from billing.tasks import retry_stripe_events
@@ -25,19 +23,13 @@ from tests.billing.stripe_helpers import (
     DECLINED_ON_CHARGE,
     card_paid,
     charge_of,
+    deliver,
     paid_in_currency,
     refund,
     wait_for,
 )
 from tests.factories import make_key, make_org
 from tests.stripe_server import LocalStripe
-
-
-def deliver(payload: bytes) -> str:
-    """Store and process an event as the webhook and its task do (task called directly)."""
-    stored = stripe_event_record(event=json.loads(payload))
-    assert stored is not None
-    return stripe_event_process(event_id=stored.event_id)
 
 
 def recorded_payment(organization: Organization, pi: str, cents: int = 10000) -> CardPayment:
