@@ -165,6 +165,7 @@ class LedgerTransaction(models.Model):
         REFUND = "refund", "Card payment refunded"
         DISPUTE_WITHDRAWAL = "dispute_withdrawal", "Disputed payment withdrawn"
         DISPUTE_REINSTATEMENT = "dispute_reinstatement", "Dispute won: payment reinstated"
+        REFUND_FAILED = "refund_failed", "Card refund failed: returned"
 
     kind = models.CharField(max_length=24, choices=Kind.choices)
     memo = models.CharField(max_length=300)
@@ -307,8 +308,10 @@ class StripeLedgerEntry(models.Model):
     """A ledger transaction caused by Stripe, at most once per `key`.
 
     The key names the money movement, not the event that reported it: `<pi>:credit`,
-    `<charge>:refunded-to:<cents>`, `<dispute>:withdrawn`, `<dispute>:reinstated`. However often
-    and in whatever order events arrive, the unique constraint lets each movement happen once.
+    `<charge>:refund:<re>`, `<charge>:refund:<re>:failed` (the refund failed: given back),
+    `<dispute>:withdrawn`, `<dispute>:reinstated`; earlier versions also wrote
+    `<charge>:refunded-to:<cents>`. However often and in whatever order events arrive, the
+    unique constraint lets each movement happen once.
     """
 
     key = models.CharField(max_length=300, unique=True)

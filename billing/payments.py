@@ -3,8 +3,9 @@
 Credit moves only here, and only from a verified webhook event (`payment_intent.succeeded`),
 never from the browser's return. Every money movement is a `StripeLedgerEntry` whose unique
 key names the movement itself, so redelivered, concurrent or out-of-order events apply it once.
-An event about a payment or a refund is only a trigger: its PaymentIntent or Charge is re-fetched
-from Stripe before money moves (`_REFETCH`); disputes are applied from the event.
+An event about a payment or a refund is only a trigger: its PaymentIntent, or the Charge with all
+its refunds, is re-fetched from Stripe before money moves (`_REFETCH`); disputes are applied from
+the event.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import F, OuterRef, Q, QuerySet, Subquery, Sum
+from django.db.models import F, OuterRef, Q, QuerySet, Subquery
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -48,11 +49,17 @@ from portal.permissions import Action, can
 
 logger = logging.getLogger(__name__)
 
+# Events about one refund whose status changed (to failed or canceled, say): their object is
+# the Refund. `charge.refund.updated` is sent for some payment methods only; `refund.updated`
+# for all.
+_REFUND_EVENT_TYPES = ("refund.failed", "refund.updated", "charge.refund.updated")
+
 HANDLED_EVENT_TYPES = frozenset(
     {
         "payment_intent.succeeded",
         "payment_intent.payment_failed",
         "charge.refunded",
+        *_REFUND_EVENT_TYPES,
         "charge.dispute.created",
         "charge.dispute.funds_withdrawn",
         "charge.dispute.funds_reinstated",
@@ -400,21 +407,27 @@ def _on_payment_failed(intent: dict[str, Any]) -> str:
     return "marked failed"
 
 
-def _refunded_so_far_usd(*, charge_id: str) -> Decimal:
-    """USD already taken back for refunds of this charge (a positive amount)."""
-    total = StripeLedgerEntry.objects.filter(
-        stripe_object_id=charge_id, key__startswith=f"{charge_id}:refund"
-    ).aggregate(total=Sum("amount_usd"))["total"]
-    return -(total or ZERO_USD)
+# A refund in one of these states has the money on its way back to the card (Stripe took it
+# from our balance): the wallet gives it up. One that failed or was canceled returned it to
+# our Stripe balance; one that `requires_action` has moved nothing yet.
+_REFUND_LIVE = frozenset({"pending", "succeeded"})
+_REFUND_RETURNED = frozenset({"failed", "canceled"})
 
 
-def _on_charge_refunded(charge: dict[str, Any]) -> str:
-    """Take back what has been refunded and not yet taken back.
+def _on_charge_refunds(charge: dict[str, Any]) -> str:
+    """Make the wallet give up exactly what the charge's refunds still hold: take back each
+    refund that is pending or succeeded, and give back each one that then failed or was
+    canceled (a correction posting: the refund's own entry stays).
 
-    `amount_refunded` is cumulative, so under the payment's row lock an older event (a smaller
-    total) takes back nothing and a redelivery collides with its own key. When the event lists
-    the refunds, each is its own entry (keyed by refund id), so the ledger is the same whatever
-    order the events came in; otherwise one entry per cumulative total.
+    `charge` is re-fetched with every refund listed (`_REFETCH`), whichever event named it,
+    and its refunds are settled together under the payment's row lock. Each refund is taken at
+    most once (`<ch>:refund:<re>`) and given back at most once (`<ch>:refund:<re>:failed`),
+    so repeated and reordered events move nothing more; and a refund seen failed before it was
+    ever taken is recorded as taken and given back, so that a view of the charge fetched before
+    the failure and applied after it cannot take it. Amounts are capped by totals, not read
+    per refund, so that entries earlier versions wrote under the cumulative key
+    `<ch>:refunded-to:<cents>` (when an event did not list its refunds) count once: the wallet
+    ends holding back exactly the pending and succeeded refunds' total.
     """
     payment = _payment_locked(
         payment_intent_id=charge.get("payment_intent"), metadata=charge.get("metadata") or {}
@@ -424,41 +437,75 @@ def _on_charge_refunded(charge: dict[str, Any]) -> str:
     if ignored := _not_usd(charge):
         return ignored
     charge_id = str(charge["id"])
-    refunded_cents = int(charge.get("amount_refunded") or 0)
-    missing_usd = usd_from_cents(refunded_cents) - _refunded_so_far_usd(charge_id=charge_id)
-    if missing_usd <= ZERO_USD:
-        return "refund already taken back"
-    listed = charge.get("refunds") or {}
-    refunds = [
-        refund
-        for refund in listed.get("data") or []
-        if refund.get("status") in {None, "succeeded", "pending"}
-    ]
-    memo = f"refund of card payment {payment.stripe_payment_intent_id}"
-    taken_usd = ZERO_USD
-    if refunds and not listed.get("has_more"):
-        for refund in sorted(refunds, key=lambda r: str(r["id"])):
-            amount_usd = min(usd_from_cents(int(refund["amount"])), missing_usd - taken_usd)
-            if amount_usd > ZERO_USD and _ledger_entry_apply(
-                key=f"{charge_id}:refund:{refund['id']}",
-                payment=payment,
-                stripe_object_id=charge_id,
-                kind=LedgerTransaction.Kind.REFUND,
-                amount_usd=amount_usd,
-                memo=memo,
-            ):
-                taken_usd += amount_usd
-    else:
-        _ledger_entry_apply(
-            key=f"{charge_id}:refunded-to:{refunded_cents}",
+    applied = dict(
+        StripeLedgerEntry.objects.filter(
+            stripe_object_id=charge_id, key__startswith=f"{charge_id}:refund"
+        ).values_list("key", "amount_usd")
+    )
+    held_usd = -sum(applied.values(), ZERO_USD)  # USD the wallet gave up for this charge
+    refunds = sorted(charge["refunds"]["data"], key=lambda refund: str(refund["id"]))
+
+    def given_back(refund: dict[str, Any]) -> bool:
+        # Then it failed, whatever an older view of the charge says.
+        return f"{_refund_key(charge_id, refund)}:failed" in applied
+
+    returned = [r for r in refunds if r.get("status") in _REFUND_RETURNED or given_back(r)]
+    live = [r for r in refunds if r.get("status") in _REFUND_LIVE and not given_back(r)]
+    live_usd = sum((_refund_usd(refund) for refund in live), ZERO_USD)
+    kept_usd = sum(
+        (_refund_usd(refund) for refund in live if _refund_key(charge_id, refund) in applied),
+        ZERO_USD,
+    )
+    took_usd = gave_usd = ZERO_USD
+
+    def post(key: str, kind: LedgerTransaction.Kind, amount_usd: Decimal, memo: str) -> Decimal:
+        posted = _ledger_entry_apply(
+            key=key,
             payment=payment,
             stripe_object_id=charge_id,
-            kind=LedgerTransaction.Kind.REFUND,
-            amount_usd=missing_usd,
-            memo=memo,
+            kind=kind,
+            amount_usd=amount_usd,
+            memo=f"{memo} of card payment {payment.stripe_payment_intent_id}",
         )
-        taken_usd = missing_usd
-    return f"took back {format_usd(taken_usd)} USD refunded"
+        return amount_usd if posted else ZERO_USD
+
+    for refund in returned:
+        taken_key = _refund_key(charge_id, refund)
+        if given_back(refund):
+            continue
+        # What the wallet holds back beyond the live refunds it has taken is this refund's.
+        amount_usd = min(_refund_usd(refund), held_usd - kept_usd)
+        if amount_usd <= ZERO_USD and taken_key not in applied:
+            amount_usd = _refund_usd(refund)
+            took = post(taken_key, LedgerTransaction.Kind.REFUND, amount_usd, "refund")
+            took_usd, held_usd = took_usd + took, held_usd + took
+        if amount_usd > ZERO_USD:
+            gave = post(
+                f"{taken_key}:failed",
+                LedgerTransaction.Kind.REFUND_FAILED,
+                amount_usd,
+                f"failed refund {refund['id']}",
+            )
+            gave_usd, held_usd = gave_usd + gave, held_usd - gave
+    for refund in live:
+        taken_key = _refund_key(charge_id, refund)
+        if taken_key in applied:
+            continue
+        amount_usd = min(_refund_usd(refund), live_usd - held_usd)
+        if amount_usd > ZERO_USD:
+            took = post(taken_key, LedgerTransaction.Kind.REFUND, amount_usd, "refund")
+            took_usd, held_usd = took_usd + took, held_usd + took
+    moved = [f"took back {format_usd(took_usd)} USD refunded"] if took_usd else []
+    moved += [f"gave back {format_usd(gave_usd)} USD of failed refunds"] if gave_usd else []
+    return ", ".join(moved) or "refunds already applied"
+
+
+def _refund_key(charge_id: str, refund: dict[str, Any]) -> str:
+    return f"{charge_id}:refund:{refund['id']}"
+
+
+def _refund_usd(refund: dict[str, Any]) -> Decimal:
+    return usd_from_cents(int(refund["amount"]))
 
 
 def _dispute_payment(dispute: dict[str, Any]) -> CardPayment | None:
@@ -529,12 +576,16 @@ _REFETCH: dict[str, Callable[[str], dict[str, Any]]] = {
         payment_intent_id=pi
     ),
     "charge.refunded": lambda ch: stripe_api.charge_with_refunds_fetch(charge_id=ch),
+    **dict.fromkeys(
+        _REFUND_EVENT_TYPES, lambda re: stripe_api.charge_of_refund_fetch(refund_id=re)
+    ),
 }
 
 _HANDLERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "payment_intent.succeeded": _on_payment_succeeded,
     "payment_intent.payment_failed": _on_payment_failed,
-    "charge.refunded": _on_charge_refunded,
+    "charge.refunded": _on_charge_refunds,
+    **dict.fromkeys(_REFUND_EVENT_TYPES, _on_charge_refunds),
     "charge.dispute.created": _on_dispute_withdrawn,
     "charge.dispute.funds_withdrawn": _on_dispute_withdrawn,
     "charge.dispute.funds_reinstated": _on_dispute_reinstated,

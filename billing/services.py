@@ -936,6 +936,7 @@ CARD_MONEY_KINDS: dict[LedgerTransaction.Kind, int] = {
     LedgerTransaction.Kind.REFUND: -1,
     LedgerTransaction.Kind.DISPUTE_WITHDRAWAL: -1,
     LedgerTransaction.Kind.DISPUTE_REINSTATEMENT: 1,
+    LedgerTransaction.Kind.REFUND_FAILED: 1,
 }
 
 
@@ -943,8 +944,8 @@ def card_money_post(
     *, organization_id: int, kind: LedgerTransaction.Kind, amount_usd: Decimal, memo: str
 ) -> LedgerTransaction:
     """Move `amount_usd` (positive) of card money between the payments clearing account and a
-    wallet, in the direction `kind` says: to the wallet for a paid top-up or a reinstated
-    dispute, from it for a refund or a disputed payment.
+    wallet, in the direction `kind` says: to the wallet for a paid top-up, a failed refund or
+    a reinstated dispute, from it for a refund or a disputed payment.
 
     Taking money back is not limited by the available credit (the customer has the money
     back): the wallet may go negative, and then no request is admitted until it is topped up.

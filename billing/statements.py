@@ -61,6 +61,7 @@ SECTIONS: dict[tuple[str, str], tuple[str, str]] = {
     (_Kind.TOPUP, _Counterpart.PAYMENTS): ("topup", "Top-ups"),
     (_Kind.GRANT, _Counterpart.PAYMENTS): ("topup", "Top-ups"),
     (_Kind.REFUND, _Counterpart.PAYMENTS): ("refund", "Refunds"),
+    (_Kind.REFUND_FAILED, _Counterpart.PAYMENTS): ("refund_failed", "Refunds that failed"),
     (_Kind.DISPUTE_WITHDRAWAL, _Counterpart.PAYMENTS): ("dispute_withdrawal", "Disputed payments"),
     (_Kind.DISPUTE_REINSTATEMENT, _Counterpart.PAYMENTS): (
         "dispute_reinstatement",

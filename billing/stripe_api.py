@@ -208,6 +208,21 @@ def charge_with_refunds_fetch(*, charge_id: str) -> dict[str, Any]:
     return charge
 
 
+def charge_of_refund_fetch(*, refund_id: str) -> dict[str, Any]:
+    """The Charge a refund is of, as `charge_with_refunds_fetch` gives it: an event about one
+    refund (`refund.failed`, `refund.updated`, `charge.refund.updated`) is applied by settling
+    its charge's refunds together, as Stripe has them now."""
+    try:
+        charge_id = stripe_client().v1.refunds.retrieve(refund_id).charge
+    except stripe.InvalidRequestError as error:
+        raise _missing_or_failed(error) from None
+    except stripe.StripeError as error:
+        raise StripeCallFailed(_safe_message(error)) from None
+    if not charge_id:
+        raise StripeObjectMissing("the refund is not of a charge")
+    return charge_with_refunds_fetch(charge_id=str(charge_id))
+
+
 def _missing_or_failed(error: stripe.InvalidRequestError) -> StripeCallFailed:
     if error.http_status == 404 or error.code == "resource_missing":
         return StripeObjectMissing("no such object in Stripe")

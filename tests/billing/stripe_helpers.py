@@ -121,6 +121,24 @@ def refund(localstripe: LocalStripe, charge_id: str, cents: int) -> str:
     return str(_stripe(localstripe, "POST", "/v1/refunds", charge=charge_id, amount=cents)["id"])
 
 
+def refund_status_set(localstripe: LocalStripe, refund_id: str, status: str) -> None:
+    """Set a refund's status in localstripe, as the card network's later answer does in Stripe
+    (a refund to a closed card account fails days after it succeeded). localstripe has no way
+    to make a refund fail, but lets its status be written; it sends no event about it."""
+    _stripe(localstripe, "POST", f"/v1/refunds/{refund_id}", status=status)
+
+
+def refund_event_object(refund_id: str, charge_id: str) -> dict[str, object]:
+    """A failed refund as `refund.failed`, `refund.updated` and `charge.refund.updated` carry it."""
+    return {
+        "id": refund_id,
+        "object": "refund",
+        "charge": charge_id,
+        "status": "failed",
+        "failure_reason": "expired_or_canceled_card",
+    }
+
+
 def wait_for(probe: Callable[[], T], *, timeout: float = 20) -> T:
     """Poll until `probe` returns something truthy; fail at the deadline (no fixed sleeps)."""
     deadline = time.monotonic() + timeout

@@ -17,7 +17,13 @@ from billing.selectors import ledger_violations, wallet_balance_usd
 from billing.statements import next_month, statement_figures, statements_issue_due
 from portal.models import Organization
 from tests.billing.conftest import event, sign
-from tests.billing.stripe_helpers import card_paid, charge_of, refund
+from tests.billing.stripe_helpers import (
+    card_paid,
+    charge_of,
+    refund,
+    refund_event_object,
+    refund_status_set,
+)
 from tests.billing.test_statements import GRACE, snapshot
 from tests.factories import make_org
 from tests.stripe_server import LocalStripe
@@ -131,6 +137,44 @@ def test_it_applies_shuffled_repeated_concurrent_deliveries_exactly_once(
     assert StripeEvent.objects.filter(event_id__startswith="evt_shuffled_").count() == 6
     assert CardPayment.objects.get(organization=shuffled).status == "succeeded"
     assert ledger_violations(held_longer_than=timedelta(hours=1)) == []
+
+
+def test_a_failed_refunds_events_repeated_and_concurrent_give_it_back_once(
+    localstripe: LocalStripe, live_server: object
+) -> None:
+    url = f"{live_server}/stripe/webhook"
+    organization = make_org(credit_usd=None)
+    make_org()  # another organisation, untouched
+    payment = card_paid(localstripe, organization, cents=10000)
+    pi, ch = payment.stripe_payment_intent_id, charge_of(localstripe, payment)
+    kept, failing = refund(localstripe, ch, 2000), refund(localstripe, ch, 3000)
+    charge = {"id": ch, "object": "charge", "payment_intent": pi, "currency": "usd"}
+    assert deliver(url, event("evt_rfc_refunded", "charge.refunded", charge)) == 200
+    assert wallet_balance_usd(organization_id=organization.pk) == Decimal(50)
+    refund_status_set(localstripe, failing, "failed")
+    failed = refund_event_object(failing, ch)
+    events = [
+        event(f"evt_rfc_{kind}", kind, failed)
+        for kind in ("refund.failed", "refund.updated", "charge.refund.updated")
+    ] + [event("evt_rfc_refunded_late", "charge.refunded", charge)]
+
+    deliveries = events * 3
+    random.Random(7).shuffle(deliveries)  # noqa: S311 - a reproducible order, not a secret
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        statuses = list(pool.map(lambda payload: deliver(url, payload), deliveries))
+
+    assert statuses == [200] * len(deliveries)
+    assert wallet_balance_usd(organization_id=organization.pk) == Decimal(80)
+    names = {pi: "pi", ch: "ch", kept: "kept", failing: "failing"}
+    assert ledger_of(organization, names) == sorted(
+        [
+            ("pi:credit", Decimal("100.00")),
+            ("ch:refund:kept", Decimal("-20.00")),
+            ("ch:refund:failing", Decimal("-30.00")),
+            ("ch:refund:failing:failed", Decimal("30.00")),
+        ]
+    )
+    assert StripeEvent.objects.filter(processed_at__isnull=True).count() == 0
 
 
 def test_the_months_statement_gives_each_card_movement_its_own_line_and_matches_the_ledger(

@@ -26,6 +26,8 @@ from tests.billing.stripe_helpers import (
     deliver,
     paid_in_currency,
     refund,
+    refund_event_object,
+    refund_status_set,
     wait_for,
 )
 from tests.factories import make_key, make_org
@@ -72,7 +74,7 @@ def test_a_refund_event_takes_back_what_stripe_says_was_refunded_not_what_it_car
     again = deliver(event("evt_refund_lie", "charge.refunded", stale | {"amount_refunded": 9900}))
 
     assert taken == "took back 50.0000000000 USD refunded"
-    assert again == "refund already taken back"
+    assert again == "refunds already applied"
     assert wallet_balance_usd(organization_id=organization.pk) == Decimal(50)
     assert sorted(
         StripeLedgerEntry.objects.filter(stripe_object_id=charge_id).values_list(
@@ -84,6 +86,133 @@ def test_a_refund_event_takes_back_what_stripe_says_was_refunded_not_what_it_car
             (f"{charge_id}:refund:{second}", Decimal(-30)),
         ]
     )
+
+
+REFUND_FAILURE_EVENTS = ("refund.failed", "refund.updated", "charge.refund.updated")
+
+
+def refund_entries(charge_id: str) -> list[tuple[str, Decimal]]:
+    return sorted(
+        StripeLedgerEntry.objects.filter(stripe_object_id=charge_id).values_list(
+            "key", "amount_usd"
+        )
+    )
+
+
+def test_a_refund_that_fails_gives_its_amount_back_once(localstripe: LocalStripe) -> None:
+    organization = make_org(credit_usd=None)
+    other = make_org(credit_usd="5")
+    payment = card_paid(localstripe, organization, cents=10000)
+    charge_id = charge_of(localstripe, payment)
+    refund_id = refund(localstripe, charge_id, 3000)
+    assert deliver(event("evt_rf_taken", "charge.refunded", {"id": charge_id})) == (
+        "took back 30.0000000000 USD refunded"
+    )
+    refund_status_set(localstripe, refund_id, "failed")
+    failed = refund_event_object(refund_id, charge_id)
+
+    outcomes = [deliver(event(f"evt_rf_{kind}", kind, failed)) for kind in REFUND_FAILURE_EVENTS]
+    outcomes.append(deliver(event("evt_rf_refund.failed", "refund.failed", failed)))  # again
+
+    assert (
+        outcomes
+        == ["gave back 30.0000000000 USD of failed refunds"] + ["refunds already applied"] * 3
+    )
+    assert wallet_balance_usd(organization_id=organization.pk) == Decimal(100)
+    assert refund_entries(charge_id) == [
+        (f"{charge_id}:refund:{refund_id}", Decimal(-30)),
+        (f"{charge_id}:refund:{refund_id}:failed", Decimal(30)),
+    ]
+    assert wallet_balance_usd(organization_id=other.pk) == Decimal(5)
+
+
+def test_a_refund_that_failed_before_any_of_its_events_was_applied_takes_nothing(
+    localstripe: LocalStripe,
+) -> None:
+    organization = make_org(credit_usd=None)
+    payment = card_paid(localstripe, organization, cents=10000)
+    charge_id = charge_of(localstripe, payment)
+    kept = refund(localstripe, charge_id, 2000)
+    refund_id = refund(localstripe, charge_id, 3000)
+    refund_status_set(localstripe, refund_id, "failed")
+    failed = refund_event_object(refund_id, charge_id)
+
+    first = deliver(event("evt_rf_early", "refund.failed", failed))
+    late = deliver(event("evt_rf_late_refunded", "charge.refunded", {"id": charge_id}))
+
+    # Recorded as made and returned, so that no older view of it as succeeded can take it.
+    assert first == (
+        "took back 50.0000000000 USD refunded, gave back 30.0000000000 USD of failed refunds"
+    )
+    assert late == "refunds already applied"
+    assert wallet_balance_usd(organization_id=organization.pk) == Decimal(80)
+    assert refund_entries(charge_id) == sorted(
+        [
+            (f"{charge_id}:refund:{kept}", Decimal(-20)),
+            (f"{charge_id}:refund:{refund_id}", Decimal(-30)),
+            (f"{charge_id}:refund:{refund_id}:failed", Decimal(30)),
+        ]
+    )
+
+
+def test_a_view_of_the_charge_older_than_its_refunds_failure_takes_nothing_back(
+    localstripe: LocalStripe,
+) -> None:
+    """A charge fetched before its refund failed may be applied after the failure (two workers,
+    the older fetch committing last): the failed refund stays given back."""
+    organization = make_org(credit_usd=None)
+    payment = card_paid(localstripe, organization, cents=10000)
+    charge_id = charge_of(localstripe, payment)
+    refund_id = refund(localstripe, charge_id, 3000)
+    refund_status_set(localstripe, refund_id, "failed")
+    failed = refund_event_object(refund_id, charge_id)
+    deliver(event("evt_rf_failed_first", "refund.failed", failed))
+
+    refund_status_set(localstripe, refund_id, "succeeded")  # what the older fetch saw
+    outcome = deliver(event("evt_rf_older_view", "charge.refunded", {"id": charge_id}))
+
+    assert outcome == "refunds already applied"
+    assert wallet_balance_usd(organization_id=organization.pk) == Decimal(100)
+
+
+def test_a_failed_refund_taken_back_by_its_charges_total_is_given_back_once(
+    localstripe: LocalStripe,
+) -> None:
+    """Earlier versions took back a charge's `amount_refunded` under one key per total when an
+    event did not list its refunds; a refund so taken is given back like any other."""
+    organization = make_org(credit_usd=None)
+    payment = card_paid(localstripe, organization, cents=10000)
+    charge_id = charge_of(localstripe, payment)
+    refund_id = refund(localstripe, charge_id, 3000)
+    with transaction.atomic():
+        taken = card_money_post(
+            organization_id=organization.pk,
+            kind=LedgerTransaction.Kind.REFUND,
+            amount_usd=Decimal(30),
+            memo=f"refund of card payment {payment.stripe_payment_intent_id}",
+        )
+        StripeLedgerEntry.objects.create(
+            key=f"{charge_id}:refunded-to:3000",
+            organization=organization,
+            stripe_object_id=charge_id,
+            amount_usd=Decimal(-30),
+            ledger_transaction=taken,
+        )
+    assert deliver(event("evt_rf_total", "charge.refunded", {"id": charge_id})) == (
+        "refunds already applied"
+    )
+    refund_status_set(localstripe, refund_id, "failed")
+
+    failed = refund_event_object(refund_id, charge_id)
+    outcomes = [deliver(event(f"evt_rf_t_{kind}", kind, failed)) for kind in REFUND_FAILURE_EVENTS]
+
+    assert outcomes[0] == "gave back 30.0000000000 USD of failed refunds"
+    assert outcomes[1:] == ["refunds already applied"] * 2
+    assert wallet_balance_usd(organization_id=organization.pk) == Decimal(100)
+    assert refund_entries(charge_id) == [
+        (f"{charge_id}:refund:{refund_id}:failed", Decimal(30)),
+        (f"{charge_id}:refunded-to:3000", Decimal(-30)),
+    ]
 
 
 def test_a_redelivered_success_credits_once(localstripe: LocalStripe) -> None:
