@@ -142,6 +142,16 @@ class UpstreamFailed(GatewayError):
         self.retry_after_seconds = retry_after_seconds
 
 
+class UnreadableAnswer(UpstreamFailed):
+    """The provider answered 200 with what the gateway cannot read: not JSON, nested past the
+    JSON reader's depth, or not of its API's shape (gateway/providers/base.py `shaped`). Our
+    failure, never the caller's, and retryable: another route may answer readably. Nothing is
+    charged for it."""
+
+    def __init__(self, message: str = "The provider's answer could not be read.") -> None:
+        super().__init__(message, retryable=True)
+
+
 # The last event of a stream that failed in the gateway (a bug, or a chunk it cannot write).
 STREAM_FAILED = "The gateway failed to relay this stream."
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
+from gateway.errors import UnreadableAnswer
 from gateway.selectors import RouteEntry
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +96,22 @@ class EmbeddingAdapter(Protocol):
     ) -> UpstreamReply:
         """Send an embeddings request; the usage has input tokens only."""
         ...
+
+
+def shaped(value: Any, kind: type[_T], *, default: _T | None = None) -> _T:
+    """A value of a provider's answer read where its API documents a `kind` (dict, list, str,
+    int): the value, or `default` when the value is absent or null and the field may be.
+    Anything else means the answer is not the API's and cannot be read: UnreadableAnswer (a
+    route failure, which fails over; after a stream's first byte it ends the stream, as a break
+    does). The adapters read an answer's structure through this, one isinstance per value
+    they read anyway, so that an unexpected shape never surfaces as a KeyError or TypeError
+    (a 500, or a stream ended as the gateway's own failure); usage figures are read with
+    `token_count` instead, since unreadable usage is still an answer, charged an estimate."""
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    if value is None and default is not None:
+        return default
+    raise UnreadableAnswer()
 
 
 # The most tokens a usage record's count holds (a 32-bit integer column), thousands of times

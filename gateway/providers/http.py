@@ -29,7 +29,7 @@ import httpx
 from multidict import CIMultiDict
 
 from gateway import outbound
-from gateway.errors import InvalidRequest, UpstreamFailed
+from gateway.errors import InvalidRequest, UnreadableAnswer, UpstreamFailed
 from gateway.selectors import RouteEntry
 from gateway.wire import json_bytes
 
@@ -106,8 +106,9 @@ async def post_json(
 
     Raises InvalidRequest when the provider refused the request as invalid (400, 404, 413,
     422), and UpstreamFailed otherwise: unreachable, any other status, or an answer that is not
-    JSON. `credential_rejected` picks out the refusals that are really about our credential
-    (a provider that answers a bad key with 400): those are our failure, not the caller's.
+    JSON (UnreadableAnswer, which fails over). `credential_rejected` picks out the refusals
+    that are really about our credential (a provider that answers a bad key with 400): those
+    are our failure, not the caller's.
     """
     body = json_bytes(payload)
     outgoing = CIMultiDict(headers)
@@ -137,8 +138,9 @@ async def post_json(
         # Python's json, not orjson: lenient with what a provider sends (a lone surrogate's
         # escape, which an answer split mid-character can hold, passes through as it came).
         return json.loads(raw)
-    except ValueError:
-        raise UpstreamFailed("The provider's answer was not valid JSON.") from None
+    except (ValueError, RecursionError):  # RecursionError: nested past the reader's depth
+        logger.warning("provider %s answered what is not JSON", route.provider)
+        raise UnreadableAnswer("The provider's answer was not valid JSON.") from None
 
 
 def _aiohttp_timeout(route: RouteEntry) -> aiohttp.ClientTimeout:

@@ -9,7 +9,7 @@ from typing import Any, Final
 
 import aiohttp
 
-from gateway.errors import UpstreamFailed, UpstreamStreamBroken
+from gateway.errors import UnreadableAnswer, UpstreamStreamBroken
 from gateway.providers.base import (
     TokenUsage,
     UpstreamReply,
@@ -168,7 +168,7 @@ async def _post(
         route=route, url=f"{route.base_url}{path}", payload=request, headers=_headers(secret)
     )
     if not isinstance(reply, dict) or not isinstance(reply.get(shape.list_field), list):
-        raise UpstreamFailed(f"The provider's answer was not {shape.name}.")
+        raise UnreadableAnswer(f"The provider's answer was not {shape.name}.")
     return UpstreamReply(body=reply, usage=usage(reply, request))
 
 

@@ -269,6 +269,7 @@ class _StreamFault:
     cut_after_deltas: int | None = None  # connection dropped after this many content deltas
     omit_usage: bool = False  # no `usage` in message_start nor message_delta
     error_after_deltas: int | None = None  # an `error` event (overloaded) after this many
+    extra_event: Any = None  # sent as is right after the first content block delta
 
 
 def error_body(status: int, message: str) -> dict[str, Any]:
@@ -310,6 +311,11 @@ class FakeAnthropic(RecordingFake[_StreamFault]):
         """The next streamed answer sends an `error` event (overloaded_error) after `deltas`
         content block deltas, as Anthropic does when it fails mid-stream, and ends."""
         self._queue_stream_fault(_StreamFault(error_after_deltas=deltas))
+
+    def send_event_next(self, event: Any) -> None:
+        """The next streamed answer gets `event` (any JSON value: an event of a shape Anthropic
+        does not send, say) as its data right after its first content block delta."""
+        self._queue_stream_fault(_StreamFault(extra_event=event))
 
     def _error_body_for(self, status: int) -> dict[str, Any]:
         return _scripted_error(status)
@@ -403,7 +409,7 @@ async def _send_json(
     )
 
 
-def _stream_events(reply: dict[str, Any], fault: _StreamFault) -> list[dict[str, Any]]:
+def _stream_events(reply: dict[str, Any], fault: _StreamFault) -> list[Any]:
     """The Messages API streaming events for `reply`, in the documented order: message_start
     (usage with the prompt tokens and 1 output token), ping, per content block its
     content_block_start, deltas (one word of text, or a piece of the tool input's JSON, each)
@@ -415,7 +421,7 @@ def _stream_events(reply: dict[str, Any], fault: _StreamFault) -> list[dict[str,
     message["usage"] = start_usage
     if fault.omit_usage:
         del message["usage"]
-    events: list[dict[str, Any]] = [{"type": "message_start", "message": message}]
+    events: list[Any] = [{"type": "message_start", "message": message}]
     events.append({"type": "ping"})
     deltas = 0
     for index, block in enumerate(reply["content"]):
@@ -442,6 +448,8 @@ def _stream_events(reply: dict[str, Any], fault: _StreamFault) -> list[dict[str,
                 error = {"type": "overloaded_error", "message": "Overloaded"}
                 return [*events, {"type": "error", "error": error}]
             events.append({"type": "content_block_delta", "index": index, "delta": piece})
+            if deltas == 0 and fault.extra_event is not None:
+                events.append(fault.extra_event)
             deltas += 1
         events.append({"type": "content_block_stop", "index": index})
     message_delta: dict[str, Any] = {
@@ -468,7 +476,8 @@ async def _send_stream(send: Send, reply: dict[str, Any], fault: _StreamFault) -
         }
     )
     for event in _stream_events(reply, fault):
-        data = f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+        kind = event.get("type") if isinstance(event, dict) else None
+        data = f"event: {kind}\ndata: {json.dumps(event)}\n\n"
         await send({"type": "http.response.body", "body": data.encode(), "more_body": True})
     if fault.cut_after_deltas is not None:
         # A broken connection: the response ends without its terminating chunk.

@@ -20,10 +20,11 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 @dataclass(frozen=True)
 class ScriptedAnswer:
     """What one request gets instead of the normal answer: a wait before its first byte, then,
-    when `status` is set, that error (`body`, or the fake's own error shape when None)."""
+    when `status` is set, that answer: `body` as JSON, or as it is when bytes (None: the fake's
+    own error shape)."""
 
     status: int | None = None
-    body: dict[str, Any] | None = None
+    body: Any = None
     headers: dict[str, str] = field(default_factory=dict)
     delay_seconds: float = 0.0
 
@@ -89,8 +90,9 @@ async def send_json(
     *,
     default_headers: Mapping[str, str] | None = None,
 ) -> None:
-    """One complete JSON response. `headers` (e.g. scripted ones) override `default_headers`."""
-    raw = json.dumps(payload).encode()
+    """One complete JSON response: `payload` encoded, or sent as it is when bytes (what
+    json.dumps cannot write). `headers` (e.g. scripted ones) override `default_headers`."""
+    raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
     merged = {
         "content-type": "application/json",
         **{name.lower(): value for name, value in (default_headers or {}).items()},
@@ -139,6 +141,13 @@ class ScriptedFaults(Generic[Answer]):
         answer = self._answer_type(status=status, body=body, headers=dict(headers or {}))
         with self._lock:
             self._script.extend([answer] * times)
+
+    def answer_next(self, body: Any, *, status: int = 200) -> None:
+        """The next request gets `body` as its answer, whatever it asked: a JSON value, or
+        bytes sent as they are (an answer json.dumps cannot write, such as one nested too
+        deep), e.g. `answer_next({"choices": 5})`, `answer_next(b"[" * 100_000)`."""
+        with self._lock:
+            self._script.append(self._answer_type(status=status, body=body))
 
     def delay_next(self, seconds: float) -> None:
         """The next request waits `seconds` before the first byte of its (normal) answer."""

@@ -286,6 +286,7 @@ def _check_signatures(contents: list[dict[str, Any]], issued: set[str]) -> None:
 class _StreamFault:
     cut_after_events: int | None = None  # connection dropped after this many text events
     omit_usage: bool = False  # no `usageMetadata` in any event
+    extra_event: Any = None  # sent as is right after the first event
 
 
 def error_body(status: int, message: str, details: list[Any] | None = None) -> dict[str, Any]:
@@ -329,6 +330,11 @@ class FakeGemini(RecordingFake[_StreamFault]):
     def omit_usage_next(self) -> None:
         """The next streamed answer is complete but carries no `usageMetadata`."""
         self._queue_stream_fault(_StreamFault(omit_usage=True))
+
+    def send_event_next(self, event: Any) -> None:
+        """The next streamed answer gets `event` (any JSON value: an event of a shape Gemini
+        does not send, say) as its data right after its first event."""
+        self._queue_stream_fault(_StreamFault(extra_event=event))
 
     def _error_body_for(self, status: int) -> dict[str, Any]:
         return error_body(status, _scripted_message(status))
@@ -446,7 +452,7 @@ async def _send_json(
     )
 
 
-def _stream_events(reply: dict[str, Any], fault: _StreamFault) -> list[dict[str, Any]]:
+def _stream_events(reply: dict[str, Any], fault: _StreamFault) -> list[Any]:
     """`reply` as streamGenerateContent sends it: GenerateContentResponses of one word of text
     each (a function call comes whole, in one), each with the usage so far, the last with the
     finishReason. `cut_after_events` drops the tail, finishReason included."""
@@ -459,7 +465,7 @@ def _stream_events(reply: dict[str, Any], fault: _StreamFault) -> list[dict[str,
             pieces += [{"text": w if not i else f" {w}"} for i, w in enumerate(words)]
         else:
             pieces.append(part)
-    events = []
+    events: list[Any] = []
     for number, part in enumerate(pieces):
         if fault.cut_after_events is not None and number >= fault.cut_after_events:
             break
@@ -486,6 +492,8 @@ def _stream_events(reply: dict[str, Any], fault: _StreamFault) -> list[dict[str,
         if fault.omit_usage:
             del event["usageMetadata"]
         events.append(event)
+        if number == 0 and fault.extra_event is not None:
+            events.append(fault.extra_event)
     return events
 
 

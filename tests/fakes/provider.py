@@ -233,9 +233,10 @@ class FakeProvider(ScriptedFaults[_Behaviour], FakeUpstream):
     """An OpenAI-compatible upstream on 127.0.0.1 at a free port, served by uvicorn in a thread.
 
     Use `start()`/`stop()` or a `with` block; point clients at `base_url`. Every request is
-    appended to `calls`. Scripted behaviours (`fail_next`, `delay_next`, `cut_stream_after`,
-    `omit_usage_next`, `send_chunk_next`) queue up and are consumed one per request, in order,
-    whatever the request is; requests that find the queue empty get a normal answer.
+    appended to `calls`. Scripted behaviours (`fail_next`, `answer_next`, `delay_next`,
+    `cut_stream_after`, `omit_usage_next`, `send_chunk_next`) queue up and are consumed one per
+    request, in order, whatever the request is; requests that find the queue empty get a
+    normal answer.
 
     Two settings apply to every request until `reset()`: `latency` (seconds before the first
     byte, added to any scripted delay) and `reported_usage` (a (prompt, completion) pair to report

@@ -7,11 +7,14 @@ and a settled, correctly labelled usage record."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 
+import anthropic
 import openai
 import pytest
 
-from billing.models import UsageRecord
+from billing.models import Reservation, UsageRecord
 from billing.selectors import wallet_balance_usd
 from gateway.services import catalog_load
 from tests.factories import make_key, make_org
@@ -64,6 +67,83 @@ def test_a_retryable_failure_moves_to_the_next_route(
     assert (record.upstream_model, record.attempts, record.status) == ("deployment-2", 2, "ok")
     assert record.usage_source == UsageRecord.UsageSource.REPORTED
     assert record.cost_usd > 0
+
+
+# --- answers the gateway cannot read ---------------------------------------------------------
+
+# A call of each OpenAI-style endpoint to the model `fake-small`, through the official SDK.
+ENDPOINT_CALLS: dict[str, Callable[[openai.OpenAI], Any]] = {
+    "chat": lambda client: client.chat.completions.create(model="fake-small", messages=MESSAGES),
+    "completions": lambda client: client.completions.create(model="fake-small", prompt="hi"),
+    "embeddings": lambda client: client.embeddings.create(model="fake-small", input="hi"),
+}
+USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+# Raw bytes: what json.dumps cannot write.
+NOT_JSON = b"{not json"
+TOO_DEEP = b"[" * 100_000 + b"]" * 100_000  # past the json module's recursion limit
+UNREADABLE_ANSWERS = [
+    pytest.param(endpoint, answer, id=f"{endpoint}-{name}")
+    for endpoint in ENDPOINT_CALLS
+    for name, answer in [("not_json", NOT_JSON), ("too_deep", TOO_DEEP), ("a_list", [])]
+]
+
+
+@pytest.mark.parametrize(("endpoint", "answer"), UNREADABLE_ANSWERS)
+def test_an_unreadable_answer_moves_to_the_next_route(
+    gateway_url, three_routes, fake_provider, endpoint, answer
+):
+    org = make_org(credit_usd="10")
+    _, key = make_key(org)
+    fake_provider.answer_next(answer)
+
+    raw = ENDPOINT_CALLS[endpoint](sdk(gateway_url, key).with_raw_response)
+    raw.parse()
+
+    assert raw.status_code == 200
+    assert upstream_models(fake_provider) == ["deployment-1", "deployment-2"]
+    record = UsageRecord.objects.get(request_id=raw.headers["x-request-id"])
+    assert (record.upstream_model, record.attempts, record.status) == ("deployment-2", 2, "ok")
+    assert record.usage_source == UsageRecord.UsageSource.REPORTED
+    # Charged once, for the answer delivered.
+    assert wallet_balance_usd(organization_id=org.pk) == 10 - record.cost_usd
+
+
+@pytest.mark.parametrize("endpoint", [*ENDPOINT_CALLS, "messages"])
+def test_unreadable_answers_on_every_route_get_502_and_are_not_charged(
+    gateway_url, three_routes, fake_provider, endpoint
+):
+    org = make_org(credit_usd="10")
+    _, key = make_key(org)
+    other_org = make_org(credit_usd="10")
+    for answer in (TOO_DEEP, NOT_JSON, []):
+        fake_provider.answer_next(answer)
+
+    if endpoint == "messages":
+        client = anthropic.Anthropic(
+            base_url=gateway_url.removesuffix("/v1"), api_key=key, max_retries=0
+        )
+        with pytest.raises(anthropic.APIStatusError) as anthropic_error:
+            client.messages.create(
+                model="fake-small", max_tokens=20, messages=[{"role": "user", "content": "hi"}]
+            )
+        assert anthropic_error.value.status_code == 502
+        assert anthropic_error.value.body["type"] == "error"
+        assert anthropic_error.value.body["error"]["type"] == "api_error"
+        response = anthropic_error.value.response
+    else:
+        with pytest.raises(openai.APIStatusError) as openai_error:
+            ENDPOINT_CALLS[endpoint](sdk(gateway_url, key))
+        assert openai_error.value.status_code == 502
+        assert openai_error.value.code == "upstream_failed"
+        response = openai_error.value.response
+
+    assert response.headers["x-switchboard-cost-usd"] == "0.0000000000"
+    assert upstream_models(fake_provider) == ["deployment-1", "deployment-2", "deployment-3"]
+    record = UsageRecord.objects.get()
+    assert (record.status, record.attempts, record.cost_usd) == ("upstream_error", 3, 0)
+    assert Reservation.objects.get().state == Reservation.State.VOIDED  # the hold released
+    assert wallet_balance_usd(organization_id=org.pk) == 10
+    assert wallet_balance_usd(organization_id=other_org.pk) == 10
 
 
 @pytest.mark.parametrize("status", [429, 503])
