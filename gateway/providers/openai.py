@@ -95,15 +95,35 @@ async def _chunks(
 
 @dataclass(frozen=True, slots=True)
 class _Shape:
-    """What an answer must hold to be read: a list at `list_field`; `name` is for the error."""
+    """What an answer must hold to be read: a list at `list_field` of objects, each with a
+    value of one of `item_kinds` at `item_field` (when set); `name` is for the error."""
 
     list_field: str
     name: str
+    item_field: str | None = None
+    item_kinds: tuple[type, ...] = ()
 
 
-_CHAT: Final = _Shape("choices", "a chat completion")
+_CHAT: Final = _Shape("choices", "a chat completion", "message", (dict,))
 _COMPLETION: Final = _Shape("choices", "a completion")
-_EMBEDDINGS: Final = _Shape("data", "a list of embeddings")
+# An embedding is a list of floats, or base64 text with `encoding_format: base64`.
+_EMBEDDINGS: Final = _Shape("data", "a list of embeddings", "embedding", (list, str))
+
+
+def _check_shape(reply: Any, shape: _Shape) -> dict[str, Any]:
+    """`reply` when it has `shape`; UnreadableAnswer otherwise. The items are the choices (one
+    unless `n` asked for more) or the embeddings of a batch: an isinstance or two each, never
+    a look inside a vector or a text."""
+    items = reply.get(shape.list_field) if isinstance(reply, dict) else None
+    if not isinstance(items, list):
+        raise UnreadableAnswer(f"The provider's answer was not {shape.name}.")
+    field, kinds = shape.item_field, shape.item_kinds
+    for item in items:
+        if not isinstance(item, dict) or (
+            field is not None and not isinstance(item.get(field), kinds)
+        ):
+            raise UnreadableAnswer(f"The provider's answer was not {shape.name}.")
+    return reply
 
 
 class OpenAIAdapter:
@@ -167,8 +187,7 @@ async def _post(
     reply = await post_json(
         route=route, url=f"{route.base_url}{path}", payload=request, headers=_headers(secret)
     )
-    if not isinstance(reply, dict) or not isinstance(reply.get(shape.list_field), list):
-        raise UnreadableAnswer(f"The provider's answer was not {shape.name}.")
+    reply = _check_shape(reply, shape)
     return UpstreamReply(body=reply, usage=usage(reply, request))
 
 

@@ -81,10 +81,25 @@ USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
 # Raw bytes: what json.dumps cannot write.
 NOT_JSON = b"{not json"
 TOO_DEEP = b"[" * 100_000 + b"]" * 100_000  # past the json module's recursion limit
+# 200 answers that are not the endpoint's shape: charged as they were and passed on, or
+# a 500 when the usage had to be estimated from them.
 UNREADABLE_ANSWERS = [
     pytest.param(endpoint, answer, id=f"{endpoint}-{name}")
     for endpoint in ENDPOINT_CALLS
     for name, answer in [("not_json", NOT_JSON), ("too_deep", TOO_DEEP), ("a_list", [])]
+] + [
+    pytest.param("chat", {"choices": 5, "usage": USAGE}, id="chat-choices_not_a_list"),
+    pytest.param("chat", {"choices": [7], "usage": USAGE}, id="chat-choice_not_an_object"),
+    pytest.param("chat", {"choices": [{"message": None}]}, id="chat-message_null"),
+    pytest.param("chat", {"choices": [{"message": "hi"}]}, id="chat-message_a_string"),
+    pytest.param("completions", {"choices": "hi", "usage": USAGE}, id="completions-choices_text"),
+    pytest.param("completions", {"choices": [None]}, id="completions-choice_null"),
+    pytest.param("embeddings", {"data": {"embedding": [0.5]}}, id="embeddings-data_an_object"),
+    pytest.param("embeddings", {"data": [[0.5]], "usage": USAGE}, id="embeddings-item_a_list"),
+    pytest.param("embeddings", {"data": [{"embedding": None}]}, id="embeddings-embedding_null"),
+    pytest.param(
+        "embeddings", {"data": [{"embedding": {"x": 0.5}}]}, id="embeddings-embedding_an_object"
+    ),
 ]
 
 
