@@ -19,7 +19,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Final
 
-from gateway.errors import InvalidRequest, UpstreamFailed, UpstreamStreamBroken
+from gateway.errors import InvalidRequest, UpstreamStreamBroken
 from gateway.providers.base import (
     TokenUsage,
     UpstreamReply,
@@ -27,6 +27,7 @@ from gateway.providers.base import (
     billable_usage,
     estimated_usage,
     openai_usage,
+    shaped,
     token_count,
 )
 from gateway.providers.http import post_json
@@ -248,26 +249,27 @@ def response_to_openai(message: Any, *, request: dict[str, Any], created: int) -
     Text blocks are joined into `content`; `tool_use` blocks become `tool_calls` with
     JSON-encoded arguments. Anthropic's `input_tokens` counts only the uncached part of the
     prompt, so the prompt total adds the tokens read from and written to the cache; the tokens
-    read are billed at the cached price. Raises UpstreamFailed when the answer is not a Message.
+    read are billed at the cached price. Raises UnreadableAnswer when the answer is not a
+    Message (`shaped`: each value read must be of the type the API documents).
     """
-    content = message.get("content") if isinstance(message, dict) else None
-    if not isinstance(content, list):
-        raise UpstreamFailed("The provider's answer was not a chat completion.")
+    message = shaped(message, dict)
     texts: list[str] = []
     tool_calls: list[dict[str, Any]] = []
-    for block in content:
-        if not isinstance(block, dict):
-            continue
-        if block.get("type") == "text":
-            texts.append(str(block.get("text", "")))
-        elif block.get("type") == "tool_use":
+    for block in shaped(message.get("content"), list):
+        block = shaped(block, dict)
+        kind = shaped(block.get("type"), str)
+        if kind == "text":
+            texts.append(shaped(block.get("text"), str))
+        elif kind == "tool_use":
+            call_id, name = _tool_use(block)
+            arguments = shaped(block.get("input"), dict, default={})
             tool_calls.append(
                 {
-                    "id": str(block.get("id")),
+                    "id": call_id,
                     "type": "function",
                     "function": {
-                        "name": str(block.get("name")),
-                        "arguments": json.dumps(block.get("input") or {}, ensure_ascii=False),
+                        "name": name,
+                        "arguments": json.dumps(arguments, ensure_ascii=False),
                     },
                 }
             )
@@ -297,6 +299,11 @@ def response_to_openai(message: Any, *, request: dict[str, Any], created: int) -
         "usage": openai_usage(usage),
     }
     return UpstreamReply(body=body, usage=usage)
+
+
+def _tool_use(block: dict[str, Any]) -> tuple[str, str]:
+    """The id and name of a `tool_use` block, whole or as a stream's content_block_start."""
+    return shaped(block.get("id"), str), shaped(block.get("name"), str)
 
 
 def _matched_stop(message: dict[str, Any]) -> dict[str, Any]:

@@ -24,13 +24,13 @@ import logging
 import mimetypes
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, Final
 from urllib.parse import quote
 
 import httpx
 
-from gateway.errors import InvalidRequest, UpstreamFailed, UpstreamStreamBroken
+from gateway.errors import InvalidRequest, UnreadableAnswer, UpstreamStreamBroken
 from gateway.providers.base import (
     TokenUsage,
     UpstreamReply,
@@ -38,6 +38,7 @@ from gateway.providers.base import (
     billable_usage,
     estimated_usage,
     openai_usage,
+    shaped,
     token_count,
 )
 from gateway.providers.http import post_json
@@ -280,29 +281,25 @@ def response_to_openai(reply: Any, *, request: dict[str, Any], created: int) -> 
     its `functionCall` parts become `tool_calls` with fresh `call_…` ids, each carrying the
     part's thought signature if it had one. A prompt the API blocked (no candidates, a
     `promptFeedback.blockReason`) is an empty answer with finish_reason content_filter.
-    Raises UpstreamFailed when the answer is not a GenerateContentResponse.
+    Raises UnreadableAnswer when the answer is not a GenerateContentResponse (`shaped`: each
+    value read must be of the type the API documents).
     """
-    if not isinstance(reply, dict):
-        raise UpstreamFailed("The provider's answer was not a chat completion.")
-    candidates = reply.get("candidates")
+    reply = shaped(reply, dict)
+    candidates = shaped(reply.get("candidates"), list, default=[])
     texts: list[str] = []
     tool_calls: list[dict[str, Any]] = []
-    if isinstance(candidates, list) and candidates and isinstance(candidates[0], dict):
-        candidate = candidates[0]
-        content = candidate.get("content")
-        parts = content.get("parts") if isinstance(content, dict) else None
-        for part in parts if isinstance(parts, list) else []:
-            if not isinstance(part, dict) or part.get("thought"):
-                continue
-            if isinstance(part.get("text"), str):
-                texts.append(part["text"])
-            elif isinstance(part.get("functionCall"), dict):
-                tool_calls.append(_tool_call(part))
-        finish_reason = _finish_reason(candidate.get("finishReason"), bool(tool_calls))
+    if candidates:
+        candidate = shaped(candidates[0], dict)
+        for piece in _answer_parts(candidate):
+            if isinstance(piece, str):
+                texts.append(piece)
+            else:
+                tool_calls.append(piece)
+        finish_reason = _finish_reason(_gemini_finish_reason(candidate), bool(tool_calls))
     else:
         feedback = reply.get("promptFeedback")
         if not (isinstance(feedback, dict) and feedback.get("blockReason")):
-            raise UpstreamFailed("The provider's answer was not a chat completion.")
+            raise UnreadableAnswer("The provider's answer was not a chat completion.")
         finish_reason = "content_filter"
     message: dict[str, Any] = {
         "role": "assistant",
@@ -331,24 +328,46 @@ def response_to_openai(reply: Any, *, request: dict[str, Any], created: int) -> 
     return UpstreamReply(body=body, usage=usage)
 
 
+def _answer_parts(candidate: dict[str, Any]) -> Iterator[str | dict[str, Any]]:
+    """What a candidate's parts say, in order: each text part's text, and each `functionCall`
+    part as an OpenAI tool call. Thought summaries, and parts of kinds never asked for, are
+    left out; a candidate without content (a finish before any) says nothing."""
+    content = shaped(candidate.get("content"), dict, default={})
+    for part in shaped(content.get("parts"), list, default=[]):
+        part = shaped(part, dict)
+        if part.get("thought"):
+            continue
+        if "text" in part:
+            yield shaped(part["text"], str)
+        elif "functionCall" in part:
+            yield _tool_call(part)
+
+
 def _tool_call(part: dict[str, Any]) -> dict[str, Any]:
-    call = part["functionCall"]
+    call = shaped(part["functionCall"], dict)
     # Unique rather than numbered per answer: clients key tool state by id across turns.
     call_id = f"call_{uuid.uuid4().hex[:24]}"
     signature = part.get("thoughtSignature")
     if isinstance(signature, str) and signature:
         call_id = f"{call_id}{SIGNATURE_SEPARATOR}{signature}"
+    arguments = shaped(call.get("args"), dict, default={})
     return {
         "id": call_id,
         "type": "function",
         "function": {
-            "name": str(call.get("name")),
-            "arguments": json.dumps(call.get("args") or {}, ensure_ascii=False),
+            "name": shaped(call.get("name"), str),
+            "arguments": json.dumps(arguments, ensure_ascii=False),
         },
     }
 
 
-def _finish_reason(reason: Any, called_tools: bool) -> str:
+def _gemini_finish_reason(candidate: dict[str, Any]) -> str:
+    """A candidate's `finishReason`; "" while it has none (a stream's candidate before its
+    last)."""
+    return shaped(candidate.get("finishReason"), str, default="")
+
+
+def _finish_reason(reason: str, called_tools: bool) -> str:
     if reason == "MAX_TOKENS":
         return "length"
     if reason in _FILTERED:

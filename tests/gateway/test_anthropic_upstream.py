@@ -21,10 +21,13 @@ from tests.gateway.metering import sdk
 from tests.gateway.upstreams import (
     ANTHROPIC,
     MESSAGES,
+    assert_an_unreadable_answer_fails_over,
     translated_upstream_fixtures,
 )
 
-upstream, _fake_server, fake, routed_to_fake = translated_upstream_fixtures(ANTHROPIC)
+upstream, _fake_server, fake, routed_to_fake, two_deployments = translated_upstream_fixtures(
+    ANTHROPIC
+)
 
 
 def test_the_fake_is_read_by_the_official_anthropic_sdk(fake):
@@ -142,3 +145,40 @@ def test_an_error_event_midway_ends_the_stream_and_settles_interrupted(
     assert record.status == UsageRecord.Status.INTERRUPTED
     assert record.usage_source == UsageRecord.UsageSource.ESTIMATED
     assert wallet_balance_usd(organization_id=org.pk) == Decimal(10) - record.cost_usd
+
+
+# --- answers not of the Messages API's shape --------------------------------------------------
+
+
+def message(*content: Any) -> dict[str, Any]:
+    """A Message with `content`, well formed otherwise."""
+    return {
+        "id": "msg_0123",
+        "type": "message",
+        "role": "assistant",
+        "model": ANTHROPIC.upstream_model,
+        "content": list(content),
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {"input_tokens": 10, "output_tokens": 2},
+    }
+
+
+TOOL_USE = {"type": "tool_use", "id": "toolu_0123", "name": "get_weather", "input": {}}
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param([message()], id="not_an_object"),
+        pytest.param({**message(), "content": "Hello"}, id="content_not_a_list"),
+        pytest.param(message("Hello"), id="block_not_an_object"),
+        pytest.param(message({"text": "Hello"}), id="block_without_type"),
+        pytest.param(message({"type": "text", "text": ["Hello"]}), id="text_not_a_string"),
+        pytest.param(message({**TOOL_USE, "name": None}), id="tool_use_without_name"),
+        pytest.param(message({**TOOL_USE, "id": 7}), id="tool_use_id_a_number"),
+        pytest.param(message({**TOOL_USE, "input": "Paris"}), id="tool_input_not_an_object"),
+    ],
+)
+def test_an_answer_not_of_the_messages_shape_fails_over(gateway_url, two_deployments, fake, answer):
+    assert_an_unreadable_answer_fails_over(gateway_url, ANTHROPIC, fake, answer)

@@ -5,6 +5,7 @@ test_translated_upstreams.py."""
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Any
 
 import openai
 import pytest
@@ -20,10 +21,11 @@ from tests.gateway.upstreams import (
     GEMINI,
     MESSAGES,
     WEATHER_TOOL,
+    assert_an_unreadable_answer_fails_over,
     translated_upstream_fixtures,
 )
 
-upstream, _fake_server, fake, routed_to_fake = translated_upstream_fixtures(GEMINI)
+upstream, _fake_server, fake, routed_to_fake, two_deployments = translated_upstream_fixtures(GEMINI)
 
 
 def test_a_function_call_sent_back_without_its_signature_is_refused_with_the_reason(
@@ -91,3 +93,47 @@ def test_thinking_is_billed_as_output_and_cached_tokens_at_the_cached_price(
     )
     assert record.cost_usd == expected_cost
     assert wallet_balance_usd(organization_id=org.pk) == Decimal("10") - expected_cost
+
+
+# --- answers not of the GenerateContentResponse shape ---------------------------------------
+
+
+def response(*parts: Any, **candidate: Any) -> dict[str, Any]:
+    """A GenerateContentResponse whose candidate has `parts` and the `candidate` fields given,
+    well formed otherwise."""
+    return {
+        "candidates": [
+            {
+                "content": {"role": "model", "parts": list(parts)},
+                "finishReason": "STOP",
+                **candidate,
+            }
+        ],
+        "usageMetadata": {"promptTokenCount": 10, "candidatesTokenCount": 2},
+        "modelVersion": GEMINI.upstream_model,
+        "responseId": "r-0123",
+    }
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param([response({"text": "Hello"})], id="not_an_object"),
+        pytest.param({**response(), "candidates": "Hello"}, id="candidates_a_string"),
+        pytest.param({**response(), "candidates": ["Hello"]}, id="candidate_not_an_object"),
+        pytest.param(response(content="Hello"), id="content_a_string"),
+        pytest.param(response(content={"parts": "Hello"}), id="parts_not_a_list"),
+        pytest.param(response("Hello"), id="part_not_an_object"),
+        pytest.param(response({"text": 5}), id="text_a_number"),
+        pytest.param(response({"functionCall": "get_weather"}), id="function_call_a_string"),
+        pytest.param(response({"functionCall": {"args": {}}}), id="function_call_without_name"),
+        pytest.param(
+            response({"functionCall": {"name": "get_weather", "args": [1]}}), id="args_a_list"
+        ),
+        pytest.param(response({"text": "Hello"}, finishReason=["STOP"]), id="finish_reason_a_list"),
+    ],
+)
+def test_an_answer_not_of_the_generate_content_shape_fails_over(
+    gateway_url, two_deployments, fake, answer
+):
+    assert_an_unreadable_answer_fails_over(gateway_url, GEMINI, fake, answer)

@@ -12,15 +12,15 @@ import json
 from decimal import Decimal
 from typing import Any
 
+import anthropic
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageFunctionToolCall, ChatCompletionMessageParam
 
-from billing.models import UsageRecord
+from billing.models import Reservation, UsageRecord
 from billing.money import usage_cost_usd
 from billing.selectors import wallet_balance_usd
 from gateway.providers.base import estimate_prompt_tokens, estimate_tokens
-from gateway.services import catalog_load
 from tests.factories import make_key, make_org
 from tests.gateway.metering import assert_charged_exactly, sdk
 from tests.gateway.upstreams import (
@@ -31,7 +31,14 @@ from tests.gateway.upstreams import (
     translated_upstream_fixtures,
 )
 
-upstream, _fake_server, fake, routed_to_fake = translated_upstream_fixtures(ANTHROPIC, GEMINI)
+upstream, _fake_server, fake, routed_to_fake, two_deployments = translated_upstream_fixtures(
+    ANTHROPIC, GEMINI
+)
+
+
+def messages_sdk(gateway_url: str, key: str) -> anthropic.Anthropic:
+    """The official Anthropic client pointed at the gateway's /v1/messages, without retries."""
+    return anthropic.Anthropic(base_url=gateway_url.removesuffix("/v1"), api_key=key, max_retries=0)
 
 
 def test_it_answers_and_charges_the_exact_price(gateway_url, upstream, routed_to_fake, fake):
@@ -203,6 +210,49 @@ def test_an_upstream_failure_gets_502_and_is_recorded_uncharged(
     record = UsageRecord.objects.get()
     assert record.status == UsageRecord.Status.UPSTREAM_ERROR
     assert record.cost_usd == 0
+
+
+# Neither a Message nor a GenerateContentResponse (each adapter's own are in its test module).
+UNREADABLE_ANSWER = {"content": "Hello", "candidates": "Hello"}
+
+
+def test_an_unreadable_answer_gets_502_and_is_recorded_uncharged(
+    gateway_url, upstream, routed_to_fake, fake
+):
+    org = make_org(credit_usd="10")
+    _, key = make_key(org)
+    fake.answer_next(UNREADABLE_ANSWER)
+
+    with pytest.raises(openai.APIStatusError) as caught:
+        sdk(gateway_url, key).chat.completions.create(model=upstream.model, messages=MESSAGES)
+
+    assert caught.value.status_code == 502
+    assert caught.value.code == "upstream_failed"
+    assert wallet_balance_usd(organization_id=org.pk) == Decimal("10")
+    record = UsageRecord.objects.get()
+    assert (record.status, record.cost_usd) == (UsageRecord.Status.UPSTREAM_ERROR, 0)
+    assert Reservation.objects.get().state == Reservation.State.VOIDED
+
+
+def test_an_unreadable_answer_on_v1_messages_gets_anthropics_502(
+    gateway_url, upstream, routed_to_fake, fake
+):
+    org = make_org(credit_usd="10")
+    _, key = make_key(org)
+    fake.answer_next(UNREADABLE_ANSWER)
+
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        messages_sdk(gateway_url, key).messages.create(
+            model=upstream.model, max_tokens=50, messages=[{"role": "user", "content": "hi"}]
+        )
+
+    assert caught.value.status_code == 502
+    assert caught.value.body == {
+        "type": "error",
+        "error": {"type": "api_error", "message": "The provider's answer could not be read."},
+    }
+    assert wallet_balance_usd(organization_id=org.pk) == Decimal("10")
+    assert UsageRecord.objects.get().status == UsageRecord.Status.UPSTREAM_ERROR
 
 
 def test_a_wrong_provider_key_gets_502_without_the_upstream_detail(
@@ -433,17 +483,6 @@ def test_a_stream_without_usage_is_charged_an_estimate_labelled_as_such(
 
 
 # --- a stream's failover before its first byte ---------------------------------------------
-
-
-@pytest.fixture
-def two_deployments(upstream, fake, transactional_db, settings):
-    """The model on two deployments of the fake, `deployment-1` then `deployment-2`; the first
-    waits at most half a second for its first byte, and a Retry-After of up to two seconds is
-    waited for on the same route."""
-    settings.GATEWAY_MAX_RETRY_AFTER_SECONDS = 2
-    catalog = upstream.catalog(fake, "deployment-1", "deployment-2")
-    catalog["models"][0]["routes"][0]["timeouts"] = {"first_byte": 0.5}
-    catalog_load(data=catalog)
 
 
 def test_a_stream_past_its_first_byte_timeout_fails_over(

@@ -17,13 +17,16 @@ from typing import Any, Generic, TypeVar
 import pytest
 from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
 
+from billing.models import UsageRecord
 from billing.money import Price
 from gateway.services import catalog_load
+from tests.factories import make_key, make_org
 from tests.fakes import anthropic as fake_anthropic
 from tests.fakes import gemini as fake_gemini
 from tests.fakes.anthropic import FakeAnthropic
 from tests.fakes.gemini import FakeGemini
 from tests.fakes.provider import RecordedCall
+from tests.gateway.metering import assert_charged_exactly, sdk
 
 MESSAGES: list[ChatCompletionMessageParam] = [
     {"role": "system", "content": "You are terse."},
@@ -423,13 +426,18 @@ GEMINI = GeminiUpstream()
 # --- the fixtures -----------------------------------------------------------------------------
 
 
-def translated_upstream_fixtures(*upstreams: TranslatedUpstream[Any]) -> tuple[Any, Any, Any, Any]:
+def translated_upstream_fixtures(
+    *upstreams: TranslatedUpstream[Any],
+) -> tuple[Any, Any, Any, Any, Any]:
     """Fixtures for a test module to assign at its top level (`upstream, _fake_server, fake,
-    routed_to_fake = translated_upstream_fixtures(ANTHROPIC, GEMINI)`): `upstream`, the provider,
-    each of `upstreams` in turn when there are several (a test then runs once per provider, the
-    tests grouped by provider); `_fake_server`, its fake, started once per module and provider;
-    `fake`, that fake reset for the test, with the provider key set in the variable the catalog
-    names; and `routed_to_fake`, a catalog whose model routes to it."""
+    routed_to_fake, two_deployments = translated_upstream_fixtures(ANTHROPIC, GEMINI)`):
+    `upstream`, the provider, each of `upstreams` in turn when there are several (a test then
+    runs once per provider, the tests grouped by provider); `_fake_server`, its fake, started
+    once per module and provider; `fake`, that fake reset for the test, with the provider key
+    set in the variable the catalog names; `routed_to_fake`, a catalog whose model routes to
+    it; and `two_deployments`, one whose model routes to it twice, `deployment-1` then
+    `deployment-2` (the first waits at most half a second for its first byte, and a Retry-After
+    of up to two seconds is waited for on the same route)."""
 
     @pytest.fixture(
         scope="module",
@@ -461,4 +469,47 @@ def translated_upstream_fixtures(*upstreams: TranslatedUpstream[Any]) -> tuple[A
     ) -> None:
         catalog_load(data=upstream.catalog(fake, upstream.upstream_model))
 
-    return provider, server, fake, routed_to_fake
+    @pytest.fixture(name="two_deployments")
+    def two_deployments(
+        fake: FakeAnthropic | FakeGemini,
+        upstream: TranslatedUpstream[Any],
+        transactional_db: None,
+        settings: Any,
+    ) -> None:
+        settings.GATEWAY_MAX_RETRY_AFTER_SECONDS = 2
+        catalog = upstream.catalog(fake, "deployment-1", "deployment-2")
+        catalog["models"][0]["routes"][0]["timeouts"] = {"first_byte": 0.5}
+        catalog_load(data=catalog)
+
+    return provider, server, fake, routed_to_fake, two_deployments
+
+
+# --- answers the gateway cannot read ----------------------------------------------------------
+
+
+def assert_an_unreadable_answer_fails_over(
+    gateway_url: str, upstream: TranslatedUpstream[Any], fake: Any, answer: Any
+) -> None:
+    """With the model on `two_deployments`, `answer` from the first is not read: the second
+    answers, and only its answer is charged."""
+    org = make_org(credit_usd="10")
+    _, key = make_key(org)
+    fake.answer_next(answer)
+
+    raw = sdk(gateway_url, key).chat.completions.with_raw_response.create(
+        model=upstream.model, messages=MESSAGES, max_tokens=50
+    )
+
+    assert raw.parse().choices[0].message.content == upstream.reply_text(fake.replies[0])
+    assert [upstream.called_model(call) for call in fake.calls] == ["deployment-1", "deployment-2"]
+    reported = upstream.reported(fake.replies[0])
+    assert_charged_exactly(
+        raw,
+        org,
+        price=upstream.price,
+        input_tokens=reported.prompt_tokens,
+        output_tokens=reported.output_tokens,
+        provider=upstream.provider,
+        upstream_model="deployment-2",
+    )
+    assert UsageRecord.objects.get().attempts == 2
