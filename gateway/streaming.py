@@ -3,8 +3,9 @@ client as they arrive, checkpoint the usage while they flow, and settle when the
 
 The stream ends in one of four ways, and each is settled exactly once (`finish`):
 - normally: the upstream's `[DONE]`, passed on, after a `: cost_usd=…` comment with the charge;
-- the upstream broke off midway: the client gets the charge comment and one last event in
-  OpenAI's error shape (`stream_error_event`), and the stream closes cleanly;
+- the upstream broke off midway, or sent an event its adapter cannot read: the client gets the
+  charge comment and one last event in OpenAI's error shape (`stream_error_event`), and the
+  stream closes cleanly;
 - the client went away: Django cancels this iterator; the upstream request is closed;
 - the process died: nothing runs here, and the sweeper charges the last checkpoint.
 Usage is what the provider reported in its usage chunk when that arrived, otherwise an
@@ -25,7 +26,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.errors import STREAM_FAILED, GatewayError, UpstreamStreamBroken, stream_error_event
+from gateway.errors import (
+    STREAM_FAILED,
+    GatewayError,
+    UpstreamFailed,
+    UpstreamStreamBroken,
+    stream_error_event,
+)
 from gateway.providers.base import TokenUsage, UpstreamStream, estimate_tokens, reported_usage
 from gateway.providers.sse import EventObject
 
@@ -313,6 +320,12 @@ async def relay_chat_stream(
                     next_checkpoint = clock() + CHECKPOINT_INTERVAL_SECONDS
         except UpstreamStreamBroken as error:
             completed, last_event = False, StreamEnd(error)
+        except UpstreamFailed as unreadable:
+            # An event the adapter could not read (UnreadableAnswer): the provider failed, not
+            # the gateway, and past the first byte that is a broken stream.
+            logger.warning("an upstream stream was unreadable: %s", unreadable.message)
+            broken = UpstreamStreamBroken(unreadable.message)
+            completed, last_event = False, StreamEnd(broken)
         except Exception:
             logger.exception("relaying a stream failed")
             failure = GatewayError(STREAM_FAILED)

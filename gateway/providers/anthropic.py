@@ -387,7 +387,8 @@ async def stream_to_openai(
     `arguments`); `message_delta` gives the finish reason. Usage is `message_start`'s, updated
     by `message_delta`'s (cumulative) figures, and goes out as the last chunk once
     `message_stop` arrives. An `error` event, or a stream that ends before `message_stop`,
-    raises UpstreamStreamBroken.
+    raises UpstreamStreamBroken; an event not of the API's shape, UnreadableAnswer (`shaped`),
+    which ends the stream as a break does (gateway/streaming.py).
     """
     base: dict[str, Any] = {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -402,53 +403,65 @@ async def stream_to_openai(
         return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None, **extra}]}
 
     async for event in events:
-        kind = event.get("type") if isinstance(event, dict) else None
+        event = shaped(event, dict)
+        kind = shaped(event.get("type"), str)
         if kind == "message_start":
-            message = event.get("message") or {}
+            message = shaped(event.get("message"), dict)
             if message.get("id"):
                 base["id"] = f"chatcmpl-{message['id']}"
             base["model"] = message.get("model")
-            usage.update(message.get("usage") or {})
+            usage.update(shaped(message.get("usage"), dict, default={}))
             yield chunk({"role": "assistant", "content": ""})
         elif kind == "content_block_start":
-            block = event.get("content_block") or {}
-            if block.get("type") == "tool_use":
-                index = tool_indexes[event.get("index", 0)] = len(tool_indexes)
+            block = shaped(event.get("content_block"), dict)
+            block_kind = shaped(block.get("type"), str)
+            if block_kind == "tool_use":
+                call_id, name = _tool_use(block)
+                index = tool_indexes[shaped(event.get("index"), int)] = len(tool_indexes)
                 call = {
                     "index": index,
-                    "id": str(block.get("id")),
+                    "id": call_id,
                     "type": "function",
-                    "function": {"name": str(block.get("name")), "arguments": ""},
+                    "function": {"name": name, "arguments": ""},
                 }
                 yield chunk({"tool_calls": [call]})
-            elif block.get("type") == "text" and block.get("text"):
-                yield chunk({"content": block["text"]})
+            elif block_kind == "text":
+                text = shaped(block.get("text"), str, default="")
+                if text:
+                    yield chunk({"content": text})
         elif kind == "content_block_delta":
-            delta = event.get("delta") or {}
-            if delta.get("type") == "text_delta":
-                yield chunk({"content": str(delta.get("text", ""))})
-            elif delta.get("type") == "input_json_delta" and event.get("index") in tool_indexes:
-                arguments = {"arguments": str(delta.get("partial_json", ""))}
-                call = {"index": tool_indexes[event["index"]], "function": arguments}
-                yield chunk({"tool_calls": [call]})
+            delta = shaped(event.get("delta"), dict)
+            delta_kind = shaped(delta.get("type"), str)
+            if delta_kind == "text_delta":
+                yield chunk({"content": shaped(delta.get("text"), str)})
+            elif delta_kind == "input_json_delta":
+                block_index = shaped(event.get("index"), int)
+                if block_index in tool_indexes:
+                    arguments = {"arguments": shaped(delta.get("partial_json"), str)}
+                    call = {"index": tool_indexes[block_index], "function": arguments}
+                    yield chunk({"tool_calls": [call]})
             # thinking and signature deltas: never asked for by this adapter
         elif kind == "message_delta":
-            usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})
-            stop = event.get("delta") or {}
+            reported = shaped(event.get("usage"), dict, default={})
+            usage.update({k: v for k, v in reported.items() if v is not None})
+            stop = shaped(event.get("delta"), dict, default={})
             finish = chunk({}, **_matched_stop(stop))
             finish["choices"][0]["finish_reason"] = _FINISH_REASONS.get(
                 str(stop.get("stop_reason")), "stop"
             )
             yield finish
         elif kind == "message_stop":
-            reported = _reported_usage(usage)
-            if reported is not None:
-                yield {**base, "choices": [], "usage": openai_usage(reported)}
+            reported_usage = _reported_usage(usage)
+            if reported_usage is not None:
+                yield {**base, "choices": [], "usage": openai_usage(reported_usage)}
             return
         elif kind == "error":
             # The provider's own words may name internals: the client gets ours.
-            error = event.get("error") or {}
-            logger.warning("anthropic stream error event: %s", error.get("type"))
+            error = event.get("error")
+            logger.warning(
+                "anthropic stream error event: %s",
+                error.get("type") if isinstance(error, dict) else None,
+            )
             raise UpstreamStreamBroken("The provider failed in the middle of the stream.")
         # ping, and event types added later: nothing to relay
     raise UpstreamStreamBroken("The provider's stream broke off.")

@@ -481,7 +481,9 @@ async def stream_to_openai(
     candidate: text parts become `content`, each `functionCall` part a complete tool call.
     The stream has no end marker: it is complete when the connection ends after a
     `finishReason`, and broken (UpstreamStreamBroken) when it ends before one or carries an
-    `error`. Usage is the last `usageMetadata` seen (each event repeats the totals so far).
+    `error`; an event not of the API's shape is UnreadableAnswer (`shaped`), which ends the
+    stream as a break does (gateway/streaming.py). Usage is the last `usageMetadata` seen
+    (each event repeats the totals so far).
     """
     base: dict[str, Any] = {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -508,26 +510,24 @@ async def stream_to_openai(
         reported = _reported_usage(reply.get("usageMetadata"))
         if reported is not None:
             usage = reported[0]
-        candidates = reply.get("candidates")
-        candidate = candidates[0] if isinstance(candidates, list) and candidates else None
-        if not isinstance(candidate, dict):
+        candidates = shaped(reply.get("candidates"), list, default=[])
+        if not candidates:
             feedback = reply.get("promptFeedback")
             if isinstance(feedback, dict) and feedback.get("blockReason"):
                 finish_reason = "content_filter"
                 yield chunk({}, finish_reason)
             continue
-        content = candidate.get("content")
-        parts = content.get("parts") if isinstance(content, dict) else None
-        for part in parts if isinstance(parts, list) else []:
-            if not isinstance(part, dict) or part.get("thought"):
-                continue
-            if isinstance(part.get("text"), str) and part["text"]:
-                yield chunk({"content": part["text"]})
-            elif isinstance(part.get("functionCall"), dict):
-                yield chunk({"tool_calls": [{"index": tool_calls, **_tool_call(part)}]})
+        candidate = shaped(candidates[0], dict)
+        for piece in _answer_parts(candidate):
+            if isinstance(piece, str):
+                if piece:
+                    yield chunk({"content": piece})
+            else:
+                yield chunk({"tool_calls": [{"index": tool_calls, **piece}]})
                 tool_calls += 1
-        if candidate.get("finishReason"):
-            finish_reason = _finish_reason(candidate["finishReason"], tool_calls > 0)
+        reason = _gemini_finish_reason(candidate)
+        if reason:
+            finish_reason = _finish_reason(reason, tool_calls > 0)
             yield chunk({}, finish_reason)
     if finish_reason is None:
         raise UpstreamStreamBroken("The provider's stream broke off.")

@@ -159,7 +159,7 @@ def _data_of(event: bytes) -> bytes | None:
 def _parsed(data: bytes, keep_bytes: bool) -> Any:
     try:
         parsed = json.loads(data.decode())  # SSE is UTF-8: json's encoding sniffing is waste
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested past the reader's depth
         raise UpstreamStreamBroken("The provider's stream was not readable.") from None
     if keep_bytes and type(parsed) is dict:
         # Data joined from several `data:` lines holds a newline, and a lone CR ends an SSE

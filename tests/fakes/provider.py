@@ -157,7 +157,8 @@ class _Behaviour(ScriptedAnswer):
     omit_usage: bool = False
     stall_after_chunks: int | None = None  # pause this stream after this many content chunks
     stall_seconds: float = 0.0
-    extra_chunk: dict[str, Any] | None = None  # sent as is after the first content chunk
+    # Sent after the first content chunk: a JSON value, or bytes as they are.
+    extra_chunk: Any = None
 
 
 _NORMAL: Final = _Behaviour()
@@ -282,9 +283,10 @@ class FakeProvider(ScriptedFaults[_Behaviour], FakeUpstream):
         with self._lock:
             self._script.append(_Behaviour(omit_usage=True))
 
-    def send_chunk_next(self, chunk: dict[str, Any]) -> None:
+    def send_chunk_next(self, chunk: Any) -> None:
         """The next request, if it streams a chat, gets `chunk` as it is right after its first
-        content chunk (a chunk of a shape a provider should not send, say)."""
+        content chunk (a chunk of a shape a provider should not send, say): a JSON value, or
+        bytes sent as the event's data as they are (what json.dumps cannot write)."""
         with self._lock:
             self._script.append(_Behaviour(extra_chunk=chunk))
 
@@ -498,8 +500,9 @@ class FakeProvider(ScriptedFaults[_Behaviour], FakeUpstream):
             if index == 0:
                 delta = {"role": "assistant", **delta}
             await event(chunk(delta, None))
-            if index == 0 and behaviour.extra_chunk is not None:
-                await event(json.dumps(behaviour.extra_chunk))
+            extra = behaviour.extra_chunk
+            if index == 0 and extra is not None:
+                await event(extra.decode() if isinstance(extra, bytes) else json.dumps(extra))
         if cut is not None:
             await cut_connection()
         await event(chunk({}, finish_reason_for(request.messages, request.max_tokens)))

@@ -22,6 +22,7 @@ from tests.gateway.upstreams import (
     ANTHROPIC,
     MESSAGES,
     assert_an_unreadable_answer_fails_over,
+    assert_an_unreadable_event_ends_the_stream,
     translated_upstream_fixtures,
 )
 
@@ -182,3 +183,37 @@ TOOL_USE = {"type": "tool_use", "id": "toolu_0123", "name": "get_weather", "inpu
 )
 def test_an_answer_not_of_the_messages_shape_fails_over(gateway_url, two_deployments, fake, answer):
     assert_an_unreadable_answer_fails_over(gateway_url, ANTHROPIC, fake, answer)
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        pytest.param("Hello", id="not_an_object"),
+        pytest.param({"index": 0, "delta": {"type": "text_delta"}}, id="without_type"),
+        pytest.param({"type": "message_start", "message": "Hello"}, id="message_a_string"),
+        pytest.param(
+            {"type": "content_block_start", "index": 1, "content_block": [TOOL_USE]},
+            id="block_a_list",
+        ),
+        pytest.param(
+            {"type": "content_block_start", "index": [1], "content_block": TOOL_USE},
+            id="index_a_list",
+        ),
+        pytest.param(
+            {"type": "content_block_delta", "index": 0, "delta": " more"}, id="delta_a_string"
+        ),
+        pytest.param(
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": 5}},
+            id="text_a_number",
+        ),
+        pytest.param(
+            {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": "lots"},
+            id="usage_a_string",
+        ),
+        pytest.param({"type": "error", "error": "overloaded"}, id="error_a_string"),
+    ],
+)
+def test_a_stream_event_not_of_the_messages_shape_ends_the_stream_and_settles(
+    gateway_url, routed_to_fake, fake, event
+):
+    assert_an_unreadable_event_ends_the_stream(gateway_url, ANTHROPIC, fake, event)

@@ -22,6 +22,7 @@ from tests.gateway.upstreams import (
     MESSAGES,
     WEATHER_TOOL,
     assert_an_unreadable_answer_fails_over,
+    assert_an_unreadable_event_ends_the_stream,
     translated_upstream_fixtures,
 )
 
@@ -137,3 +138,25 @@ def test_an_answer_not_of_the_generate_content_shape_fails_over(
     gateway_url, two_deployments, fake, answer
 ):
     assert_an_unreadable_answer_fails_over(gateway_url, GEMINI, fake, answer)
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        pytest.param({"candidates": "more"}, id="candidates_a_string"),
+        pytest.param({"candidates": [["more"]]}, id="candidate_a_list"),
+        pytest.param({"candidates": [{"content": {"parts": ["more"]}}]}, id="part_a_string"),
+        pytest.param(
+            {"candidates": [{"content": {"parts": [{"functionCall": {"args": {}}}]}}]},
+            id="function_call_without_name",
+        ),
+        pytest.param(
+            {"candidates": [{"content": {"parts": [{"text": " more"}]}, "finishReason": [1]}]},
+            id="finish_reason_a_list",
+        ),
+    ],
+)
+def test_a_stream_event_not_of_the_generate_content_shape_ends_the_stream_and_settles(
+    gateway_url, routed_to_fake, fake, event
+):
+    assert_an_unreadable_event_ends_the_stream(gateway_url, GEMINI, fake, event)

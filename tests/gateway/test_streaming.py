@@ -239,6 +239,38 @@ def test_a_stream_cut_midway_ends_with_an_error_event_and_is_charged_what_was_re
     assert Reservation.objects.get().state == Reservation.State.SETTLED
 
 
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        pytest.param(b"{not json", id="not_json"),
+        pytest.param(b"[" * 100_000 + b"]" * 100_000, id="too_deep"),
+    ],
+)
+def test_an_unreadable_chunk_ends_with_an_error_event_and_is_charged_what_was_relayed(
+    gateway_url, catalog, fake_provider, chunk
+):
+    org = make_org(credit_usd="10")
+    _, key = make_key(org)
+    fake_provider.send_chunk_next(chunk)
+    received: list[str] = []
+
+    stream = sdk(gateway_url, key).chat.completions.create(
+        model="fake-small", messages=MESSAGES, stream=True
+    )
+    with pytest.raises(openai.APIError) as caught:
+        for piece in stream:
+            received.append(piece.choices[0].delta.content or "")
+
+    assert "".join(received) == REPLY.split()[0]
+    assert caught.value.code == "upstream_stream_failed"
+    record = UsageRecord.objects.get()
+    assert record.status == UsageRecord.Status.INTERRUPTED
+    assert record.usage_source == UsageRecord.UsageSource.ESTIMATED
+    assert record.cost_usd > 0
+    assert wallet_balance_usd(organization_id=org.pk) == Decimal("10") - record.cost_usd
+    assert Reservation.objects.get().state == Reservation.State.SETTLED
+
+
 def _open_connections(provider: FakeProvider) -> int:
     """Connections the fake provider's server holds open, as its uvicorn counts them (a
     connection leaves the count when its peer closes it)."""

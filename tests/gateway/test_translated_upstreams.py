@@ -461,6 +461,32 @@ def test_a_stream_cut_midway_ends_with_an_error_event_and_settles_interrupted(
     assert wallet_balance_usd(organization_id=org.pk) == Decimal(10) - record.cost_usd
 
 
+def test_an_unreadable_event_on_v1_messages_ends_with_anthropics_error_event(
+    gateway_url, upstream, routed_to_fake, fake
+):
+    org = make_org(credit_usd="10")
+    _, key = make_key(org)
+    fake.send_event_next(["not", "an", "event"])
+    received: list[str] = []
+
+    with (
+        pytest.raises(anthropic.APIStatusError) as caught,
+        messages_sdk(gateway_url, key).messages.stream(
+            model=upstream.model, max_tokens=50, messages=[{"role": "user", "content": "hi"}]
+        ) as stream,
+    ):
+        received.extend(stream.text_stream)
+
+    assert received
+    assert caught.value.body["type"] == "error"
+    assert caught.value.body["error"]["type"] == "api_error"
+    record = UsageRecord.objects.get()
+    assert record.status == UsageRecord.Status.INTERRUPTED
+    assert record.cost_usd > 0
+    assert wallet_balance_usd(organization_id=org.pk) == Decimal(10) - record.cost_usd
+    assert Reservation.objects.get().state == Reservation.State.SETTLED
+
+
 def test_a_stream_without_usage_is_charged_an_estimate_labelled_as_such(
     gateway_url, upstream, routed_to_fake, fake
 ):

@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Generic, TypeVar
 
+import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
 
-from billing.models import UsageRecord
+from billing.models import Reservation, UsageRecord
 from billing.money import Price
+from billing.selectors import wallet_balance_usd
 from gateway.services import catalog_load
 from tests.factories import make_key, make_org
 from tests.fakes import anthropic as fake_anthropic
@@ -513,3 +515,32 @@ def assert_an_unreadable_answer_fails_over(
         upstream_model="deployment-2",
     )
     assert UsageRecord.objects.get().attempts == 2
+
+
+def assert_an_unreadable_event_ends_the_stream(
+    gateway_url: str, upstream: TranslatedUpstream[Any], fake: Any, event: Any
+) -> None:
+    """`event`, sent after the stream's first content, ends it with the upstream's error event
+    (too late to fail over), and what was relayed is settled, as for a stream cut there."""
+    org = make_org(credit_usd="10")
+    _, key = make_key(org)
+    other_org = make_org(credit_usd="10")
+    fake.send_event_next(event)
+    received: list[str] = []
+
+    with pytest.raises(openai.APIError) as caught:
+        for chunk in sdk(gateway_url, key).chat.completions.create(
+            model=upstream.model, messages=MESSAGES, max_tokens=50, stream=True
+        ):
+            received.extend(choice.delta.content or "" for choice in chunk.choices)
+
+    assert caught.value.code == "upstream_stream_failed"
+    assert "".join(received).startswith(upstream.reply_prefix.split()[0])
+    record = UsageRecord.objects.get()
+    assert record.organization_id == org.pk
+    assert record.status == UsageRecord.Status.INTERRUPTED
+    assert record.usage_source == UsageRecord.UsageSource.ESTIMATED
+    assert record.cost_usd > 0
+    assert wallet_balance_usd(organization_id=org.pk) == Decimal(10) - record.cost_usd
+    assert wallet_balance_usd(organization_id=other_org.pk) == Decimal(10)
+    assert Reservation.objects.get().state == Reservation.State.SETTLED
