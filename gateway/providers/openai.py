@@ -17,6 +17,7 @@ from gateway.providers.base import (
     billable_usage,
     estimated_usage,
     reported_usage,
+    shaped,
     token_count,
 )
 from gateway.providers.http import post_json
@@ -83,14 +84,24 @@ async def _chunks(
 ) -> AsyncIterator[dict[str, Any]]:
     """The JSON objects of a chat completion's server-sent events, up to `[DONE]`, with their
     bytes (gateway/providers/sse.py EventObject): a chunk the relay leaves as it is goes to
-    the client as the provider wrote it."""
+    the client as the provider wrote it. A chunk whose `choices` is not a list of objects,
+    each with an object (or nothing) as its `delta`, is one no client could read:
+    UnreadableAnswer (`shaped`), which ends the stream as a break does."""
     async for chunk in event_data(route, response, keep_bytes=True):
         if not isinstance(chunk, dict) or "error" in chunk:
             # An error reported inside the stream: its text is the provider's, not ours to
             # pass on (it may name internals), so the client gets our own message.
             logger.warning("provider %s reported an error mid-stream", route.provider)
             raise UpstreamStreamBroken("The provider failed in the middle of the stream.")
+        for choice in shaped(chunk.get("choices"), list, default=_NO_CHOICES):
+            shaped(shaped(choice, dict).get("delta"), dict, default=_NO_DELTA)
         yield chunk
+
+
+# What a chunk without choices (some usage chunks), or a choice without a delta (a legacy
+# completion's), is read as; never changed.
+_NO_CHOICES: Final[list[Any]] = []
+_NO_DELTA: Final[dict[str, Any]] = {}
 
 
 @dataclass(frozen=True, slots=True)

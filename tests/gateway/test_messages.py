@@ -378,7 +378,14 @@ def test_a_stream_chunk_the_translation_cannot_read_ends_with_an_error_event_and
     org = make_org(credit_usd="10")
     _, key = make_key(org)
     make_key(make_org(credit_usd="10"))  # another organisation, never charged
-    upstreams.openai.send_chunk_next({"object": "chat.completion.chunk", "choices": ["?"]})
+    # A tool call that is not an object: the OpenAI-style adapter reads no deeper than the
+    # choice's delta (gateway/providers/openai.py), and passes it on.
+    upstreams.openai.send_chunk_next(
+        {
+            "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": {"tool_calls": ["?"]}}],
+        }
+    )
     received: list[str] = []
 
     with (

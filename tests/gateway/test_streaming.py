@@ -244,6 +244,9 @@ def test_a_stream_cut_midway_ends_with_an_error_event_and_is_charged_what_was_re
     [
         pytest.param(b"{not json", id="not_json"),
         pytest.param(b"[" * 100_000 + b"]" * 100_000, id="too_deep"),
+        pytest.param({"object": "chat.completion.chunk", "choices": 5}, id="choices_a_number"),
+        pytest.param({"object": "chat.completion.chunk", "choices": ["?"]}, id="choice_a_string"),
+        pytest.param({"choices": [{"index": 0, "delta": "?"}]}, id="delta_a_string"),
     ],
 )
 def test_an_unreadable_chunk_ends_with_an_error_event_and_is_charged_what_was_relayed(
