@@ -196,6 +196,22 @@ def test_scripted_failures_repeat_and_can_carry_a_custom_body(
     assert [m.id for m in client.models.list()] == list(MODELS)
 
 
+@pytest.mark.parametrize(
+    ("body", "sent"),
+    [({"choices": 5}, b'{"choices": 5}'), (b"[" * 5000 + b"]" * 5000, b"[" * 5000 + b"]" * 5000)],
+)
+def test_answer_next_sends_the_body_once_bytes_as_they_are(
+    fake: FakeProvider, body: object, sent: bytes
+) -> None:
+    fake.answer_next(body)
+
+    scripted = httpx.post(f"{fake.base_url}/chat/completions", json={})
+    normal = httpx.get(f"{fake.base_url}/models", headers={"Authorization": "Bearer k"})
+
+    assert (scripted.status_code, scripted.content) == (200, sent)
+    assert [m["id"] for m in normal.json()["data"]] == list(MODELS)
+
+
 def test_delay_next_holds_the_first_byte(fake: FakeProvider, client: openai.OpenAI) -> None:
     fake.delay_next(0.3)
 
