@@ -309,7 +309,9 @@ def test_an_address_the_mail_server_refuses_holds_back_no_other_statement(
     refused = Statement.objects.get(organization=bouncing)
     assert refused.email_status == Statement.EmailStatus.SENDING  # retried after the delay
     assert statements_email_pending(now=ISSUE_AT + timedelta(hours=2)) == 0
-    assert Statement.objects.get(organization=bouncing).email_claimed_at > refused.email_claimed_at
+    claimed_again = Statement.objects.get(organization=bouncing).email_claimed_at
+    assert claimed_again is not None and refused.email_claimed_at is not None
+    assert claimed_again > refused.email_claimed_at
 
 
 def test_the_owner_of_an_org_created_after_the_period_gets_no_statement_for_it():

@@ -72,7 +72,8 @@ def test_a_retryable_failure_moves_to_the_next_route(
 # --- answers the gateway cannot read ---------------------------------------------------------
 
 # A call of each OpenAI-style endpoint to the model `fake-small`, through the official SDK.
-ENDPOINT_CALLS: dict[str, Callable[[openai.OpenAI], Any]] = {
+# Each takes an openai.OpenAI, or its `with_raw_response` view.
+ENDPOINT_CALLS: dict[str, Callable[[Any], Any]] = {
     "chat": lambda client: client.chat.completions.create(model="fake-small", messages=MESSAGES),
     "completions": lambda client: client.completions.create(model="fake-small", prompt="hi"),
     "embeddings": lambda client: client.embeddings.create(model="fake-small", input="hi"),
@@ -130,7 +131,8 @@ def test_unreadable_answers_on_every_route_get_502_and_are_not_charged(
     org = make_org(credit_usd="10")
     _, key = make_key(org)
     other_org = make_org(credit_usd="10")
-    for answer in (TOO_DEEP, NOT_JSON, []):
+    answers: tuple[object, ...] = (TOO_DEEP, NOT_JSON, [])
+    for answer in answers:
         fake_provider.answer_next(answer)
 
     if endpoint == "messages":
@@ -142,8 +144,10 @@ def test_unreadable_answers_on_every_route_get_502_and_are_not_charged(
                 model="fake-small", max_tokens=20, messages=[{"role": "user", "content": "hi"}]
             )
         assert anthropic_error.value.status_code == 502
-        assert anthropic_error.value.body["type"] == "error"
-        assert anthropic_error.value.body["error"]["type"] == "api_error"
+        body = anthropic_error.value.body
+        assert isinstance(body, dict)
+        assert body["type"] == "error"
+        assert body["error"]["type"] == "api_error"
         response = anthropic_error.value.response
     else:
         with pytest.raises(openai.APIStatusError) as openai_error:

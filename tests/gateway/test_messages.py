@@ -518,7 +518,7 @@ def test_an_answer_that_cannot_be_written_after_the_charge_is_a_502_carrying_the
     org = make_org(credit_usd="10")
     _, key = make_key(org)
     make_key(make_org(credit_usd="10"))  # another organisation, never charged
-    call = {"id": "call_1", "type": "function"}
+    call: dict[str, object] = {"id": "call_1", "type": "function"}
     call["function"] = {"name": "get_weather", "arguments": "[" * 100_000}
     upstreams.openai.fail_next(
         200,

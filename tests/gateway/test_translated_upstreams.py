@@ -478,8 +478,10 @@ def test_an_unreadable_event_on_v1_messages_ends_with_anthropics_error_event(
         received.extend(stream.text_stream)
 
     assert received
-    assert caught.value.body["type"] == "error"
-    assert caught.value.body["error"]["type"] == "api_error"
+    body = caught.value.body
+    assert isinstance(body, dict)
+    assert body["type"] == "error"
+    assert body["error"]["type"] == "api_error"
     record = UsageRecord.objects.get()
     assert record.status == UsageRecord.Status.INTERRUPTED
     assert record.cost_usd > 0
