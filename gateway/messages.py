@@ -291,8 +291,10 @@ def message_from_openai(completion: dict[str, Any], usage: TokenUsage) -> dict[s
     """The Messages API `message` for a chat.completion and the usage it was billed for."""
     choices = completion.get("choices") or [{}]
     choice = _object(choices[0])
-    # It runs after the request is settled: a malformed answer keeps what can be read of it
-    # rather than failing a request that was charged.
+    # It runs after the request is settled. The adapters have checked what is read here (an
+    # OpenAI-style answer's in gateway/providers/openai.py `_readable_chat_choice`), so that
+    # an answer whose tool call would be lost fails over uncharged; what else is malformed
+    # keeps what can be read of it rather than failing a request that was charged.
     reply = _object(choice.get("message"))
     content: list[dict[str, Any]] = []
     text = reply.get("content") or reply.get("refusal")

@@ -102,37 +102,83 @@ async def _chunks(
 # completion's), is read as; never changed.
 _NO_CHOICES: Final[list[Any]] = []
 _NO_DELTA: Final[dict[str, Any]] = {}
+_TEXT_OR_NULL: Final = (str, type(None))
+
+
+def _readable_tool_calls(calls: Any) -> bool:
+    """Whether `calls` are a message's `tool_calls` as the SDKs and gateway/messages.py read
+    them: a list of objects, each with a text (or null) `id` and a `function` object with a
+    text `name` and `arguments`; a tool call of another `type` (`custom`) has no `function`."""
+    if not isinstance(calls, list):
+        return False
+    for call in calls:
+        if not isinstance(call, dict) or not isinstance(call.get("id"), _TEXT_OR_NULL):
+            return False
+        function = call.get("function")
+        if function is None and call.get("type", "function") != "function":
+            continue
+        if not (
+            isinstance(function, dict)
+            and isinstance(function.get("name"), str)
+            and isinstance(function.get("arguments"), str)
+        ):
+            return False
+    return True
+
+
+def _readable_chat_choice(choice: dict[str, Any]) -> bool:
+    """Whether a chat completion's choice holds what the SDKs and gateway/messages.py read:
+    a `message` object whose `content` and `refusal` are text or null and whose `tool_calls`
+    are readable (or absent), and a text (or null) `finish_reason`."""
+    message = choice.get("message")
+    if not isinstance(message, dict):
+        return False
+    calls = message.get("tool_calls")
+    return (
+        isinstance(message.get("content"), _TEXT_OR_NULL)
+        and isinstance(message.get("refusal"), _TEXT_OR_NULL)
+        and isinstance(choice.get("finish_reason"), _TEXT_OR_NULL)
+        and (calls is None or _readable_tool_calls(calls))
+    )
+
+
+def _readable_completion_choice(choice: dict[str, Any]) -> bool:
+    # A legacy completion's text is always a string, empty when nothing was generated.
+    return isinstance(choice.get("text"), str)
+
+
+def _readable_embedding(item: dict[str, Any]) -> bool:
+    # A list of floats, or base64 text with `encoding_format: base64`; never looked inside.
+    return isinstance(item.get("embedding"), (list, str))
 
 
 @dataclass(frozen=True, slots=True)
 class _Shape:
-    """What an answer must hold to be read: a list at `list_field` of objects, each with a
-    value of one of `item_kinds` at `item_field` (when set); `name` is for the error."""
+    """What an answer must hold to be read: a list at `list_field` of objects, each of which
+    `readable` accepts; `name` is for the error."""
 
     list_field: str
     name: str
-    item_field: str | None = None
-    item_kinds: tuple[type, ...] = ()
+    readable: Callable[[dict[str, Any]], bool]
 
 
-_CHAT: Final = _Shape("choices", "a chat completion", "message", (dict,))
-_COMPLETION: Final = _Shape("choices", "a completion")
-# An embedding is a list of floats, or base64 text with `encoding_format: base64`.
-_EMBEDDINGS: Final = _Shape("data", "a list of embeddings", "embedding", (list, str))
+_CHAT: Final = _Shape("choices", "a chat completion", _readable_chat_choice)
+_COMPLETION: Final = _Shape("choices", "a completion", _readable_completion_choice)
+_EMBEDDINGS: Final = _Shape("data", "a list of embeddings", _readable_embedding)
 
 
 def _check_shape(reply: Any, shape: _Shape) -> dict[str, Any]:
     """`reply` when it has `shape`; UnreadableAnswer otherwise. The items are the choices (one
-    unless `n` asked for more) or the embeddings of a batch: an isinstance or two each, never
-    a look inside a vector or a text."""
+    unless `n` asked for more) or the embeddings of a batch: a few isinstance checks each on
+    the fields a reader (the SDKs, gateway/messages.py) touches, never a look inside a vector
+    or a text. Run before the answer is measured and charged, so that one the client could
+    not use fails over instead."""
     items = reply.get(shape.list_field) if isinstance(reply, dict) else None
     if not isinstance(items, list):
         raise UnreadableAnswer(f"The provider's answer was not {shape.name}.")
-    field, kinds = shape.item_field, shape.item_kinds
+    readable = shape.readable
     for item in items:
-        if not isinstance(item, dict) or (
-            field is not None and not isinstance(item.get(field), kinds)
-        ):
+        if not isinstance(item, dict) or not readable(item):
             raise UnreadableAnswer(f"The provider's answer was not {shape.name}.")
     return reply
 

@@ -605,6 +605,33 @@ def _chat_completion(
     }
 
 
+def chat_answer(
+    message: dict[str, Any], *, finish_reason: Any = "stop", usage: Any = None
+) -> dict[str, Any]:
+    """A chat completion of one choice holding `message` (an assistant's unless it says), for
+    `answer_next`: one of a shape a provider should not send, say. `usage` defaults to 3
+    prompt tokens and 2 completion tokens."""
+    choice = {
+        "index": 0,
+        "message": {"role": "assistant", **message},
+        "logprobs": {"content": [], "refusal": None},
+        "finish_reason": finish_reason,
+    }
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": "fake-small",
+        "choices": [choice],
+        "usage": usage or {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+    }
+
+
+def tool_call(function: Any) -> dict[str, Any]:
+    """A function tool call of a chat completion's message, `function` as it is given."""
+    return {"id": "call_1", "type": "function", "function": function}
+
+
 @dataclass(frozen=True)
 class _CompletionRequest:
     model: str

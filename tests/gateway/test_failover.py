@@ -18,6 +18,7 @@ from billing.models import Reservation, UsageRecord
 from billing.selectors import wallet_balance_usd
 from gateway.services import catalog_load
 from tests.factories import make_key, make_org
+from tests.fakes.provider import chat_answer, tool_call
 from tests.gateway.metering import sdk
 
 MESSAGES: list[openai.types.chat.ChatCompletionMessageParam] = [
@@ -84,22 +85,90 @@ NOT_JSON = b"{not json"
 TOO_DEEP = b"[" * 100_000 + b"]" * 100_000  # past the json module's recursion limit
 # 200 answers that are not the endpoint's shape: charged as they were and passed on, or
 # a 500 when the usage had to be estimated from them.
-UNREADABLE_ANSWERS = [
-    pytest.param(endpoint, answer, id=f"{endpoint}-{name}")
-    for endpoint in ENDPOINT_CALLS
-    for name, answer in [("not_json", NOT_JSON), ("too_deep", TOO_DEEP), ("a_list", [])]
+UNREADABLE_ANSWERS = (
+    [
+        pytest.param(endpoint, answer, id=f"{endpoint}-{name}")
+        for endpoint in ENDPOINT_CALLS
+        for name, answer in [("not_json", NOT_JSON), ("too_deep", TOO_DEEP), ("a_list", [])]
+    ]
+    + [
+        pytest.param("chat", {"choices": 5, "usage": USAGE}, id="chat-choices_not_a_list"),
+        pytest.param("chat", {"choices": [7], "usage": USAGE}, id="chat-choice_not_an_object"),
+        pytest.param("chat", {"choices": [{"message": None}]}, id="chat-message_null"),
+        pytest.param("chat", {"choices": [{"message": "hi"}]}, id="chat-message_a_string"),
+        pytest.param(
+            "completions", {"choices": "hi", "usage": USAGE}, id="completions-choices_text"
+        ),
+        pytest.param("completions", {"choices": [None]}, id="completions-choice_null"),
+        pytest.param("embeddings", {"data": {"embedding": [0.5]}}, id="embeddings-data_an_object"),
+        pytest.param("embeddings", {"data": [[0.5]], "usage": USAGE}, id="embeddings-item_a_list"),
+        pytest.param("embeddings", {"data": [{"embedding": None}]}, id="embeddings-embedding_null"),
+        pytest.param(
+            "embeddings", {"data": [{"embedding": {"x": 0.5}}]}, id="embeddings-embedding_an_object"
+        ),
+        pytest.param(
+            "embeddings", {"data": [{"embedding": 0.5}], "usage": USAGE}, id="embeddings-a_number"
+        ),
+        pytest.param(
+            "completions",
+            {"choices": [{"text": 5}], "usage": USAGE},
+            id="completions-text_a_number",
+        ),
+        pytest.param(
+            "completions", {"choices": [{"text": None}], "usage": USAGE}, id="completions-text_null"
+        ),
+    ]
+    + [
+        # Below the choice: what the SDK's model (or /v1/messages' translation) reads.
+        pytest.param("chat", chat_answer(message), id=f"chat-{name}")
+        for name, message in [
+            ("content_a_number", {"content": 5}),
+            ("content_an_object", {"content": {"text": "hi"}}),
+            ("tool_calls_an_object", {"content": None, "tool_calls": {"id": "call_1"}}),
+            ("tool_call_a_string", {"content": None, "tool_calls": ["call_1"]}),
+            ("function_a_string", {"content": None, "tool_calls": [tool_call("get_weather")]}),
+            ("function_null", {"content": None, "tool_calls": [tool_call(None)]}),
+            ("name_a_number", {"tool_calls": [tool_call({"name": 5, "arguments": "{}"})]}),
+            ("name_missing", {"tool_calls": [tool_call({"arguments": "{}"})]}),
+            ("arguments_an_object", {"tool_calls": [tool_call({"name": "f", "arguments": {}})]}),
+        ]
+    ]
+    + [
+        pytest.param(
+            "chat", chat_answer({"content": "hi"}, finish_reason=5), id="chat-finish_a_number"
+        )
+    ]
+)
+WEATHER_CALL = tool_call({"name": "get_weather", "arguments": '{"city": "Paris"}'})
+CUSTOM_CALL = {"id": "call_2", "type": "custom", "custom": {"name": "grep", "input": "x"}}
+# 200 answers that are unusual but the API's: passed on as they are, and charged.
+READABLE_ANSWERS = [
+    pytest.param("chat", chat_answer(message), id=f"chat-{name}")
+    for name, message in [
+        ("content_null_with_a_tool_call", {"content": None, "tool_calls": [WEATHER_CALL]}),
+        ("refusal", {"content": None, "refusal": "I can't help with that."}),
+        (
+            "audio",
+            {"content": None, "audio": {"id": "audio_1", "data": "UklG", "transcript": "hi"}},
+        ),
+        ("unknown_fields", {"content": "hi", "reasoning_content": "hmm", "x_vendor": [1]}),
+        ("custom_tool_call", {"content": None, "tool_calls": [CUSTOM_CALL]}),
+    ]
 ] + [
-    pytest.param("chat", {"choices": 5, "usage": USAGE}, id="chat-choices_not_a_list"),
-    pytest.param("chat", {"choices": [7], "usage": USAGE}, id="chat-choice_not_an_object"),
-    pytest.param("chat", {"choices": [{"message": None}]}, id="chat-message_null"),
-    pytest.param("chat", {"choices": [{"message": "hi"}]}, id="chat-message_a_string"),
-    pytest.param("completions", {"choices": "hi", "usage": USAGE}, id="completions-choices_text"),
-    pytest.param("completions", {"choices": [None]}, id="completions-choice_null"),
-    pytest.param("embeddings", {"data": {"embedding": [0.5]}}, id="embeddings-data_an_object"),
-    pytest.param("embeddings", {"data": [[0.5]], "usage": USAGE}, id="embeddings-item_a_list"),
-    pytest.param("embeddings", {"data": [{"embedding": None}]}, id="embeddings-embedding_null"),
     pytest.param(
-        "embeddings", {"data": [{"embedding": {"x": 0.5}}]}, id="embeddings-embedding_an_object"
+        "chat",
+        {**chat_answer({"content": "hi"}), "service_tier": "default", "x_vendor": {"a": 1}},
+        id="chat-logprobs_and_unknown_fields",
+    ),
+    pytest.param(
+        "completions",
+        {"choices": [{"index": 0, "text": "hi", "logprobs": None, "finish_reason": None}]},
+        id="completions-no_finish_reason",
+    ),
+    pytest.param(
+        "embeddings",
+        {"data": [{"object": "embedding", "index": 0, "embedding": "AAAAPw=="}], "usage": USAGE},
+        id="embeddings-base64",
     ),
 ]
 
@@ -121,6 +190,27 @@ def test_an_unreadable_answer_moves_to_the_next_route(
     assert (record.upstream_model, record.attempts, record.status) == ("deployment-2", 2, "ok")
     assert record.usage_source == UsageRecord.UsageSource.REPORTED
     # Charged once, for the answer delivered.
+    assert wallet_balance_usd(organization_id=org.pk) == 10 - record.cost_usd
+
+
+@pytest.mark.parametrize(("endpoint", "answer"), READABLE_ANSWERS)
+def test_an_unusual_answer_of_the_apis_shape_is_passed_on_and_charged(
+    gateway_url, three_routes, fake_provider, endpoint, answer
+):
+    org = make_org(credit_usd="10")
+    _, key = make_key(org)
+    fake_provider.answer_next(answer)
+
+    raw = ENDPOINT_CALLS[endpoint](sdk(gateway_url, key).with_raw_response)
+    raw.parse()
+
+    assert raw.status_code == 200
+    assert {k: v for k, v in raw.http_response.json().items() if k != "model"} == {
+        k: v for k, v in answer.items() if k != "model"
+    }
+    assert upstream_models(fake_provider) == ["deployment-1"]
+    record = UsageRecord.objects.get(request_id=raw.headers["x-request-id"])
+    assert (record.attempts, record.status, record.cost_usd > 0) == (1, "ok", True)
     assert wallet_balance_usd(organization_id=org.pk) == 10 - record.cost_usd
 
 

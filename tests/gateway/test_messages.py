@@ -27,7 +27,13 @@ from tests.factories import make_key, make_org
 from tests.fakes.anthropic import FakeAnthropic
 from tests.fakes.gemini import FakeGemini
 from tests.fakes.openai_tools import FakeToolCallingProvider
-from tests.fakes.provider import FakeProvider, count_prompt_tokens, reply_for
+from tests.fakes.provider import (
+    FakeProvider,
+    chat_answer,
+    count_prompt_tokens,
+    reply_for,
+    tool_call,
+)
 from tests.gateway.metering import assert_charged_exactly
 
 OPENAI_KEY_ENV = "SWITCHBOARD_TEST_MESSAGES_OPENAI_KEY"
@@ -407,6 +413,48 @@ def test_a_stream_chunk_the_translation_cannot_read_ends_with_an_error_event_and
     assert record.cost_usd > 0
     assert wallet_balance_usd(organization_id=org.pk) == Decimal(10) - record.cost_usd
     assert Reservation.objects.get().state == Reservation.State.SETTLED
+
+
+@pytest.mark.parametrize(
+    "tool_calls",
+    [
+        pytest.param({"id": "call_1"}, id="tool_calls_an_object"),
+        pytest.param(["call_1"], id="tool_call_a_string"),
+        pytest.param([tool_call("get_weather")], id="function_a_string"),
+        pytest.param([tool_call({"name": ["get_weather"], "arguments": "{}"})], id="name_a_list"),
+        pytest.param([tool_call({"name": "get_weather", "arguments": {}})], id="arguments_object"),
+    ],
+)
+def test_an_answer_whose_tool_call_cannot_be_read_gets_502_and_is_not_charged(
+    gateway_url, upstreams, tool_calls
+):
+    # The translation would have dropped the tool call from a message already charged.
+    org = make_org(credit_usd="10")
+    _, key = make_key(org)
+    other = make_org(credit_usd="10")
+    make_key(other)
+    answer = chat_answer({"content": None, "tool_calls": tool_calls}, finish_reason="tool_calls")
+    upstreams.openai.answer_next(answer)
+
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        client(gateway_url, key).messages.create(
+            model="gpt-test", max_tokens=50, messages=[{"role": "user", "content": QUESTION}]
+        )
+
+    assert caught.value.status_code == 502
+    assert caught.value.body == {
+        "type": "error",
+        "error": {
+            "type": "api_error",
+            "message": "The provider's answer was not a chat completion.",
+        },
+    }
+    assert caught.value.response.headers["x-switchboard-cost-usd"] == "0.0000000000"
+    record = UsageRecord.objects.get()
+    assert (record.status, record.cost_usd) == (UsageRecord.Status.UPSTREAM_ERROR, 0)
+    assert Reservation.objects.get().state == Reservation.State.VOIDED
+    assert wallet_balance_usd(organization_id=org.pk) == 10
+    assert wallet_balance_usd(organization_id=other.pk) == 10
 
 
 def test_the_key_may_come_as_a_bearer_token(gateway_url, upstreams):
