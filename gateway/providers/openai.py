@@ -85,8 +85,11 @@ async def _chunks(
     """The JSON objects of a chat completion's server-sent events, up to `[DONE]`, with their
     bytes (gateway/providers/sse.py EventObject): a chunk the relay leaves as it is goes to
     the client as the provider wrote it. A chunk whose `choices` is not a list of objects,
-    each with an object (or nothing) as its `delta`, is one no client could read:
-    UnreadableAnswer (`shaped`), which ends the stream as a break does."""
+    each with an object (or nothing) as its `delta` whose fields are of their types (text
+    or null `content`, `finish_reason` and a legacy completion's `text`; `tool_calls` as
+    `_readable_tool_calls` reads them), is one no client could read: UnreadableAnswer,
+    which ends the stream as a break does. This runs per frame: a few isinstance checks on
+    the keys a chunk has, a call only for the rare chunk carrying tool calls."""
     async for chunk in event_data(route, response, keep_bytes=True):
         if not isinstance(chunk, dict) or "error" in chunk:
             # An error reported inside the stream: its text is the provider's, not ours to
@@ -94,7 +97,15 @@ async def _chunks(
             logger.warning("provider %s reported an error mid-stream", route.provider)
             raise UpstreamStreamBroken("The provider failed in the middle of the stream.")
         for choice in shaped(chunk.get("choices"), list, default=_NO_CHOICES):
-            shaped(shaped(choice, dict).get("delta"), dict, default=_NO_DELTA)
+            delta = shaped(shaped(choice, dict).get("delta"), dict, default=_NO_DELTA)
+            calls = delta.get("tool_calls")
+            if not (
+                isinstance(delta.get("content"), _TEXT_OR_NULL)
+                and isinstance(choice.get("finish_reason"), _TEXT_OR_NULL)
+                and isinstance(choice.get("text"), _TEXT_OR_NULL)
+                and (calls is None or _readable_tool_calls(calls, streamed=True))
+            ):
+                raise UnreadableAnswer()
         yield chunk
 
 
@@ -105,22 +116,31 @@ _NO_DELTA: Final[dict[str, Any]] = {}
 _TEXT_OR_NULL: Final = (str, type(None))
 
 
-def _readable_tool_calls(calls: Any) -> bool:
+def _readable_tool_calls(calls: Any, *, streamed: bool) -> bool:
     """Whether `calls` are a message's `tool_calls` as the SDKs and gateway/messages.py read
     them: a list of objects, each with a text (or null) `id` and a `function` object with a
-    text `name` and `arguments`; a tool call of another `type` (`custom`) has no `function`."""
+    text `name` and `arguments`; a tool call of another `type` (`custom`) has no `function`.
+    Streamed (a delta's), they come in pieces: `function`, its `name` and `arguments` may be
+    absent or null, and the `index` is an integer (absent from some providers' pieces)."""
     if not isinstance(calls, list):
         return False
+    kinds: type | tuple[type, ...] = _TEXT_OR_NULL if streamed else str
     for call in calls:
         if not isinstance(call, dict) or not isinstance(call.get("id"), _TEXT_OR_NULL):
             return False
         function = call.get("function")
-        if function is None and call.get("type", "function") != "function":
+        if streamed:
+            index = call.get("index")
+            if isinstance(index, bool) or not isinstance(index, (int, type(None))):
+                return False
+            if function is None:
+                continue
+        elif function is None and call.get("type", "function") != "function":
             continue
         if not (
             isinstance(function, dict)
-            and isinstance(function.get("name"), str)
-            and isinstance(function.get("arguments"), str)
+            and isinstance(function.get("name"), kinds)
+            and isinstance(function.get("arguments"), kinds)
         ):
             return False
     return True
@@ -138,7 +158,7 @@ def _readable_chat_choice(choice: dict[str, Any]) -> bool:
         isinstance(message.get("content"), _TEXT_OR_NULL)
         and isinstance(message.get("refusal"), _TEXT_OR_NULL)
         and isinstance(choice.get("finish_reason"), _TEXT_OR_NULL)
-        and (calls is None or _readable_tool_calls(calls))
+        and (calls is None or _readable_tool_calls(calls, streamed=False))
     )
 
 

@@ -376,20 +376,32 @@ def test_an_anthropic_stream_cut_midway_ends_with_an_error_event_and_settles_int
     assert Reservation.objects.get().state == Reservation.State.SETTLED
 
 
-def test_a_stream_chunk_the_translation_cannot_read_ends_with_an_error_event_and_settles(
-    gateway_url, upstreams
+# Streamed tool calls of a shape a provider should not send: the translation (and the
+# openai SDK) reads each.
+UNREADABLE_TOOL_CALL_DELTAS = [
+    pytest.param("call_1", id="tool_calls_a_string"),
+    pytest.param(["?"], id="tool_call_a_string"),
+    pytest.param([{"index": 0, "function": "get_weather"}], id="function_a_string"),
+    pytest.param([{"index": 0, "function": {"name": 5}}], id="name_a_number"),
+    pytest.param([{"index": 0, "function": {"arguments": {}}}], id="arguments_an_object"),
+    pytest.param([{"index": "first", "function": {"arguments": "{}"}}], id="index_a_word"),
+]
+
+
+@pytest.mark.parametrize("tool_calls", UNREADABLE_TOOL_CALL_DELTAS)
+def test_a_stream_chunk_the_adapter_cannot_read_ends_with_an_error_event_and_settles(
+    gateway_url, upstreams, tool_calls
 ):
-    # The stream's status went with its first event: a failure in the translation after that
-    # ends it with Anthropic's error event, not with a connection dropped mid-body.
+    # The stream's status went with its first event: an unreadable chunk after that ends it
+    # as a break of the provider's, with Anthropic's error event, not as the gateway's own
+    # failure nor with a connection dropped mid-body.
     org = make_org(credit_usd="10")
     _, key = make_key(org)
     make_key(make_org(credit_usd="10"))  # another organisation, never charged
-    # A tool call that is not an object: the OpenAI-style adapter reads no deeper than the
-    # choice's delta (gateway/providers/openai.py), and passes it on.
     upstreams.openai.send_chunk_next(
         {
             "object": "chat.completion.chunk",
-            "choices": [{"index": 0, "delta": {"tool_calls": ["?"]}}],
+            "choices": [{"index": 0, "delta": {"tool_calls": tool_calls}}],
         }
     )
     received: list[str] = []
@@ -405,7 +417,7 @@ def test_a_stream_chunk_the_translation_cannot_read_ends_with_an_error_event_and
     assert len(received) == 1
     assert caught.value.body == {
         "type": "error",
-        "error": {"type": "api_error", "message": "The gateway failed to relay this stream."},
+        "error": {"type": "api_error", "message": "The provider's answer could not be read."},
     }
     record = UsageRecord.objects.get()
     assert record.status == UsageRecord.Status.INTERRUPTED

@@ -247,6 +247,22 @@ def test_a_stream_cut_midway_ends_with_an_error_event_and_is_charged_what_was_re
         pytest.param({"object": "chat.completion.chunk", "choices": 5}, id="choices_a_number"),
         pytest.param({"object": "chat.completion.chunk", "choices": ["?"]}, id="choice_a_string"),
         pytest.param({"choices": [{"index": 0, "delta": "?"}]}, id="delta_a_string"),
+        *[
+            pytest.param({"choices": [{"index": 0, "delta": delta}]}, id=name)
+            for name, delta in [
+                ("content_a_number", {"content": 5}),
+                ("content_a_list", {"content": ["hi"]}),
+                ("tool_calls_an_object", {"tool_calls": {"index": 0}}),
+                ("tool_call_a_string", {"tool_calls": ["?"]}),
+                ("function_a_string", {"tool_calls": [{"index": 0, "function": "f"}]}),
+                ("name_a_number", {"tool_calls": [{"index": 0, "function": {"name": 5}}]}),
+                ("arguments_a_list", {"tool_calls": [{"index": 0, "function": {"arguments": []}}]}),
+                ("index_a_word", {"tool_calls": [{"index": "0", "function": {"name": "f"}}]}),
+            ]
+        ],
+        pytest.param(
+            {"choices": [{"index": 0, "delta": {}, "finish_reason": 5}]}, id="finish_a_number"
+        ),
     ],
 )
 def test_an_unreadable_chunk_ends_with_an_error_event_and_is_charged_what_was_relayed(
@@ -272,6 +288,45 @@ def test_an_unreadable_chunk_ends_with_an_error_event_and_is_charged_what_was_re
     assert record.cost_usd > 0
     assert wallet_balance_usd(organization_id=org.pk) == Decimal("10") - record.cost_usd
     assert Reservation.objects.get().state == Reservation.State.SETTLED
+
+
+@pytest.mark.parametrize(
+    "delta",
+    [
+        pytest.param({"content": None, "refusal": " No."}, id="refusal"),
+        pytest.param({"content": None, "tool_calls": None}, id="nulls"),
+        pytest.param(
+            {
+                "content": None,
+                "tool_calls": [
+                    {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f"}},
+                    {"index": 0, "id": None, "function": {"name": None, "arguments": '{"a'}},
+                    {"index": 1, "function": None},
+                    {"function": {"arguments": "}"}},  # no index: some providers leave it out
+                    {"index": 2, "type": "custom", "custom": {"name": "grep", "input": "x"}},
+                ],
+            },
+            id="tool_call_pieces",
+        ),
+        pytest.param({"content": " ok", "reasoning_content": "hmm", "x_vendor": [1]}, id="extra"),
+    ],
+)
+def test_an_unusual_chunk_of_the_apis_shape_is_relayed(gateway_url, catalog, fake_provider, delta):
+    org = make_org(credit_usd="10")
+    _, key = make_key(org)
+    choice = {"index": 0, "delta": delta, "logprobs": {"content": []}, "finish_reason": None}
+    fake_provider.send_chunk_next({"object": "chat.completion.chunk", "choices": [choice]})
+
+    stream = sdk(gateway_url, key).chat.completions.create(
+        model="fake-small", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+
+    assert any(chunk.choices and chunk.choices[0].delta.to_dict() == delta for chunk in chunks)
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    record = UsageRecord.objects.get()
+    assert (record.status, record.usage_source) == ("ok", UsageRecord.UsageSource.REPORTED)
+    assert wallet_balance_usd(organization_id=org.pk) == Decimal("10") - record.cost_usd
 
 
 def _open_connections(provider: FakeProvider) -> int:
