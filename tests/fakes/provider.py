@@ -284,9 +284,10 @@ class FakeProvider(ScriptedFaults[_Behaviour], FakeUpstream):
             self._script.append(_Behaviour(omit_usage=True))
 
     def send_chunk_next(self, chunk: Any) -> None:
-        """The next request, if it streams a chat, gets `chunk` as it is right after its first
-        content chunk (a chunk of a shape a provider should not send, say): a JSON value, or
-        bytes sent as the event's data as they are (what json.dumps cannot write)."""
+        """The next request, if it streams (a chat or a legacy completion), gets `chunk` as it
+        is right after its first content chunk (a chunk of a shape a provider should not send,
+        say): a JSON value, or bytes sent as the event's data as they are (what json.dumps
+        cannot write)."""
         with self._lock:
             self._script.append(_Behaviour(extra_chunk=chunk))
 
@@ -409,8 +410,9 @@ class FakeProvider(ScriptedFaults[_Behaviour], FakeUpstream):
         finish: str,
         usage: str | None,
     ) -> None:
-        """Server-sent events: the content chunks, the finish chunk, the usage chunk (when
-        given and not scripted away), `[DONE]`; cut or stalled as `behaviour` says."""
+        """Server-sent events: the content chunks (the scripted extra chunk after the first),
+        the finish chunk, the usage chunk (when given and not scripted away), `[DONE]`; cut or
+        stalled as `behaviour` says."""
         await send(
             {
                 "type": "http.response.start",
@@ -429,6 +431,9 @@ class FakeProvider(ScriptedFaults[_Behaviour], FakeUpstream):
             if index == behaviour.stall_after_chunks:
                 await asyncio.sleep(behaviour.stall_seconds)
             await event(content)
+            extra = behaviour.extra_chunk
+            if index == 0 and extra is not None:
+                await event(extra.decode() if isinstance(extra, bytes) else json.dumps(extra))
         if behaviour.cut_after_chunks is not None:
             await cut_connection()
         await event(finish)

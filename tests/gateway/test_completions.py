@@ -118,6 +118,38 @@ def test_it_streams_and_charges_the_reported_usage(gateway_url, catalog, fake_pr
     assert Reservation.objects.get().state == Reservation.State.SETTLED
 
 
+@pytest.mark.parametrize(
+    "choice",
+    [
+        pytest.param({"index": 0, "text": 5}, id="text_a_number"),
+        pytest.param({"index": 0, "text": ["word"]}, id="text_a_list"),
+        pytest.param({"index": 0, "text": "", "finish_reason": ["stop"]}, id="finish_a_list"),
+    ],
+)
+def test_an_unreadable_chunk_ends_the_stream_with_an_error_event_and_is_charged(
+    gateway_url, catalog, fake_provider, choice
+):
+    org = make_org(credit_usd="10")
+    _, key = make_key(org)
+    fake_provider.send_chunk_next({"object": "text_completion", "choices": [choice]})
+    received: list[str] = []
+
+    stream = sdk(gateway_url, key).completions.create(
+        model="fake-small", prompt=PROMPT, max_tokens=6, stream=True
+    )
+    with pytest.raises(openai.APIError) as caught:
+        for chunk in stream:
+            received.append(chunk.choices[0].text)
+
+    assert "".join(received) == text_reply_for(PROMPT, 6).split()[0]
+    assert caught.value.code == "upstream_stream_failed"
+    record = UsageRecord.objects.get()
+    assert (record.status, record.usage_source) == ("interrupted", "estimated")
+    assert record.cost_usd > 0
+    assert wallet_balance_usd(organization_id=org.pk) == Decimal("10") - record.cost_usd
+    assert Reservation.objects.get().state == Reservation.State.SETTLED
+
+
 def test_a_stream_is_charged_even_when_the_client_did_not_ask_for_usage(
     gateway_url, catalog, fake_provider
 ):
