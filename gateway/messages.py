@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from gateway.errors import GatewayError, InvalidRequest, anthropic_stream_error_event
-from gateway.providers.base import TokenUsage, estimate_tokens, reported_usage
+from gateway.providers.base import TokenUsage, content_text, estimate_tokens, reported_usage
 from gateway.streaming import Charge, StreamEnd, StreamEvent, close_events, cost_comment
 
 # OpenAI finish_reason → Anthropic stop_reason.
@@ -297,7 +297,7 @@ def message_from_openai(completion: dict[str, Any], usage: TokenUsage) -> dict[s
     # keeps what can be read of it rather than failing a request that was charged.
     reply = _object(choice.get("message"))
     content: list[dict[str, Any]] = []
-    text = reply.get("content") or reply.get("refusal")
+    text = content_text(reply.get("content")) or reply.get("refusal")
     if text:
         content.append({"type": "text", "text": str(text)})
     calls = reply.get("tool_calls")
@@ -372,8 +372,8 @@ class MessageEvents:
             return events
         for choice in chunk.get("choices") or []:
             delta = choice.get("delta") or {}
-            if delta.get("content"):
-                events += self._text(str(delta["content"]))
+            if text := content_text(delta.get("content")):
+                events += self._text(text)
             for call in delta.get("tool_calls") or []:
                 events += self._tool_call(call)
             if choice.get("finish_reason"):

@@ -33,7 +33,13 @@ from gateway.errors import (
     UpstreamStreamBroken,
     stream_error_event,
 )
-from gateway.providers.base import TokenUsage, UpstreamStream, estimate_tokens, reported_usage
+from gateway.providers.base import (
+    TokenUsage,
+    UpstreamStream,
+    content_text,
+    estimate_tokens,
+    reported_usage,
+)
 from gateway.providers.sse import EventObject
 
 logger = logging.getLogger(__name__)
@@ -135,7 +141,8 @@ class _Tally:
             delta = choice.get("delta") if isinstance(choice, dict) else None
             if not isinstance(delta, dict):
                 continue
-            relayed += str(delta.get("content") or "") + str(delta.get("refusal") or "")
+            relayed += content_text(delta.get("content"), thinking=True)
+            relayed += str(delta.get("refusal") or "")
             for call in delta.get("tool_calls") or []:
                 function = call.get("function") if isinstance(call, dict) else None
                 if isinstance(function, dict):

@@ -114,6 +114,37 @@ def shaped(value: Any, kind: type[_T], *, default: _T | None = None) -> _T:
     raise UnreadableAnswer()
 
 
+def content_text(content: Any, *, thinking: bool = False) -> str:
+    """The text of an OpenAI-style message's or delta's `content`: the string itself, or the
+    text parts of a list of parts, which Mistral's reasoning models (Magistral) answer as
+    `[{"type": "thinking", "thinking": [{"type": "text", "text": …}]}, {"type": "text", …}]`.
+    Their thinking is left out (an answer's text), or kept (`thinking`: what an estimate of
+    the tokens generated counts). "" for anything else, null included."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        return ""
+    texts: list[str] = []
+    for part in content:
+        if not isinstance(part, dict):
+            continue
+        if part.get("type") == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif thinking and part.get("type") == "thinking":
+            texts.append(content_text(part.get("thinking")))
+    return "".join(texts)
+
+
+def readable_content(content: Any) -> bool:
+    """Whether an OpenAI-style `content` is one of its readable shapes: text, null, or a
+    list of part objects (Mistral's reasoning models; `content_text` reads them)."""
+    return (
+        content is None
+        or type(content) is str
+        or (isinstance(content, list) and all(isinstance(part, dict) for part in content))
+    )
+
+
 # The most tokens a usage record's count holds (a 32-bit integer column), thousands of times
 # any model's context: a provider reporting more is reporting nonsense.
 MAX_TOKEN_COUNT = 2**31 - 1

@@ -15,7 +15,9 @@ from gateway.providers.base import (
     UpstreamReply,
     UpstreamStream,
     billable_usage,
+    content_text,
     estimated_usage,
+    readable_content,
     reported_usage,
     shaped,
     token_count,
@@ -32,7 +34,7 @@ def _usage_from(body: dict[str, Any], request: dict[str, Any]) -> TokenUsage:
     if usage is not None:
         return usage
     completion = "".join(
-        str((choice.get("message") or {}).get("content") or "")
+        content_text((choice.get("message") or {}).get("content"), thinking=True)
         for choice in body.get("choices", [])
     )
     return estimated_usage(prompt=request.get("messages", []), completion=completion)
@@ -85,11 +87,12 @@ async def _chunks(
     """The JSON objects of a chat completion's server-sent events, up to `[DONE]`, with their
     bytes (gateway/providers/sse.py EventObject): a chunk the relay leaves as it is goes to
     the client as the provider wrote it. A chunk whose `choices` is not a list of objects,
-    each with an object (or nothing) as its `delta` whose fields are of their types (text
-    or null `content`, `finish_reason` and a legacy completion's `text`; `tool_calls` as
-    `_readable_tool_calls` reads them), is one no client could read: UnreadableAnswer,
-    which ends the stream as a break does. This runs per frame: a few isinstance checks on
-    the keys a chunk has, a call only for the rare chunk carrying tool calls."""
+    each with an object (or nothing) as its `delta` whose fields are of their types
+    (`content` as `readable_content` takes it; text or null `finish_reason` and a legacy
+    completion's `text`; `tool_calls` as `_readable_tool_calls` reads them), is one no client
+    could read: UnreadableAnswer, which ends the stream as a break does. This runs per frame:
+    a few isinstance checks on the keys a chunk has, a call only for the rare chunk carrying
+    tool calls."""
     async for chunk in event_data(route, response, keep_bytes=True):
         if not isinstance(chunk, dict) or "error" in chunk:
             # An error reported inside the stream: its text is the provider's, not ours to
@@ -100,7 +103,7 @@ async def _chunks(
             delta = shaped(shaped(choice, dict).get("delta"), dict, default=_NO_DELTA)
             calls = delta.get("tool_calls")
             if not (
-                isinstance(delta.get("content"), _TEXT_OR_NULL)
+                readable_content(delta.get("content"))
                 and isinstance(choice.get("finish_reason"), _TEXT_OR_NULL)
                 and isinstance(choice.get("text"), _TEXT_OR_NULL)
                 and (calls is None or _readable_tool_calls(calls, streamed=True))
@@ -148,14 +151,15 @@ def _readable_tool_calls(calls: Any, *, streamed: bool) -> bool:
 
 def _readable_chat_choice(choice: dict[str, Any]) -> bool:
     """Whether a chat completion's choice holds what the SDKs and gateway/messages.py read:
-    a `message` object whose `content` and `refusal` are text or null and whose `tool_calls`
-    are readable (or absent), and a text (or null) `finish_reason`."""
+    a `message` object whose `content` is readable (`readable_content`: text, null, or
+    Mistral's list of parts), whose `refusal` is text or null and whose `tool_calls` are
+    readable (or absent), and a text (or null) `finish_reason`."""
     message = choice.get("message")
     if not isinstance(message, dict):
         return False
     calls = message.get("tool_calls")
     return (
-        isinstance(message.get("content"), _TEXT_OR_NULL)
+        readable_content(message.get("content"))
         and isinstance(message.get("refusal"), _TEXT_OR_NULL)
         and isinstance(choice.get("finish_reason"), _TEXT_OR_NULL)
         and (calls is None or _readable_tool_calls(calls, streamed=False))

@@ -610,6 +610,14 @@ def _chat_completion(
     }
 
 
+# A Mistral reasoning model's (Magistral's) `content`: a list of parts, its thinking and then
+# its text, where OpenAI's is a string.
+MISTRAL_REASONING_PARTS: list[dict[str, Any]] = [
+    {"type": "thinking", "thinking": [{"type": "text", "text": "The capital of France"}]},
+    {"type": "text", "text": "Paris."},
+]
+
+
 def chat_answer(
     message: dict[str, Any], *, finish_reason: Any = "stop", usage: Any = None
 ) -> dict[str, Any]:

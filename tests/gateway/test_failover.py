@@ -18,7 +18,7 @@ from billing.models import Reservation, UsageRecord
 from billing.selectors import wallet_balance_usd
 from gateway.services import catalog_load
 from tests.factories import make_key, make_org
-from tests.fakes.provider import chat_answer, tool_call
+from tests.fakes.provider import MISTRAL_REASONING_PARTS, chat_answer, tool_call
 from tests.gateway.metering import sdk
 
 MESSAGES: list[openai.types.chat.ChatCompletionMessageParam] = [
@@ -121,17 +121,23 @@ UNREADABLE_ANSWERS = (
     + [
         # Below the choice: what the SDK's model (or /v1/messages' translation) reads.
         pytest.param("chat", chat_answer(message), id=f"chat-{name}")
-        for name, message in [
-            ("content_a_number", {"content": 5}),
-            ("content_an_object", {"content": {"text": "hi"}}),
-            ("tool_calls_an_object", {"content": None, "tool_calls": {"id": "call_1"}}),
-            ("tool_call_a_string", {"content": None, "tool_calls": ["call_1"]}),
-            ("function_a_string", {"content": None, "tool_calls": [tool_call("get_weather")]}),
-            ("function_null", {"content": None, "tool_calls": [tool_call(None)]}),
-            ("name_a_number", {"tool_calls": [tool_call({"name": 5, "arguments": "{}"})]}),
-            ("name_missing", {"tool_calls": [tool_call({"arguments": "{}"})]}),
-            ("arguments_an_object", {"tool_calls": [tool_call({"name": "f", "arguments": {}})]}),
-        ]
+        for name, message in list[tuple[str, dict[str, Any]]](
+            [
+                ("content_a_number", {"content": 5}),
+                ("content_an_object", {"content": {"text": "hi"}}),
+                ("content_parts_not_objects", {"content": ["hi"]}),
+                ("tool_calls_an_object", {"content": None, "tool_calls": {"id": "call_1"}}),
+                ("tool_call_a_string", {"content": None, "tool_calls": ["call_1"]}),
+                ("function_a_string", {"content": None, "tool_calls": [tool_call("get_weather")]}),
+                ("function_null", {"content": None, "tool_calls": [tool_call(None)]}),
+                ("name_a_number", {"tool_calls": [tool_call({"name": 5, "arguments": "{}"})]}),
+                ("name_missing", {"tool_calls": [tool_call({"arguments": "{}"})]}),
+                (
+                    "arguments_an_object",
+                    {"tool_calls": [tool_call({"name": "f", "arguments": {}})]},
+                ),
+            ]
+        )
     ]
     + [
         pytest.param(
@@ -144,16 +150,19 @@ CUSTOM_CALL = {"id": "call_2", "type": "custom", "custom": {"name": "grep", "inp
 # 200 answers that are unusual but the API's: passed on as they are, and charged.
 READABLE_ANSWERS = [
     pytest.param("chat", chat_answer(message), id=f"chat-{name}")
-    for name, message in [
-        ("content_null_with_a_tool_call", {"content": None, "tool_calls": [WEATHER_CALL]}),
-        ("refusal", {"content": None, "refusal": "I can't help with that."}),
-        (
-            "audio",
-            {"content": None, "audio": {"id": "audio_1", "data": "UklG", "transcript": "hi"}},
-        ),
-        ("unknown_fields", {"content": "hi", "reasoning_content": "hmm", "x_vendor": [1]}),
-        ("custom_tool_call", {"content": None, "tool_calls": [CUSTOM_CALL]}),
-    ]
+    for name, message in list[tuple[str, dict[str, Any]]](
+        [
+            ("content_null_with_a_tool_call", {"content": None, "tool_calls": [WEATHER_CALL]}),
+            ("refusal", {"content": None, "refusal": "I can't help with that."}),
+            (
+                "audio",
+                {"content": None, "audio": {"id": "audio_1", "data": "UklG", "transcript": "hi"}},
+            ),
+            ("unknown_fields", {"content": "hi", "reasoning_content": "hmm", "x_vendor": [1]}),
+            ("custom_tool_call", {"content": None, "tool_calls": [CUSTOM_CALL]}),
+            ("mistral_reasoning_parts", {"content": MISTRAL_REASONING_PARTS}),
+        ]
+    )
 ] + [
     pytest.param(
         "chat",

@@ -28,6 +28,7 @@ from tests.fakes.anthropic import FakeAnthropic
 from tests.fakes.gemini import FakeGemini
 from tests.fakes.openai_tools import FakeToolCallingProvider
 from tests.fakes.provider import (
+    MISTRAL_REASONING_PARTS,
     FakeProvider,
     chat_answer,
     count_prompt_tokens,
@@ -467,6 +468,32 @@ def test_an_answer_whose_tool_call_cannot_be_read_gets_502_and_is_not_charged(
     assert Reservation.objects.get().state == Reservation.State.VOIDED
     assert wallet_balance_usd(organization_id=org.pk) == 10
     assert wallet_balance_usd(organization_id=other.pk) == 10
+
+
+def test_a_mistral_reasoning_answer_is_given_as_its_text(gateway_url, upstreams):
+    # Magistral answers `content` as parts (its thinking, then its text), whole and streamed;
+    # Anthropic's text block is the text parts, as Anthropic's own answers leave thinking out
+    # unless it was asked for.
+    _, key = make_key(make_org(credit_usd="10"))
+    upstreams.openai.answer_next(chat_answer({"content": MISTRAL_REASONING_PARTS}))
+    upstreams.openai.send_chunk_next(
+        {
+            "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": {"content": MISTRAL_REASONING_PARTS}}],
+        }
+    )
+    ask: list[anthropic.types.MessageParam] = [{"role": "user", "content": QUESTION}]
+
+    whole = client(gateway_url, key).messages.create(model="gpt-test", max_tokens=50, messages=ask)
+    with client(gateway_url, key).messages.stream(
+        model="gpt-test", max_tokens=50, messages=ask
+    ) as stream:
+        streamed = "".join(stream.text_stream)
+
+    assert [(b.type, getattr(b, "text", None)) for b in whole.content] == [("text", "Paris.")]
+    assert "Paris." in streamed
+    assert "capital" not in streamed and "thinking" not in streamed
+    assert UsageRecord.objects.filter(status=UsageRecord.Status.OK).count() == 2
 
 
 def test_the_key_may_come_as_a_bearer_token(gateway_url, upstreams):

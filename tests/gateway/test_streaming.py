@@ -21,7 +21,12 @@ from gateway.providers.base import estimate_tokens
 from gateway.services import catalog_load
 from tests.conftest import FAKE_PROVIDER_KEY_ENV
 from tests.factories import make_key, make_org
-from tests.fakes.provider import FakeProvider, count_prompt_tokens, reply_for
+from tests.fakes.provider import (
+    MISTRAL_REASONING_PARTS,
+    FakeProvider,
+    count_prompt_tokens,
+    reply_for,
+)
 
 PRICE = Price(input_per_mtok_usd=Decimal("0.50"), output_per_mtok_usd=Decimal("1.50"))
 MESSAGES: list[ChatCompletionMessageParam] = [
@@ -309,6 +314,7 @@ def test_an_unreadable_chunk_ends_with_an_error_event_and_is_charged_what_was_re
             id="tool_call_pieces",
         ),
         pytest.param({"content": " ok", "reasoning_content": "hmm", "x_vendor": [1]}, id="extra"),
+        pytest.param({"content": MISTRAL_REASONING_PARTS}, id="mistral_reasoning_parts"),
     ],
 )
 def test_an_unusual_chunk_of_the_apis_shape_is_relayed(gateway_url, catalog, fake_provider, delta):
