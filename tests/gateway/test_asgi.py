@@ -12,12 +12,18 @@ from typing import Any
 
 import httpx
 import pytest
-from django.http import JsonResponse
+from django.http import JsonResponse, StreamingHttpResponse
 
 from billing.models import Reservation, UsageRecord
 from billing.selectors import wallet_balance_usd
 from gateway import asgi_urls
 from gateway.asgi import GatewayASGIHandler
+from gateway.errors import (
+    STREAM_FAILED,
+    GatewayError,
+    anthropic_stream_error_event,
+    stream_error_event,
+)
 from gateway.wire import JsonAnswer, RequestHeaders
 from tests.factories import make_key, make_org
 from tests.gateway.test_streaming import MESSAGES, wait_for
@@ -169,6 +175,36 @@ def test_a_failure_that_escapes_a_view_gets_a_500_in_the_apis_shape(
     error = response.json()["error"]
     assert error["type"] == "api_error"
     assert (shape == "anthropic") == (response.json().get("type") == "error")
+
+
+async def _stream_failing_after_its_first_event(request, **kwargs):
+    async def events():
+        yield b'data: {"first": true}\n\n'
+        raise RuntimeError("a bug with a secret sk-upstream-0123 in its message")
+
+    return StreamingHttpResponse(events(), content_type="text/event-stream")
+
+
+@pytest.mark.parametrize(
+    ("path", "error_event"),
+    [
+        ("/v1/chat/completions", stream_error_event(GatewayError(STREAM_FAILED))),
+        ("/v1/messages", anthropic_stream_error_event(GatewayError(STREAM_FAILED))),
+    ],
+)
+def test_a_stream_that_fails_after_its_first_event_ends_with_the_apis_error_event(
+    gateway_url, monkeypatch, path, error_event
+):
+    # Past the 200, a failure is told as the stream's last event, in the API's shape, and the
+    # stream ends cleanly, rather than a connection cut mid-body. No view fails this way on
+    # purpose: one that does stands in for a bug.
+    monkeypatch.setitem(asgi_urls.EXACT_PATHS, path, _stream_failing_after_its_first_event)
+
+    response = httpx.post(gateway_url.removesuffix("/v1") + path, json={})
+
+    assert response.status_code == 200
+    assert response.content == b'data: {"first": true}\n\n' + error_event
+    assert b"sk-upstream" not in response.content
 
 
 def test_a_client_that_hangs_up_before_a_whole_answer_is_charged_for_the_upstream_call(
