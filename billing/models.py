@@ -266,6 +266,13 @@ class BillingProfile(models.Model):
     # Numbers each claim: its idempotency key, and its intent's metadata, so that only the
     # latest attempt's events release the claim (billing.payments._auto_topup_latest).
     auto_topup_attempts = models.PositiveIntegerField(default=0)
+    # What the latest attempt asked Stripe for, kept while its number is given back (Stripe's
+    # answer was lost) and cleared when the retry asks again. The retry sends the same
+    # idempotency key, so it must send the same parameters whatever the owner changed since:
+    # Stripe refuses a key reused with others, and the attempt after that, under a new key,
+    # would charge the card again if the lost call had made its intent.
+    auto_topup_retry_amount_usd = usd_field(null=True, blank=True)  # USD; None: no retry due
+    auto_topup_retry_payment_method_id = models.CharField(max_length=255, blank=True, default="")
 
     def __str__(self) -> str:
         return f"billing profile of {self.organization}"

@@ -14,7 +14,7 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -707,14 +707,15 @@ def auto_topup_charge(*, organization_id: int) -> str:
         return "not due"
     profile = BillingProfile.objects.get(organization_id=organization_id)
     assert profile.stripe_customer_id is not None  # noqa: S101 - required by _due_profiles
+    amount_usd, payment_method_id = _auto_topup_attempt_terms(profile=profile, claimed_at=now)
     try:
         intent = stripe_api.payment_intent_create(
             customer_id=profile.stripe_customer_id,
-            amount_cents=cents_from_usd(profile.auto_topup_amount_usd),
+            amount_cents=cents_from_usd(amount_usd),
             organization_id=organization_id,
             origin=CardPayment.Origin.AUTO_TOPUP,
             idempotency_key=f"auto-topup-{organization_id}-{profile.auto_topup_attempts}",
-            payment_method_id=profile.auto_topup_payment_method_id,
+            payment_method_id=payment_method_id,
             auto_topup_attempt=profile.auto_topup_attempts,
         )
     except stripe_api.CardDeclined as error:
@@ -726,16 +727,22 @@ def auto_topup_charge(*, organization_id: int) -> str:
         # claim and its attempt number back, so the next run asks again with the same
         # idempotency key and Stripe answers with that intent instead of charging twice. Only
         # while the claim is ours: a webhook that cleared it has told the intent's outcome.
+        # The terms asked for are kept with the number: the key may only be sent with them.
         BillingProfile.objects.filter(
             organization_id=organization_id, auto_topup_in_flight_since=now
-        ).update(auto_topup_in_flight_since=None, auto_topup_attempts=F("auto_topup_attempts") - 1)
+        ).update(
+            auto_topup_in_flight_since=None,
+            auto_topup_attempts=F("auto_topup_attempts") - 1,
+            auto_topup_retry_amount_usd=amount_usd,
+            auto_topup_retry_payment_method_id=payment_method_id,
+        )
         return f"waiting: {error}"
     except stripe_api.StripeCallFailed as error:
         with transaction.atomic():
             _auto_topup_failure_record(
                 organization_id=organization_id,
                 attempt=profile.auto_topup_attempts,
-                amount_usd=profile.auto_topup_amount_usd,
+                amount_usd=amount_usd,
                 message=str(error),
             )
         return f"failed: {error}"
@@ -743,11 +750,27 @@ def auto_topup_charge(*, organization_id: int) -> str:
         stripe_payment_intent_id=intent.id,
         defaults={
             "organization_id": organization_id,
-            "amount_usd": profile.auto_topup_amount_usd,
+            "amount_usd": amount_usd,
             "origin": CardPayment.Origin.AUTO_TOPUP,
         },
     )
     return f"charged {intent.id} ({intent.status})"
+
+
+def _auto_topup_attempt_terms(
+    *, profile: BillingProfile, claimed_at: datetime
+) -> tuple[Decimal, str]:
+    """The amount and card the claimed attempt charges: a retry of an attempt whose number was
+    given back asks for what that attempt asked for (its idempotency key is sent again, and
+    Stripe accepts a key only with the parameters it was first used with); a new attempt asks
+    for the owner's current terms. The kept terms are cleared under the claim: were this call
+    lost too, they are kept again."""
+    if profile.auto_topup_retry_amount_usd is None:
+        return profile.auto_topup_amount_usd, profile.auto_topup_payment_method_id
+    BillingProfile.objects.filter(pk=profile.pk, auto_topup_in_flight_since=claimed_at).update(
+        auto_topup_retry_amount_usd=None, auto_topup_retry_payment_method_id=""
+    )
+    return profile.auto_topup_retry_amount_usd, profile.auto_topup_retry_payment_method_id
 
 
 def _auto_topup_attempt(intent: dict[str, Any]) -> int | None:

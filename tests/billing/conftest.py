@@ -15,7 +15,7 @@ from django.test import override_settings
 
 from billing import stripe_api
 from portal.celery import app as celery_app
-from tests.stripe_server import PUBLISHABLE_KEY, SECRET_KEY, LocalStripe
+from tests.stripe_server import PUBLISHABLE_KEY, SECRET_KEY, IdempotentStripe, LocalStripe
 
 WEBHOOK_SECRET = "whsec_test_switchboard"
 
@@ -85,3 +85,21 @@ def localstripe(
         STRIPE_WEBHOOK_SECRET=WEBHOOK_SECRET,
     ):
         yield _localstripe_server
+
+
+@pytest.fixture(scope="session")
+def _idempotent_stripe_server(_localstripe_server: LocalStripe) -> Iterator[IdempotentStripe]:
+    proxy = IdempotentStripe(_localstripe_server).start()
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture
+def idempotent_stripe(
+    _idempotent_stripe_server: IdempotentStripe, localstripe: LocalStripe
+) -> Iterator[IdempotentStripe]:
+    """`localstripe`, with the stripe SDK pointed at a proxy that keeps Stripe's promise about
+    idempotency keys (which localstripe ignores) and can lose Stripe's answers."""
+    _idempotent_stripe_server.reset()
+    with override_settings(STRIPE_API_BASE=_idempotent_stripe_server.url):
+        yield _idempotent_stripe_server

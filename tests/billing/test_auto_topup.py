@@ -30,7 +30,7 @@ from tests.billing.stripe_helpers import (
     wait_for,
 )
 from tests.factories import make_key, make_org
-from tests.stripe_server import LocalStripe
+from tests.stripe_server import IdempotentStripe, LocalStripe
 
 
 def configure(organization: Organization, *, threshold: str, amount: str) -> None:
@@ -213,3 +213,37 @@ def test_a_stale_top_ups_late_failure_is_not_counted_against_the_newer_one(
     deliver(event("evt_current_failure", "payment_intent.payment_failed", {"id": current}))
     profile = profile_of(organization)
     assert (profile.auto_topup_failures, profile.auto_topup_in_flight_since) == (1, None)
+
+
+def test_a_retry_after_a_lost_answer_asks_for_what_the_lost_call_asked_for(
+    idempotent_stripe: IdempotentStripe, localstripe: LocalStripe
+) -> None:
+    organization = make_org(credit_usd=None)
+    other = make_org(credit_usd="3")
+    save_card(localstripe, organization, GOOD_CARD)
+    configure(organization, threshold="50", amount="20")
+    localstripe.silence_webhooks()  # the lost intent's outcome is not known here yet
+    idempotent_stripe.lose_next_answers(1)
+    assert auto_topup_charge(organization_id=organization.pk).startswith("waiting: ")
+    # Meanwhile the owner saves another card and asks for more each time.
+    new_card = save_card(localstripe, organization, GOOD_CARD).auto_topup_payment_method_id
+    configure(organization, threshold="50", amount="35")
+
+    outcome = auto_topup_charge(organization_id=organization.pk)
+
+    lost, retried = idempotent_stripe.payment_intent_creations()
+    # Same key, same parameters: Stripe answers with the lost intent instead of refusing the
+    # key (then the next attempt, under a new key, would have charged the card again).
+    assert retried == lost
+    (intent,) = auto_topup_intents(localstripe, organization)
+    assert outcome == f"charged {intent} (succeeded)"
+    assert CardPayment.objects.get(organization=organization).amount_usd == 20
+    assert deliver(event("evt_lost_success", "payment_intent.succeeded", {"id": intent})) == (
+        "credited 20.0000000000 USD"
+    )
+    # The next attempt is the owner's new terms, under a new key.
+    assert auto_topup_charge(organization_id=organization.pk).startswith("charged ")
+    following = idempotent_stripe.payment_intent_creations()[-1]
+    assert following.idempotency_key != lost.idempotency_key
+    assert {("amount", "3500"), ("payment_method", new_card)} <= set(following.params)
+    assert wallet_balance_usd(organization_id=other.pk) == 3
