@@ -14,7 +14,7 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -359,9 +359,11 @@ def _on_payment_succeeded(intent: dict[str, Any]) -> str:
         updated_at=timezone.now(),
     )
     if payment.origin == CardPayment.Origin.AUTO_TOPUP:
-        _auto_topup_latest(
-            organization_id=payment.organization_id, attempt=_auto_topup_attempt(intent)
-        ).update(auto_topup_in_flight_since=None, auto_topup_failures=0)
+        attempt = _auto_topup_attempt(intent)
+        _auto_topup_given_back_answered(organization_id=payment.organization_id, attempt=attempt)
+        _auto_topup_latest(organization_id=payment.organization_id, attempt=attempt).update(
+            auto_topup_in_flight_since=None, auto_topup_failures=0
+        )
     return f"credited {format_usd(amount_usd)} USD" if posted else "already credited"
 
 
@@ -394,9 +396,11 @@ def _on_payment_failed(intent: dict[str, Any]) -> str:
     # amount yet: the intent's is the one that failed.
     amount_usd = payment.amount_usd or usd_from_cents(int(intent.get("amount") or 0))
     if payment.origin == CardPayment.Origin.AUTO_TOPUP:
+        attempt = _auto_topup_attempt(intent)
+        _auto_topup_given_back_answered(organization_id=payment.organization_id, attempt=attempt)
         _auto_topup_failure_record(
             organization_id=payment.organization_id,
-            attempt=_auto_topup_attempt(intent),
+            attempt=attempt,
             amount_usd=amount_usd,
             message=message,
         )
@@ -707,7 +711,7 @@ def auto_topup_charge(*, organization_id: int) -> str:
         return "not due"
     profile = BillingProfile.objects.get(organization_id=organization_id)
     assert profile.stripe_customer_id is not None  # noqa: S101 - required by _due_profiles
-    amount_usd, payment_method_id = _auto_topup_attempt_terms(profile=profile, claimed_at=now)
+    amount_usd, payment_method_id = _auto_topup_attempt_terms(profile=profile)
     try:
         intent = stripe_api.payment_intent_create(
             customer_id=profile.stripe_customer_id,
@@ -757,19 +761,18 @@ def auto_topup_charge(*, organization_id: int) -> str:
     return f"charged {intent.id} ({intent.status})"
 
 
-def _auto_topup_attempt_terms(
-    *, profile: BillingProfile, claimed_at: datetime
-) -> tuple[Decimal, str]:
+def _auto_topup_attempt_terms(*, profile: BillingProfile) -> tuple[Decimal, str]:
     """The amount and card the claimed attempt charges: a retry of an attempt whose number was
     given back asks for what that attempt asked for (its idempotency key is sent again, and
     Stripe accepts a key only with the parameters it was first used with); a new attempt asks
-    for the owner's current terms. The kept terms are cleared under the claim: were this call
-    lost too, they are kept again."""
+    for the owner's current terms. The kept terms are cleared once read (by attempt number:
+    the attempt's event may already have released the claim); were this call lost too, they
+    are kept again."""
     if profile.auto_topup_retry_amount_usd is None:
         return profile.auto_topup_amount_usd, profile.auto_topup_payment_method_id
-    BillingProfile.objects.filter(pk=profile.pk, auto_topup_in_flight_since=claimed_at).update(
-        auto_topup_retry_amount_usd=None, auto_topup_retry_payment_method_id=""
-    )
+    BillingProfile.objects.filter(
+        pk=profile.pk, auto_topup_attempts=profile.auto_topup_attempts
+    ).update(auto_topup_retry_amount_usd=None, auto_topup_retry_payment_method_id="")
     return profile.auto_topup_retry_amount_usd, profile.auto_topup_retry_payment_method_id
 
 
@@ -794,6 +797,29 @@ def _auto_topup_latest(*, organization_id: int, attempt: int | None) -> QuerySet
         return BillingProfile.objects.none()
     return BillingProfile.objects.filter(
         organization_id=organization_id, auto_topup_attempts__lte=attempt
+    )
+
+
+def _auto_topup_given_back_answered(*, organization_id: int, attempt: int | None) -> None:
+    """The outcome of an attempt whose number was given back (Stripe's answer to its create
+    call was lost) has arrived: take the number again, with its kept terms dropped, so that
+    the next run makes a new attempt under a new key. Asked again under the old key, Stripe
+    would answer with this finished intent (or replay its decline) and send no event about it
+    again, and that run's claim would be held until BILLING_AUTO_TOPUP_STALE_SECONDS.
+
+    Only while no claim is held: a run that claimed the number first sends the old key, and
+    this event releases that claim as the latest attempt's (`_auto_topup_latest`). Inside the
+    event's `transaction.atomic()`, before the latest attempt's update."""
+    if attempt is None:
+        return
+    BillingProfile.objects.filter(
+        organization_id=organization_id,
+        auto_topup_attempts=attempt - 1,
+        auto_topup_in_flight_since__isnull=True,
+    ).update(
+        auto_topup_attempts=attempt,
+        auto_topup_retry_amount_usd=None,
+        auto_topup_retry_payment_method_id="",
     )
 
 

@@ -247,3 +247,46 @@ def test_a_retry_after_a_lost_answer_asks_for_what_the_lost_call_asked_for(
     assert following.idempotency_key != lost.idempotency_key
     assert {("amount", "3500"), ("payment_method", new_card)} <= set(following.params)
     assert wallet_balance_usd(organization_id=other.pk) == 3
+
+
+@pytest.mark.parametrize(
+    ("card", "event_type", "applied"),
+    [
+        (GOOD_CARD, "payment_intent.succeeded", "credited 20.0000000000 USD"),
+        (DECLINED_ON_CHARGE, "payment_intent.payment_failed", "marked failed"),
+    ],
+)
+def test_once_a_lost_attempts_outcome_arrives_the_next_run_makes_a_new_attempt(
+    idempotent_stripe: IdempotentStripe,
+    localstripe: LocalStripe,
+    card: str,
+    event_type: str,
+    applied: str,
+) -> None:
+    organization = make_org(credit_usd=None)
+    other = make_org(credit_usd="3")
+    save_card(localstripe, organization, card)
+    configure(organization, threshold="50", amount="20")  # one top-up does not reach 50
+    localstripe.silence_webhooks()  # Stripe's events come when the test delivers them
+    idempotent_stripe.lose_next_answers(1)
+    assert auto_topup_charge(organization_id=organization.pk).startswith("waiting: ")
+    (lost,) = auto_topup_intents(localstripe, organization)
+    # The lost intent's event arrives while no claim is held.
+    assert deliver(event("evt_lost", event_type, {"id": lost})) == applied
+
+    auto_topup_charge(organization_id=organization.pk)
+
+    # Asked again under the lost call's key, Stripe would answer with that finished intent (or
+    # replay its decline) and send no event about it again: the claim would wait an hour.
+    lost_call, following = idempotent_stripe.payment_intent_creations()
+    assert following.idempotency_key != lost_call.idempotency_key
+    assert auto_topup_intents(localstripe, organization)[0] == lost
+    (current,) = auto_topup_intents(localstripe, organization)[1:]
+    assert deliver(event("evt_current", event_type, {"id": current})) == applied
+    profile = profile_of(organization)
+    assert profile.auto_topup_in_flight_since is None
+    assert profile.auto_topup_failures == (2 if card == DECLINED_ON_CHARGE else 0)
+    assert wallet_balance_usd(organization_id=organization.pk) == (
+        0 if card == DECLINED_ON_CHARGE else 40
+    )
+    assert wallet_balance_usd(organization_id=other.pk) == 3
