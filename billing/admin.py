@@ -13,6 +13,7 @@ from django.http import HttpRequest
 from billing.models import (
     Account,
     BillingAlertSettings,
+    GrantReference,
     KeySpend,
     LedgerTransaction,
     Posting,
@@ -130,6 +131,12 @@ class SpendCapAdmin(UsdInputs):
     list_filter = ("window",)
     search_fields = ("api_key__prefix", "api_key__name", "api_key__organization__slug")
     raw_id_fields = ("api_key",)
+
+
+@admin.register(GrantReference)
+class GrantReferenceAdmin(ReadOnlyAdmin):
+    list_display = ("reference", "organization", "amount_usd", "ledger_transaction", "created_at")
+    search_fields = ("reference", "organization__slug")
 
 
 @admin.register(KeySpend)

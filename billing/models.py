@@ -339,6 +339,38 @@ class StripeLedgerEntry(models.Model):
         return f"{self.key}: {self.amount_usd} USD"
 
 
+GRANT_REFERENCE_MAX_LENGTH = 200
+
+
+class GrantReference(models.Model):
+    """An operator's grant made under a reference (`grant_credits --reference`): at most one
+    per organisation and reference, so running the grant again grants nothing.
+
+    Kept beside the ledger, not in it: the ledger tables are written by every API request and
+    carry no column or index for this. Written in the grant's own database transaction.
+    """
+
+    organization = models.ForeignKey(
+        "portal.Organization", on_delete=models.PROTECT, related_name="+"
+    )
+    reference = models.CharField(max_length=GRANT_REFERENCE_MAX_LENGTH)
+    amount_usd = usd_field()  # USD granted
+    ledger_transaction = models.OneToOneField(
+        LedgerTransaction, on_delete=models.PROTECT, related_name="grant_reference"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organization", "reference"], name="one_grant_per_org_and_reference"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.reference}: {self.amount_usd} USD"
+
+
 class StripeEvent(models.Model):
     """A verified Stripe webhook event, stored once by its id, and what handling it did."""
 

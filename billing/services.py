@@ -19,7 +19,9 @@ from django.utils import timezone
 from billing import hot_path_sql
 from billing.loop_database import LoopConnections, loop_connections
 from billing.models import (
+    GRANT_REFERENCE_MAX_LENGTH,
     Account,
+    GrantReference,
     KeySpend,
     LedgerTransaction,
     Posting,
@@ -27,7 +29,7 @@ from billing.models import (
     SpendCap,
     UsageRecord,
 )
-from billing.money import USD_LIMIT, ZERO_USD, Price, usage_cost_usd
+from billing.money import USD_LIMIT, ZERO_USD, Price, format_usd, usage_cost_usd
 from portal.models import ApiKey, Organization
 
 # An API key's last_used_at is precise to this much.
@@ -175,6 +177,49 @@ def credit_grant(
         memo=reason.strip(),
         kind=LedgerTransaction.Kind.GRANT,
     )
+
+
+def credit_grant_once(
+    *, organization: Organization, amount_usd: Decimal, reason: str, reference: str
+) -> tuple[LedgerTransaction, bool]:
+    """`credit_grant` at most once per organisation and `reference`: the grant's transaction
+    and True when granted now; the first grant's and False when the reference was used before
+    for the same amount. A reference used for another amount is a BillingError (a mistake,
+    not a repeat).
+
+    A repeat is found before anything is written; the unique (organisation, reference) row,
+    written in the grant's transaction, settles concurrent grants: one commits, the others
+    undo theirs.
+    """
+    reference = reference.strip()
+    if not reference:
+        raise BillingError("a reference cannot be empty")
+    if len(reference) > GRANT_REFERENCE_MAX_LENGTH:
+        raise BillingError(f"a reference is at most {GRANT_REFERENCE_MAX_LENGTH} characters")
+    if not GrantReference.objects.filter(organization=organization, reference=reference).exists():
+        try:
+            with transaction.atomic():
+                entry = credit_grant(
+                    organization=organization, amount_usd=amount_usd, reason=reason
+                )
+                GrantReference.objects.create(
+                    organization=organization,
+                    reference=reference,
+                    amount_usd=amount_usd,
+                    ledger_transaction=entry,
+                )
+            return entry, True
+        except IntegrityError:
+            pass  # a concurrent run under this reference committed first: ours is undone
+    first = GrantReference.objects.select_related("ledger_transaction").get(
+        organization=organization, reference=reference
+    )
+    if first.amount_usd != amount_usd:
+        raise BillingError(
+            f"reference {reference!r} was already used for a grant of "
+            f"{format_usd(first.amount_usd)} USD (transaction #{first.ledger_transaction_id})"
+        )
+    return first.ledger_transaction, False
 
 
 def credit_clawback(

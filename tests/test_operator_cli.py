@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from decimal import Decimal
@@ -21,15 +22,25 @@ from tests.servers import child_database_url
 REPO = Path(__file__).resolve().parents[1]
 
 
-def manage(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+def manage_started(*args: str) -> subprocess.Popen[str]:
+    """`manage.py ARGS` started as a child process against the test database."""
+    return subprocess.Popen(
         [sys.executable, "manage.py", *args],
         cwd=REPO,
         env={**os.environ, "DATABASE_URL": child_database_url()},
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        check=False,
     )
+
+
+def finished(process: subprocess.Popen[str]) -> subprocess.CompletedProcess[str]:
+    stdout, stderr = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def manage(*args: str) -> subprocess.CompletedProcess[str]:
+    return finished(manage_started(*args))
 
 
 def ok(*args: str) -> str:
@@ -130,3 +141,62 @@ def test_a_catalog_that_is_not_utf8_text_exits_non_zero_with_one_line(tmp_path):
     assert result.returncode != 0
     assert "not UTF-8 text" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def transaction_named(stderr: str) -> str:
+    found = re.search(r"transaction #\d+", stderr)
+    assert found is not None, stderr
+    return found.group()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_grant_credits_run_again_with_its_reference_grants_nothing():
+    slug = ok("create_org", "Acme Research", "--owner", "ops@acme.test")
+    other = ok("create_org", "Other", "--owner", "ops@other.test")
+    grant = ["5", "--reason", "welcome credit", "--reference", "welcome"]
+
+    first = manage("grant_credits", slug, *grant)
+    again = manage("grant_credits", slug, *grant)
+
+    # A provisioning script that runs twice must not grant twice.
+    assert first.returncode == 0, first.stderr
+    assert again.returncode == 0, again.stderr
+    assert "already granted" in again.stderr
+    assert transaction_named(again.stderr) == transaction_named(first.stderr)
+    assert len(again.stderr.strip().splitlines()) == 1
+    assert again.stdout == ""
+    assert ok("show_balance", slug) == "5.0000000000"
+    # A reference is the organisation's own; a grant without one is made every time.
+    ok("grant_credits", other, *grant)
+    assert ok("show_balance", other) == "5.0000000000"
+    ok("grant_credits", slug, "5", "--reason", "welcome credit")
+    assert ok("show_balance", slug) == "10.0000000000"
+    assert ok("reconcile") == "ledger clean"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_grant_credits_refuses_a_reference_used_for_another_amount():
+    slug = ok("create_org", "Acme Research", "--owner", "ops@acme.test")
+    ok("grant_credits", slug, "5", "--reason", "welcome credit", "--reference", "welcome")
+
+    result = manage(
+        "grant_credits", slug, "50", "--reason", "welcome credit", "--reference", "welcome"
+    )
+
+    assert result.returncode != 0
+    assert "already used for a grant of 5.0000000000 USD" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert ok("show_balance", slug) == "5.0000000000"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_grants_under_one_reference_grant_once():
+    slug = ok("create_org", "Acme Research", "--owner", "ops@acme.test")
+    grant = ["grant_credits", slug, "5", "--reason", "welcome credit", "--reference", "welcome"]
+
+    results = [finished(process) for process in [manage_started(*grant) for _ in range(4)]]
+
+    assert [result.returncode for result in results] == [0, 0, 0, 0], results
+    assert sum("already granted" in result.stderr for result in results) == 3
+    assert len({transaction_named(result.stderr) for result in results}) == 1
+    assert ok("show_balance", slug) == "5.0000000000"

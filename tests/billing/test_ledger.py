@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 
 import pytest
+from django.db import connection
+from django.db.transaction import atomic
 
 from billing.models import Account, LedgerTransaction, Posting, UsageRecord
 from billing.money import USD_LIMIT, Price
@@ -13,8 +17,10 @@ from billing.services import (
     _charge_of,
     _settle_with_orm,
     credit_grant,
+    credit_grant_once,
     usage_settle,
 )
+from tests.billing.stripe_helpers import wait_for
 from tests.factories import make_key, make_org
 
 pytestmark = pytest.mark.django_db
@@ -83,6 +89,45 @@ def test_a_grant_that_would_overflow_a_balance_is_refused_and_writes_nothing():
 
     assert LedgerTransaction.objects.count() == written
     assert wallet_balance_usd(organization_id=organization.pk) == USD_LIMIT - 1
+    assert_ledger_balanced()
+
+
+def lock_waiters() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_locks WHERE NOT granted")
+        return int(cursor.fetchone()[0])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_grants_under_one_reference_that_both_pass_the_check_grant_once():
+    organization = make_org(credit_usd="1")
+    other = make_org(credit_usd="1")
+    written, release = threading.Event(), threading.Event()
+
+    def grant(*, hold: bool) -> tuple[LedgerTransaction, bool]:
+        try:
+            with atomic():
+                made = credit_grant_once(
+                    organization=organization, amount_usd=Decimal(5), reason="x", reference="r1"
+                )
+                if hold:  # uncommitted: the other run's check does not see it
+                    written.set()
+                    assert release.wait(timeout=30)
+            return made
+        finally:
+            connection.close()
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        first = pool.submit(grant, hold=True)
+        assert written.wait(timeout=30)
+        second = pool.submit(grant, hold=False)
+        wait_for(lambda: lock_waiters() > 0)  # past the check, waiting on the first's rows
+        release.set()
+        (entry, granted), (again, granted_again) = first.result(), second.result()
+
+    assert (granted, granted_again, again.pk) == (True, False, entry.pk)
+    assert wallet_balance_usd(organization_id=organization.pk) == 6
+    assert wallet_balance_usd(organization_id=other.pk) == 1
     assert_ledger_balanced()
 
 
