@@ -13,8 +13,7 @@ from urllib.parse import parse_qsl
 
 import httpx
 
-from tests.fakes.base import Receive, Scope, Send, read_body, send_json
-from tests.servers import ThreadedServer
+from tests.fakes.base import FakeUpstream, Receive, Scope, Send, read_body, send_json
 
 SECRET_KEY = "sk_test_switchboard"
 PUBLISHABLE_KEY = "pk_test_switchboard"
@@ -91,7 +90,7 @@ class IdempotentCall:
     params: tuple[tuple[str, str], ...]
 
 
-class IdempotentStripe:
+class IdempotentStripe(FakeUpstream):
     """A proxy in front of localstripe that keeps Stripe's promise about idempotency keys,
     which localstripe ignores: a POST whose key was used before is not made again; it gets the
     first answer when its parameters are the same, and Stripe's idempotency error when they
@@ -102,27 +101,14 @@ class IdempotentStripe:
     key) but the client gets a 500 that must not be retried, as when Stripe's answer is lost.
     """
 
+    api_root = ""  # Stripe's paths carry their own /v1
+
     def __init__(self, upstream: LocalStripe) -> None:
         self._upstream = upstream
         self._lock = threading.Lock()
         self._answers: dict[str, tuple[tuple[tuple[str, str], ...], int, bytes]] = {}
         self._losing = 0
         self.calls: list[IdempotentCall] = []
-        self._server: ThreadedServer | None = None
-
-    @property
-    def url(self) -> str:
-        assert self._server is not None  # started by the fixture
-        return self._server.url
-
-    def start(self) -> IdempotentStripe:
-        self._server = ThreadedServer(self._app).start()
-        return self
-
-    def stop(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.stop()
 
     def reset(self) -> None:
         with self._lock:

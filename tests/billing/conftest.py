@@ -101,5 +101,5 @@ def idempotent_stripe(
     """`localstripe`, with the stripe SDK pointed at a proxy that keeps Stripe's promise about
     idempotency keys (which localstripe ignores) and can lose Stripe's answers."""
     _idempotent_stripe_server.reset()
-    with override_settings(STRIPE_API_BASE=_idempotent_stripe_server.url):
+    with override_settings(STRIPE_API_BASE=_idempotent_stripe_server.base_url):
         yield _idempotent_stripe_server

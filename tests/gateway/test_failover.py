@@ -17,8 +17,9 @@ import pytest
 from billing.models import Reservation, UsageRecord
 from billing.selectors import wallet_balance_usd
 from gateway.services import catalog_load
+from portal.models import Organization
 from tests.factories import make_key, make_org
-from tests.fakes.provider import MISTRAL_REASONING_PARTS, chat_answer, tool_call
+from tests.fakes.provider import MISTRAL_REASONING_PARTS, FakeProvider, chat_answer, tool_call
 from tests.gateway.metering import sdk
 
 MESSAGES: list[openai.types.chat.ChatCompletionMessageParam] = [
@@ -182,16 +183,24 @@ READABLE_ANSWERS = [
 ]
 
 
+def _answered_after(
+    gateway_url: str, fake_provider: FakeProvider, endpoint: str, answer: object
+) -> tuple[Organization, Any]:
+    """Call `endpoint` with a new organisation's key, the first route answering `answer`:
+    (the organisation, the SDK's raw response, parsed)."""
+    org = make_org(credit_usd="10")
+    _, key = make_key(org)
+    fake_provider.answer_next(answer)
+    raw = ENDPOINT_CALLS[endpoint](sdk(gateway_url, key).with_raw_response)
+    raw.parse()
+    return org, raw
+
+
 @pytest.mark.parametrize(("endpoint", "answer"), UNREADABLE_ANSWERS)
 def test_an_unreadable_answer_moves_to_the_next_route(
     gateway_url, three_routes, fake_provider, endpoint, answer
 ):
-    org = make_org(credit_usd="10")
-    _, key = make_key(org)
-    fake_provider.answer_next(answer)
-
-    raw = ENDPOINT_CALLS[endpoint](sdk(gateway_url, key).with_raw_response)
-    raw.parse()
+    org, raw = _answered_after(gateway_url, fake_provider, endpoint, answer)
 
     assert raw.status_code == 200
     assert upstream_models(fake_provider) == ["deployment-1", "deployment-2"]
@@ -206,12 +215,7 @@ def test_an_unreadable_answer_moves_to_the_next_route(
 def test_an_unusual_answer_of_the_apis_shape_is_passed_on_and_charged(
     gateway_url, three_routes, fake_provider, endpoint, answer
 ):
-    org = make_org(credit_usd="10")
-    _, key = make_key(org)
-    fake_provider.answer_next(answer)
-
-    raw = ENDPOINT_CALLS[endpoint](sdk(gateway_url, key).with_raw_response)
-    raw.parse()
+    org, raw = _answered_after(gateway_url, fake_provider, endpoint, answer)
 
     assert raw.status_code == 200
     assert {k: v for k, v in raw.http_response.json().items() if k != "model"} == {
