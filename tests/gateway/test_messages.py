@@ -348,24 +348,32 @@ def test_a_stop_sequence_from_an_anthropic_upstream_is_reported_as_such(gateway_
     assert upstreams.anthropic.calls[-1].json["stop_sequences"] == ["switchboard"]
 
 
+def streamed_until_an_error(
+    gateway_url: str, key: str, *, model: str
+) -> tuple[list[str], anthropic.APIStatusError]:
+    """Stream an answer to QUESTION through the anthropic SDK until the stream's error event:
+    the text received before it, and the error the SDK raised for it."""
+    received: list[str] = []
+    with (
+        pytest.raises(anthropic.APIStatusError) as caught,
+        client(gateway_url, key).messages.stream(
+            model=model, max_tokens=50, messages=[{"role": "user", "content": QUESTION}]
+        ) as stream,
+    ):
+        received.extend(stream.text_stream)
+    return received, caught.value
+
+
 def test_an_anthropic_stream_cut_midway_ends_with_an_error_event_and_settles_interrupted(
     gateway_url, upstreams
 ):
     org = make_org(credit_usd="10")
     _, key = make_key(org)
     upstreams.anthropic.cut_stream_after(3)
-    received: list[str] = []
-
-    with (
-        pytest.raises(anthropic.APIStatusError) as caught,
-        client(gateway_url, key).messages.stream(
-            model="claude-test", max_tokens=50, messages=[{"role": "user", "content": QUESTION}]
-        ) as stream,
-    ):
-        received.extend(stream.text_stream)
+    received, error = streamed_until_an_error(gateway_url, key, model="claude-test")
 
     assert len(received) == 3
-    assert caught.value.body == {
+    assert error.body == {
         "type": "error",
         "error": {"type": "api_error", "message": "The provider's stream broke off."},
     }
@@ -405,18 +413,10 @@ def test_a_stream_chunk_the_adapter_cannot_read_ends_with_an_error_event_and_set
             "choices": [{"index": 0, "delta": {"tool_calls": tool_calls}}],
         }
     )
-    received: list[str] = []
-
-    with (
-        pytest.raises(anthropic.APIStatusError) as caught,
-        client(gateway_url, key).messages.stream(
-            model="gpt-test", max_tokens=50, messages=[{"role": "user", "content": QUESTION}]
-        ) as stream,
-    ):
-        received.extend(stream.text_stream)
+    received, error = streamed_until_an_error(gateway_url, key, model="gpt-test")
 
     assert len(received) == 1
-    assert caught.value.body == {
+    assert error.body == {
         "type": "error",
         "error": {"type": "api_error", "message": "The provider's answer could not be read."},
     }
