@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, time, timedelta
 from decimal import Decimal
 
 import pytest
@@ -23,7 +23,11 @@ pytestmark = pytest.mark.django_db
 
 DAILY_CAP = CapTerms(amount_usd=Decimal("0.01"), window=SpendCap.Window.DAY)
 DAY_1 = datetime(2026, 11, 29, 23, 59, tzinfo=UTC)
-DAY_2 = datetime(2026, 11, 30, 0, 1, tzinfo=UTC)
+# The tests that leave holds behind hold them at the end of today, not of a fixed day: the
+# suite's reconcile check reports a hold older than an hour as stale (a fixed day made these
+# tests fail for good once the real clock had passed it by an hour).
+MIDNIGHT = datetime.combine(datetime.now(UTC).date() + timedelta(days=1), time(), tzinfo=UTC)
+TONIGHT, TOMORROW = MIDNIGHT - timedelta(minutes=1), MIDNIGHT + timedelta(minutes=1)
 
 
 def reserve(org, key, request_id: str, amount: str, now: datetime) -> None:
@@ -42,26 +46,26 @@ def test_holds_and_spend_count_against_the_cap_and_it_resets_daily():
     key, _ = make_key(org)
     other_key, _ = make_key(org)
 
-    reserve(org, key, "req_1", "0.006", DAY_1)
+    reserve(org, key, "req_1", "0.006", TONIGHT)
     usage_settle(metered=metered(key.pk, org.pk, request_id="req_1"))  # spends 0.0035
-    reserve(org, key, "req_2", "0.0065", DAY_1)  # 0.0035 spent + 0.0065 held = the cap
+    reserve(org, key, "req_2", "0.0065", TONIGHT)  # 0.0035 spent + 0.0065 held = the cap
     with pytest.raises(SpendCapExceeded) as caught:
-        reserve(org, key, "req_3", "0.0000000001", DAY_1)
-    reserve(org, other_key, "theirs", "0.01", DAY_1)  # another key's cap is its own
-    reserve(org, key, "req_4", "0.01", DAY_2)  # a new day
+        reserve(org, key, "req_3", "0.0000000001", TONIGHT)
+    reserve(org, other_key, "theirs", "0.01", TONIGHT)  # another key's cap is its own
+    reserve(org, key, "req_4", "0.01", TOMORROW)  # a new day
 
-    assert caught.value.resets_at == datetime(2026, 11, 30, tzinfo=UTC)
-    day_1 = KeySpend.objects.get(api_key=key, window_start=datetime(2026, 11, 29, tzinfo=UTC))
-    assert (day_1.spent_usd, day_1.reserved_usd) == (Decimal("0.0035"), Decimal("0.0065"))
+    assert caught.value.resets_at == MIDNIGHT
+    today = KeySpend.objects.get(api_key=key, window_start=MIDNIGHT - timedelta(days=1))
+    assert (today.spent_usd, today.reserved_usd) == (Decimal("0.0035"), Decimal("0.0065"))
 
 
 def test_a_voided_request_gives_its_hold_back_to_the_cap():
     org = make_org(credit_usd="10")
     key, _ = make_key(org)
-    reserve(org, key, "req_1", "0.01", DAY_1)
+    reserve(org, key, "req_1", "0.01", TONIGHT)
 
     reservation_void(request_id="req_1")
-    reserve(org, key, "req_2", "0.01", DAY_1)
+    reserve(org, key, "req_2", "0.01", TONIGHT)
 
     assert KeySpend.objects.get(api_key=key).reserved_usd == Decimal("0.01")
 
