@@ -29,11 +29,11 @@ from gateway.redis_pipe import LuaScript, RedisPipeError, ScriptRunner, script_r
 
 WINDOW_SECONDS = 60
 
-# Lua: the sliding window of one-second buckets in hash `key`. Admits while the last minute
-# holds less than `limit` (-1: no limit, only count), adding `amount` when admitted; returns
-# {admitted (0/1), seconds until the oldest counted bucket leaves the window}.
-_WINDOW_FUNCTION = """
-local function window(key, now, limit, amount)
+# Lua: the sliding window of one-second buckets in hash `key`. `window` drops the buckets that
+# left it and answers whether the last minute holds less than `limit`: {admitted (0/1), seconds
+# until the oldest counted bucket leaves the window}; `count` adds `amount` to this second's.
+_WINDOW_FUNCTIONS = """
+local function window(key, now, limit)
   local buckets = redis.call('HGETALL', key)
   local used, oldest = 0, now
   for i = 1, #buckets, 2 do
@@ -45,32 +45,34 @@ local function window(key, now, limit, amount)
       if second < oldest then oldest = second end
     end
   end
-  if limit >= 0 and used >= limit then
+  if used >= limit then
     return {0, oldest + 60 - now}
   end
-  if amount > 0 then
-    redis.call('HINCRBY', key, tostring(now), amount)
-    redis.call('EXPIRE', key, 61)
-  end
   return {1, 0}
+end
+
+local function count(key, now, amount)
+  redis.call('HINCRBY', key, tostring(now), amount)
+  redis.call('EXPIRE', key, 61)
 end
 """
 
 # Every check of an admission in one round trip, in the order limits_admit documents: tokens,
-# then requests (counted once admitted), then the in-flight set.
+# requests, then the in-flight set; only an admitted request is counted (a request refused by
+# a later check must not use up the minute's requests).
 # KEYS: tpm hash, rpm hash, in-flight set; ARGV: now (whole seconds), now (float seconds),
 # TPM limit, RPM limit, concurrency limit (each -1: not limited), request id, entry lifetime.
 # Returns {0, 0} when admitted, else {1 (TPM) | 2 (RPM) | 3 (concurrency), retry after}.
 _ADMIT_SCRIPT = LuaScript(
-    _WINDOW_FUNCTION
+    _WINDOW_FUNCTIONS
     + """
 local now = tonumber(ARGV[1])
 if tonumber(ARGV[3]) >= 0 then
-  local tpm = window(KEYS[1], now, tonumber(ARGV[3]), 0)
+  local tpm = window(KEYS[1], now, tonumber(ARGV[3]))
   if tpm[1] == 0 then return {1, tpm[2]} end
 end
 if tonumber(ARGV[4]) >= 0 then
-  local rpm = window(KEYS[2], now, tonumber(ARGV[4]), 1)
+  local rpm = window(KEYS[2], now, tonumber(ARGV[4]))
   if rpm[1] == 0 then return {2, rpm[2]} end
 end
 local concurrency = tonumber(ARGV[5])
@@ -81,6 +83,9 @@ if concurrency >= 0 then
   redis.call('ZADD', KEYS[3], ARGV[2], ARGV[6])
   redis.call('EXPIRE', KEYS[3], lifetime)
 end
+if tonumber(ARGV[4]) >= 0 then
+  count(KEYS[2], now, 1)
+end
 return {0, 0}
 """
 )
@@ -88,11 +93,11 @@ return {0, 0}
 # The end of a request in one round trip. KEYS: in-flight set, tpm hash; ARGV: request id,
 # now (whole seconds), tokens to count (0: none).
 _RELEASE_SCRIPT = LuaScript(
-    _WINDOW_FUNCTION
+    _WINDOW_FUNCTIONS
     + """
 redis.call('ZREM', KEYS[1], ARGV[1])
 if tonumber(ARGV[3]) > 0 then
-  window(KEYS[2], tonumber(ARGV[2]), -1, tonumber(ARGV[3]))
+  count(KEYS[2], tonumber(ARGV[2]), tonumber(ARGV[3]))
 end
 return 1
 """
@@ -124,15 +129,19 @@ class _LocalState:
         self.windows: dict[str, dict[int, int]] = {}
         self.in_flight: dict[str, dict[str, float]] = {}
 
-    def window(self, key: str, now: int, limit: int | None, amount: int) -> tuple[bool, int]:
+    def window(self, key: str, now: int, limit: int) -> tuple[bool, int]:
+        """The Lua `window`: drop the buckets that left the window; whether it holds less
+        than `limit`, and if not, the seconds until its oldest bucket leaves."""
         buckets = self.windows.setdefault(key, {})
         for second in [s for s in buckets if s <= now - WINDOW_SECONDS]:
             del buckets[second]
-        if limit is not None and sum(buckets.values()) >= limit:
+        if sum(buckets.values()) >= limit:
             return False, min(buckets) + WINDOW_SECONDS - now
-        if amount:
-            buckets[now] = buckets.get(now, 0) + amount
         return True, 0
+
+    def count(self, key: str, now: int, amount: int) -> None:
+        buckets = self.windows.setdefault(key, {})
+        buckets[now] = buckets.get(now, 0) + amount
 
     def enter(self, key: str, now: float, limit: int, request_id: str, lifetime: int) -> bool:
         flights = self.in_flight.setdefault(key, {})
@@ -167,11 +176,11 @@ def _admit_locally(prefix: str, limits: RateLimits, request_id: str) -> tuple[in
     """The admission script's checks on this process's state (the embedded mode)."""
     now = int(time.time())
     if limits.tokens_per_minute is not None:
-        admitted, retry_after = _local.window(f"{prefix}:tpm", now, limits.tokens_per_minute, 0)
+        admitted, retry_after = _local.window(f"{prefix}:tpm", now, limits.tokens_per_minute)
         if not admitted:
             return _TPM, retry_after
     if limits.requests_per_minute is not None:
-        admitted, retry_after = _local.window(f"{prefix}:rpm", now, limits.requests_per_minute, 1)
+        admitted, retry_after = _local.window(f"{prefix}:rpm", now, limits.requests_per_minute)
         if not admitted:
             return _RPM, retry_after
     concurrency = limits.max_concurrent_requests
@@ -180,15 +189,18 @@ def _admit_locally(prefix: str, limits: RateLimits, request_id: str) -> tuple[in
         f"{prefix}:inflight", time.time(), concurrency, request_id, lifetime
     ):
         return _CONCURRENCY, 1
+    if limits.requests_per_minute is not None:
+        _local.count(f"{prefix}:rpm", now, 1)
     return 0, 0
 
 
 async def limits_admit(*, api_key_id: int, request_id: str, limits: RateLimits) -> None:
     """Admit a request under its key's limits, or raise RateLimited (429, with Retry-After).
 
-    Checked in order: tokens per minute, requests per minute (the request is counted once it
-    passes), concurrency; with Redis, all in one script (one round trip). A request admitted
-    here must be followed by `limits_release` when it ends.
+    Checked in order: tokens per minute, requests per minute, concurrency; the request counts
+    against its requests per minute only once every check admitted it. With Redis, all in one
+    script (one round trip). A request admitted here must be followed by `limits_release`
+    when it ends.
     """
     if not limits.any:
         return
@@ -249,7 +261,7 @@ async def limits_release(
     if client is None:
         _local.in_flight.get(f"{prefix}:inflight", {}).pop(request_id, None)
         if counted:
-            _local.window(f"{prefix}:tpm", int(time.time()), None, counted)
+            _local.count(f"{prefix}:tpm", int(time.time()), counted)
         return
     client.run_script_soon(
         _RELEASE_SCRIPT,

@@ -97,6 +97,24 @@ def test_concurrent_requests_hold_across_two_processes(start_gateways, catalog, 
     assert [r.status_code for r in asyncio.run(_burst(gateways.urls, key, 2))] == [200, 200]
 
 
+@pytest.mark.parametrize("redis", [True, False], ids=["redis", "in-process"])
+def test_a_request_refused_for_concurrency_does_not_count_against_requests_per_minute(
+    gateway_url, catalog, fake_provider, settings, redis
+):
+    if not redis:
+        settings.REDIS_URL = ""
+    fake_provider.latency = 1.0  # the admitted request stays in flight during the burst
+    key = limited_key(max_concurrent_requests=1, requests_per_minute=3)
+
+    statuses = sorted(r.status_code for r in asyncio.run(_burst([gateway_url], key, 6)))
+
+    assert statuses == [200, 429, 429, 429, 429, 429]
+    # One request was served: two more fit in the minute.
+    fake_provider.latency = 0.0
+    statuses = [asyncio.run(_burst([gateway_url], key, 1))[0].status_code for _ in range(3)]
+    assert statuses == [200, 200, 429]
+
+
 def test_tokens_per_minute_refuse_once_the_window_is_used(gateway_url, catalog, fake_provider):
     key = limited_key(tokens_per_minute=10)
     fake_provider.reported_usage = (8, 5)  # 13 tokens: more than the whole minute's budget
