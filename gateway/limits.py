@@ -1,9 +1,10 @@
 """Step 3 of the request path: per-key rate limits, shared by every gateway process.
 
 - requests per minute and tokens per minute: a sliding window of 60 one-second buckets;
-  a request is admitted while the last 60 seconds hold fewer than the limit (for tokens, the
-  request's actual tokens are added when it settles, so a key may overshoot its TPM by one
-  request's worth, never more);
+  a request is admitted while the last 60 seconds hold fewer than the limit. For tokens, an
+  admitted request holds its worst case (the bound its credit is reserved for) in its
+  admission's bucket, which its end corrects to the tokens it used: requests in flight count,
+  so however many arrive at once a key overshoots its TPM by one request's worth, never more;
 - concurrent requests: a set of in-flight request ids; entries older than the reservation
   sweep bound are dropped, so a crashed process cannot leak capacity for ever.
 
@@ -59,9 +60,10 @@ end
 
 # Every check of an admission in one round trip, in the order limits_admit documents: tokens,
 # requests, then the in-flight set; only an admitted request is counted (a request refused by
-# a later check must not use up the minute's requests).
+# a later check must not use up the minute's requests), and holds its tokens.
 # KEYS: tpm hash, rpm hash, in-flight set; ARGV: now (whole seconds), now (float seconds),
-# TPM limit, RPM limit, concurrency limit (each -1: not limited), request id, entry lifetime.
+# TPM limit, RPM limit, concurrency limit (each -1: not limited), request id, entry lifetime,
+# tokens to hold (0: none).
 # Returns {0, 0} when admitted, else {1 (TPM) | 2 (RPM) | 3 (concurrency), retry after}.
 _ADMIT_SCRIPT = LuaScript(
     _WINDOW_FUNCTIONS
@@ -86,18 +88,26 @@ end
 if tonumber(ARGV[4]) >= 0 then
   count(KEYS[2], now, 1)
 end
+if tonumber(ARGV[8]) > 0 then
+  count(KEYS[1], now, tonumber(ARGV[8]))
+end
 return {0, 0}
 """
 )
 
 # The end of a request in one round trip. KEYS: in-flight set, tpm hash; ARGV: request id,
-# now (whole seconds), tokens to count (0: none).
+# now (whole seconds), tokens used (0: none or not counted), the admission's second and the
+# tokens it held there (0: none). A hold still in the window becomes the tokens used; once
+# the window has left it, they are counted now.
 _RELEASE_SCRIPT = LuaScript(
     _WINDOW_FUNCTIONS
     + """
 redis.call('ZREM', KEYS[1], ARGV[1])
-if tonumber(ARGV[3]) > 0 then
-  count(KEYS[2], tonumber(ARGV[2]), tonumber(ARGV[3]))
+local now, used, held = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[5])
+if held > 0 and tonumber(ARGV[4]) > now - 60 and redis.call('HEXISTS', KEYS[2], ARGV[4]) == 1 then
+  redis.call('HINCRBY', KEYS[2], ARGV[4], used - held)
+elseif used > 0 then
+  count(KEYS[2], now, used)
 end
 return 1
 """
@@ -143,6 +153,15 @@ class _LocalState:
         buckets = self.windows.setdefault(key, {})
         buckets[now] = buckets.get(now, 0) + amount
 
+    def correct(self, key: str, now: int, used: int, admission: Admission) -> None:
+        """The release script's TPM part: the hold becomes what was used."""
+        buckets = self.windows.setdefault(key, {})
+        held_in = admission.second
+        if admission.tokens and held_in > now - WINDOW_SECONDS and held_in in buckets:
+            buckets[held_in] += used - admission.tokens
+        elif used:
+            self.count(key, now, used)
+
     def enter(self, key: str, now: float, limit: int, request_id: str, lifetime: int) -> bool:
         flights = self.in_flight.setdefault(key, {})
         for stale in [r for r, started in flights.items() if started <= now - lifetime]:
@@ -153,7 +172,16 @@ class _LocalState:
         return True
 
 
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What limits_admit counted for a request, which limits_release corrects at its end."""
+
+    second: int = 0  # the Unix second of the bucket that holds its tokens
+    tokens: int = 0  # the tokens held there (its worst case, at most the TPM); 0: none
+
+
 NO_LIMITS = RateLimits()
+_NOTHING_HELD = Admission()
 _local = _LocalState()
 
 
@@ -172,9 +200,10 @@ def _prefix(api_key_id: int) -> str:
 _TPM, _RPM, _CONCURRENCY = 1, 2, 3
 
 
-def _admit_locally(prefix: str, limits: RateLimits, request_id: str) -> tuple[int, int]:
-    """The admission script's checks on this process's state (the embedded mode)."""
-    now = int(time.time())
+def _admit_locally(
+    prefix: str, limits: RateLimits, request_id: str, now: int, held: int
+) -> tuple[int, int]:
+    """The admission script on this process's state (the embedded mode)."""
     if limits.tokens_per_minute is not None:
         admitted, retry_after = _local.window(f"{prefix}:tpm", now, limits.tokens_per_minute)
         if not admitted:
@@ -191,36 +220,46 @@ def _admit_locally(prefix: str, limits: RateLimits, request_id: str) -> tuple[in
         return _CONCURRENCY, 1
     if limits.requests_per_minute is not None:
         _local.count(f"{prefix}:rpm", now, 1)
+    if held:
+        _local.count(f"{prefix}:tpm", now, held)
     return 0, 0
 
 
-async def limits_admit(*, api_key_id: int, request_id: str, limits: RateLimits) -> None:
+async def limits_admit(
+    *, api_key_id: int, request_id: str, limits: RateLimits, tokens: int
+) -> Admission:
     """Admit a request under its key's limits, or raise RateLimited (429, with Retry-After).
 
     Checked in order: tokens per minute, requests per minute, concurrency; the request counts
     against its requests per minute only once every check admitted it. With Redis, all in one
     script (one round trip). A request admitted here must be followed by `limits_release`
-    when it ends.
+    when it ends, given what this returns. `tokens` is the most the request can use (its
+    worst case): held against the key's tokens per minute while it runs.
     """
     if not limits.any:
-        return
+        return _NOTHING_HELD
     prefix = _prefix(api_key_id)
     client = _redis()
+    now = int(time.time())
+    tpm = limits.tokens_per_minute
+    # More than the whole minute's tokens refuses the next request just the same.
+    held = 0 if tpm is None else max(0, min(tokens, tpm))
     if client is None:
-        refused, retry_after = _admit_locally(prefix, limits, request_id)
+        refused, retry_after = _admit_locally(prefix, limits, request_id, now, held)
     else:
         try:
             refused, retry_after = await client.run_script(
                 _ADMIT_SCRIPT,
                 [f"{prefix}:tpm", f"{prefix}:rpm", f"{prefix}:inflight"],
                 [
-                    int(time.time()),
+                    now,
                     time.time(),
                     _or_unlimited(limits.tokens_per_minute),
                     _or_unlimited(limits.requests_per_minute),
                     _or_unlimited(limits.max_concurrent_requests),
                     request_id,
                     settings.BILLING_RESERVATION_SWEEP_AFTER_SECONDS,
+                    held,
                 ],
             )
         except RedisPipeError:
@@ -242,31 +281,34 @@ async def limits_admit(*, api_key_id: int, request_id: str, limits: RateLimits) 
             f"This key's limit of {limits.max_concurrent_requests} concurrent requests is reached.",
             retry_after_seconds=1,
         )
+    return Admission(second=now, tokens=held)
 
 
 async def limits_release(
-    *, api_key_id: int, request_id: str, limits: RateLimits, tokens: int
+    *, api_key_id: int, request_id: str, limits: RateLimits, admission: Admission, tokens: int
 ) -> None:
-    """End an admitted request: free its concurrency slot and count its tokens for TPM.
+    """End an admitted request: free its concurrency slot and make its hold of the minute's
+    tokens the `tokens` it used (0 for a request refused after its admission).
 
     Returns without waiting for Redis: the release is written to the connection before this
     returns (so a request that the caller's answer prompts reaches Redis after it, whichever
     process serves it), and nothing the caller does next can cancel it. A failure is not
-    fatal: the slot expires with the sweep bound and TPM under-counts one request."""
+    fatal: the slot expires with the sweep bound, and the minute counts the request's worst
+    case rather than its use."""
     counted = tokens if limits.tokens_per_minute is not None and tokens > 0 else 0
-    if limits.max_concurrent_requests is None and not counted:
+    if limits.max_concurrent_requests is None and not counted and not admission.tokens:
         return  # no slot was taken (limits_admit takes one only under a concurrency limit)
     prefix = _prefix(api_key_id)
     client = _redis()
+    now = int(time.time())
     if client is None:
         _local.in_flight.get(f"{prefix}:inflight", {}).pop(request_id, None)
-        if counted:
-            _local.count(f"{prefix}:tpm", int(time.time()), counted)
+        _local.correct(f"{prefix}:tpm", now, counted, admission)
         return
     client.run_script_soon(
         _RELEASE_SCRIPT,
         [f"{prefix}:inflight", f"{prefix}:tpm"],
-        [request_id, int(time.time()), counted],
+        [request_id, now, counted, admission.second, admission.tokens],
     )
 
 

@@ -42,7 +42,7 @@ from gateway.errors import (
     UpstreamFailed,
     error_response,
 )
-from gateway.limits import limits_admit, limits_release
+from gateway.limits import Admission, limits_admit, limits_release
 from gateway.metering import WorstCase, cap_max_tokens, worst_case
 from gateway.providers import TokenUsage
 from gateway.providers.base import (
@@ -355,7 +355,12 @@ async def _metered(
     forward with failover, settle. `bound` is the most tokens the request can be billed for;
     `started` is time.monotonic() when the request arrived."""
     # 3. Limits (released whatever happens next; by the stream's end when it streams)
-    await limits_admit(api_key_id=caller.api_key_id, request_id=request_id, limits=caller.limits)
+    admission = await limits_admit(
+        api_key_id=caller.api_key_id,
+        request_id=request_id,
+        limits=caller.limits,
+        tokens=bound.input_tokens + bound.output_tokens,
+    )
     tokens_used = 0
     released_by_stream = False
     try:
@@ -371,6 +376,7 @@ async def _metered(
             response = _streamed(
                 metering,
                 upstream,
+                admission=admission,
                 prompt_tokens=call.prompt_estimate(),
                 pass_usage=call.pass_usage,
                 reply_format=call.reply_format,
@@ -387,6 +393,7 @@ async def _metered(
                 api_key_id=caller.api_key_id,
                 request_id=request_id,
                 limits=caller.limits,
+                admission=admission,
                 tokens=tokens_used,
             )
     return _settled_answer(request_id, model, reply, record, call.reply_format)
@@ -486,6 +493,7 @@ def _streamed(
     metering: _Metering,
     upstream: UpstreamStream,
     *,
+    admission: Admission,
     prompt_tokens: int,
     pass_usage: bool,
     reply_format: ReplyFormat | None = None,
@@ -521,6 +529,7 @@ def _streamed(
                 api_key_id=caller.api_key_id,
                 request_id=metering.request_id,
                 limits=caller.limits,
+                admission=admission,
                 tokens=usage.input_tokens + usage.output_tokens,
             )
 

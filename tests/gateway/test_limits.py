@@ -14,6 +14,7 @@ import pytest
 from django.utils import timezone
 
 from billing.models import Reservation, SpendCap
+from billing.services import credit_grant
 from portal.models import ApiKey
 from portal.redis_clients import redis_client
 from tests.factories import make_key, make_org
@@ -124,6 +125,36 @@ def test_tokens_per_minute_refuse_once_the_window_is_used(gateway_url, catalog, 
     assert first.status_code == 200
     assert second.status_code == 429
     assert "tokens per minute" in second.json()["error"]["message"]
+
+
+def test_tokens_per_minute_hold_against_a_concurrent_burst_across_two_processes(
+    start_gateways, catalog, fake_provider
+):
+    gateways = start_gateways(2)
+    fake_provider.latency = 0.5
+    fake_provider.reported_usage = (30, 20)  # 50 tokens a request
+    key = limited_key(tokens_per_minute=100)
+
+    statuses = [r.status_code for r in asyncio.run(_burst(gateways.urls, key, 20))]
+
+    # However many arrive at once, the minute holds the limit and one request's tokens at most.
+    served = statuses.count(200)
+    assert 1 <= served <= 3, statuses
+    assert statuses.count(429) == 20 - served
+
+
+def test_a_request_refused_after_admission_holds_none_of_the_minute_s_tokens(
+    gateway_url, catalog, fake_provider
+):
+    api_key, key = make_key(make_org(credit_usd=None))
+    ApiKey.objects.filter(pk=api_key.pk).update(tokens_per_minute=100)
+
+    refused = [asyncio.run(_burst([gateway_url], key, 1))[0].status_code for _ in range(3)]
+    credit_grant(organization=api_key.organization, amount_usd=Decimal(1), reason="top-up")
+    [served] = asyncio.run(_burst([gateway_url], key, 1))
+
+    assert refused == [402, 402, 402]
+    assert served.status_code == 200
 
 
 def _scripts_run(redis_url: str) -> int:
