@@ -30,26 +30,39 @@ from gateway.redis_pipe import LuaScript, RedisPipeError, ScriptRunner, script_r
 
 WINDOW_SECONDS = 60
 
+# A refusal's Retry-After is when a retry is admitted if nothing else is counted meanwhile: the
+# oldest buckets leave the window one by one until it holds less than the limit. Leaving the
+# oldest alone is not enough when the minute went past its limit (the last request admitted
+# under a TPM may use more than was left; a lowered limit): a retry then would be refused
+# again.
+
 # Lua: the sliding window of one-second buckets in hash `key`. `window` drops the buckets that
 # left it and answers whether the last minute holds less than `limit`: {admitted (0/1), seconds
-# until the oldest counted bucket leaves the window}; `count` adds `amount` to this second's.
+# until enough of its oldest buckets have left it for it to hold less (a refusal's
+# Retry-After, above)}; `count` adds `amount` to this second's.
 _WINDOW_FUNCTIONS = """
 local function window(key, now, limit)
   local buckets = redis.call('HGETALL', key)
-  local used, oldest = 0, now
+  local used, live = 0, {}
   for i = 1, #buckets, 2 do
     local second = tonumber(buckets[i])
     if second <= now - 60 then
       redis.call('HDEL', key, buckets[i])
     else
-      used = used + tonumber(buckets[i + 1])
-      if second < oldest then oldest = second end
+      local amount = tonumber(buckets[i + 1])
+      used = used + amount
+      live[#live + 1] = {second, amount}
     end
   end
-  if used >= limit then
-    return {0, oldest + 60 - now}
+  if used < limit then
+    return {1, 0}
   end
-  return {1, 0}
+  table.sort(live, function(a, b) return a[1] < b[1] end)
+  for _, bucket in ipairs(live) do
+    used = used - bucket[2]
+    if used < limit then return {0, bucket[1] + 60 - now} end
+  end
+  return {0, 60}
 end
 
 local function count(key, now, amount)
@@ -141,13 +154,18 @@ class _LocalState:
 
     def window(self, key: str, now: int, limit: int) -> tuple[bool, int]:
         """The Lua `window`: drop the buckets that left the window; whether it holds less
-        than `limit`, and if not, the seconds until its oldest bucket leaves."""
+        than `limit`, and if not, the seconds until it does (a refusal's Retry-After)."""
         buckets = self.windows.setdefault(key, {})
         for second in [s for s in buckets if s <= now - WINDOW_SECONDS]:
             del buckets[second]
-        if sum(buckets.values()) >= limit:
-            return False, min(buckets) + WINDOW_SECONDS - now
-        return True, 0
+        used = sum(buckets.values())
+        if used < limit:
+            return True, 0
+        for second in sorted(buckets):
+            used -= buckets[second]
+            if used < limit:
+                return False, second + WINDOW_SECONDS - now
+        return False, WINDOW_SECONDS
 
     def count(self, key: str, now: int, amount: int) -> None:
         buckets = self.windows.setdefault(key, {})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 from datetime import timedelta
 from decimal import Decimal
 
@@ -15,6 +16,10 @@ from django.utils import timezone
 
 from billing.models import Reservation, SpendCap
 from billing.services import credit_grant
+from gateway import limits
+from gateway.errors import RateLimited
+from gateway.limits import RateLimits
+from portal.logs import new_request_id
 from portal.models import ApiKey
 from portal.redis_clients import redis_client
 from tests.factories import make_key, make_org
@@ -155,6 +160,59 @@ def test_a_request_refused_after_admission_holds_none_of_the_minute_s_tokens(
 
     assert refused == [402, 402, 402]
     assert served.status_code == 200
+
+
+class _Clock:
+    """gateway/limits.py's clock, moved by the test: its windows are a minute long."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("redis", [True, False], ids=["redis", "in-process"])
+def test_a_tokens_per_minute_refusal_says_when_a_retry_is_admitted(settings, monkeypatch, redis):
+    if not redis:
+        settings.REDIS_URL = ""
+    clock = _Clock(1_800_000_000.0)
+    monkeypatch.setattr(limits, "time", clock)
+    api_key_id = 10**12 + secrets.randbelow(10**9)  # not a real key: no other test's window
+    tpm = RateLimits(tokens_per_minute=10)
+
+    async def served(tokens: int) -> None:
+        request_id = new_request_id()
+        admission = await limits.limits_admit(
+            api_key_id=api_key_id, request_id=request_id, limits=tpm, tokens=tokens
+        )
+        await limits.limits_release(
+            api_key_id=api_key_id,
+            request_id=request_id,
+            limits=tpm,
+            admission=admission,
+            tokens=tokens,
+        )
+
+    async def scenario() -> tuple[int, bool]:
+        await served(5)  # 5 of the minute's 10 tokens
+        clock.now += 10
+        await served(13)  # admitted under the limit, and goes past it
+        clock.now += 10
+        with pytest.raises(RateLimited) as refused:
+            await served(1)
+        retry_after = refused.value.retry_after_seconds
+        clock.now += retry_after
+        try:
+            await served(1)
+        except RateLimited:
+            return retry_after, False
+        return retry_after, True
+
+    retry_after, admitted = asyncio.run(scenario())
+
+    # The first request's 5 tokens leaving is not enough: the second's 13 must leave too.
+    assert (retry_after, admitted) == (50, True)
 
 
 def _scripts_run(redis_url: str) -> int:
