@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from contextlib import nullcontext, suppress
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from billing.models import (
 )
 from billing.money import USD_LIMIT, ZERO_USD, Price, format_usd, usage_cost_usd
 from portal.models import ApiKey, Organization
+
+logger = logging.getLogger(__name__)
 
 # An API key's last_used_at is precise to this much.
 LAST_USED_RESOLUTION = timedelta(seconds=60)
@@ -665,6 +668,10 @@ class MeteredRequest:
     attempts: int = 1  # routes tried, the one that answered included
     cache_write_input_tokens: int = 0
     time_to_first_token_ms: int | None = None  # None: no answer came (an upstream error)
+    # The most the request may be charged, in USD: the worst case its credit was reserved for
+    # (None: no bound). Usage reported past it (a provider that ignores max_tokens) is charged
+    # this, or concurrent requests could overdraw the wallet and pass the key's spend cap.
+    charge_limit_usd: Decimal | None = None
 
 
 # Account ids never change once made (accounts are never deleted), so each process keeps the
@@ -958,8 +965,9 @@ def usage_settle(*, metered: MeteredRequest) -> UsageRecord:
 
 
 def _charge_of(metered: MeteredRequest) -> tuple[Decimal, Reservation.State]:
-    """A request's exact cost, and the state its hold ends in (voided when the upstream
-    failed: it costs nothing)."""
+    """A request's exact cost, at most its charge limit (the hold is what it was allowed to
+    cost), and the state its hold ends in (voided when the upstream failed: it costs
+    nothing)."""
     cost_usd = usage_cost_usd(
         price=metered.price,
         input_tokens=metered.input_tokens,
@@ -967,6 +975,16 @@ def _charge_of(metered: MeteredRequest) -> tuple[Decimal, Reservation.State]:
         cached_input_tokens=metered.cached_input_tokens,
         cache_write_input_tokens=metered.cache_write_input_tokens,
     )
+    limit_usd = metered.charge_limit_usd
+    if limit_usd is not None and cost_usd > limit_usd:
+        logger.warning(
+            "request %s: its usage costs %s, past the %s it held; charged %s",
+            metered.request_id,
+            cost_usd,
+            limit_usd,
+            limit_usd,
+        )
+        cost_usd = limit_usd
     state = (
         Reservation.State.VOIDED
         if metered.status == UsageRecord.Status.UPSTREAM_ERROR

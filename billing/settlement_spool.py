@@ -72,6 +72,7 @@ def metered_encode(metered: MeteredRequest) -> str:
     fields["price"] = {name: _decimal_text(value) for name, value in fields["price"].items()}
     fields["status"] = str(metered.status)
     fields["usage_source"] = str(metered.usage_source)
+    fields["charge_limit_usd"] = _decimal_text(metered.charge_limit_usd)
     return json.dumps({"format": _FORMAT, "metered": fields}, separators=(",", ":"))
 
 
@@ -95,6 +96,8 @@ def metered_decode(line: str | bytes) -> MeteredRequest:
     )
     fields["status"] = UsageRecord.Status(fields["status"])
     fields["usage_source"] = UsageRecord.UsageSource(fields["usage_source"])
+    limit = fields.get("charge_limit_usd")
+    fields["charge_limit_usd"] = None if limit is None else Decimal(limit)
     return MeteredRequest(**fields)
 
 

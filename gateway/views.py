@@ -367,10 +367,11 @@ async def _metered(
         # 4. Route
         routes = serveable_routes(model, needs=call.needs)
         # 5. Reserve the worst case, or 402
-        await _reserve_or_refuse(request_id, caller, _worst_case_cost(model, bound))
+        held_usd = _worst_case_cost(model, bound)
+        await _reserve_or_refuse(request_id, caller, held_usd)
         # 6. Forward, retrying or failing over before the first byte; a stream relays and
         # then settles (7.) when it ends, in gateway/streaming.py
-        metering = _Metering(request_id, caller, model, routes[0], started)
+        metering = _Metering(request_id, caller, model, routes[0], started, held_usd)
         if call.stream is not None:
             upstream, metering = await _forwarded(metering, routes, call.stream)
             response = _streamed(
@@ -431,6 +432,7 @@ class _Metering:
     model: ModelEntry
     chosen: ChosenRoute  # the route called last
     started: float  # time.monotonic() when the request arrived
+    held_usd: Decimal  # its hold: the most it may be charged
     attempts: int = 0  # upstream calls so far (a route retried after Retry-After counts twice)
 
 
@@ -638,6 +640,7 @@ async def _record(
             ),
             attempts=metering.attempts,
             price=metering.model.price,
+            charge_limit_usd=metering.held_usd,
         )
     )
     try:

@@ -63,6 +63,7 @@ def test_an_entry_keeps_every_field_exactly():
         ),
         time_to_first_token_ms=40,
         cache_write_input_tokens=7,
+        charge_limit_usd=Decimal("0.0000012345"),
     )
     assert metered_decode(metered_encode(request)) == request
 

@@ -18,8 +18,8 @@ ADMITTED = 37
 MAX_TOKENS = 100
 
 
-async def _send_all(urls: list[str], key: str, body: bytes) -> list[int]:
-    limits = httpx.Limits(max_connections=REQUESTS)
+async def _send_all(urls: list[str], key: str, body: bytes, count: int = REQUESTS) -> list[int]:
+    limits = httpx.Limits(max_connections=count)
     async with httpx.AsyncClient(timeout=60, limits=limits) as client:
 
         async def one(n: int) -> int:
@@ -30,7 +30,7 @@ async def _send_all(urls: list[str], key: str, body: bytes) -> list[int]:
             )
             return response.status_code
 
-        return await asyncio.gather(*(one(n) for n in range(REQUESTS)))
+        return await asyncio.gather(*(one(n) for n in range(count)))
 
 
 def test_a_wallet_that_fits_k_worst_cases_admits_exactly_k(
@@ -62,3 +62,28 @@ def test_a_wallet_that_fits_k_worst_cases_admits_exactly_k(
     assert Reservation.objects.filter(state=Reservation.State.SETTLED).count() == ADMITTED
     assert len(fake_provider.calls) == ADMITTED
     assert Account.objects.get(organization=bystander).balance_usd == Decimal(3)
+
+
+def test_a_provider_reporting_more_than_the_worst_case_cannot_overdraw_the_wallet(
+    start_gateways, catalog, fake_provider
+):
+    body = json.dumps(
+        {
+            "model": "fake-small",
+            "messages": [{"role": "user", "content": "count the money twice"}],
+            "max_tokens": MAX_TOKENS,
+        }
+    ).encode()
+    worst = usage_cost_usd(price=PRICE, input_tokens=len(body), output_tokens=MAX_TOKENS)
+    # A provider that ignores max_tokens, or misreports: far more than the request could use.
+    fake_provider.reported_usage = (len(body), 100 * MAX_TOKENS)
+    org = make_org(credit_usd=str(worst * 5))
+    _, key = make_key(org)
+
+    statuses = asyncio.run(_send_all(start_gateways(2).urls, key, body, count=20))
+
+    # Each request is charged at most what it held: exactly five fit, and the wallet is spent.
+    assert statuses.count(200) == 5, statuses
+    wallet = Account.objects.get(organization=org, kind=Account.Kind.WALLET)
+    assert wallet.balance_usd == 0
+    assert wallet.reserved_usd == 0
