@@ -8,7 +8,7 @@ from decimal import Decimal
 
 import httpx
 
-from billing.models import Account, Reservation
+from billing.models import Account, KeySpend, Reservation, SpendCap
 from billing.money import USD_QUANTUM, Price, usage_cost_usd
 from tests.factories import make_key, make_org
 
@@ -87,3 +87,33 @@ def test_a_provider_reporting_more_than_the_worst_case_cannot_overdraw_the_walle
     wallet = Account.objects.get(organization=org, kind=Account.Kind.WALLET)
     assert wallet.balance_usd == 0
     assert wallet.reserved_usd == 0
+
+
+def test_a_spend_cap_that_fits_k_worst_cases_admits_exactly_k_across_processes(
+    start_gateways, catalog, fake_provider
+):
+    body = json.dumps(
+        {
+            "model": "fake-small",
+            "messages": [{"role": "user", "content": "count the money twice"}],
+            "max_tokens": MAX_TOKENS,
+        }
+    ).encode()
+    worst = usage_cost_usd(price=PRICE, input_tokens=len(body), output_tokens=MAX_TOKENS)
+    fake_provider.reported_usage = (len(body), MAX_TOKENS)  # each costs its whole hold
+    fake_provider.latency = 0.05
+    org = make_org(credit_usd="10")  # the wallet is not what refuses
+    api_key, key = make_key(org)
+    SpendCap.objects.create(api_key=api_key, amount_usd=worst * 3, window="day")
+    other_key, other = make_key(org)
+    SpendCap.objects.create(api_key=other_key, amount_usd=worst, window="day")
+
+    gateways = start_gateways(2)
+    statuses = asyncio.run(_send_all(gateways.urls, key, body, count=50))
+
+    assert statuses.count(200) == 3, statuses
+    assert statuses.count(402) == 47
+    spend = KeySpend.objects.get(api_key=api_key)
+    assert (spend.spent_usd, spend.reserved_usd) == (worst * 3, 0)
+    # Another key's cap is its own.
+    assert asyncio.run(_send_all(gateways.urls, other, body, count=1)) == [200]
