@@ -6,6 +6,7 @@ from typing import Any, ClassVar
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, BaseUserManager, PermissionsMixin
+from django.core.validators import MinValueValidator
 from django.db import models
 from django.utils import timezone
 
@@ -111,9 +112,17 @@ class ApiKey(models.Model):
     allowed_models = models.JSONField(
         default=list, blank=True, help_text="Model names this key may call; empty for all."
     )
-    requests_per_minute = models.PositiveIntegerField(null=True, blank=True)
-    tokens_per_minute = models.PositiveIntegerField(null=True, blank=True)
-    max_concurrent_requests = models.PositiveIntegerField(null=True, blank=True)
+    # Empty: unlimited. 0 would refuse every request, so a limit is at least 1 (the admin's
+    # form validates these; the dashboard and the API go through portal.services).
+    requests_per_minute = models.PositiveIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(1)]
+    )
+    tokens_per_minute = models.PositiveIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(1)]
+    )
+    max_concurrent_requests = models.PositiveIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(1)]
+    )
     # Client networks allowed to use the key, as CIDR strings ("203.0.113.0/24", "2001:db8::/32",
     # a bare address is a /32 or /128); empty: any address. The gateway checks it (gateway/auth.py).
     ip_allowlist = models.JSONField(

@@ -7,6 +7,7 @@ from decimal import Decimal
 
 import openai
 import pytest
+from django.core.exceptions import ValidationError
 from django.test import Client
 from django.utils import timezone
 from openai.types.chat import ChatCompletion
@@ -341,3 +342,22 @@ def test_the_gateway_matches_the_client_address_against_the_allowlist(allowlist,
     assert Caller(api_key_id=1, organization_id=1, ip_networks=networks).may_connect_from(host) is (
         allowed
     )
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "field", ["requests_per_minute", "tokens_per_minute", "max_concurrent_requests"]
+)
+def test_a_key_limit_of_zero_is_refused_by_the_model_the_admin_saves_through(field):
+    # The dashboard and the API refuse 0 (portal.services); the admin's form validates the
+    # model's fields, and a limit of 0 there refused every request with a Retry-After that
+    # never came true.
+    key, _ = api_key_create(organization=make_org(), name="ci")
+    setattr(key, field, 0)
+
+    with pytest.raises(ValidationError) as caught:
+        key.full_clean()
+
+    assert field in caught.value.message_dict
+    setattr(key, field, 1)
+    key.full_clean()
