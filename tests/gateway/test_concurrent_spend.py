@@ -18,6 +18,17 @@ ADMITTED = 37
 MAX_TOKENS = 100
 
 
+# Every test sends the same request; its worst case is what each request holds.
+BODY = json.dumps(
+    {
+        "model": "fake-small",
+        "messages": [{"role": "user", "content": "count the money twice"}],
+        "max_tokens": MAX_TOKENS,
+    }
+).encode()
+WORST_CASE_USD = usage_cost_usd(price=PRICE, input_tokens=len(BODY), output_tokens=MAX_TOKENS)
+
+
 async def _send_all(urls: list[str], key: str, body: bytes, count: int = REQUESTS) -> list[int]:
     limits = httpx.Limits(max_connections=count)
     async with httpx.AsyncClient(timeout=60, limits=limits) as client:
@@ -36,14 +47,7 @@ async def _send_all(urls: list[str], key: str, body: bytes, count: int = REQUEST
 def test_a_wallet_that_fits_k_worst_cases_admits_exactly_k(
     gateway_processes, catalog, fake_provider
 ):
-    body = json.dumps(
-        {
-            "model": "fake-small",
-            "messages": [{"role": "user", "content": "count the money twice"}],
-            "max_tokens": MAX_TOKENS,
-        }
-    ).encode()
-    worst = usage_cost_usd(price=PRICE, input_tokens=len(body), output_tokens=MAX_TOKENS)
+    body, worst = BODY, WORST_CASE_USD
     # Each admitted request really costs its worst case, so no hold is ever freed for another:
     # the outcome cannot depend on timing. One unit short of K + 1 worst cases.
     fake_provider.reported_usage = (len(body), MAX_TOKENS)
@@ -67,14 +71,7 @@ def test_a_wallet_that_fits_k_worst_cases_admits_exactly_k(
 def test_a_provider_reporting_more_than_the_worst_case_cannot_overdraw_the_wallet(
     start_gateways, catalog, fake_provider
 ):
-    body = json.dumps(
-        {
-            "model": "fake-small",
-            "messages": [{"role": "user", "content": "count the money twice"}],
-            "max_tokens": MAX_TOKENS,
-        }
-    ).encode()
-    worst = usage_cost_usd(price=PRICE, input_tokens=len(body), output_tokens=MAX_TOKENS)
+    body, worst = BODY, WORST_CASE_USD
     # A provider that ignores max_tokens, or misreports: far more than the request could use.
     fake_provider.reported_usage = (len(body), 100 * MAX_TOKENS)
     org = make_org(credit_usd=str(worst * 5))
@@ -92,14 +89,7 @@ def test_a_provider_reporting_more_than_the_worst_case_cannot_overdraw_the_walle
 def test_a_spend_cap_that_fits_k_worst_cases_admits_exactly_k_across_processes(
     start_gateways, catalog, fake_provider
 ):
-    body = json.dumps(
-        {
-            "model": "fake-small",
-            "messages": [{"role": "user", "content": "count the money twice"}],
-            "max_tokens": MAX_TOKENS,
-        }
-    ).encode()
-    worst = usage_cost_usd(price=PRICE, input_tokens=len(body), output_tokens=MAX_TOKENS)
+    body, worst = BODY, WORST_CASE_USD
     fake_provider.reported_usage = (len(body), MAX_TOKENS)  # each costs its whole hold
     fake_provider.latency = 0.05
     org = make_org(credit_usd="10")  # the wallet is not what refuses
