@@ -25,7 +25,7 @@ from typing import Any
 
 from django.conf import settings
 
-from gateway.wire import COST_HEADER
+from gateway.wire import COST_HEADER, RequestHeaders
 
 Headers = Sequence[tuple[bytes, bytes]]
 
@@ -46,7 +46,7 @@ class CorsPolicy:
     """What GATEWAY_CORS_ALLOWED_ORIGINS allows, with the headers it adds built once."""
 
     any_origin: bool
-    origins: frozenset[bytes]  # when not any_origin; empty: CORS is off
+    origins: frozenset[str]  # when not any_origin; empty: CORS is off
     answer_headers: tuple[tuple[bytes, bytes], ...]  # with `*`: what every answer carries
 
     @property
@@ -59,7 +59,7 @@ def _policy_for(allowed_origins: tuple[str, ...]) -> CorsPolicy:
     any_origin = allowed_origins == ("*",)
     return CorsPolicy(
         any_origin=any_origin,
-        origins=frozenset() if any_origin else frozenset(o.encode() for o in allowed_origins),
+        origins=frozenset() if any_origin else frozenset(allowed_origins),
         answer_headers=(
             (
                 (b"access-control-allow-origin", b"*"),
@@ -75,14 +75,6 @@ def _policy() -> CorsPolicy:
     return _policy_for(settings.GATEWAY_CORS_ALLOWED_ORIGINS)
 
 
-def _header(scope: dict[str, Any], name: bytes) -> bytes | None:
-    """A request header's raw value (ASGI gives names in lower case)."""
-    for raw_name, value in scope["headers"]:
-        if raw_name == name:
-            return value
-    return None
-
-
 def answer_headers(scope: dict[str, Any]) -> Headers:
     """The CORS headers a `/v1/*` answer carries: with `*`, the same tuple every time."""
     policy = _policy()
@@ -90,11 +82,11 @@ def answer_headers(scope: dict[str, Any]) -> Headers:
         return policy.answer_headers
     # A list of origins: the answer names the caller's origin when it is allowed, and varies
     # by it either way (a cache must not give one origin's answer to another).
-    origin = _header(scope, b"origin")
+    origin = RequestHeaders(scope["headers"]).get("origin")
     if origin is None or origin not in policy.origins:
         return ((b"vary", b"origin"),)
     return (
-        (b"access-control-allow-origin", origin),
+        (b"access-control-allow-origin", origin.encode("latin-1")),
         (b"access-control-expose-headers", EXPOSED_HEADERS),
         (b"vary", b"origin"),
     )
@@ -106,18 +98,19 @@ def preflight_headers(scope: dict[str, Any]) -> Headers | None:
     policy = _policy()
     if not policy.enabled:
         return None
-    origin = _header(scope, b"origin")
-    if origin is None or _header(scope, b"access-control-request-method") is None:
+    asked = RequestHeaders(scope["headers"])
+    origin = asked.get("origin")
+    if origin is None or asked.get("access-control-request-method") is None:
         return None
     headers = [(b"vary", b"origin, access-control-request-headers")]
     if not policy.any_origin and origin not in policy.origins:
         return headers  # no CORS headers: the browser refuses the call
     headers += [
-        (b"access-control-allow-origin", b"*" if policy.any_origin else origin),
+        (b"access-control-allow-origin", b"*" if policy.any_origin else origin.encode("latin-1")),
         (b"access-control-allow-methods", ALLOWED_METHODS),
         (b"access-control-max-age", str(MAX_AGE_SECONDS).encode()),
     ]
-    requested = _header(scope, b"access-control-request-headers")
+    requested = asked.get("access-control-request-headers")
     if requested:
-        headers.append((b"access-control-allow-headers", requested))
+        headers.append((b"access-control-allow-headers", requested.encode("latin-1")))
     return headers

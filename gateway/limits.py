@@ -258,7 +258,8 @@ async def limits_admit(
         return _NOTHING_HELD
     prefix = _prefix(api_key_id)
     client = _redis()
-    now = int(time.time())
+    clock = time.time()
+    now = int(clock)
     tpm = limits.tokens_per_minute
     # More than the whole minute's tokens refuses the next request just the same.
     held = 0 if tpm is None else max(0, min(tokens, tpm))
@@ -271,7 +272,7 @@ async def limits_admit(
                 [f"{prefix}:tpm", f"{prefix}:rpm", f"{prefix}:inflight"],
                 [
                     now,
-                    time.time(),
+                    clock,
                     _or_unlimited(limits.tokens_per_minute),
                     _or_unlimited(limits.requests_per_minute),
                     _or_unlimited(limits.max_concurrent_requests),
